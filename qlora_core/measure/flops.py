@@ -1,0 +1,54 @@
+"""Model FLOPs of a LoRA training step and utilisation against a stated peak.
+
+Counts the work LoRA needs, per token: the forward pass through every matmul weight (2 FLOPs a weight), the
+backward pass to the inputs of those frozen weights (2 a weight; their weight gradients are not needed), the
+adapters' forward and full backward (6 a LoRA weight), and attention's score and value products (forward 4·s·d
+per layer, backward twice that, without the causal halving: the PaLM convention). Recompute under gradient
+checkpointing is not counted: it is overhead, not model work.
+"""
+
+from __future__ import annotations
+
+import torch
+
+#: Dense (no sparsity) tensor-core peaks from the vendors' data sheets, in FLOP/s, by GPU name fragment.
+PEAK_FLOPS = {
+    "H200": {"bfloat16": 989.4e12, "float16": 989.4e12},
+    "H100": {"bfloat16": 989.4e12, "float16": 989.4e12},
+    "A100": {"bfloat16": 312e12, "float16": 312e12},
+}
+
+
+def matmul_params(model: torch.nn.Module) -> int:
+    """Weights used in matmuls: every 2-D linear weight (the output head included, embeddings excluded).
+
+    Call on the base model before adapters are attached. Packed 4-bit weights are counted unpacked.
+    """
+    total = 0
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(module, torch.nn.Embedding) or weight is None or not hasattr(module, "in_features"):
+            continue
+        state = getattr(weight, "quant_state", None)
+        total += state.shape.numel() if state is not None else weight.numel()
+    return total
+
+
+def lora_training_flops_per_token(config, matmul_weights: int, lora_weights: int, seq_len: int) -> float:
+    """Model FLOPs one token costs in a LoRA training step (see the module docstring for what counts)."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    attention_width = config.num_attention_heads * head_dim
+    attention = 12 * config.num_hidden_layers * seq_len * attention_width
+    return 4 * matmul_weights + 6 * lora_weights + attention
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype) -> dict | None:
+    """The GPU's stated dense peak for ``dtype`` with its source, or None (CPU or an unlisted GPU)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    dtype_name = str(dtype).removeprefix("torch.")
+    for fragment, peaks in PEAK_FLOPS.items():
+        if fragment in name and dtype_name in peaks:
+            return {"flops_per_s": peaks[dtype_name], "gpu": name, "source": "vendor data sheet, dense"}
+    return None

@@ -1,0 +1,110 @@
+"""Memory: bytes of weights as stored, and what the device's allocator (or the CPU process) holds.
+
+Two views, never mixed: ``weight_footprint`` counts tensors (quantization constants included, so double
+quantization shows its saving, which ``get_memory_footprint()`` does not); ``memory_snapshot`` reads the CUDA
+caching allocator, or on a CPU-only machine the process RSS, labelled as such.
+"""
+
+from __future__ import annotations
+
+import resource
+
+import torch
+
+GIB = 2**30
+
+
+def tensor_bytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
+def _quant_constants(param) -> list[torch.Tensor]:
+    """bitsandbytes' per-block or per-row constants that live beside a quantized weight."""
+    state = getattr(param, "quant_state", None)
+    if state is not None:  # 4-bit: absmax (uint8 when nested), code book, and the nested level's own constants
+        tensors = [state.absmax, state.code, state.offset]
+        if state.state2 is not None:
+            tensors += [state.state2.absmax, state.state2.code]
+        return [t for t in tensors if isinstance(t, torch.Tensor)]
+    scb = getattr(param, "SCB", None)  # int8: one float32 scale per output row
+    return [scb] if isinstance(scb, torch.Tensor) else []
+
+
+def _logical_numel(param) -> int:
+    """Number of weights a parameter represents (a packed 4-bit tensor holds two per byte)."""
+    state = getattr(param, "quant_state", None)
+    return state.shape.numel() if state is not None else param.numel()
+
+
+def weight_footprint(model: torch.nn.Module) -> dict:
+    """Bytes of the model's parameters and buffers as stored, each storage counted once (tied weights share).
+
+    Returns plain JSON: ``weights_bytes`` (everything), ``quantized_bytes`` (packed 4-bit or int8 data),
+    ``quant_constants_bytes``, ``unquantized_bytes``, ``quantized_params`` (logical count),
+    ``bits_per_quantized_param`` (data plus constants; None when nothing is quantized), ``total_params``.
+    """
+    seen: set[int] = set()
+    counts = {"quantized_bytes": 0, "quant_constants_bytes": 0, "unquantized_bytes": 0}
+    quantized_params = total_params = 0
+
+    def add(tensor: torch.Tensor, key: str) -> bool:
+        if tensor.data_ptr() in seen:
+            return False
+        seen.add(tensor.data_ptr())
+        counts[key] += tensor_bytes(tensor)
+        return True
+
+    for param in model.parameters():
+        constants = _quant_constants(param)
+        if not add(param, "quantized_bytes" if constants else "unquantized_bytes"):
+            continue
+        total_params += _logical_numel(param)
+        if constants:
+            quantized_params += _logical_numel(param)
+            for constant in constants:
+                add(constant, "quant_constants_bytes")
+    for buffer in model.buffers():
+        add(buffer, "unquantized_bytes")
+    quantized_total = counts["quantized_bytes"] + counts["quant_constants_bytes"]
+    return {
+        "weights_bytes": sum(counts.values()),
+        **counts,
+        "quantized_params": quantized_params,
+        "bits_per_quantized_param": 8 * quantized_total / quantized_params if quantized_params else None,
+        "total_params": total_params,
+    }
+
+
+def reset_peak(device: torch.device) -> None:
+    """Start a new peak window on CUDA. On CPU the RSS peak is the process's lifetime peak and cannot reset."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def memory_snapshot(device: torch.device) -> dict:
+    """What the device holds now and at peak (since ``reset_peak``), in bytes. Reads; never resets.
+
+    CUDA: the caching allocator's allocated/reserved bytes (synchronized first, so pending frees have landed)
+    and the driver's whole-device used bytes. CPU: the process's resident set, which also counts Python,
+    libraries and the tokenizer: label it "CPU RSS", never "model memory".
+    """
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        free, total = torch.cuda.mem_get_info(device)
+        return {
+            "kind": "cuda",
+            "allocated_bytes": torch.cuda.memory_allocated(device),
+            "reserved_bytes": torch.cuda.memory_reserved(device),
+            "peak_allocated_bytes": torch.cuda.max_memory_allocated(device),
+            "peak_reserved_bytes": torch.cuda.max_memory_reserved(device),
+            "device_used_bytes": total - free,
+        }
+    import psutil
+
+    return {
+        "kind": "cpu_rss",
+        "rss_bytes": psutil.Process().memory_info().rss,
+        # ru_maxrss is in KiB on Linux; it is the whole process lifetime's peak.
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    }

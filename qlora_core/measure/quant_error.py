@@ -1,0 +1,66 @@
+"""How far each mode's stored weights are from the checkpoint's: relative L2 error of the dequantized weights.
+
+Compares what the loaded model actually holds (dequantized with bitsandbytes' own routine) with the tensors in
+the checkpoint folder, over every linear layer but the output head (kept unquantized by every 8-/4-bit mode),
+so all modes are measured over the same weights.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+
+def dequantized_weight(module: torch.nn.Module) -> torch.Tensor:
+    """A linear layer's weight as float32 [out, in], whatever format it is stored in."""
+    weight = module.weight
+    state = getattr(weight, "quant_state", None)
+    if state is not None:
+        import bitsandbytes.functional as bnbf
+
+        return bnbf.dequantize_4bit(weight.data, state).float()
+    scb = getattr(weight, "SCB", None)
+    if scb is not None:  # LLM.int8: int8 rows scaled by their absmax / 127
+        return weight.data.float() * (scb.float().unsqueeze(1) / 127.0)
+    return weight.data.float()
+
+
+def _checkpoint_files(folder: Path) -> dict[str, Path]:
+    """Tensor name -> safetensors file holding it, for single-file and sharded checkpoints."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {name: folder / file for name, file in weight_map.items()}
+    from safetensors import safe_open
+
+    single = folder / "model.safetensors"
+    with safe_open(single, framework="pt") as handle:
+        return {name: single for name in handle.keys()}
+
+
+def weight_quant_error(model: torch.nn.Module, checkpoint: str | Path, skip: tuple[str, ...] = ("lm_head",)):
+    """Relative L2 error sqrt(sum ||W - Ŵ||² / sum ||W||²) over the linear layers, and the count compared.
+
+    Returns None when the checkpoint is not a local safetensors folder (e.g. a hub id not yet downloaded).
+    """
+    from safetensors import safe_open
+
+    folder = Path(checkpoint)
+    if not (folder / "model.safetensors").is_file() and not (folder / "model.safetensors.index.json").is_file():
+        return None
+    files = _checkpoint_files(folder)
+    error_sq = norm_sq = 0.0
+    compared = 0
+    for name, module in model.named_modules():
+        key = f"{name}.weight"
+        if not hasattr(module, "in_features") or key not in files or name.split(".")[-1] in skip:
+            continue
+        with safe_open(files[key], framework="pt") as handle:
+            original = handle.get_tensor(key).float()
+        stored = dequantized_weight(module).to("cpu")
+        error_sq += (stored - original).double().pow(2).sum().item()
+        norm_sq += original.double().pow(2).sum().item()
+        compared += 1
+    return {"relative_l2": (error_sq / norm_sq) ** 0.5 if norm_sq else None, "n_tensors": compared}

@@ -1,0 +1,55 @@
+"""Wall time of GPU work, synchronized, and the statistics reported for it."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+import torch
+
+T = TypeVar("T")
+
+#: A timing whose interquartile range exceeds this fraction of its median is flagged as too noisy to rank.
+NOISY_RELATIVE_IQR = 0.05
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued GPU kernels: without it a timer measures only the launch of asynchronous work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], T], device: torch.device) -> tuple[T, float]:
+    """Run ``fn`` and return its result and its wall time in seconds, synchronized before and after."""
+    synchronize(device)
+    start = time.perf_counter()
+    result = fn()
+    synchronize(device)
+    return result, time.perf_counter() - start
+
+
+def timing_stats(seconds: list[float], warmup: int) -> dict:
+    """Summary of step times with the first ``warmup`` dropped (allocator growth, kernel autotuning).
+
+    Returns seconds: ``median_s``, ``mean_s``, ``stdev_s``, ``min_s``, ``max_s``, ``iqr_s``; ``rounds``, ``warmup``,
+    and ``noisy`` when the spread is too large for a ranking to mean anything.
+    """
+    measured = seconds[warmup:]
+    if not measured:
+        raise ValueError(f"{len(seconds)} timed steps leave none after {warmup} warm-up steps")
+    quartiles = statistics.quantiles(measured, n=4) if len(measured) > 1 else [measured[0]] * 3
+    median = statistics.median(measured)
+    iqr = quartiles[2] - quartiles[0]
+    return {
+        "median_s": median,
+        "mean_s": statistics.fmean(measured),
+        "stdev_s": statistics.stdev(measured) if len(measured) > 1 else 0.0,
+        "min_s": min(measured),
+        "max_s": max(measured),
+        "iqr_s": iqr,
+        "rounds": len(measured),
+        "warmup": warmup,
+        "noisy": iqr > NOISY_RELATIVE_IQR * median,
+    }

@@ -1,0 +1,173 @@
+"""Model sources and loading a causal LM in a quantization mode, ready for LoRA.
+
+A model source is the embedded default (``"smollm2"``), a local Hugging Face folder, or a hub id. Tiny random
+models for tests are built from a config into a folder and then loaded like any other folder, so tests run
+the same loading path as real models.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from qlora_core.default_model import DEFAULT_MODEL, PROVENANCE, ensure_default_model
+from qlora_core.modes import Mode
+
+
+class ModelSourceError(ValueError):
+    """A model that cannot be found or loaded, or that cannot serve the requested set-up."""
+
+
+class ModeUnavailableError(RuntimeError):
+    """A mode this installation cannot run (bitsandbytes missing)."""
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model's files are and what is known of their history.
+
+    Attributes:
+        name_or_path: what ``from_pretrained`` receives: a local folder or a hub id.
+        label: the short name used in tables.
+        provenance: plain-JSON facts saved with every result (e.g. that the base was already 4-bit).
+        trust_remote_code: allow the checkpoint's own Python code (off unless the user asks).
+    """
+
+    name_or_path: str
+    label: str
+    provenance: dict = field(default_factory=dict)
+    trust_remote_code: bool = False
+
+    def describe(self) -> dict:
+        return {"name_or_path": self.name_or_path, "label": self.label, "provenance": self.provenance}
+
+
+def resolve_model(model: str | None = None, *, gguf_path: str | None = None, trust_remote_code: bool = False):
+    """Turn the user's ``--model`` into a ``ModelSource``; the default fetches and converts SmolLM2 once."""
+    if model in (None, DEFAULT_MODEL):
+        return ModelSource(str(ensure_default_model(gguf_path)), DEFAULT_MODEL, dict(PROVENANCE))
+    path = Path(model)
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelSourceError(f"{model}: a folder, but not a Hugging Face model (no config.json)")
+        provenance_file = path / "provenance.json"
+        provenance = json.loads(provenance_file.read_text()) if provenance_file.is_file() else {"source": str(path)}
+        return ModelSource(str(path), path.name, provenance, trust_remote_code)
+    if model.count("/") != 1 or model.startswith((".", "/")):
+        raise ModelSourceError(f"{model}: no such local folder, and not a hub id of the form owner/name")
+    return ModelSource(model, model.split("/")[1], {"source": f"hub:{model}"}, trust_remote_code)
+
+
+def load_config(source: ModelSource):
+    """The model's config alone (cheap): for checks before the weights are loaded."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(source.name_or_path, trust_remote_code=source.trust_remote_code)
+    except OSError as error:
+        raise ModelSourceError(f"cannot load the config of {source.name_or_path}: {error}") from error
+
+
+def max_sequence_length(config) -> int | None:
+    """The longest sequence the model's position scheme supports, when its config states one."""
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def check_sequence_length(config, seq_len: int) -> None:
+    """Refuse a training/eval length the model cannot represent, before anything is loaded."""
+    limit = max_sequence_length(config)
+    if seq_len < 2:
+        raise ValueError(f"sequence length {seq_len}: need at least 2 tokens (one input, one target)")
+    if limit is not None and seq_len > limit:
+        raise ValueError(f"sequence length {seq_len} exceeds the model's limit of {limit} positions")
+
+
+def require_backend(mode: Mode) -> None:
+    """Raise a clear error when a quantized mode is asked for and bitsandbytes is not installed."""
+    if mode.is_quantized and importlib.util.find_spec("bitsandbytes") is None:
+        raise ModeUnavailableError(f"mode {mode.name!r} needs bitsandbytes: pip install bitsandbytes")
+
+
+def disable_cpu_4bit_repacking(model: torch.nn.Module) -> None:
+    """Stop bitsandbytes from repacking 4-bit weights for AVX512-BF16 CPUs.
+
+    On such CPUs the first no-grad eval forward of a ``Linear4bit`` permanently repacks its weight; afterwards
+    gradients through it are wrong and merging yields garbage (shared/notes/stack-facts.md). Harmless on GPU.
+    """
+    if not any(type(m).__name__ == "Linear4bit" for m in model.modules()):
+        return
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
+def load_model(source: ModelSource, mode: Mode, device: torch.device):
+    """Load the causal LM with its frozen base weights stored as ``mode`` says, on ``device``.
+
+    The model is returned as loaded (before any training preparation), so its memory can be measured.
+    """
+    from transformers import AutoModelForCausalLM
+
+    require_backend(mode)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            source.name_or_path,
+            quantization_config=mode.bnb_config(),
+            dtype=mode.load_dtype,
+            device_map={"": device},
+            trust_remote_code=source.trust_remote_code,
+        )
+    except (OSError, ValueError) as error:
+        raise ModelSourceError(f"cannot load {source.name_or_path} in mode {mode.name}: {error}") from error
+    disable_cpu_4bit_repacking(model)
+    return model
+
+
+def prepare_for_training(model, mode: Mode, *, gradient_checkpointing: bool):
+    """Freeze the base and make it trainable through adapters, as the common recipe does.
+
+    Quantized modes go through peft's ``prepare_model_for_kbit_training`` (non-quantized modules upcast to fp32
+    for stability, input gradients on). It is not called for fp16/bf16: there it would upcast the whole model.
+    """
+    from peft import prepare_model_for_kbit_training
+
+    checkpointing_kwargs = {"use_reentrant": False}
+    if mode.is_quantized:
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing_kwargs=checkpointing_kwargs,
+        )
+    else:
+        model.requires_grad_(False)
+        if gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing_kwargs)
+            model.enable_input_require_grads()
+    if gradient_checkpointing:
+        model.config.use_cache = False
+    # from_pretrained returns eval mode, where HF silently skips gradient checkpointing and LoRA dropout.
+    model.train()
+    return model
+
+
+def save_random_model(config, folder: Path, tokenizer, seed: int = 0) -> Path:
+    """Build a causal LM with random weights from ``config`` and save it with ``tokenizer`` (for tests)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    (folder / "provenance.json").write_text(json.dumps({"source": "random weights", "seed": seed}))
+    return folder

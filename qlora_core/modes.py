@@ -1,0 +1,167 @@
+"""The one registry of weight quantization modes.
+
+Every other part of qlora-bench (CLI choices, test and benchmark parameters, table rows) derives its list of
+modes from ``MODES``; no other module spells a mode's name. A mode states everything that defines it, and
+``Mode.describe()`` is saved with every result so a number can always be traced to its exact configuration.
+
+Add a variant without touching the trainer::
+
+    register(dataclasses.replace(get_mode("nf4"), name="nf4-fp16", compute_dtype="float16"))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+WeightFormat = Literal["fp16", "bf16", "int8", "fp4", "nf4"]
+
+#: bitsandbytes' fixed block sizes (elements per absmax constant) for 4-bit weights and for the second-level
+#: quantization of those constants under double quantization. Recorded, not configurable: bnb hard-codes them.
+BNB_4BIT_BLOCKSIZE = 64
+BNB_DOUBLE_QUANT_BLOCKSIZE = 256
+
+_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "uint8": torch.uint8}
+
+
+class UnknownModeError(ValueError):
+    """A mode name that is not in the registry; the message lists the valid ones."""
+
+
+@dataclass(frozen=True)
+class Mode:
+    """One way of storing the frozen base weights while LoRA adapters train on top.
+
+    Attributes:
+        name: registry key, e.g. ``"nf4-dq"``.
+        weight_format: how linear-layer weights are stored: a half-precision dtype or a bitsandbytes format.
+        compute_dtype: dtype of matmuls and of autocast during training (name of a torch dtype).
+        double_quant: 4-bit only: quantize the per-block absmax constants again (8-bit, blocks of 256).
+        int8_threshold: int8 only: activation magnitude above which LLM.int8 keeps a feature in 16-bit.
+        quant_storage: 4-bit only: dtype that packs two 4-bit values (bnb's ``bnb_4bit_quant_storage``).
+        skip_modules: module names left unquantized (the output head: its logits need full precision).
+    """
+
+    name: str
+    weight_format: WeightFormat
+    compute_dtype: str
+    double_quant: bool = False
+    int8_threshold: float | None = None
+    quant_storage: str | None = None
+    skip_modules: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.compute_dtype not in _DTYPES:
+            raise ValueError(f"mode {self.name!r}: unknown compute dtype {self.compute_dtype!r}")
+        if self.double_quant and not self.is_4bit:
+            raise ValueError(f"mode {self.name!r}: double quantization applies to 4-bit formats only")
+        if self.weight_format == "int8" and self.int8_threshold is None:
+            raise ValueError(f"mode {self.name!r}: int8 needs an outlier threshold")
+
+    @property
+    def is_4bit(self) -> bool:
+        return self.weight_format in ("fp4", "nf4")
+
+    @property
+    def is_quantized(self) -> bool:
+        """True when bitsandbytes stores the weights (and peft's k-bit preparation applies)."""
+        return self.is_4bit or self.weight_format == "int8"
+
+    @property
+    def torch_compute_dtype(self) -> torch.dtype:
+        return _DTYPES[self.compute_dtype]
+
+    @property
+    def load_dtype(self) -> torch.dtype:
+        """dtype of every weight bitsandbytes does not store: the half-precision format, else compute dtype."""
+        if self.weight_format in ("fp16", "bf16"):
+            return _DTYPES["float16" if self.weight_format == "fp16" else "bfloat16"]
+        return self.torch_compute_dtype
+
+    def bnb_config(self):
+        """A fully explicit ``BitsAndBytesConfig`` (transformers' defaults are fp4 and fp32 compute), or None."""
+        if not self.is_quantized:
+            return None
+        from transformers import BitsAndBytesConfig
+
+        skip = list(self.skip_modules)
+        if self.weight_format == "int8":
+            return BitsAndBytesConfig(
+                load_in_8bit=True, llm_int8_threshold=float(self.int8_threshold), llm_int8_skip_modules=skip
+            )
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=self.weight_format,
+            bnb_4bit_use_double_quant=self.double_quant,
+            bnb_4bit_compute_dtype=self.torch_compute_dtype,
+            bnb_4bit_quant_storage=_DTYPES[self.quant_storage or "uint8"],
+            llm_int8_skip_modules=skip,
+        )
+
+    def describe(self) -> dict:
+        """Plain-JSON description saved with every result, including bnb's fixed block sizes."""
+        description = dataclasses.asdict(self)
+        description["skip_modules"] = list(self.skip_modules)
+        description["quantized"] = self.is_quantized
+        if self.is_4bit:
+            description["blocksize"] = BNB_4BIT_BLOCKSIZE
+            description["double_quant_blocksize"] = BNB_DOUBLE_QUANT_BLOCKSIZE if self.double_quant else None
+        return description
+
+
+def _four_bit(name: str, fmt: WeightFormat, double_quant: bool) -> Mode:
+    return Mode(
+        name=name,
+        weight_format=fmt,
+        compute_dtype="bfloat16",
+        double_quant=double_quant,
+        quant_storage="uint8",
+        skip_modules=("lm_head",),
+    )
+
+
+MODES: dict[str, Mode] = {}
+
+
+def register(mode: Mode) -> Mode:
+    """Add a mode to the registry (refusing to silently replace an existing one) and return it."""
+    if mode.name in MODES:
+        raise ValueError(f"mode {mode.name!r} is already registered")
+    MODES[mode.name] = mode
+    return mode
+
+
+for _mode in (
+    Mode("fp16", "fp16", compute_dtype="float16"),
+    Mode("bf16", "bf16", compute_dtype="bfloat16"),
+    # LLM.int8 in bf16 compute, like the 4-bit modes, so the modes differ in weight storage alone.
+    Mode("int8", "int8", compute_dtype="bfloat16", int8_threshold=6.0, skip_modules=("lm_head",)),
+    _four_bit("fp4", "fp4", double_quant=False),
+    _four_bit("fp4-dq", "fp4", double_quant=True),
+    _four_bit("nf4", "nf4", double_quant=False),
+    _four_bit("nf4-dq", "nf4", double_quant=True),
+):
+    register(_mode)
+
+#: The unquantized mode every other mode is compared with in reports.
+BASELINE_MODE = "bf16"
+
+
+def get_mode(name: str) -> Mode:
+    """The registered mode called ``name``; an unknown name raises ``UnknownModeError`` listing valid ones."""
+    try:
+        return MODES[name]
+    except KeyError:
+        raise UnknownModeError(f"unknown mode {name!r}; valid modes: {', '.join(MODES)}") from None
+
+
+def parse_modes(names: str | list[str]) -> list[Mode]:
+    """Modes from a comma-separated string or a list; ``"all"`` means every registered mode."""
+    if isinstance(names, str):
+        names = [n.strip() for n in names.split(",") if n.strip()]
+    if names == ["all"]:
+        return list(MODES.values())
+    return [get_mode(n) for n in names]
