@@ -1,22 +1,19 @@
 """One benchmark cell: one model in one mode, loaded, evaluated, fine-tuned and evaluated again.
 
-``run_cell`` is the library call; ``python -m qlora_core.cell SETTINGS.json RESULT.json`` runs it in a fresh
-process (the sweep and the bench suites do), so one mode's allocator state never leaks into another's peak.
-The child reports progress as marked JSON lines on stdout and writes its result atomically.
+``Cell`` runs the phases one at a time (a benchmark times ``step`` itself); ``run_cell`` runs them all. Either
+runs in the calling process: ``qlora_core.worker`` puts a cell in a fresh process, so one mode's allocator
+state never leaks into another's peak memory.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import sys
-import traceback
 from dataclasses import dataclass, field
 
 import torch
 
 from qlora_core import data as datalib
-from qlora_core.lora import LoraSettings, attach_lora, parameter_counts
+from qlora_core.lora import LoraSettings, attach_lora, merge_into_dequantized, parameter_counts
 from qlora_core.measure.flops import lora_training_flops_per_token, matmul_params, peak_flops
 from qlora_core.measure.memory import memory_snapshot, reset_peak, weight_footprint
 from qlora_core.measure.perplexity import perplexity
@@ -34,9 +31,6 @@ from qlora_core.modes import get_mode
 from qlora_core.results import SCHEMA, environment, write_json_atomic
 from qlora_core.trainer import LoraTrainer, TrainSettings
 
-PROGRESS_MARK = "@qlora-bench "
-
-
 @dataclass(frozen=True)
 class CellSettings:
     """Everything one cell needs; saved verbatim with its result.
@@ -48,6 +42,7 @@ class CellSettings:
         data / text_field / heldout_fraction: fine-tuning rows and the share held out for evaluation.
         eval_text: path of an extra evaluation text (e.g. WikiText-2 test), or ``"wikitext"``, or None.
         eval_window / eval_stride / eval_max_tokens: perplexity protocol and the tokens evaluated per text.
+        eval_merged: also evaluate the adapters merged into a dequantized bf16 base (the deployable model).
         device: ``"auto"`` (CUDA when available), ``"cuda"`` or ``"cpu"``.
     """
 
@@ -67,6 +62,7 @@ class CellSettings:
     eval_stride: int = 512
     eval_max_tokens: int | None = None
     eval_batch_size: int = 8
+    eval_merged: bool = True
     device: str = "auto"
     lora: LoraSettings = field(default_factory=LoraSettings)
     train: TrainSettings = field(default_factory=TrainSettings)
@@ -153,119 +149,144 @@ def preflight(settings: CellSettings, modes) -> CellSettings:
     return settings
 
 
+class Cell:
+    """One (model, mode) measurement as a sequence of phases, so a benchmark can time steps one by one:
+    ``load`` -> ``evaluate("before")`` -> ``setup_training`` -> ``step``... -> ``end_training`` ->
+    ``evaluate("after")`` -> ``evaluate_merged`` -> ``result``. ``run_cell`` runs them all in order.
+    """
+
+    def __init__(self, settings: CellSettings, report=_report_nothing):
+        from transformers import set_seed
+
+        self.settings = settings
+        self.report = report
+        self.mode = get_mode(settings.mode)
+        self.device = resolve_device(settings.device)
+        set_seed(settings.train.seed)
+        self.inputs = prepare_inputs(settings)
+        self.memory: dict[str, dict] = {}
+        self.perplexity: dict[str, dict] = {}
+        self.records = []
+        self.model = self.trainer = None
+
+    def load(self) -> dict:
+        """Load the base in the mode; returns the weight footprint (bytes as stored)."""
+        self.report({"phase": "loading"})
+        reset_peak(self.device)
+        self.model = load_model(self.inputs.source, self.mode, self.device)
+        self.memory["after_load"] = memory_snapshot(self.device)
+        self.weights = weight_footprint(self.model)
+        self.quant_error = weight_quant_error(self.model, self.inputs.source.name_or_path)
+        self.matmul_weights = matmul_params(self.model)
+        return self.weights
+
+    def evaluate(self, when: str) -> dict:
+        """Perplexity of the model as it is now on every evaluation text, saved under ``when``."""
+        self.report({"phase": f"evaluating {when}"})
+        self.perplexity[when] = evaluate(self.model, self.inputs.token_sets, self.settings, self.mode.torch_compute_dtype)
+        return self.perplexity[when]
+
+    def setup_training(self) -> None:
+        """Prepare the base, attach adapters, build the optimizer; then start a new peak-memory window."""
+        self.report({"phase": "setting up LoRA"})
+        model = prepare_for_training(self.model, self.mode, gradient_checkpointing=self.settings.gradient_checkpointing)
+        self.model = attach_lora(model, self.settings.lora)
+        batches = datalib.batches(self.inputs.train_blocks, self.settings.batch_size, self.settings.train.seed)
+        self.trainer = LoraTrainer(self.model, batches, self.settings.train, self.mode.torch_compute_dtype)
+        self.memory["after_setup"] = memory_snapshot(self.device)
+        reset_peak(self.device)
+
+    def step(self) -> float:
+        """One optimizer step; returns its synchronized wall time in seconds."""
+        record = self.trainer.step()
+        self.records.append(record)
+        self.report({"step": record.step, "of": self.settings.train.max_steps, "loss": record.loss})
+        return record.seconds
+
+    def end_training(self) -> dict:
+        """Read the peak memory of the training steps (before evaluation allocates anything)."""
+        self.memory["training_peak"] = memory_snapshot(self.device)
+        return self.memory["training_peak"]
+
+    def evaluate_merged(self) -> dict:
+        """Perplexity after merging the adapters into a bf16 copy of the base as stored in this mode
+        (dequantized for 8-/4-bit modes), i.e. the deployable model; saved under ``"merged"``."""
+        self.report({"phase": "evaluating merged"})
+        merged = merge_into_dequantized(self.model, self.inputs.source, self.mode, self.device)
+        self.perplexity["merged"] = evaluate(merged, self.inputs.token_sets, self.settings, torch.bfloat16)
+        del merged
+        return self.perplexity["merged"]
+
+    def result(self) -> dict:
+        """The self-describing result of the phases run so far (plain JSON)."""
+        settings, config = self.settings, self.inputs.config
+        timing = timing_stats([r.seconds for r in self.records], settings.timing_warmup)
+        counts = parameter_counts(self.model)
+        tokens_per_step = self.records[0].tokens
+        flops_per_token = lora_training_flops_per_token(
+            config, self.matmul_weights, counts["trainable_params"], settings.seq_len
+        )
+        tokens_per_s = tokens_per_step / timing["median_s"]
+        peak = peak_flops(self.device, self.mode.torch_compute_dtype)
+        source = self.inputs.source
+        return {
+            "schema": SCHEMA,
+            "status": "ok",
+            "mode": self.mode.describe(),
+            "model": {**source.describe(), "model_type": config.model_type, "matmul_params": self.matmul_weights},
+            "settings": settings.describe(),
+            "device": self.device.type,
+            "parameters": counts,
+            "weights": self.weights,
+            "quant_error": self.quant_error,
+            "memory": self.memory,
+            "training": {
+                "losses": [r.loss for r in self.records],
+                "step_seconds": [r.seconds for r in self.records],
+                "timing": timing,
+                "tokens_per_step": tokens_per_step,
+                "tokens_per_s": tokens_per_s,
+                "flops_per_token": flops_per_token,
+                "peak_flops": peak,
+                "mfu": tokens_per_s * flops_per_token / peak["flops_per_s"] if peak else None,
+            },
+            "perplexity": self.perplexity,
+            "environment": environment(),
+        }
+
+
+    def run_all(self) -> dict:
+        """Every phase in order; returns ``result()``."""
+        self.load()
+        self.evaluate("before")
+        self.setup_training()
+        for _ in range(self.settings.train.max_steps):
+            self.step()
+        self.end_training()
+        self.evaluate("after")
+        if self.settings.eval_merged:
+            self.evaluate_merged()
+        return self.result()
+
+
 def run_cell(settings: CellSettings, report=_report_nothing) -> dict:
-    """Measure one (model, mode) cell and return its self-describing result (plain JSON).
+    """Measure one (model, mode) cell in this process and return its self-describing result (plain JSON).
 
     ``report`` receives progress events: ``{"phase": str}`` and ``{"step": i, "of": n, "loss": float}``.
+    To keep modes apart, run each in a fresh process with ``qlora_core.worker.CellWorker``.
     """
-    from transformers import set_seed
-
-    mode = get_mode(settings.mode)
-    device = resolve_device(settings.device)
-    set_seed(settings.train.seed)
     report({"phase": "data"})
-    inputs = prepare_inputs(settings)
-    source, config = inputs.source, inputs.config
-
-    report({"phase": "loading"})
-    reset_peak(device)
-    model = load_model(source, mode, device)
-    memory = {"after_load": memory_snapshot(device)}
-    weights = weight_footprint(model)
-    quant_error = weight_quant_error(model, source.name_or_path)
-    matmul_weights = matmul_params(model)
-
-    report({"phase": "evaluating before"})
-    ppl_before = evaluate(model, inputs.token_sets, settings, mode.torch_compute_dtype)
-
-    report({"phase": "setting up LoRA"})
-    model = prepare_for_training(model, mode, gradient_checkpointing=settings.gradient_checkpointing)
-    model = attach_lora(model, settings.lora)
-    counts = parameter_counts(model)
-    batches = datalib.batches(inputs.train_blocks, settings.batch_size, settings.train.seed)
-    trainer = LoraTrainer(model, batches, settings.train, mode.torch_compute_dtype)
-    memory["after_setup"] = memory_snapshot(device)
-
-    report({"phase": "training"})
-    reset_peak(device)
-    records = trainer.train(
-        on_step=lambda r: report({"step": r.step, "of": settings.train.max_steps, "loss": r.loss})
-    )
-    memory["training_peak"] = memory_snapshot(device)
-
-    report({"phase": "evaluating after"})
-    ppl_after = evaluate(model, inputs.token_sets, settings, mode.torch_compute_dtype)
-
-    timing = timing_stats([r.seconds for r in records], settings.timing_warmup)
-    tokens_per_step = records[0].tokens
-    flops_per_token = lora_training_flops_per_token(
-        config, matmul_weights, counts["trainable_params"], settings.seq_len
-    )
-    tokens_per_s = tokens_per_step / timing["median_s"]
-    peak = peak_flops(device, mode.torch_compute_dtype)
-    return {
-        "schema": SCHEMA,
-        "status": "ok",
-        "mode": mode.describe(),
-        "model": {**source.describe(), "model_type": config.model_type, "matmul_params": matmul_weights},
-        "settings": settings.describe(),
-        "device": device.type,
-        "parameters": counts,
-        "weights": weights,
-        "quant_error": quant_error,
-        "memory": memory,
-        "training": {
-            "losses": [r.loss for r in records],
-            "step_seconds": [r.seconds for r in records],
-            "timing": timing,
-            "tokens_per_step": tokens_per_step,
-            "tokens_per_s": tokens_per_s,
-            "flops_per_token": flops_per_token,
-            "peak_flops": peak,
-            "mfu": tokens_per_s * flops_per_token / peak["flops_per_s"] if peak else None,
-        },
-        "perplexity": {"before": ppl_before, "after": ppl_after},
-        "environment": environment(),
-    }
+    return Cell(settings, report).run_all()
 
 
-def failure_result(settings: CellSettings, status: str, error: BaseException) -> dict:
-    """The result of a cell that did not finish: which settings, what failed, and the environment."""
+def failure_result(settings: CellSettings, status: str, error: str) -> dict:
+    """The result of a cell that did not finish: which settings, its status (``oom``, ``error``,
+    ``crashed``), what failed, and the environment."""
     return {
         "schema": SCHEMA,
         "status": status,
         "mode": get_mode(settings.mode).describe(),
         "settings": settings.describe(),
-        "error": f"{type(error).__name__}: {error}",
-        "traceback": "".join(traceback.format_exception(error, limit=-8)),
+        "error": error,
         "environment": environment(),
     }
-
-
-def _print_progress(event: dict) -> None:
-    print(PROGRESS_MARK + json.dumps(event), flush=True)
-
-
-def main(argv: list[str]) -> int:
-    """Child-process entry point: ``python -m qlora_core.cell SETTINGS.json RESULT.json``.
-
-    Out-of-memory becomes the cell's result (status ``oom``) rather than a crash of the whole sweep.
-    """
-    settings_path, result_path = argv
-    with open(settings_path) as handle:
-        settings = CellSettings.from_dict(json.load(handle))
-    try:
-        result = run_cell(settings, report=_print_progress)
-    except torch.cuda.OutOfMemoryError as error:
-        write_json_atomic(failure_result(settings, "oom", error), result_path)
-        return 3
-    except Exception as error:
-        write_json_atomic(failure_result(settings, "error", error), result_path)
-        traceback.print_exc()
-        return 1
-    write_json_atomic(result, result_path)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

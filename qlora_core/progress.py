@@ -25,6 +25,8 @@ class SweepProgress:
         return self
 
     def __exit__(self, *exc) -> None:
+        if exc[0] is None:
+            self.progress.update(self.modes_task, completed=self.progress.tasks[self.modes_task].total)
         self.progress.stop()
 
     def update(self, mode: Mode, event: dict) -> None:

@@ -9,16 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import subprocess
-import sys
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from qlora_core.cell import PROGRESS_MARK, CellSettings, failure_result
+from qlora_core.cell import CellSettings, failure_result
 from qlora_core.modes import Mode
 from qlora_core.results import write_json_atomic
+from qlora_core.worker import CellError, CellWorker
 
 
 def result_path(out_dir: Path, mode: Mode) -> Path:
@@ -33,28 +30,15 @@ def finished(path: Path) -> bool:
 
 
 def run_cell_process(settings: CellSettings, path: Path, on_event: Callable[[dict], None], log: Path) -> dict:
-    """Run one cell in a child process and move its result to ``path``; if the child died without writing
-    one (a segfault, a kill), a ``crashed`` result that names the log takes its place."""
-    staging = path.with_name(f".{path.name}.running")
-    staging.unlink(missing_ok=True)
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as handle:
-        json.dump(settings.describe(), handle)
-    with open(log, "w") as log_file:
-        child = subprocess.Popen(
-            [sys.executable, "-m", "qlora_core.cell", handle.name, str(staging)],
-            stdout=subprocess.PIPE, stderr=log_file, text=True,
-        )
-        for line in child.stdout:
-            if line.startswith(PROGRESS_MARK):
-                on_event(json.loads(line.removeprefix(PROGRESS_MARK)))
-        returncode = child.wait()
-    Path(handle.name).unlink()
-    if staging.is_file():
-        os.replace(staging, path)
-    else:
-        error = RuntimeError(f"cell process exited with {returncode} and wrote no result; its log: {log}")
-        write_json_atomic(failure_result(settings, "crashed", error), path)
-    return json.loads(path.read_text())
+    """Run one cell in a fresh worker process and write its result to ``path`` atomically; a failure (out of
+    memory, an exception, a dead worker) becomes that cell's result rather than the sweep's end."""
+    try:
+        with CellWorker(settings, log=log, on_event=on_event) as worker:
+            result = worker.call("run_all")
+    except CellError as error:
+        result = failure_result(settings, error.status, f"{error} (log: {log})")
+    write_json_atomic(result, path)
+    return result
 
 
 def run_sweep(
@@ -72,8 +56,9 @@ def run_sweep(
         path = result_path(out_dir, mode)
         if resume and finished(path):
             on_event(mode, {"phase": "done (resumed)"})
-        else:
-            settings = dataclasses.replace(base, mode=mode.name)
-            run_cell_process(settings, path, lambda event: on_event(mode, event), out_dir / f"{mode.name}.log")
-        results.append(json.loads(path.read_text()))
+            results.append(json.loads(path.read_text()))
+            continue
+        settings = dataclasses.replace(base, mode=mode.name)
+        log = out_dir / f"{mode.name}.log"
+        results.append(run_cell_process(settings, path, lambda event: on_event(mode, event), log))
     return results
