@@ -27,7 +27,10 @@ def _version(package: str) -> str | None:
 
 
 def git_commit() -> str | None:
-    """The commit of the qlora-bench checkout this code runs from, with ``-dirty`` for local changes."""
+    """The commit of the qlora-bench checkout this code runs from, with ``-dirty`` for local changes
+    (``$QLORA_BENCH_COMMIT`` where the code travels without its git history, as to a lent GPU machine)."""
+    if os.environ.get("QLORA_BENCH_COMMIT"):
+        return os.environ["QLORA_BENCH_COMMIT"]
     here = Path(__file__).resolve().parent
     try:
         out = subprocess.run(

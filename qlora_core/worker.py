@@ -51,6 +51,8 @@ class CellWorker:
     """Context manager holding one cell in a child process; ``call("step")`` runs ``Cell.step`` there."""
 
     def __init__(self, settings: CellSettings, log: Path | None = None, on_event: Callable[[dict], None] | None = None):
+        if log:
+            log.parent.mkdir(parents=True, exist_ok=True)
         context = multiprocessing.get_context("spawn")  # fork would inherit the parent's CUDA state
         self.conn, child_conn = context.Pipe()
         self.on_event = on_event or (lambda event: None)
