@@ -91,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="What each weight quantization mode costs and loses when you fine-tune a causal LM with "
                     "LoRA: weights and peak memory, step time, tokens/s and perplexity before and after, "
                     "each mode measured in a fresh process. With no sub-command, runs 'sweep'.",
+        epilog=f"modes (--modes): {', '.join(MODES)}; 'qlora-bench sweep --help' lists every sweep option",
     )
     commands = parser.add_subparsers(dest="command", metavar="{" + ",".join(SUBCOMMANDS) + "}")
     sweep = commands.add_parser("sweep", help="measure modes and print the comparison table (default)")
