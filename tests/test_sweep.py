@@ -1,0 +1,103 @@
+"""Sweeps: each mode in its own process, one result file per mode, resume, failures kept as results."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+
+import pytest
+
+from conftest import TINY_STEPS, tiny_cell_settings
+from qlora_core.modes import parse_modes
+from qlora_core.results import SCHEMA
+from qlora_core.sweep import finished, result_path, run_sweep
+
+MODES = parse_modes("bf16,nf4")
+
+
+class Events:
+    """Collects ``on_event(mode, event)`` calls as (mode name, event)."""
+
+    def __init__(self):
+        self.seen: list[tuple[str, dict]] = []
+
+    def __call__(self, mode, event):
+        self.seen.append((mode.name, event))
+
+    def of(self, name):
+        return [event for mode, event in self.seen if mode == name]
+
+
+@pytest.fixture(scope="module")
+def swept(tiny_model_dir, tmp_path_factory):
+    """One real sweep of two modes, each in a child process: (out dir, returned results, events)."""
+    out = tmp_path_factory.mktemp("sweep") / "run"
+    events = Events()
+    results = run_sweep(tiny_cell_settings(tiny_model_dir, "bf16"), MODES, out, on_event=events)
+    return out, results, events
+
+
+def test_one_json_per_mode(swept):
+    out, results, _ = swept
+    assert sorted(p.name for p in out.glob("*.json")) == ["bf16.json", "nf4.json"]
+    assert [r["mode"]["name"] for r in results] == ["bf16", "nf4"]
+    for mode, result in zip(MODES, results):
+        path = result_path(out, mode)
+        assert json.loads(path.read_text()) == result
+        assert result["status"] == "ok" and result["schema"] == SCHEMA
+        assert result["settings"]["mode"] == mode.name
+        assert (out / f"{mode.name}.log").is_file()
+        assert finished(path)
+    assert not list(out.glob(".*"))  # no staging files left
+
+
+def test_progress_comes_back_from_the_children(swept):
+    _, results, events = swept
+    for mode, result in zip(MODES, results):
+        steps = [e for e in events.of(mode.name) if "step" in e]
+        assert [e["step"] for e in steps] == list(range(1, TINY_STEPS + 1))
+        assert [e["loss"] for e in steps] == result["training"]["losses"]
+
+
+def test_resume_skips_finished_cells(swept, tiny_model_dir):
+    out, results, _ = swept
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    events = Events()
+    again = run_sweep(tiny_cell_settings(tiny_model_dir, "bf16"), MODES, out, resume=True, on_event=events)
+    assert again == results
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == stamps  # nothing rewritten, no log either
+    for mode in MODES:
+        assert events.of(mode.name) == [{"phase": "done (resumed)"}]
+
+
+def test_resume_reruns_unfinished_cells(swept, tiny_model_dir, tmp_path):
+    source, _, _ = swept
+    out = tmp_path / "partial"
+    shutil.copytree(source, out)
+    failed = json.loads((out / "nf4.json").read_text())
+    failed["status"] = "error"
+    (out / "nf4.json").write_text(json.dumps(failed))
+    kept = (out / "bf16.json").stat().st_mtime_ns
+    assert not finished(out / "nf4.json")
+
+    results = run_sweep(tiny_cell_settings(tiny_model_dir, "bf16"), MODES, out, resume=True)
+    assert [r["status"] for r in results] == ["ok", "ok"]
+    assert (out / "bf16.json").stat().st_mtime_ns == kept
+    assert json.loads((out / "nf4.json").read_text())["status"] == "ok"
+
+
+def test_failed_cell_becomes_its_result_and_the_sweep_goes_on(tiny_model_dir, tmp_path):
+    """A child that fails (here: its data file does not exist) yields an ``error`` result; the next mode runs."""
+    missing = str(tmp_path / "no-such-rows.jsonl")
+    base = dataclasses.replace(tiny_cell_settings(tiny_model_dir, "bf16"), data=missing)
+    out = tmp_path / "run"
+    results = run_sweep(base, MODES, out)
+    assert [r["status"] for r in results] == ["error", "error"]  # the first failure did not end the sweep
+    for mode, result in zip(MODES, results):
+        assert json.loads(result_path(out, mode).read_text()) == result
+        assert "DatasetError" in result["error"] and missing in result["error"]
+        assert result["mode"]["name"] == mode.name
+        assert result["settings"]["data"] == missing
+        assert result["environment"]["libraries"]["torch"]
+        assert not finished(result_path(out, mode))
