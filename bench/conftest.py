@@ -42,6 +42,7 @@ def pytest_addoption(parser):
                     help="extra evaluation text path, e.g. WikiText-2 wiki.test.raw (default $QLORA_BENCH_EVAL_TEXT)")
     group.addoption("--bench-eval-window", type=int, default=1024, help="perplexity window (tokens)")
     group.addoption("--bench-eval-stride", type=int, default=512, help="perplexity stride (tokens)")
+    group.addoption("--bench-eval-batch-size", type=int, default=32, help="perplexity windows per forward pass")
     group.addoption("--bench-eval-max-tokens", type=int, default=None, help="evaluate at most this many tokens")
     group.addoption("--bench-device", default="cuda", choices=["cuda", "cpu"],
                     help="'cpu' dry-runs the suites without a GPU (to check them; figures are not GPU figures)")
@@ -89,6 +90,7 @@ def cell_settings(config, model: str, mode: str) -> CellSettings:
         eval_window=option.bench_eval_window,
         eval_stride=option.bench_eval_stride,
         eval_max_tokens=option.bench_eval_max_tokens,
+        eval_batch_size=option.bench_eval_batch_size,
         device=option.bench_device,
         lora=LoraSettings(r=option.bench_lora_r, alpha=2 * option.bench_lora_r),
         train=TrainSettings(max_steps=steps),
@@ -184,7 +186,7 @@ def memory_cell(cell_key, request):
     settings = cell_settings(request.config, *cell_key)
     steps = request.config.option.bench_memory_steps
     settings = dataclasses.replace(
-        settings, timing_warmup=0, train=dataclasses.replace(settings.train, max_steps=steps)
+        settings, timing_warmup=0, eval_text=None, train=dataclasses.replace(settings.train, max_steps=steps)
     )
     cell = BenchCell(settings, path.with_name(f"memory-{path.name}"))
     yield cell

@@ -8,6 +8,8 @@ state never leaks into another's peak memory.
 from __future__ import annotations
 
 import dataclasses
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -18,7 +20,7 @@ from qlora_core.measure.flops import lora_training_flops_per_token, matmul_param
 from qlora_core.measure.memory import memory_snapshot, reset_peak, weight_footprint
 from qlora_core.measure.perplexity import perplexity
 from qlora_core.measure.quant_error import weight_quant_error
-from qlora_core.measure.timing import timing_stats
+from qlora_core.measure.timing import synchronize, timing_stats
 from qlora_core.models import (
     check_sequence_length,
     load_config,
@@ -167,14 +169,25 @@ class Cell:
         self.memory: dict[str, dict] = {}
         self.perplexity: dict[str, dict] = {}
         self.records = []
+        self.phase_seconds: dict[str, float] = {}
         self.model = self.trainer = None
+
+    @contextmanager
+    def _phase(self, name: str):
+        """Report a phase and record its synchronized wall time (s) in ``phase_seconds``."""
+        self.report({"phase": name})
+        synchronize(self.device)
+        start = time.perf_counter()
+        yield
+        synchronize(self.device)
+        self.phase_seconds[name] = time.perf_counter() - start
 
     def load(self) -> dict:
         """Load the base in the mode; returns the weight footprint (bytes as stored)."""
-        self.report({"phase": "loading"})
-        reset_peak(self.device)
-        self.model = load_model(self.inputs.source, self.mode, self.device)
-        self.memory["after_load"] = memory_snapshot(self.device)
+        with self._phase("loading"):
+            reset_peak(self.device)
+            self.model = load_model(self.inputs.source, self.mode, self.device)
+            self.memory["after_load"] = memory_snapshot(self.device)
         self.weights = weight_footprint(self.model)
         self.quant_error = weight_quant_error(self.model, self.inputs.source.name_or_path)
         self.matmul_weights = matmul_params(self.model)
@@ -182,17 +195,19 @@ class Cell:
 
     def evaluate(self, when: str) -> dict:
         """Perplexity of the model as it is now on every evaluation text, saved under ``when``."""
-        self.report({"phase": f"evaluating {when}"})
-        self.perplexity[when] = evaluate(self.model, self.inputs.token_sets, self.settings, self.mode.torch_compute_dtype)
+        with self._phase(f"evaluating {when}"):
+            dtype = self.mode.torch_compute_dtype
+            self.perplexity[when] = evaluate(self.model, self.inputs.token_sets, self.settings, dtype)
         return self.perplexity[when]
 
     def setup_training(self) -> None:
         """Prepare the base, attach adapters, build the optimizer; then start a new peak-memory window."""
-        self.report({"phase": "setting up LoRA"})
-        model = prepare_for_training(self.model, self.mode, gradient_checkpointing=self.settings.gradient_checkpointing)
-        self.model = attach_lora(model, self.settings.lora)
-        batches = datalib.batches(self.inputs.train_blocks, self.settings.batch_size, self.settings.train.seed)
-        self.trainer = LoraTrainer(self.model, batches, self.settings.train, self.mode.torch_compute_dtype)
+        with self._phase("setting up LoRA"):
+            checkpointing = self.settings.gradient_checkpointing
+            model = prepare_for_training(self.model, self.mode, gradient_checkpointing=checkpointing)
+            self.model = attach_lora(model, self.settings.lora)
+            batches = datalib.batches(self.inputs.train_blocks, self.settings.batch_size, self.settings.train.seed)
+            self.trainer = LoraTrainer(self.model, batches, self.settings.train, self.mode.torch_compute_dtype)
         self.memory["after_setup"] = memory_snapshot(self.device)
         reset_peak(self.device)
 
@@ -211,10 +226,10 @@ class Cell:
     def evaluate_merged(self) -> dict:
         """Perplexity after merging the adapters into a bf16 copy of the base as stored in this mode
         (dequantized for 8-/4-bit modes), i.e. the deployable model; saved under ``"merged"``."""
-        self.report({"phase": "evaluating merged"})
-        merged = merge_into_dequantized(self.model, self.inputs.source, self.mode, self.device)
-        self.perplexity["merged"] = evaluate(merged, self.inputs.token_sets, self.settings, torch.bfloat16)
-        del merged
+        with self._phase("evaluating merged"):
+            merged = merge_into_dequantized(self.model, self.inputs.source, self.mode, self.device)
+            self.perplexity["merged"] = evaluate(merged, self.inputs.token_sets, self.settings, torch.bfloat16)
+            del merged
         return self.perplexity["merged"]
 
     def result(self) -> dict:
@@ -251,6 +266,7 @@ class Cell:
                 "mfu": tokens_per_s * flops_per_token / peak["flops_per_s"] if peak else None,
             },
             "perplexity": self.perplexity,
+            "phase_seconds": self.phase_seconds,
             "environment": environment(),
         }
 
