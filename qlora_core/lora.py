@@ -53,24 +53,17 @@ def parameter_counts(model) -> dict:
 
 
 def merge_into_dequantized(peft_model, source, mode, device):
-    """A standalone bf16 model: a fresh copy of the base as ``mode`` stores it, dequantized to bf16 when
-    quantized, with ``peft_model``'s adapters merged in. Merging into the dequantized weights (not the
-    original checkpoint's) keeps the merged model equal to what the adapters were trained against; merging
-    into a still-quantized base would re-quantize and lose the update.
-    """
+    """A standalone bf16 model: the base as ``mode`` stores it, dequantized (``models.load_dequantized``),
+    with ``peft_model``'s adapters merged in."""
     import tempfile
     from pathlib import Path
 
-    import torch
     from peft import PeftModel
 
-    from qlora_core.models import load_model
+    from qlora_core.models import load_dequantized
     from qlora_core.trainer import save_adapter
 
     with tempfile.TemporaryDirectory(prefix="qlora-merge-") as tmp:
         adapter = save_adapter(peft_model, Path(tmp) / "adapter")
-        base = load_model(source, mode, device)
-        if mode.is_quantized:
-            base = base.dequantize(dtype=torch.bfloat16)
-        base = base.to(torch.bfloat16)
+        base = load_dequantized(source, mode, device)
         return PeftModel.from_pretrained(base, str(adapter)).merge_and_unload().eval()

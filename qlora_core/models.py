@@ -133,6 +133,18 @@ def load_model(source: ModelSource, mode: Mode, device: torch.device):
     return model
 
 
+def load_dequantized(source: ModelSource, mode: Mode, device: torch.device):
+    """The base exactly as ``mode`` stores it, as a plain bf16 model: dequantized for 8-/4-bit modes.
+
+    This is what adapters trained in ``mode`` were trained against, so merging into it keeps outputs equal to
+    base-plus-adapter (merging into the still-quantized base would re-quantize the update away).
+    """
+    model = load_model(source, mode, device)
+    if mode.is_quantized:
+        model = model.dequantize(dtype=torch.bfloat16)
+    return model.to(torch.bfloat16)
+
+
 def prepare_for_training(model, mode: Mode, *, gradient_checkpointing: bool):
     """Freeze the base and make it trainable through adapters, as the common recipe does.
 

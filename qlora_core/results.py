@@ -11,8 +11,10 @@ import importlib.metadata
 import json
 import os
 import platform
+import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 SCHEMA = "qlora-bench/cell/1"
@@ -93,6 +95,22 @@ def write_json_atomic(data: dict, path: str | os.PathLike) -> Path:
         os.unlink(staging)
         raise
     return path
+
+
+def publish_folder(folder: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Run ``write(staging)`` on a sibling temporary folder, then rename it to ``folder``: a crash never leaves
+    a half-written ``folder`` (an existing one is replaced only once the new one is complete)."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-"))
+    try:
+        write(staging)
+        if folder.exists():
+            shutil.rmtree(folder)
+        staging.rename(folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return folder
 
 
 def read_results(paths: list[str | os.PathLike]) -> list[dict]:

@@ -142,16 +142,6 @@ class LoraTrainer:
 
 def save_adapter(model, folder: Path) -> Path:
     """Write ``model``'s adapters to ``folder`` atomically (see ``LoraTrainer.save_adapter``)."""
-    import shutil
-    import tempfile
+    from qlora_core.results import publish_folder
 
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-"))
-    try:
-        model.save_pretrained(staging)
-        if folder.exists():
-            shutil.rmtree(folder)
-        staging.rename(folder)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return folder
+    return publish_folder(folder, model.save_pretrained)

@@ -24,7 +24,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -37,9 +36,9 @@ from qlora_core.lora import LoraSettings, attach_lora, parameter_counts
 from qlora_core.measure.memory import memory_snapshot, reset_peak
 from qlora_core.measure.perplexity import perplexity
 from qlora_core.measure.timing import timed
-from qlora_core.models import ModelSource, load_model, prepare_for_training, resolve_model
+from qlora_core.models import ModelSource, load_dequantized, load_model, prepare_for_training, resolve_model
 from qlora_core.modes import BASELINE_MODE, Mode, get_mode
-from qlora_core.results import environment, write_json_atomic
+from qlora_core.results import environment, publish_folder, write_json_atomic
 from qlora_core.trainer import save_adapter
 
 SCHEMA = "qlora-bench/finetune/1"
@@ -438,25 +437,7 @@ def _merge_base(source: ModelSource, mode: Mode, base: str, device: torch.device
     quantization error)."""
     if base not in MERGE_BASES:
         raise ValueError(f"unknown merge base {base!r}; choose from {', '.join(MERGE_BASES)}")
-    model = load_model(source, mode if base == "dequantized" else get_mode(BASELINE_MODE), device)
-    if getattr(model, "is_quantized", False):
-        model = model.dequantize(dtype=torch.bfloat16)
-    return model.to(torch.bfloat16)
-
-
-def _publish_folder(folder: Path, write: Callable[[Path], None]) -> Path:
-    """Run ``write(staging)`` on a sibling temporary folder, then rename it to ``folder``: a crash never leaves
-    a half-written ``folder`` (an existing one is replaced only once the new one is complete)."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-"))
-    try:
-        write(staging)
-        if folder.exists():
-            shutil.rmtree(folder)
-        staging.rename(folder)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return folder
+    return load_dequantized(source, mode if base == "dequantized" else get_mode(BASELINE_MODE), device)
 
 
 def merge_to_bf16(
@@ -489,7 +470,7 @@ def merge_to_bf16(
         tokenizer.save_pretrained(folder)
         (folder / "provenance.json").write_text(json.dumps(provenance, indent=2))
 
-    return _publish_folder(Path(out_dir), write)
+    return publish_folder(out_dir, write)
 
 
 def merge_into_quantized(model):
