@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from qlora_core.cell import Cell, CellSettings
+from qlora_core.modes import MODES, Mode, get_mode, register
 
 
 class CellError(RuntimeError):
@@ -25,9 +26,16 @@ class CellError(RuntimeError):
         self.status = status
 
 
-def _serve(settings: dict, conn, log: str | None) -> None:
-    """Worker loop: build the Cell lazily, then answer ``(method, args)`` calls until ``None`` arrives."""
+def _serve(settings: dict, mode: Mode, conn, log: str | None) -> None:
+    """Worker loop: build the Cell lazily, then answer ``(method, args)`` calls until ``None`` arrives.
+
+    ``mode`` travels with the settings because a spawned process imports a fresh registry: a variant the
+    parent registered at run time would not be in it.
+    """
     import torch
+
+    if mode.name not in MODES:
+        register(mode)
 
     if log:
         handle = open(log, "a", buffering=1)
@@ -57,7 +65,9 @@ class CellWorker:
         self.conn, child_conn = context.Pipe()
         self.on_event = on_event or (lambda event: None)
         self.process = context.Process(
-            target=_serve, args=(settings.describe(), child_conn, str(log) if log else None), daemon=True
+            target=_serve,
+            args=(settings.describe(), get_mode(settings.mode), child_conn, str(log) if log else None),
+            daemon=True,
         )
         self.process.start()
         child_conn.close()

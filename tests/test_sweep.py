@@ -101,3 +101,18 @@ def test_failed_cell_becomes_its_result_and_the_sweep_goes_on(tiny_model_dir, tm
         assert result["settings"]["data"] == missing
         assert result["environment"]["libraries"]["torch"]
         assert not finished(result_path(out, mode))
+
+
+def test_a_mode_registered_at_run_time_reaches_the_worker_process(tiny_model_dir, tmp_path):
+    """Spawned workers import a fresh registry; the variant travels with the cell, so the sweep measures it."""
+    from qlora_core.modes import MODES as REGISTRY
+    from qlora_core.modes import get_mode, register
+
+    variant = register(dataclasses.replace(get_mode("nf4"), name="nf4-fp32-compute", compute_dtype="float32"))
+    try:
+        (result,) = run_sweep(tiny_cell_settings(tiny_model_dir, "bf16"), [variant], tmp_path)
+    finally:
+        del REGISTRY[variant.name]
+    assert result["status"] == "ok", result.get("error")
+    assert result["mode"]["name"] == "nf4-fp32-compute"
+    assert result["mode"]["compute_dtype"] == "float32"
