@@ -30,7 +30,7 @@ from qlora_core.models import (
     resolve_model,
 )
 from qlora_core.modes import get_mode
-from qlora_core.results import SCHEMA, environment, write_json_atomic
+from qlora_core.results import SCHEMA, environment
 from qlora_core.trainer import LoraTrainer, TrainSettings
 
 @dataclass(frozen=True)

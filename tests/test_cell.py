@@ -12,7 +12,7 @@ import platform
 import pytest
 import torch
 
-from conftest import CELL_MODES, TINY_CELL, TINY_STEPS, tiny_cell_settings
+from tiny import CELL_MODES, TINY_CELL, TINY_STEPS, tiny_cell_settings
 from qlora_core.cell import CellSettings, preflight, prepare_inputs, resolve_device, run_cell
 from qlora_core.data import DatasetError
 from qlora_core.measure.perplexity import windows

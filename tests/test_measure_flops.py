@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from conftest import TINY
+from tiny import TINY
 from qlora_core.measure.flops import lora_training_flops_per_token, matmul_params, peak_flops
 from qlora_core.models import load_config, load_model
 from qlora_core.modes import get_mode

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from conftest import make_model_folder
+from tiny import make_model_folder
 from qlora_core.measure.memory import memory_snapshot, reset_peak, tensor_bytes, weight_footprint
 from qlora_core.models import load_model, resolve_model
 from qlora_core.modes import BNB_4BIT_BLOCKSIZE, BNB_DOUBLE_QUANT_BLOCKSIZE, get_mode

@@ -8,7 +8,7 @@ import importlib.util
 import pytest
 import torch
 
-from conftest import tiny_cell_settings
+from tiny import tiny_cell_settings
 from qlora_core.lora import LoraSettings, attach_lora
 from qlora_core.models import (
     ModelSourceError,

@@ -7,7 +7,7 @@ import copy
 import pandas as pd
 import pytest
 
-from conftest import CELL_MODES, TINY_CELL
+from tiny import CELL_MODES, TINY_CELL
 from qlora_core.modes import BASELINE_MODE, MODES
 from qlora_core.report import RATIO_COLUMNS, footnotes, markdown_table, plot, results_frame, rich_table
 

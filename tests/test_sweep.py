@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from conftest import TINY_STEPS, tiny_cell_settings
+from tiny import TINY_STEPS, tiny_cell_settings
 from qlora_core.modes import parse_modes
 from qlora_core.results import SCHEMA
 from qlora_core.sweep import finished, result_path, run_sweep
