@@ -145,14 +145,19 @@ def load_dequantized(source: ModelSource, mode: Mode, device: torch.device):
     return model.to(torch.bfloat16)
 
 
-def prepare_for_training(model, mode: Mode, *, gradient_checkpointing: bool):
-    """Freeze the base and make it trainable through adapters, as the common recipe does.
+def prepare_for_training(model, mode: Mode, *, gradient_checkpointing: bool, path: str = "reference"):
+    """Freeze the base and make it trainable through adapters, as ``path`` says (``qlora_core.paths``).
 
-    Quantized modes go through peft's ``prepare_model_for_kbit_training`` (non-quantized modules upcast to fp32
-    for stability, input gradients on). It is not called for fp16/bf16: there it would upcast the whole model.
+    ``reference``, the common recipe: quantized modes go through peft's ``prepare_model_for_kbit_training``
+    (non-quantized modules upcast to fp32 for stability, input gradients on). It is not called for fp16/bf16:
+    there it would upcast the whole model. ``lean``: frozen as loaded, no upcast.
     """
     from peft import prepare_model_for_kbit_training
 
+    from qlora_core.paths import check_path, prepare_lean
+
+    if check_path(path) == "lean":
+        return prepare_lean(model, gradient_checkpointing=gradient_checkpointing)
     checkpointing_kwargs = {"use_reentrant": False}
     if mode.is_quantized:
         model = prepare_model_for_kbit_training(

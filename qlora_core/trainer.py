@@ -73,13 +73,18 @@ class LoraTrainer:
     """Trains the adapters of a peft model on an endless iterator of token batches [batch, seq_len].
 
     Labels are the inputs (the model shifts them); the loss is the mean token NLL under autocast in the mode's
-    compute dtype. fp16 compute uses a gradient scaler (fp16 gradients underflow otherwise).
+    compute dtype, computed by ``loss_fn(model, input_ids)`` (default: the model's own; ``qlora_core.paths``).
+    fp16 compute uses a gradient scaler (fp16 gradients underflow otherwise).
     """
 
-    def __init__(self, model, batches: Iterator[torch.Tensor], settings: TrainSettings, compute_dtype: torch.dtype):
+    def __init__(self, model, batches: Iterator[torch.Tensor], settings: TrainSettings, compute_dtype: torch.dtype,
+                 loss_fn=None):
         from transformers import get_scheduler
 
+        from qlora_core.paths import causal_lm_loss
+
         self.model = model
+        self.loss_fn = loss_fn or causal_lm_loss
         self.batches = batches
         self.settings = settings
         self.compute_dtype = compute_dtype
@@ -99,7 +104,7 @@ class LoraTrainer:
     def _micro_step(self) -> tuple[torch.Tensor, int]:
         batch = next(self.batches).to(self.device)
         with torch.autocast(self.device.type, dtype=self.compute_dtype):
-            loss = self.model(input_ids=batch, labels=batch).loss
+            loss = self.loss_fn(self.model, batch)
         self.scaler.scale(loss / self.settings.grad_accum).backward()
         return loss.detach(), batch.numel()
 

@@ -1,0 +1,85 @@
+"""Two ways of running the same LoRA training: the common recipe, and a lean one that keeps only what the memory
+floor (``qlora_core.measure.floor``) says is needed.
+
+- ``reference``: peft's ``prepare_model_for_kbit_training`` for quantized modes (it upcasts embeddings, norms and
+  the head to fp32), and the model's own loss, which materializes full-vocabulary logits and their fp32 copy.
+- ``lean``: the base frozen as loaded (no upcast), non-reentrant gradient checkpointing, and the loss computed
+  in chunks of tokens, each chunk's head and cross-entropy under checkpointing, so only one chunk's logits
+  exist at a time, in forward and in backward. Mathematically the same loss (a mean token NLL in fp32).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+PATHS = ("reference", "lean")
+IGNORE_INDEX = -100
+#: Tokens per chunk of the lean path's loss: with a 128k vocabulary one chunk's fp32 logits take 256 MiB.
+LOSS_CHUNK_TOKENS = 512
+
+
+def check_path(path: str) -> str:
+    """``path`` itself when it is a known path; otherwise a ValueError listing them."""
+    if path not in PATHS:
+        raise ValueError(f"unknown path {path!r}; choose from {', '.join(PATHS)}")
+    return path
+
+
+def prepare_lean(model, *, gradient_checkpointing: bool):
+    """Freeze the base without changing any dtype; non-reentrant checkpointing needs no input gradients."""
+    model.requires_grad_(False)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    model.train()  # from_pretrained returns eval mode, where HF skips checkpointing and LoRA dropout
+    return model
+
+
+def causal_lm_loss(model, input_ids: torch.Tensor) -> torch.Tensor:
+    """The model's own mean next-token NLL (labels are the inputs; the model shifts them)."""
+    return model(input_ids=input_ids, labels=input_ids).loss
+
+
+def _body_and_head(model):
+    """The decoder stack (returns final hidden states) and the output head of a causal LM, peft-wrapped or not."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(base, base.base_model_prefix), base.get_output_embeddings()
+
+
+def next_token_labels(input_ids: torch.Tensor) -> torch.Tensor:
+    """Labels [batch, seq]: position i predicts token i+1; the last position of each row predicts nothing."""
+    labels = torch.full_like(input_ids, IGNORE_INDEX)
+    labels[:, :-1] = input_ids[:, 1:]
+    return labels
+
+
+def _chunk_nll_sum(head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed NLL of one chunk: hidden [n, h] through the head to fp32 logits [n, V], like the model's loss."""
+    return F.cross_entropy(head(hidden).float(), labels, ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def chunked_causal_lm_loss(model, input_ids: torch.Tensor, chunk_tokens: int = LOSS_CHUNK_TOKENS) -> torch.Tensor:
+    """Mean next-token NLL equal to ``causal_lm_loss``, with at most ``chunk_tokens`` positions' logits alive.
+
+    Each chunk's head and cross-entropy run under non-reentrant checkpointing: forward keeps only the chunk's
+    hidden states (a view of the final hidden states) and labels; backward recomputes the chunk's logits.
+    """
+    body, head = _body_and_head(model)
+    hidden = body(input_ids=input_ids).last_hidden_state
+    hidden = hidden.reshape(-1, hidden.shape[-1])  # [batch * seq, h], contiguous: a view
+    labels = next_token_labels(input_ids).reshape(-1)
+    chunk_loss = functools.partial(_chunk_nll_sum, head)
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, labels.numel(), chunk_tokens):
+        end = start + chunk_tokens
+        total = total + checkpoint(chunk_loss, hidden[start:end], labels[start:end], use_reentrant=False)
+    return total / (labels != IGNORE_INDEX).sum()
+
+
+def loss_function(path: str):
+    """The loss ``LoraTrainer`` computes on ``path``: ``fn(model, input_ids) -> scalar mean NLL``."""
+    return chunked_causal_lm_loss if check_path(path) == "lean" else causal_lm_loss
