@@ -1,0 +1,398 @@
+"""The analytic memory floor of a LoRA training step: what the weights, adapters, optimizer, saved activations
+and logits must take, in bytes, derived from the model's shape, the mode and the training set-up.
+
+Everything is counted in bytes, per component, so it can sit beside what the CUDA allocator measured (after load,
+after set-up, peak of the training steps) with the unexplained remainder. Notation (per micro-batch):
+
+    T = batch_size * seq_len tokens, L layers, h hidden size, f MLP width, V vocabulary, r LoRA rank,
+    n_h / n_kv attention / key-value heads of width d, c = 2 bytes (bf16/fp16 compute),
+    e = bytes of the residual stream (2; 4 on the reference path of a quantized mode, whose fp32-upcast
+    embeddings make every residual add fp32), o = bytes of a 4-bit linear's output (bitsandbytes casts it back
+    to its input's dtype, so e; autocast gives c for every other linear).
+
+Two paths are predicted (``qlora_core.paths``): ``reference`` (peft's ``prepare_model_for_kbit_training`` with its
+fp32 upcasts of embeddings, norms and head, and the model's own loss over full-vocabulary logits) and ``lean``
+(no upcasts, loss in chunks of ``LOSS_CHUNK_TOKENS`` tokens under checkpointing). The lean prediction is the
+floor proper: it keeps only what backward needs. The per-layer accounting was checked tensor by tensor against
+autograd's saved tensors on tiny models (tests/test_measure_floor.py); terms that depend on the device's autocast
+(BLOOM's LayerNorm runs in fp32 under CUDA autocast, in its input dtype under CPU autocast) take ``device_type``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch
+
+from qlora_core.modes import BNB_4BIT_BLOCKSIZE, BNB_DOUBLE_QUANT_BLOCKSIZE, Mode
+from qlora_core.paths import LOSS_CHUNK_TOKENS, check_path
+FLOAT32 = 4
+INT64 = 8
+#: bytes per trainable parameter of each optimizer's state (bitsandbytes' 8-bit states apply to tensors of
+#: >= 4096 elements only, with one float32 absmax per 256 values a state; smaller tensors keep 32-bit states).
+OPTIMIZER_STATE_BYTES = {"adamw": 8, "paged_adamw32bit": 8, "adamw8bit": 2, "paged_adamw8bit": 2}
+BNB_8BIT_OPTIMIZER_MIN_SIZE = 4096
+BNB_8BIT_OPTIMIZER_BLOCKSIZE = 256
+#: entries of bitsandbytes' float32 code tables: the 4-bit code (16) and the 8-bit code of nested absmax (256).
+CODE_4BIT_ENTRIES = 2**4
+CODE_8BIT_ENTRIES = 2**8
+GATED_MLP_FAMILIES = ("llama", "qwen2", "mistral")
+BLOOM_FAMILIES = ("bloom",)
+
+
+@dataclass(frozen=True)
+class Linear:
+    """One linear layer of the skeleton: its name, features, and how the mode stores it."""
+
+    name: str
+    in_features: int
+    out_features: int
+    storage: str  # "4bit", "int8" or "dense"
+    has_bias: bool
+
+
+# --- weights ------------------------------------------------------------------------------------------------------
+
+
+def four_bit_bytes(numel: int, double_quant: bool) -> tuple[int, int]:
+    """(packed data, constants) bytes of one 4-bit weight of ``numel`` values.
+
+    Data: two values a byte. Constants: one absmax per block of 64 values, float32 (4.5 bits a weight in all);
+    with double quantization the absmax are stored as uint8 and quantized again in blocks of 256 with a float32
+    absmax each plus one float32 offset and the 256-entry float32 code of that second level (4.127 bits). Every
+    layer also keeps the 16-entry float32 code of its 4-bit format.
+    """
+    blocks = math.ceil(numel / BNB_4BIT_BLOCKSIZE)
+    constants = CODE_4BIT_ENTRIES * FLOAT32
+    if double_quant:
+        constants += blocks + math.ceil(blocks / BNB_DOUBLE_QUANT_BLOCKSIZE) * FLOAT32 + FLOAT32
+        constants += CODE_8BIT_ENTRIES * FLOAT32
+    else:
+        constants += blocks * FLOAT32
+    return math.ceil(numel / 2), constants
+
+
+def int8_bytes(in_features: int, out_features: int) -> tuple[int, int]:
+    """(data, constants) bytes of an LLM.int8 weight: one byte a weight and a float32 scale per output row."""
+    return in_features * out_features, out_features * FLOAT32
+
+
+def skeleton(config, mode: Mode):
+    """The model of ``config`` on the meta device with the mode's bnb layers swapped in (no memory used):
+    the same modules ``from_pretrained`` and ``build_shape_model`` make."""
+    from qlora_core.shapes import bnb_quantizer, empty_model
+
+    model = empty_model(config, mode.load_dtype)
+    if mode.is_quantized:
+        bnb_quantizer(mode).preprocess_model(model=model, dtype=mode.load_dtype, device_map={"": "cpu"})
+    return model
+
+
+def linears(model) -> list[Linear]:
+    """Every linear layer of a (skeleton) model with how it is stored."""
+    found = []
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear):
+            continue
+        kind = type(module).__name__
+        storage = "4bit" if kind == "Linear4bit" else "int8" if kind == "Linear8bitLt" else "dense"
+        found.append(Linear(name, module.in_features, module.out_features, storage, module.bias is not None))
+    return found
+
+
+def weight_bytes(model, mode: Mode) -> dict:
+    """Bytes of the weights as stored after loading, split like ``weight_footprint``: quantized data, their
+    constants, and everything else (embeddings, norms, head, biases in the load dtype; buffers as they are)."""
+    counts = {"quantized_bytes": 0, "quant_constants_bytes": 0, "unquantized_bytes": 0}
+    quantized = {f"{l.name}.weight": l for l in linears(model) if l.storage != "dense"}
+    load_bytes = torch.empty((), dtype=mode.load_dtype).element_size()
+    for name, param in model.named_parameters():  # a tied parameter is yielded once
+        layer = quantized.get(name)
+        if layer is None:
+            counts["unquantized_bytes"] += param.numel() * load_bytes
+            continue
+        if layer.storage == "4bit":
+            data, constants = four_bit_bytes(layer.in_features * layer.out_features, mode.double_quant)
+        else:
+            data, constants = int8_bytes(layer.in_features, layer.out_features)
+        counts["quantized_bytes"] += data
+        counts["quant_constants_bytes"] += constants
+    counts["unquantized_bytes"] += sum(b.numel() * b.element_size() for b in model.buffers())
+    return {"weights_bytes": sum(counts.values()), **counts}
+
+
+def upcast_bytes(model, mode: Mode, path: str) -> int:
+    """Bytes the path's preparation adds to the weights: on the reference path of a quantized mode, peft casts
+    every fp16/bf16 parameter that is not 4-bit data (embeddings, norms, head, biases) to fp32."""
+    if path != "reference" or not mode.is_quantized:
+        return 0
+    quantized = {f"{l.name}.weight" for l in linears(model) if l.storage != "dense"}
+    load_bytes = torch.empty((), dtype=mode.load_dtype).element_size()
+    return sum(p.numel() * (FLOAT32 - load_bytes) for n, p in model.named_parameters() if n not in quantized)
+
+
+# --- LoRA ---------------------------------------------------------------------------------------------------------
+
+
+def lora_targets(model, lora) -> list[Linear]:
+    """The linear layers peft adapts: ``"all-linear"`` is every linear but the output head; names match a
+    module's last component (peft's rule for a list of names)."""
+    head = model.get_output_embeddings()
+    head_names = {name for name, module in model.named_modules() if module is head}
+    found = [l for l in linears(model) if l.name not in head_names]
+    if isinstance(lora.target_modules, str) and lora.target_modules.lower() == "all-linear":
+        return found
+    names = (lora.target_modules,) if isinstance(lora.target_modules, str) else tuple(lora.target_modules)
+    return [l for l in found if l.name.split(".")[-1] in names]
+
+
+def optimizer_state_bytes(tensor_numels: list[int], optimizer: str) -> int:
+    """Bytes of the optimizer's state for trainable tensors of these sizes (AdamW: two fp32 moments a value)."""
+    per_value = OPTIMIZER_STATE_BYTES[optimizer]
+    if per_value == OPTIMIZER_STATE_BYTES["adamw"]:
+        return per_value * sum(tensor_numels)
+    total = 0
+    for n in tensor_numels:
+        if n < BNB_8BIT_OPTIMIZER_MIN_SIZE:
+            total += OPTIMIZER_STATE_BYTES["adamw"] * n
+        else:
+            total += per_value * n + 2 * math.ceil(n / BNB_8BIT_OPTIMIZER_BLOCKSIZE) * FLOAT32
+    return total
+
+
+def lora_bytes(targets: list[Linear], lora, optimizer: str) -> dict:
+    """Adapter parameters (A: r x in, B: out x r per target, kept in fp32 by peft), their fp32 gradients and
+    the optimizer state."""
+    numels = [n for t in targets for n in (lora.r * t.in_features, t.out_features * lora.r)]
+    params = sum(numels)
+    return {
+        "lora_params": params,
+        "lora_param_bytes": params * FLOAT32,
+        "lora_grad_bytes": params * FLOAT32,
+        "optimizer_state_bytes": optimizer_state_bytes(numels, optimizer),
+    }
+
+
+# --- activations --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Precision:
+    """Bytes of the tensors whose dtype depends on mode and path (see the module docstring)."""
+
+    compute: int  # c
+    residual: int  # e
+    linear_out: int  # o, for the MLP's linears
+    norm_stats: int  # BLOOM LayerNorm's saved input and statistics (fp32 under CUDA autocast)
+
+    @classmethod
+    def of(cls, mode: Mode, path: str, device_type: str) -> Precision:
+        compute = torch.empty((), dtype=mode.torch_compute_dtype).element_size()
+        residual = FLOAT32 if (path == "reference" and mode.is_quantized) else 2
+        linear_out = residual if mode.is_4bit else compute
+        norm_stats = FLOAT32 if device_type == "cuda" else residual
+        return cls(compute, residual, linear_out, norm_stats)
+
+
+def lora_input_bytes_per_token(layer_targets: list[Linear], lora, p: Precision) -> int:
+    """Per token, what one layer's adapters save: each adapter casts its own input for ``lora_A`` (peft casts
+    per adapter, so q, k and v hold three copies), the rank-r product ``x A`` for ``lora_B``'s gradient, and with
+    dropout the mask (one byte a value: CUDA's fused dropout)."""
+    mask = 1 if lora.dropout > 0 else 0
+    return sum(t.in_features * (p.compute + mask) + lora.r * p.compute for t in layer_targets)
+
+
+def norm_bytes_per_token(config, p: Precision) -> int:
+    """Per token, what one norm saves: RMSNorm its input upcast to fp32 (4h) and the fp32 reciprocal RMS (4);
+    BLOOM's LayerNorm its input and mean and rstd (``norm_stats`` bytes each)."""
+    if config.model_type in BLOOM_FAMILIES:
+        return p.norm_stats * (config.hidden_size + 2)
+    return FLOAT32 * (config.hidden_size + 1)
+
+
+def gated_layer_bytes_per_token(config, p: Precision) -> int:
+    """Per token, what a Llama/Qwen2 decoder layer saves for backward besides its adapters:
+
+    - two RMSNorms (``norm_bytes_per_token``);
+    - attention (SDPA: flash or memory-efficient): q and the output (n_h d each), k and v (n_kv d each) in the
+      compute dtype, and the fp32 log-sum-exp per head;
+    - the MLP: gate and up projections' outputs and the activation silu(gate) (f each, o bytes).
+    Frozen linears save nothing for themselves (their input gradient needs only the weight).
+    """
+    h, f = config.hidden_size, config.intermediate_size
+    n_h, n_kv = config.num_attention_heads, config.num_key_value_heads
+    d = getattr(config, "head_dim", None) or h // n_h
+    norms = 2 * norm_bytes_per_token(config, p)
+    attention = p.compute * (2 * n_h * d + 2 * n_kv * d) + FLOAT32 * n_h
+    return norms + attention + 3 * f * p.linear_out
+
+
+def bloom_layer_bytes_per_token(config, seq_len: int, p: Precision) -> int:
+    """Per token, what a BLOOM block saves besides its adapters (transformers has eager attention only):
+
+    - two LayerNorms (``norm_bytes_per_token``; fp32 under CUDA autocast);
+    - attention: q, k, v (h each, compute dtype), the fp32 softmax output and its compute-dtype copy
+      (n_h x seq_len each: the full score matrix, one row per token);
+    - the MLP: the GELU's input (4h, o bytes).
+    """
+    h, n_h = config.hidden_size, config.num_attention_heads
+    norms = 2 * norm_bytes_per_token(config, p)
+    attention = 3 * h * p.compute + n_h * seq_len * (FLOAT32 + p.compute)
+    return norms + attention + 4 * h * p.linear_out
+
+
+def layer_bytes_per_token(config, layer_targets, lora, seq_len: int, p: Precision) -> int:
+    """Per token, everything one layer saves for backward (its adapters included)."""
+    if config.model_type in GATED_MLP_FAMILIES:
+        body = gated_layer_bytes_per_token(config, p)
+    elif config.model_type in BLOOM_FAMILIES:
+        body = bloom_layer_bytes_per_token(config, seq_len, p)
+    else:
+        raise NotImplementedError(f"no activation accounting for model type {config.model_type!r}")
+    return body + lora_input_bytes_per_token(layer_targets, lora, p)
+
+
+def layer_bytes(config, layer_targets, lora, seq_len: int, tokens: int, p: Precision) -> int:
+    """Everything one layer saves for ``tokens`` tokens: the per-token tensors, and the adapters' weights as
+    autocast casts them to the compute dtype once a forward (each saved for its input's gradient)."""
+    casts = p.compute * lora.r * sum(t.in_features + t.out_features for t in layer_targets)
+    return tokens * layer_bytes_per_token(config, layer_targets, lora, seq_len, p) + casts
+
+
+def rope_table_bytes(config, seq_len: int, p: Precision) -> int:
+    """RoPE's cos and sin [seq_len, head_dim] in the residual dtype, computed once and saved by every layer."""
+    if config.model_type not in GATED_MLP_FAMILIES:
+        return 0
+    d = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return 2 * seq_len * d * p.residual
+
+
+def first_layer_targets(targets: list[Linear], config) -> list[Linear]:
+    """The adapted linears of one decoder layer (every layer has the same; layer 0's are taken)."""
+    prefix_parts = {".layers.0.", ".h.0."}
+    return [t for t in targets if any(part in f".{t.name}." for part in prefix_parts)]
+
+
+# --- logits and transients ----------------------------------------------------------------------------------------
+
+
+def logits_phase_bytes(tokens: int, vocab: int, head_cast_bytes: int) -> int:
+    """Peak of the loss over ``tokens`` positions: in backward, the saved fp32 log-softmax, the fp32 gradient
+    reaching it and the fp32 gradient it produces (12 bytes a logit; forward holds 10: bf16 logits, their fp32
+    copy, the log-softmax), plus the head's weight cast by autocast when the head is stored in fp32."""
+    return 3 * FLOAT32 * tokens * vocab + head_cast_bytes
+
+
+def layer_backward_transient(config, tokens: int, p: Precision, largest: Linear | None) -> int:
+    """Working set of one layer's backward beyond its saved tensors: the residual gradient coming in and the one
+    going out (h each, e bytes), three MLP-wide gradients (f each, o bytes: the down projection's input, then the
+    gate's and the up's), and the largest quantized weight dequantized to the compute dtype (bitsandbytes does so
+    for each 4-bit matmul and for int8's backward)."""
+    f = getattr(config, "intermediate_size", None) or 4 * config.hidden_size
+    gradients = tokens * (2 * config.hidden_size * p.residual + 3 * f * p.linear_out)
+    dequantized = largest.in_features * largest.out_features * p.compute if largest else 0
+    return gradients + dequantized
+
+
+def optimizer_transient(lora_params: int) -> int:
+    """Foreach AdamW's temporary fp32 list (the square roots of the second moments): 4 bytes a parameter."""
+    return FLOAT32 * lora_params
+
+
+# --- the floor ----------------------------------------------------------------------------------------------------
+
+
+def activation_terms(config, model, lora, seq_len: int, tokens: int, gradient_checkpointing: bool, path: str,
+                     p: Precision) -> dict:
+    """Bytes of the activations a step keeps, by component (see the module docstring for the notation)."""
+    targets = first_layer_targets(lora_targets(model, lora), config)
+    per_layer = layer_bytes(config, targets, lora, seq_len, tokens, p)
+    layers = config.num_hidden_layers
+    # Non-reentrant checkpointing keeps each layer's input: T h e bytes a layer. Without it every layer keeps all,
+    # but the first layer's first norm keeps nothing: its input (the frozen embeddings' output) needs no gradient.
+    checkpoints = layers * tokens * config.hidden_size * p.residual
+    no_checkpoints = layers * per_layer - tokens * norm_bytes_per_token(config, p)
+    # The final norm saves like any norm; the loss keeps its labels; RoPE tables are shared by the layers; the
+    # lean loss's checkpoints keep the final hidden states (compute dtype).
+    head_saved = tokens * (norm_bytes_per_token(config, p) + INT64) + rope_table_bytes(config, seq_len, p)
+    if path == "lean":
+        head_saved += tokens * config.hidden_size * p.compute
+    return {
+        "layer_activation_bytes": per_layer,
+        "saved_activations_bytes": checkpoints if gradient_checkpointing else no_checkpoints,
+        "saved_activations_checkpointing_bytes": checkpoints,
+        "saved_activations_no_checkpointing_bytes": no_checkpoints,
+        "head_saved_bytes": head_saved,
+    }
+
+
+def loss_terms(config, tokens: int, path: str, head_cast: int) -> dict:
+    """Bytes of the loss: the reference path's model loss over all ``tokens`` positions at once, which saves its
+    fp32 log-probabilities (and the fp32 head's bf16 cast) until backward; the lean path's chunks, which save
+    nothing and hold one chunk's logits at a time."""
+    loss_tokens = min(tokens, LOSS_CHUNK_TOKENS) if path == "lean" else tokens
+    reference = path == "reference"
+    return {
+        "loss_tokens_at_once": loss_tokens,
+        "loss_saved_bytes": FLOAT32 * tokens * config.vocab_size + head_cast if reference else 0,
+        "logits_phase_bytes": logits_phase_bytes(loss_tokens, config.vocab_size, head_cast),
+    }
+
+
+def step_phases(static: int, terms: dict, gradient_checkpointing: bool, layer_transient: int) -> dict:
+    """Predicted bytes at the three candidate peaks of a step after the first (optimizer state allocated):
+    the loss, with every saved activation alive and no gradient yet (zeroed to None); the top layer's backward
+    (recomputed under checkpointing); the optimizer step with every adapter gradient and AdamW's temporaries."""
+    saved = terms["saved_activations_bytes"]
+    recompute = terms["layer_activation_bytes"] if gradient_checkpointing else 0
+    return {
+        "loss": static + saved + terms["head_saved_bytes"] + terms["logits_phase_bytes"],
+        "layer_backward": static + saved + layer_transient + recompute,
+        "optimizer_step": static + terms["lora_grad_bytes"] + optimizer_transient(terms["lora_params"]),
+    }
+
+
+def memory_floor(config, mode: Mode, lora, seq_len: int, batch_size: int, gradient_checkpointing: bool,
+                 path: str = "lean", optimizer: str = "adamw", device_type: str = "cuda") -> dict:
+    """Predicted bytes of each memory component of LoRA training on ``path``, and the resulting totals.
+
+    Totals: ``after_load_bytes`` (weights as stored), ``after_setup_bytes`` (plus the path's upcasts and the
+    adapters; the optimizer state is allocated at the first step), ``peak_bytes``, the largest of
+    ``phase_peak_bytes`` (``step_phases``), and ``peak_phase``. ``device_type`` selects autocast's behaviour
+    ("cuda" or "cpu"). Plain JSON.
+    """
+    model = skeleton(config, mode)
+    tokens = batch_size * seq_len
+    p = Precision.of(mode, check_path(path), device_type)
+    weights = weight_bytes(model, mode)
+    upcast = upcast_bytes(model, mode, path)
+    terms = {
+        **weights,
+        "upcast_bytes": upcast,
+        **lora_bytes(lora_targets(model, lora), lora, optimizer),
+        **activation_terms(config, model, lora, seq_len, tokens, gradient_checkpointing, path, p),
+        **loss_terms(config, tokens, path, config.vocab_size * config.hidden_size * p.compute if upcast else 0),
+    }
+    quantized = [l for l in linears(model) if l.storage != "dense"]
+    largest = max(quantized, key=lambda l: l.in_features * l.out_features, default=None)
+    layer_transient = layer_backward_transient(config, tokens, p, largest)
+    setup = weights["weights_bytes"] + upcast + terms["lora_param_bytes"]
+    phases = step_phases(setup + terms["optimizer_state_bytes"], terms, gradient_checkpointing, layer_transient)
+    peak_phase = max(phases, key=phases.get)
+    return {
+        "path": path,
+        "device_type": device_type,
+        "optimizer": optimizer,
+        "tokens_per_micro_batch": tokens,
+        **terms,
+        "layer_backward_transient_bytes": layer_transient,
+        "largest_transient_bytes": max(terms["logits_phase_bytes"], layer_transient),
+        "after_load_bytes": weights["weights_bytes"],
+        "after_setup_bytes": setup,
+        "phase_peak_bytes": phases,
+        "peak_bytes": phases[peak_phase],
+        "peak_phase": peak_phase,
+        "precision_bytes": dataclasses.asdict(p),
+    }

@@ -1,0 +1,177 @@
+"""The analytic memory floor against what tiny models actually hold: weights, adapters, optimizer state and the
+tensors autograd saves for backward, term by term; and its behaviour at real sizes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qlora_core.lora import LoraSettings, attach_lora, parameter_counts
+from qlora_core.measure.floor import four_bit_bytes, memory_floor
+from qlora_core.measure.memory import GIB, weight_footprint
+from qlora_core.models import load_config, load_model, prepare_for_training
+from qlora_core.modes import MODES, get_mode
+from qlora_core.paths import PATHS, loss_function
+from qlora_core.shapes import build_shape_model, shape_config
+from qlora_core.trainer import LoraTrainer, TrainSettings
+
+CPU = torch.device("cpu")
+LORA = LoraSettings(r=4, alpha=8, dropout=0.0)
+BATCH, SEQ = 2, 24
+FLOOR_SHAPES = ("tiny-llama", "tiny-bloom")
+
+
+def floor(shape: str, mode: str, path: str, checkpointing: bool = True, seq_len: int = SEQ, lora=LORA, **kw):
+    config = shape_config(shape) if isinstance(shape, str) else shape
+    return memory_floor(config, get_mode(mode), lora, seq_len, BATCH, checkpointing, path=path, **kw)
+
+
+def adapted(shape: str, mode: str, path: str, checkpointing: bool):
+    mode_ = get_mode(mode)
+    model = build_shape_model(shape, mode_, CPU)
+    return attach_lora(prepare_for_training(model, mode_, gradient_checkpointing=checkpointing, path=path), LORA)
+
+
+def saved_tensor_bytes(model, path: str) -> int:
+    """Bytes of every distinct storage autograd saves for backward in one forward (parameters excluded)."""
+    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in parameters:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    ids = torch.randint(0, model.config.vocab_size, (BATCH, SEQ), generator=torch.Generator().manual_seed(0))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
+        loss_function(path)(model, ids)
+    return sum(saved.values())
+
+
+# --- weights and adapters: exact ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", list(MODES), ids=list(MODES))
+@pytest.mark.parametrize("shape", ["tiny-llama", "tiny-qwen2", "tiny-bloom"])
+def test_weights_prediction_equals_the_built_models_footprint(shape, mode):
+    predicted = floor(shape, mode, "lean")
+    footprint = weight_footprint(build_shape_model(shape, get_mode(mode), CPU))
+    for key in ("weights_bytes", "quantized_bytes", "quant_constants_bytes", "unquantized_bytes"):
+        assert predicted[key] == footprint[key], key
+    assert predicted["after_load_bytes"] == footprint["weights_bytes"]
+
+
+@pytest.mark.parametrize("mode", ["bf16", "int8", "nf4-dq"])
+def test_weights_prediction_equals_a_loaded_checkpoint(tiny_source, mode):
+    predicted = memory_floor(load_config(tiny_source), get_mode(mode), LORA, SEQ, BATCH, True)
+    assert predicted["weights_bytes"] == weight_footprint(load_model(tiny_source, get_mode(mode), CPU))["weights_bytes"]
+
+
+def test_four_bit_bytes_headline_rates():
+    """4.5 bits a weight plain, 4.127 with double quantization, for a layer of whole blocks (tables aside)."""
+    n = 64 * 256 * 64
+    data, constants = four_bit_bytes(n, double_quant=False)
+    assert 8 * (data + constants - 64) / n == 4.5
+    data, constants = four_bit_bytes(n, double_quant=True)
+    assert 8 * (data + constants - 64 - 4 - 1024) / n == pytest.approx(4 + 8 / 64 + 32 / (64 * 256))
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("mode", ["bf16", "int8", "nf4-dq", "fp4"])
+@pytest.mark.parametrize("shape", FLOOR_SHAPES)
+def test_setup_adapters_and_optimizer_state_are_exact(shape, mode, path):
+    """After set-up the tensors are the stored weights, the path's fp32 upcasts and the fp32 adapters; one AdamW
+    step adds two fp32 moments a trainable value."""
+    predicted = floor(shape, mode, path)
+    model = adapted(shape, mode, path, checkpointing=True)
+    assert weight_footprint(model)["weights_bytes"] == predicted["after_setup_bytes"]
+    assert parameter_counts(model)["trainable_params"] == predicted["lora_params"]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert sum(p.numel() * p.element_size() for p in trainable) == predicted["lora_param_bytes"]
+    assert {p.dtype for p in trainable} == {torch.float32}
+    assert (predicted["upcast_bytes"] > 0) is (path == "reference" and get_mode(mode).is_quantized)
+
+    batches = iter(lambda: torch.zeros(BATCH, SEQ, dtype=torch.long), None)
+    trainer = LoraTrainer(model, batches, TrainSettings(max_steps=1), get_mode(mode).torch_compute_dtype)
+    trainer.train(1)
+    moments = [t for state in trainer.optimizer.state.values() for k, t in state.items() if k != "step"]
+    assert sum(t.numel() * t.element_size() for t in moments) == predicted["optimizer_state_bytes"]
+
+
+# --- saved activations: per-layer accounting, checked against autograd -----------------------------------------
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("mode", ["bf16", "int8", "nf4-dq"])
+@pytest.mark.parametrize("shape", FLOOR_SHAPES)
+def test_saved_activations_match_autograds_saved_tensors(shape, mode, path):
+    """Without checkpointing, the per-layer accounting, the head's and the loss's saved tensors add up to what
+    autograd saves, tensor for tensor. The prediction may exceed it by the first layer's attention-input adapters'
+    weight casts (autograd skips them: their input, from the frozen embeddings, needs no gradient) and is never
+    below it."""
+    predicted = floor(shape, mode, path, checkpointing=False, device_type="cpu")
+    measured = saved_tensor_bytes(adapted(shape, mode, path, checkpointing=False), path)
+    total = predicted["saved_activations_bytes"] + predicted["head_saved_bytes"] + predicted["loss_saved_bytes"]
+    config = shape_config(shape)
+    attention_input_casts = 3 * 2 * LORA.r * config.hidden_size  # q, k, v A matrices in bf16 (BLOOM: one fused)
+    assert 0 <= total - measured <= attention_input_casts
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_memory_grows_with_sequence_length(path):
+    previous = None
+    for seq_len in (64, 128, 256):
+        current = floor("tiny-llama", "nf4-dq", path, seq_len=seq_len)
+        if previous:
+            for key in ("saved_activations_bytes", "layer_activation_bytes", "peak_bytes"):
+                assert current[key] > previous[key], key
+            assert current["weights_bytes"] == previous["weights_bytes"]
+        previous = current
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("mode", ["bf16", "nf4-dq"])
+def test_checkpointing_reduces_saved_activations(mode, path):
+    config = shape_config("Llama-3.1-8B")
+    kept = memory_floor(config, get_mode(mode), LoraSettings(), 1024, 4, False, path=path)
+    checkpointed = memory_floor(config, get_mode(mode), LoraSettings(), 1024, 4, True, path=path)
+    assert checkpointed["saved_activations_bytes"] < kept["saved_activations_bytes"] / 10
+    assert checkpointed["peak_bytes"] < kept["peak_bytes"]
+
+
+# --- real sizes ---------------------------------------------------------------------------------------------------
+
+#: Measured on one H200 (issue 5): Llama-3.1-8B shape, r=16 all-linear, 4 x 1024 tokens a step, gradient
+#: checkpointing, train mode, the usual recipe (our reference path): GiB after load, peak. Rounded to 0.1 GiB.
+H200_8B_REFERENCE_GIB = {"nf4-dq": (5.3, 16.7), "bf16": (None, 22.4), "int8": (None, 19.9)}
+#: The floor is a prediction, not a fit: it reproduces those within this fraction (measured: <= 0.6 %).
+H200_8B_REL_TOL = 0.03
+
+
+@pytest.mark.parametrize("mode", list(H200_8B_REFERENCE_GIB))
+def test_reference_prediction_reproduces_the_h200_8b_measurements(mode):
+    predicted = memory_floor(shape_config("Llama-3.1-8B"), get_mode(mode), LoraSettings(), 1024, 4, True,
+                             path="reference")
+    after_load, peak = H200_8B_REFERENCE_GIB[mode]
+    assert predicted["peak_bytes"] / GIB == pytest.approx(peak, rel=H200_8B_REL_TOL)
+    if after_load is not None:
+        assert predicted["after_load_bytes"] / GIB == pytest.approx(after_load, rel=H200_8B_REL_TOL)
+
+
+@pytest.mark.parametrize("mode", ["bf16", "int8", "nf4-dq"])
+def test_lean_floor_is_below_the_reference_at_8b(mode):
+    config = shape_config("Llama-3.1-8B")
+    lean = memory_floor(config, get_mode(mode), LoraSettings(), 1024, 4, True, path="lean")
+    reference = memory_floor(config, get_mode(mode), LoraSettings(), 1024, 4, True, path="reference")
+    assert lean["peak_bytes"] < reference["peak_bytes"]
+    assert lean["logits_phase_bytes"] < reference["logits_phase_bytes"] / 5  # one 512-token chunk, not 4096
+    assert lean["upcast_bytes"] == 0
+
+
+def test_70b_fits_one_h200_in_4bit_and_not_in_bf16():
+    config = shape_config("Llama-3.1-70B")
+    nf4 = memory_floor(config, get_mode("nf4-dq"), LoraSettings(), 1024, 4, True, path="lean")
+    bf16 = memory_floor(config, get_mode("bf16"), LoraSettings(), 1024, 4, True, path="lean")
+    assert nf4["peak_bytes"] < 60 * GIB
+    assert bf16["weights_bytes"] > 130 * GIB and bf16["peak_bytes"] > 140 * GIB
