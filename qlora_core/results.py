@@ -6,6 +6,7 @@ machine and library versions and the git commit, so tables and plots can be rend
 
 from __future__ import annotations
 
+import copy
 import datetime
 import importlib.metadata
 import json
@@ -18,6 +19,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 SCHEMA = "qlora-bench/cell/1"
+#: bench/'s test of the separate memory pass, whose pytest-benchmark record joins its cell's result.
+MEMORY_PASS_TEST = "test_memory"
 LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets", "qlora-bench")
 
 
@@ -114,7 +117,13 @@ def publish_folder(folder: str | os.PathLike, write: Callable[[Path], None]) -> 
 
 
 def read_results(paths: list[str | os.PathLike]) -> list[dict]:
-    """Cell results from files or folders (every ``*.json`` in a folder), skipping files of other schemas."""
+    """Cell results from files or folders (every ``*.json`` directly in a folder, not in sub-folders).
+
+    Two formats are read: cell results (``SCHEMA``, one per file, as the sweep and ``bench/`` write them) and
+    pytest-benchmark JSON written by ``bench/`` (``cells_from_benchmark``); other files are skipped. When
+    several files describe the same cell (same model label, mode and settings), as a ``bench/`` run's
+    ``--bench-out`` folder and its ``--benchmark-json`` do, the one holding more information is kept.
+    """
     results = []
     for path in map(Path, paths):
         files = sorted(path.glob("*.json")) if path.is_dir() else [path]
@@ -122,4 +131,102 @@ def read_results(paths: list[str | os.PathLike]) -> list[dict]:
             data = json.loads(file.read_text())
             if isinstance(data, dict) and data.get("schema") == SCHEMA:
                 results.append(data)
+            elif is_benchmark_json(data):
+                results += cells_from_benchmark(data)
+    return _dedupe(results)
+
+
+def model_label(result: dict) -> str:
+    """The short model name tables use: the result's own label, else the one its settings imply."""
+    from qlora_core.default_model import DEFAULT_MODEL
+
+    label = (result.get("model") or {}).get("label")
+    return label or Path(result.get("settings", {}).get("model") or DEFAULT_MODEL).name
+
+
+def is_benchmark_json(data) -> bool:
+    """A pytest-benchmark ``--benchmark-json`` file (any suite's; only bench/'s yield cells)."""
+    return isinstance(data, dict) and isinstance(data.get("benchmarks"), list) and "machine_info" in data
+
+
+def cells_from_benchmark(data: dict) -> list[dict]:
+    """The cell results inside a pytest-benchmark JSON written by ``bench/``.
+
+    The three benchmarks of one cell share their pytest parameter id. The perplexity benchmark carries the
+    full cell result (``extra_info["cell"]``); to it are attached the same cell's memory pass (a separate
+    process, ``extra_info["memory"]`` and ``["weights"]``) as ``memory_pass``, and pytest-benchmark's own
+    statistics of the timed steps (seconds, round trip to the worker included) as
+    ``training.benchmark_stats``. A cell that failed leaves no full result, only ``status`` and ``error`` in
+    the extra_info of the benchmark that saw it fail: it becomes a failure result, as the sweep writes.
+    """
+    by_cell: dict[str, list[dict]] = {}
+    for bench in data["benchmarks"]:
+        key = bench.get("param") or bench.get("extra_info", {}).get("mode")
+        by_cell.setdefault(key, []).append(bench)
+    environment_ = data["machine_info"].get("qlora_bench")
+    results = []
+    for benches in by_cell.values():
+        result = _cell_from_benchmarks(benches, environment_)
+        if result is not None:
+            results.append(result)
     return results
+
+
+def _cell_from_benchmarks(benches: list[dict], environment_: dict | None) -> dict | None:
+    memory_pass = [b for b in benches if b["name"].startswith(f"{MEMORY_PASS_TEST}[")]
+    cell_benches = [b for b in benches if b not in memory_pass]
+    infos = [bench.get("extra_info", {}) for bench in cell_benches]
+    cell = next((copy.deepcopy(info["cell"]) for info in infos if "cell" in info), None)
+    if cell is None:
+        failed = next((info for info in infos if "status" in info and "settings" in info), None)
+        if failed is None:
+            return None
+        return {"schema": SCHEMA, "status": failed["status"],
+                "mode": {"name": failed["mode"]},
+                "settings": failed["settings"], "error": failed.get("error"), "environment": environment_}
+    cell.setdefault("environment", environment_)
+    for bench in memory_pass:
+        info = bench.get("extra_info", {})
+        cell["memory_pass"] = {key: info[key] for key in ("memory", "weights", "settings", "status", "error")
+                               if key in info}
+        if "memory" in info:
+            cell["memory_pass"]["load_s"] = bench["stats"]["median"]  # its benchmarked call: load, one round
+    for bench, info in zip(cell_benches, infos):
+        if "worker_timing" in info and cell.get("training"):
+            stats = bench["stats"]
+            cell["training"]["benchmark_stats"] = {
+                "median_s": stats["median"], "iqr_s": stats["iqr"], "stddev_s": stats["stddev"],
+                "mean_s": stats["mean"], "min_s": stats["min"], "max_s": stats["max"], "rounds": stats["rounds"],
+            }
+    return cell
+
+
+def _cell_key(result: dict) -> tuple | None:
+    """What identifies a cell across files; None for a result that does not say (never deduplicated)."""
+    if "settings" not in result or "name" not in result.get("mode", {}):
+        return None
+    return model_label(result), result["mode"]["name"], json.dumps(result["settings"], sort_keys=True)
+
+
+def _information(value) -> int:
+    """How many values a JSON document holds (leaves of its tree)."""
+    if isinstance(value, dict):
+        return sum(map(_information, value.values()))
+    if isinstance(value, list):
+        return sum(map(_information, value))
+    return 1
+
+
+def _dedupe(results: list[dict]) -> list[dict]:
+    """One result per cell, at the place of its first file, the fullest one where several describe it."""
+    kept: list[dict] = []
+    index: dict[tuple, int] = {}
+    for result in results:
+        key = _cell_key(result)
+        if key is None or key not in index:
+            if key is not None:
+                index[key] = len(kept)
+            kept.append(result)
+        elif _information(result) > _information(kept[index[key]]):
+            kept[index[key]] = result
+    return kept

@@ -47,3 +47,82 @@ def test_environment_is_plain_json():
 def test_git_commit_names_this_checkout():
     """The suite runs from a git checkout (CI clones the repository): the result names its commit."""
     assert re.fullmatch(r"[0-9a-f]{7,}(-dirty)?", git_commit() or "")
+
+
+def bench_record(test: str, mode: str, extra_info: dict, median: float = 1.0) -> dict:
+    """One benchmark as pytest-benchmark's JSON holds it (the fields read_results uses, and a few more)."""
+    stats = {"median": median, "iqr": 0.1, "stddev": 0.05, "mean": median, "min": median / 2, "max": 2 * median,
+             "rounds": 4, "q1": median - 0.05, "q3": median + 0.05}
+    return {"name": f"{test}[m-{mode}]", "group": test, "param": f"m-{mode}", "params": {"cell_key": ["m", mode]},
+            "extra_info": {"mode": mode, **extra_info}, "stats": stats}
+
+
+def bench_json(cells: list[dict], memory_peak: int = 123) -> dict:
+    """A bench/ run's pytest-benchmark JSON holding ``cells``: three benchmarks a cell, as bench/test_lora.py
+    records them (the memory pass with its own settings and peak)."""
+    benchmarks = []
+    for cell in cells:
+        mode = cell["mode"]["name"]
+        memory_settings = {**cell["settings"], "eval_text": None}
+        memory = {"training_peak": {"kind": "cuda", "peak_allocated_bytes": memory_peak}}
+        benchmarks += [
+            bench_record("test_memory", mode, {"settings": memory_settings, "memory": memory,
+                                               "weights": {"weights_bytes": 7}}, median=9.0),
+            bench_record("test_step_time", mode, {"settings": cell["settings"], "worker_timing": {}}, median=0.5),
+            bench_record("test_perplexity", mode, {"settings": cell["settings"], "cell": cell}, median=3.0),
+        ]
+    return {"machine_info": {"qlora_bench": {"commit": "abc"}}, "commit_info": {}, "benchmarks": benchmarks,
+            "version": "5.2.3"}
+
+
+def cell(mode: str, **settings) -> dict:
+    return {"schema": SCHEMA, "status": "ok", "mode": {"name": mode}, "model": {"label": "m"},
+            "settings": {"model": "m", "seq_len": 8, **settings},
+            "memory": {"training_peak": {"kind": "cuda", "peak_allocated_bytes": 100}},
+            "training": {"timing": {"median_s": 0.49}}}
+
+
+def test_read_results_takes_cells_from_pytest_benchmark_json(tmp_path):
+    write_json_atomic(bench_json([cell("bf16"), cell("nf4")]), tmp_path / "bench.json")
+    results = read_results([tmp_path / "bench.json"])
+    assert [r["mode"]["name"] for r in results] == ["bf16", "nf4"]
+    for result in results:
+        assert result["memory_pass"]["memory"]["training_peak"]["peak_allocated_bytes"] == 123
+        assert result["memory_pass"]["weights"] == {"weights_bytes": 7}
+        assert result["memory_pass"]["settings"]["eval_text"] is None  # the pass's own settings
+        assert result["memory_pass"]["load_s"] == 9.0
+        assert result["memory"]["training_peak"]["peak_allocated_bytes"] == 100  # the cell's own, untouched
+        assert result["training"]["benchmark_stats"] == {
+            "median_s": 0.5, "iqr_s": 0.1, "stddev_s": 0.05, "mean_s": 0.5, "min_s": 0.25, "max_s": 1.0, "rounds": 4}
+        assert result["environment"] == {"commit": "abc"}  # from machine_info where the cell has none
+
+
+def test_read_results_keeps_the_fuller_of_two_files_for_one_cell(tmp_path):
+    """A bench/ run leaves each cell in --bench-out and in the pytest-benchmark JSON: read both, report once."""
+    write_json_atomic(cell("bf16"), tmp_path / "cells" / "m-bf16.json")
+    write_json_atomic(cell("nf4"), tmp_path / "cells" / "m-nf4.json")
+    write_json_atomic(cell("nf4", seq_len=16), tmp_path / "cells" / "m-nf4-longer.json")  # another cell
+    write_json_atomic(bench_json([cell("nf4")]), tmp_path / "bench.json")
+    for paths in ([tmp_path / "cells", tmp_path / "bench.json"], [tmp_path / "bench.json", tmp_path / "cells"]):
+        results = read_results(paths)
+        described = sorted((r["mode"]["name"], r["settings"]["seq_len"], "memory_pass" in r) for r in results)
+        assert described == [("bf16", 8, False), ("nf4", 8, True), ("nf4", 16, False)]
+    assert len(read_results([tmp_path / "cells", tmp_path / "cells"])) == 3
+
+
+def test_failed_cell_in_pytest_benchmark_json_is_a_failure_result(tmp_path):
+    """A cell that failed has no full result in the JSON, only the status its benchmark recorded."""
+    data = bench_json([cell("bf16")])
+    settings = cell("nf4")["settings"]
+    data["benchmarks"].append(bench_record("test_step_time", "nf4", {"settings": settings, "status": "oom",
+                                                                     "error": "CUDA out of memory"}))
+    write_json_atomic(data, tmp_path / "bench.json")
+    failed = read_results([tmp_path / "bench.json"])[1]
+    assert (failed["status"], failed["mode"], failed["error"]) == ("oom", {"name": "nf4"}, "CUDA out of memory")
+    assert failed["settings"] == settings
+
+
+def test_other_pytest_benchmark_json_yields_nothing(tmp_path):
+    data = {"machine_info": {}, "benchmarks": [{"name": "test_x", "param": None, "extra_info": {}, "stats": {}}]}
+    write_json_atomic(data, tmp_path / "bench.json")
+    assert read_results([tmp_path]) == []
