@@ -3,6 +3,7 @@
     qlora-bench                      sweep every mode on the embedded default model (the main job)
     qlora-bench sweep --modes nf4,nf4-dq --model PATH_OR_HUB_ID ...
     qlora-bench report runs/latest   render tables (terminal, Markdown, CSV) and plots from result JSON
+    qlora-bench compare runs/old runs/new --threshold 0.05   flag regressions between two runs (exit 1 if any)
     qlora-bench finetune --mode nf4-dq --out runs/ft   the classic bitsandbytes + LoRA fine-tuning workflow
     qlora-bench generate --mode nf4-dq --adapter runs/ft/adapter          reload base + adapter, generate
     qlora-bench merge --mode nf4-dq --adapter runs/ft/adapter --out merged  standalone bf16 model, checked
@@ -20,6 +21,7 @@ from pathlib import Path
 from qlora_core.cell import CellSettings
 from qlora_core.lora import LoraSettings
 from qlora_core.modes import MODES, UnknownModeError, parse_modes
+from qlora_core.report import DEFAULT_THRESHOLD
 from qlora_core.trainer import OPTIMIZERS, TrainSettings
 
 #: Defaults per machine. "gpu" is the full profile; "cpu" finishes in minutes on the embedded 135M model and
@@ -30,13 +32,20 @@ PROFILES = {
     "cpu": dict(seq_len=128, batch_size=2, steps=4, timing_warmup=1, eval_window=128, eval_stride=64,
                 eval_max_tokens=1024, eval_batch_size=4),
 }
-SUBCOMMANDS = ("sweep", "report", "finetune", "generate", "merge")
+SUBCOMMANDS = ("sweep", "report", "compare", "finetune", "generate", "merge")
 
 
 def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be a fraction in [0, 1), e.g. 0.05 for 5%, got {value}")
     return value
 
 
@@ -97,8 +106,16 @@ def build_parser() -> argparse.ArgumentParser:
     sweep = commands.add_parser("sweep", help="measure modes and print the comparison table (default)")
     _add_sweep_arguments(sweep)
     report = commands.add_parser("report", help="render tables and plots from result JSON files or folders")
-    report.add_argument("paths", nargs="+", type=Path, help="result .json files or folders of them")
+    report.add_argument("paths", nargs="+", type=Path,
+                        help="result .json files (cell results or bench/'s pytest-benchmark JSON) or folders of them")
     report.add_argument("--out", type=Path, help="also write report.md, report.csv and report.png here")
+    compare = commands.add_parser("compare", help="compare two runs figure by figure; exit 1 when one regressed "
+                                                  "beyond --threshold")
+    compare.add_argument("baseline", type=Path, help="the reference run: a result .json file or a folder of them")
+    compare.add_argument("candidate", type=Path, help="the run to judge: a result .json file or a folder of them")
+    compare.add_argument("--threshold", type=_fraction, default=DEFAULT_THRESHOLD,
+                         help=f"relative change that counts, as a fraction (default {DEFAULT_THRESHOLD})")
+    compare.add_argument("--out", type=Path, help="also write comparison.md and comparison.csv here")
     _add_workflow_commands(commands)
     return parser
 
@@ -215,23 +232,50 @@ def command_sweep(args: argparse.Namespace) -> int:
     return 0 if all(r["status"] == "ok" for r in results) else 1
 
 
+def _read(paths: list[Path]) -> list[dict]:
+    from qlora_core.results import read_results
+
+    results = read_results(paths)
+    if not results:
+        raise ValueError(f"no qlora-bench results in {', '.join(map(str, paths))}")
+    return results
+
+
 def command_report(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from qlora_core.report import markdown_table, plot, results_frame, rich_table
-    from qlora_core.results import read_results
+    from qlora_core.report import markdown_report, plot, results_frame, rich_table
 
-    results = read_results(args.paths)
-    if not results:
-        raise ValueError(f"no qlora-bench results in {', '.join(map(str, args.paths))}")
+    results = _read(args.paths)
     Console().print(rich_table(results))
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "report.md").write_text(markdown_table(results))
+        (args.out / "report.md").write_text(markdown_report(results))
         results_frame(results).to_csv(args.out / "report.csv", index=False)
-        plot(results, args.out / "report.png")
-        print(f"wrote {args.out}/report.md, report.csv, report.png")
+        written = ["report.md", "report.csv"]
+        if any(result["status"] == "ok" for result in results):  # failures alone have nothing to plot
+            plot(results, args.out / "report.png")
+            written.append("report.png")
+        print(f"wrote {', '.join(str(args.out / name) for name in written)}")
     return 0
+
+
+def command_compare(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from qlora_core.report import (comparison_markdown, comparison_rich, compare_frames, has_regression,
+                                   results_frame)
+
+    baseline, candidate = (results_frame(_read([path])) for path in (args.baseline, args.candidate))
+    comparison = compare_frames(baseline, candidate, args.threshold)
+    title = f"qlora-bench: {args.candidate} against {args.baseline}"
+    Console().print(comparison_rich(comparison, args.threshold, title=title))
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "comparison.md").write_text(comparison_markdown(comparison, args.threshold, title=title))
+        comparison.to_csv(args.out / "comparison.csv", index=False)
+        print(f"wrote {args.out}/comparison.md, comparison.csv")
+    return 1 if has_regression(comparison) else 0
 
 
 def _given(args: argparse.Namespace, names) -> dict:
@@ -300,8 +344,8 @@ def command_merge(args: argparse.Namespace) -> int:
     return 0 if report["tolerance"]["within"] else 1
 
 
-COMMANDS = {"sweep": command_sweep, "report": command_report, "finetune": command_finetune,
-            "generate": command_generate, "merge": command_merge}
+COMMANDS = {"sweep": command_sweep, "report": command_report, "compare": command_compare,
+            "finetune": command_finetune, "generate": command_generate, "merge": command_merge}
 
 
 def main(argv: list[str] | None = None) -> int:

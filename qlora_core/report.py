@@ -1,19 +1,24 @@
-"""Tables and plots, rendered from result JSON only.
+"""Tables, plots and run comparisons, rendered from result JSON only.
 
 ``results_frame`` flattens cell results into one row per (model, mode) with units in the column names; every
 renderer (rich, Markdown, CSV, PNG) starts from that frame, so the figures agree across formats. Ratios are
-to the baseline mode (``BASELINE_MODE``) of the same model and run.
+to the baseline mode (``BASELINE_MODE``) of the same model and run. ``compare_frames`` sets two such frames
+side by side and flags the figures that got worse by more than a threshold.
 """
 
 from __future__ import annotations
 
 import math
+import re
+import textwrap
 from pathlib import Path
 
 import pandas as pd
 
 from qlora_core.measure.memory import GIB
+from qlora_core.measure.timing import NOISY_RELATIVE_IQR
 from qlora_core.modes import BASELINE_MODE, MODES
+from qlora_core.results import model_label
 
 MIB = 2**20
 
@@ -33,11 +38,31 @@ COLUMNS = [
     ("ppl_eval_text_after", "ppl eval-text after", "{:.2f}"),
 ]
 #: Columns also shown as a ratio to the baseline mode.
-RATIO_COLUMNS = ("weights_mib", "peak_gib", "step_ms", "ppl_heldout_after", "ppl_eval_text_after")
+RATIO_COLUMNS = ("weights_mib", "peak_gib", "step_ms", "tokens_per_s", "ppl_heldout_before", "ppl_heldout_after",
+                 "ppl_eval_text_before", "ppl_eval_text_after")
+#: The evaluation texts a cell scores (keys of its ``perplexity`` entries), as tables and notes name them.
+TEXTS = {"heldout": "held-out quotes", "eval_text": "evaluation text"}
+#: Where a row's peak memory was read: the separate memory pass, or the cell's own (evaluating) process.
+PEAK_FROM_MEMORY_PASS, PEAK_FROM_CELL = "memory pass", "cell process"
+#: Appended to a peak read in the cell's own process when other rows' peaks come from a memory pass.
+CELL_PEAK_MARK = " †"
 
 
-def _peak_bytes(memory: dict) -> int | None:
-    peak = memory.get("training_peak", {})
+def _training_peak(result: dict) -> tuple[dict, str]:
+    """The training-peak snapshot to report and where it was read.
+
+    The memory pass (a process of its own that loads, sets up LoRA and trains a few steps, with no evaluation)
+    is preferred: the project measures memory apart from time and evaluation. A result without one (a sweep's,
+    or a ``bench/`` cell whose pytest-benchmark JSON was lost) falls back to its own process's peak, which
+    is reset after set-up and so also covers the training steps only.
+    """
+    memory_pass = (result.get("memory_pass") or {}).get("memory")
+    if memory_pass:
+        return memory_pass["training_peak"], PEAK_FROM_MEMORY_PASS
+    return result["memory"]["training_peak"], PEAK_FROM_CELL
+
+
+def _peak_bytes(peak: dict) -> int | None:
     return peak.get("peak_allocated_bytes", peak.get("peak_rss_bytes"))
 
 
@@ -49,7 +74,7 @@ def _ppl(result: dict, when: str, name: str) -> float | None:
 def result_row(result: dict) -> dict:
     """One table row (plain numbers, units in the keys) from one cell result."""
     row = {
-        "model": result.get("model", {}).get("label", result["settings"].get("model") or "smollm2"),
+        "model": model_label(result),
         "mode": result["mode"]["name"],
         "status": result["status"],
         "device": result.get("device"),
@@ -57,17 +82,22 @@ def result_row(result: dict) -> dict:
     if result["status"] != "ok":
         return {**row, "error": result.get("error")}
     training = result["training"]
-    peak = _peak_bytes(result["memory"])
+    peak, peak_source = _training_peak(result)
+    peak_bytes = _peak_bytes(peak)
+    bench = training.get("benchmark_stats") or {}
     return {
         **row,
-        "memory_kind": result["memory"]["training_peak"]["kind"],
+        "memory_kind": peak["kind"],
+        "peak_source": peak_source,
         "weights_mib": result["weights"]["weights_bytes"] / MIB,
         "bits_per_param": result["weights"]["bits_per_quantized_param"],
         "quant_error": (result.get("quant_error") or {}).get("relative_l2"),
-        "peak_gib": peak / GIB if peak is not None else None,
+        "peak_gib": peak_bytes / GIB if peak_bytes is not None else None,
         "step_ms": training["timing"]["median_s"] * 1e3,
         "step_iqr_ms": training["timing"]["iqr_s"] * 1e3,
         "noisy": training["timing"]["noisy"],
+        "bench_step_ms": bench["median_s"] * 1e3 if bench else None,
+        "bench_step_iqr_ms": bench["iqr_s"] * 1e3 if bench else None,
         "tokens_per_s": training["tokens_per_s"],
         "mfu": training["mfu"],
         "loss_first": training["losses"][0],
@@ -92,84 +122,323 @@ def results_frame(results: list[dict]) -> pd.DataFrame:
     return frame.reset_index(drop=True)
 
 
+def _missing(value) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
 def _cell(row: pd.Series, column: str, fmt: str) -> str:
     value = row.get(column)
-    if value is None or (isinstance(value, float) and math.isnan(value)):
+    if _missing(value):
         return "-"
     text = fmt.format(value)
     ratio = row.get(f"{column}_ratio")
-    if ratio is not None and not math.isnan(ratio) and row["mode"] != BASELINE_MODE:
+    if not _missing(ratio) and row["mode"] != BASELINE_MODE:
         text += f" (x{ratio:.2f})"
     if column == "step_ms" and row.get("noisy"):
         text += " ~"
     return text
 
 
+def _mixed_peak_sources(frame: pd.DataFrame) -> bool:
+    return "peak_source" in frame and frame["peak_source"].dropna().nunique() > 1
+
+
 def table_rows(frame: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
     """Headers and formatted cells for the columns present in ``frame`` (used by every text renderer)."""
     columns = [(c, h, f) for c, h, f in COLUMNS if c in frame and frame[c].notna().any()]
     headers = ["model", "mode"] + [h for _, h, _ in columns]
+    mark_cell_peaks = _mixed_peak_sources(frame)
     rows = []
     for _, row in frame.iterrows():
         if row["status"] != "ok":
             rows.append([row["model"], row["mode"], f"{row['status']}: {row.get('error', '')}"[:80]])
             continue
-        rows.append([row["model"], row["mode"]] + [_cell(row, c, f) for c, _, f in columns])
+        cells = [_cell(row, c, f) for c, _, f in columns]
+        if mark_cell_peaks and row["peak_source"] == PEAK_FROM_CELL and "peak_gib" in frame:
+            index = [c for c, _, _ in columns].index("peak_gib")
+            cells[index] += CELL_PEAK_MARK
+        rows.append([row["model"], row["mode"]] + cells)
     return headers, rows
 
 
+def _per_model(results: list[dict]) -> list[tuple[str, list[dict]]]:
+    """Results grouped by model label, labels sorted (as ``results_frame`` sorts its rows)."""
+    groups: dict[str, list[dict]] = {}
+    for result in results:
+        groups.setdefault(model_label(result), []).append(result)
+    return sorted(groups.items(), key=lambda group: group[0])
+
+
+def _names(cells: list[tuple[str, str]], several_models: bool) -> str:
+    return ", ".join(f"{model}/{mode}" if several_models else mode for model, mode in cells)
+
+
+def _peak_note(ok: list[dict]) -> str | None:
+    """Which process each 'peak GiB' was read in, and what it measures."""
+    if not any(_training_peak(r)[1] == PEAK_FROM_MEMORY_PASS for r in ok):
+        return None  # the sweep's results: one process per cell, nothing to tell apart
+    several_models = len({model_label(r) for r in ok}) > 1
+    sources: dict[str, list[tuple[str, str]]] = {PEAK_FROM_MEMORY_PASS: [], PEAK_FROM_CELL: []}
+    order = {name: index for index, name in enumerate(MODES)}
+    for r in sorted(ok, key=lambda r: (model_label(r), order.get(r["mode"]["name"], len(order)))):
+        sources[_training_peak(r)[1]].append((model_label(r), r["mode"]["name"]))
+    kinds = {_training_peak(r)[0]["kind"] for r in ok}
+    cuda = kinds == {"cuda"}
+    what = "the CUDA allocator's peak allocated bytes" if cuda else "the peak memory"
+    reset = " (peak counters reset after set-up, so also the training steps only)" if cuda else ""
+    steps = {(r["memory_pass"].get("settings") or {}).get("train", {}).get("max_steps")
+             for r in ok if _training_peak(r)[1] == PEAK_FROM_MEMORY_PASS}
+    pass_steps = f"{steps.pop()} training steps" if len(steps) == 1 and None not in steps else "a few training steps"
+    note = (f"peak GiB: {what} while training, read in the separate memory pass (its own process: load, LoRA "
+            f"set-up, {pass_steps}, no evaluation)")
+    if not sources[PEAK_FROM_CELL]:
+        return note + " for every mode."
+    return (note + f" for {_names(sources[PEAK_FROM_MEMORY_PASS], several_models)}; {CELL_PEAK_MARK.strip()} "
+            f"read in the cell's own process{reset} for {_names(sources[PEAK_FROM_CELL], several_models)}, "
+            f"which have no memory pass.")
+
+
+def _timing_notes(ok: list[dict]) -> list[str]:
+    """How step times were taken, and where pytest-benchmark's own timing of them went."""
+    timings = [r["training"]["timing"] for r in ok if "training" in r]
+    protocols = {(timing["rounds"], timing["warmup"]) for timing in timings}
+    if not protocols:
+        return []
+    steps = (f"{next(iter(protocols))[0]} timed training steps after {next(iter(protocols))[1]} warm-up"
+             if len(protocols) == 1 else "the timed training steps (after warm-up)")
+    note = (f"step ms: median wall time of {steps}, timed in the cell's worker with the device synchronized "
+            f"around each step; ± IQR ms: their interquartile range; tokens/s: tokens a step / that median.")
+    if any(r["training"].get("benchmark_stats") for r in ok if "training" in r):
+        note += (" pytest-benchmark's own timing of the same steps (round trip to the worker included) is in "
+                 "the CSV as bench_step_ms and bench_step_iqr_ms.")
+    return [note]
+
+
+def _text_name(result: dict, name: str) -> str:
+    """'held-out quotes', or 'evaluation text (wiki.test.raw)' with the file the cell read."""
+    eval_text = result.get("settings", {}).get("eval_text")
+    file = f" ({Path(eval_text).name})" if name == "eval_text" and eval_text else ""
+    return TEXTS.get(name, name) + file
+
+
+def _perplexity_notes(ok: list[dict]) -> list[str]:
+    """The perplexity protocol and the tokens scored on each text, once per distinct protocol."""
+    several_models = len({model_label(r) for r in ok}) > 1
+    protocols: dict[str, list[str]] = {}
+    for r in ok:
+        before = r["perplexity"]["before"]
+        first = next(iter(before.values()))
+        counts = [(f"{entry['n_tokens_scored']:,}", _text_name(r, name)) for name, entry in before.items()]
+        text = (f"window {first['window']}, stride {first['stride']}, {counts[0][0]} tokens scored on the "
+                f"{counts[0][1]}" + "".join(f", {n} on the {name}" for n, name in counts[1:]))
+        protocols.setdefault(text, []).append(model_label(r))
+    notes = []
+    for text, models in protocols.items():
+        scope = f" ({', '.join(dict.fromkeys(models))})" if several_models and len(protocols) > 1 else ""
+        notes.append(f"Perplexity{scope}: {text}. Windows start every stride tokens and score only tokens no "
+                     f"earlier window scored, so each token after the first is scored once, with at least "
+                     f"window - stride tokens of context where the text allows; perplexity = exp(mean NLL). "
+                     f"'before'/'after' = before/after the LoRA training steps.")
+    return notes
+
+
 def footnotes(results: list[dict]) -> list[str]:
-    """What a reader must know to read the table: devices, memory kind, provenance, protocols."""
+    """What a reader must know to read the table: devices, memory kind and source, provenance, protocols."""
     notes = []
     ok = [r for r in results if r["status"] == "ok"]
-    if any(r["memory"]["training_peak"]["kind"] == "cpu_rss" for r in ok):
+    if any(_training_peak(r)[0]["kind"] == "cpu_rss" for r in ok):
         notes.append("CPU figures: 'peak GiB' is the process's peak resident memory (RSS), not GPU memory; "
                      "step times are CPU times.")
     for provenance in {repr(r["model"]["provenance"]): r["model"]["provenance"] for r in ok}.values():
         if "note" in provenance:
             notes.append(f"{provenance.get('name', 'model')}: {provenance['note']}.")
-    for r in ok[:1]:
-        ppl = next(iter(r["perplexity"]["before"].values()))
-        notes.append(f"Perplexity: window {ppl['window']}, stride {ppl['stride']}, "
-                     f"{ppl['n_tokens_scored']} tokens scored per text; ratios (xN) are to {BASELINE_MODE}.")
-    notes.append("'~' marks a step time whose IQR exceeds 5% of its median: too noisy to rank.")
+    peak = _peak_note(ok)
+    if peak:
+        notes.append(peak)
+    notes += _timing_notes(ok)
+    notes += _perplexity_notes(ok)
+    notes.append(f"(xN): ratio to {BASELINE_MODE} of the same model and run.")
+    notes.append(f"'~' marks a step time whose IQR exceeds {NOISY_RELATIVE_IQR:.0%} of its median: too noisy to "
+                 f"rank.")
     return notes
 
 
-def rich_table(results: list[dict], title: str = "qlora-bench"):
-    """The terminal table: transposed (a column per mode, a row per figure) so seven modes fit 80 columns,
-    with each ratio to the baseline on its own line under the value."""
+def _stacked(cell: str) -> str:
+    """'2.85 (x1.03) †' as '2.85 †' over '(x1.03)': the ratio on a line of its own, under its value."""
+    match = re.fullmatch(r"(.*?) \((x[0-9.]+)\)(.*)", cell)
+    return f"{match[1]}{match[3]}\n({match[2]})" if match else cell
+
+
+def _one_rich_table(results: list[dict], title: str):
+    """The terminal table of one model: transposed (a column per mode, a row per figure) so seven modes fit 80
+    columns, with each ratio to the baseline on its own line under the value."""
     from rich import box
     from rich.table import Table
 
     headers, rows = table_rows(results_frame(results))
-    table = Table(title=title, caption="\n".join(footnotes(results)), caption_justify="left", box=box.SIMPLE_HEAD)
-    table.add_column("figure")
+    table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False)
+    table.add_column("figure", min_width=10)
     for row in rows:
-        table.add_column(f"{row[1]}\n{row[0]}" if len({r[0] for r in rows}) > 1 else row[1], justify="right")
+        table.add_column(row[1], justify="right")
     for index, header in enumerate(headers[2:], start=2):
-        cells = [row[index].replace(" (", "\n(") if index < len(row) else row[-1] for row in rows]
+        cells = [_stacked(row[index]) if index < len(row) else row[-1] for row in rows]
         table.add_row(header, *cells)
     return table
 
 
-def markdown_table(results: list[dict]) -> str:
-    headers, rows = table_rows(results_frame(results))
+def rich_table(results: list[dict], title: str = "qlora-bench"):
+    """The terminal rendering: one table per model, then the footnotes (as text: a table's caption is clipped
+    to the table's width)."""
+    from rich.console import Group
+    from rich.text import Text
+
+    groups = _per_model(results)
+    tables = [_one_rich_table(part, f"{title}: {model}" if len(groups) > 1 else title) for model, part in groups]
+    return Group(*tables, Text("\n".join(footnotes(results))))
+
+
+def _markdown_rows(headers: list[str], rows: list[list[str]]) -> list[str]:
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines + [""] + [f"- {note}" for note in footnotes(results)]) + "\n"
+    return lines + ["| " + " | ".join(row) + " |" for row in rows]
 
 
-PLOTS = [
-    ("peak_gib", "peak memory during training (GiB)"),
-    ("step_ms", "median step time (ms)"),
-    ("ppl_heldout_after", "perplexity on held-out quotes after LoRA"),
-    ("ppl_eval_text_after", "perplexity on the evaluation text after LoRA"),
-]
+def markdown_table(results: list[dict]) -> str:
+    """The table(s) as Markdown, one per model (under a heading when there are several), then the footnotes."""
+    groups = _per_model(results)
+    lines: list[str] = []
+    for model, part in groups:
+        if len(groups) > 1:
+            lines += [f"### {model}", ""]
+        lines += _markdown_rows(*table_rows(results_frame(part))) + [""]
+    return "\n".join(lines + [f"- {note}" for note in footnotes(results)]) + "\n"
+
+
+def _describe_environment(env: dict | None) -> str:
+    if not env:
+        return "environment not recorded"
+    gpu = env.get("gpu")
+    device = (f"{gpu['name']} (driver {gpu.get('driver')}, CUDA {gpu.get('cuda')})" if gpu
+              else f"CPU {env.get('cpu')} x{env.get('cpu_count')}")
+    libraries = ", ".join(f"{name} {version}" for name, version in env.get("libraries", {}).items()
+                          if version and name != "qlora-bench")
+    return f"{device}; {libraries}; commit {env.get('commit')}"
+
+
+def _describe_settings(settings: dict) -> str:
+    train, lora = settings["train"], settings["lora"]
+    timed = train["max_steps"] - settings["timing_warmup"]
+    checkpointing = "gradient checkpointing" if settings["gradient_checkpointing"] else "no checkpointing"
+    return (f"{settings['batch_size']} x {settings['seq_len']} tokens a step, {timed} timed steps after "
+            f"{settings['timing_warmup']} warm-up; LoRA r={lora['r']}, alpha={lora['alpha']} on "
+            f"{lora['target_modules']}; {train['optimizer']} lr {train['learning_rate']:g}; {checkpointing}")
+
+
+def run_summary(results: list[dict]) -> list[str]:
+    """Where and how the results were measured: each distinct machine and set-up once, with its dates."""
+    lines: dict[str, set[str]] = {}
+    for r in results:
+        env = r.get("environment")
+        line = _describe_environment(env)
+        if r.get("settings", {}).get("train"):
+            line = f"{model_label(r)}: {_describe_settings(r['settings'])}; {line}"
+        lines.setdefault(line, set()).add(((env or {}).get("timestamp") or "")[:10])
+    return [f"{line}; {', '.join(sorted(d for d in dates if d)) or 'date not recorded'}"
+            for line, dates in lines.items()]
+
+
+def markdown_report(results: list[dict], title: str = "qlora-bench report") -> str:
+    """A Markdown document: title, where and how it was measured, the table(s) and their footnotes."""
+    header = [f"# {title}", ""] + [f"Measured: {line}." for line in run_summary(results)] + [""]
+    return "\n".join(header) + "\n" + markdown_table(results)
+
+
+# --- plots ----------------------------------------------------------------------------------------------------
+
+BASELINE_COLOR, MODE_COLOR = "#404040", "#4878d0"
+TEXT_COLORS = {"heldout": "#4878d0", "eval_text": "#ee854a"}
+PLOT_SIZE_IN = (11.0, 8.0)  # per model: a 2 x 2 grid of panels
+PLOT_DPI = 120
+
+
+def _mark_baseline(axis, modes: list[str], marks: list[str]) -> None:
+    """Mode names (with their marks) under the bars, the baseline's slot shaded so every panel shows where the
+    unquantized reference is."""
+    if BASELINE_MODE in modes:
+        index = modes.index(BASELINE_MODE)
+        axis.axvspan(index - 0.5, index + 0.5, color="#e8e8e8", zorder=0)
+    axis.set_xticks(range(len(modes)))
+    labels = [f"{mode}{mark}" + ("\n(baseline)" if mode == BASELINE_MODE else "") for mode, mark in zip(modes, marks)]
+    axis.set_xticklabels(labels, fontsize=8)
+    axis.set_xlim(-0.5, len(modes) - 0.5)
+    axis.tick_params(axis="y", labelsize=8)
+    axis.grid(axis="y", alpha=0.3)
+    axis.set_axisbelow(True)
+
+
+def _bar_panel(axis, part: pd.DataFrame, column: str, title: str, fmt: str, *, error: str | None = None,
+               marks: list[str] | None = None) -> None:
+    """One figure by mode: bars (the baseline's dark), value labels, and a dashed line at the baseline's value;
+    ``error`` names a column of IQRs drawn as bars spanning one IQR around the median."""
+    modes = part["mode"].tolist()
+    values = part[column].astype(float)
+    colors = [BASELINE_COLOR if m == BASELINE_MODE else MODE_COLOR for m in modes]
+    yerr = part[error].astype(float) / 2 if error else 0 * values
+    bars = axis.bar(range(len(modes)), values, color=colors, yerr=yerr if error else None, capsize=3,
+                    ecolor="#202020", zorder=2)
+    axis.bar_label(bars, labels=[fmt.format(v) for v in values], fontsize=7, padding=2)
+    if BASELINE_MODE in modes:
+        axis.axhline(values[modes.index(BASELINE_MODE)], color=BASELINE_COLOR, linestyle="--", linewidth=0.8,
+                     zorder=1)
+    axis.set_title(title, fontsize=10)
+    axis.set_ylim(0, 1.15 * float((values + yerr).max()))
+    _mark_baseline(axis, modes, marks or [""] * len(modes))
+
+
+def _perplexity_panel(axis, part: pd.DataFrame, text_names: dict[str, str]) -> None:
+    """Perplexity after LoRA on each text side by side, each text's value before LoRA as a black tick."""
+    modes = part["mode"].tolist()
+    texts = [name for name in TEXTS if part[f"ppl_{name}_after"].notna().any()]
+    width = 0.8 / len(texts)
+    top = 0.0
+    for index, name in enumerate(texts):
+        x = [i - 0.4 + width * (index + 0.5) for i in range(len(modes))]
+        after = part[f"ppl_{name}_after"].astype(float)
+        before = part[f"ppl_{name}_before"].astype(float)
+        bars = axis.bar(x, after, width=width, color=TEXT_COLORS[name], label=f"{text_names[name]}, after",
+                        zorder=2)
+        # inside the bars: above them the before-ticks would collide with the labels
+        axis.bar_label(bars, labels=[f"{v:.1f}" for v in after], fontsize=7, label_type="center", color="white")
+        axis.scatter(x, before, marker="_", s=120, color="black", zorder=3,
+                     label="before LoRA" if index == 0 else None)
+        top = max(top, float(after.max()), float(before.max()))
+    axis.set_ylim(0, 1.3 * top)
+    axis.set_title("perplexity after LoRA (lower is better)", fontsize=10)
+    axis.legend(fontsize=7, loc="upper left", frameon=False)
+    _mark_baseline(axis, modes, [""] * len(modes))
+
+
+def _model_panel(panel, part: pd.DataFrame, results: list[dict]) -> None:
+    """The 2 x 2 grid of one model, its set-up and machine in small print under it."""
+    axes = panel.subplots(2, 2).ravel()
+    cpu = set(part["memory_kind"]) == {"cpu_rss"}
+    mixed = _mixed_peak_sources(part)
+    where = f"{PEAK_FROM_MEMORY_PASS};{CELL_PEAK_MARK} {PEAK_FROM_CELL}" if mixed else part["peak_source"].iloc[0]
+    _bar_panel(axes[0], part, "peak_gib", f"peak {'CPU RSS' if cpu else 'GPU'} memory in training, GiB ({where})",
+               "{:.2f}", marks=[CELL_PEAK_MARK if mixed and s == PEAK_FROM_CELL else "" for s in part["peak_source"]])
+    _bar_panel(axes[1], part, "step_ms", "median step time, ms (error bars: IQR; ~ noisy)", "{:.0f}",
+               error="step_iqr_ms", marks=[" ~" if noisy else "" for noisy in part["noisy"]])
+    _bar_panel(axes[2], part, "tokens_per_s", "training throughput, tokens/s (higher is better)", "{:.0f}")
+    _perplexity_panel(axes[3], part, {name: _text_name(results[0], name) for name in TEXTS})
+    panel.suptitle(f"qlora-bench: {part['model'].iloc[0]}, LoRA over weight quantization modes", fontsize=12)
+    lines = [wrapped for line in run_summary(results) for wrapped in textwrap.wrap(line, 190, subsequent_indent="    ")]
+    panel.text(0.01, 0.01, "\n".join(lines), ha="left", va="bottom", fontsize=7)
+    panel.subplots_adjust(left=0.06, right=0.98, top=0.91, bottom=0.15, hspace=0.5, wspace=0.15)
 
 
 def plot(results: list[dict], path: str | Path) -> Path:
-    """One PNG with a bar chart per figure, modes on the x axis, one bar colour per model."""
+    """One PNG: per model a 2 x 2 grid (peak memory in GiB, median step time in ms with IQR bars, tokens/s,
+    perplexity after LoRA on each text with the value before as a tick), modes on the x axis in registry
+    order, the baseline's slot shaded and its value dashed across the single-figure panels."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -177,15 +446,177 @@ def plot(results: list[dict], path: str | Path) -> Path:
 
     frame = results_frame(results)
     frame = frame[frame["status"] == "ok"]
-    plots = [(c, t) for c, t in PLOTS if c in frame and frame[c].notna().any()]
-    figure, axes = plt.subplots(1, len(plots), figsize=(4.2 * len(plots), 3.6), squeeze=False)
-    for axis, (column, title) in zip(axes[0], plots):
-        table = frame.pivot(index="mode", columns="model", values=column).reindex([m for m in MODES if m in set(frame["mode"])])
-        table.plot.bar(ax=axis, legend=len(table.columns) > 1, rot=45)
-        axis.set_title(title, fontsize=9)
-        axis.set_xlabel("")
-    figure.tight_layout()
+    models = list(dict.fromkeys(frame["model"]))
+    if not models:
+        raise ValueError("nothing to plot: no cell finished")
+    width, height = PLOT_SIZE_IN
+    figure = plt.figure(figsize=(width, height * len(models)))
+    panels = figure.subfigures(len(models), 1, squeeze=False)[:, 0]
+    for panel, model in zip(panels, models):
+        finished = [r for r in results if r["status"] == "ok" and model_label(r) == model]
+        _model_panel(panel, frame[frame["model"] == model].reset_index(drop=True), finished)
     path = Path(path)
-    figure.savefig(path, dpi=120)
+    figure.savefig(path, dpi=PLOT_DPI)
     plt.close(figure)
     return path
+
+
+# --- comparison of two runs ------------------------------------------------------------------------------------
+
+#: Relative change beyond which a figure counts as changed (``compare --threshold``).
+DEFAULT_THRESHOLD = 0.05
+#: Figures compared between runs: (frame column, label, +1 when higher is worse or -1 when lower is worse,
+#: whether it derives from the step time, so a noisy timing makes its change unrankable).
+COMPARED = [
+    ("peak_gib", "peak GiB", +1, False),
+    ("step_ms", "step ms (median)", +1, True),
+    ("tokens_per_s", "tokens/s", -1, True),
+    ("ppl_heldout_after", "ppl quotes after", +1, False),
+    ("ppl_eval_text_after", "ppl eval-text after", +1, False),
+]
+#: Verdicts of a compared figure; only ``regression`` fails a comparison.
+REGRESSION, IMPROVEMENT, UNCHANGED, NOISY = "regression", "improvement", "ok", "noisy"
+
+
+def _by_cell(frame: pd.DataFrame, side: str) -> dict[tuple[str, str], pd.Series]:
+    cells = {}
+    for _, row in frame.iterrows():
+        key = (row["model"], row["mode"])
+        if key in cells:
+            raise ValueError(f"{side} holds several results for {key[0]}/{key[1]}: give one run per side")
+        cells[key] = row
+    return cells
+
+
+def _flag(value) -> bool:
+    """A boolean frame cell that may be missing (NaN in a failed cell's row)."""
+    return not _missing(value) and bool(value)
+
+
+def _verdict(change: float, worse: int, timing: bool, noisy: bool, threshold: float) -> str:
+    if abs(change) <= threshold:
+        return UNCHANGED
+    if timing and noisy:
+        return NOISY
+    return REGRESSION if worse * change > 0 else IMPROVEMENT
+
+
+def _status_row(model: str, mode: str, baseline: pd.Series | None, candidate: pd.Series | None) -> dict | None:
+    """A row for a cell that is missing or failed on either side; None when both sides finished."""
+    row = {"model": model, "mode": mode, "figure": "status", "column": "status", "baseline": math.nan,
+           "candidate": math.nan, "change": math.nan, "noisy": False}
+    if candidate is None:
+        return {**row, "verdict": "missing", "note": "only in the baseline"}
+    if baseline is None:
+        return {**row, "verdict": "new", "note": "only in the candidate"}
+    before, after = baseline["status"], candidate["status"]
+    if before == after == "ok":
+        return None
+    if before == "ok":
+        return {**row, "verdict": REGRESSION, "note": f"candidate {after}: {candidate.get('error')}"[:120]}
+    if after == "ok":
+        return {**row, "verdict": IMPROVEMENT, "note": f"baseline {before}, candidate ok"}
+    return {**row, "verdict": "failed", "note": f"baseline {before}, candidate {after}"}
+
+
+def compare_frames(baseline: pd.DataFrame, candidate: pd.DataFrame,
+                   threshold: float = DEFAULT_THRESHOLD) -> pd.DataFrame:
+    """Two runs' ``results_frame``s side by side: one row per (model, mode, compared figure).
+
+    Columns: ``model``, ``mode``, ``figure`` (label), ``column`` (frame column), ``baseline``, ``candidate``,
+    ``change`` (candidate / baseline - 1), ``noisy`` (a step time of either run is marked noisy), ``verdict``
+    and ``note``. A change beyond ``threshold`` (a fraction: 0.05 = 5 %) in the worse direction (higher peak
+    memory, step time or perplexity, lower tokens/s) is a ``regression``; in the other an ``improvement``; a
+    timing change is ``noisy`` instead when either run's step time is noisy. A cell that finished in the
+    baseline and failed in the candidate is a regression; cells on one side only are ``missing`` or ``new``.
+    """
+    before, after = _by_cell(baseline, "the baseline"), _by_cell(candidate, "the candidate")
+    order = {name: index for index, name in enumerate(MODES)}
+    keys = sorted(set(before) | set(after), key=lambda key: (key[0], order.get(key[1], len(order)), key[1]))
+    rows = []
+    for model, mode in keys:
+        status = _status_row(model, mode, before.get((model, mode)), after.get((model, mode)))
+        if status is not None:
+            rows.append(status)
+            continue
+        b, c = before[(model, mode)], after[(model, mode)]
+        noisy = _flag(b.get("noisy")) or _flag(c.get("noisy"))
+        for column, label, worse, timing in COMPARED:
+            old, new = b.get(column), c.get(column)
+            if _missing(old) or _missing(new):
+                continue
+            change = new / old - 1 if old else (0.0 if new == old else math.inf)
+            verdict = _verdict(change, worse, timing, noisy, threshold)
+            note = ""
+            if column == "peak_gib" and b.get("peak_source") != c.get("peak_source"):
+                note = f"read in the {b.get('peak_source')} vs the {c.get('peak_source')}"
+            rows.append({"model": model, "mode": mode, "figure": label, "column": column, "baseline": old,
+                         "candidate": new, "change": change, "noisy": noisy and timing, "verdict": verdict,
+                         "note": note})
+    return pd.DataFrame(rows, columns=["model", "mode", "figure", "column", "baseline", "candidate", "change",
+                                       "noisy", "verdict", "note"])
+
+
+def has_regression(comparison: pd.DataFrame) -> bool:
+    """True when any compared figure or cell regressed (``compare`` then exits with status 1)."""
+    return bool((comparison["verdict"] == REGRESSION).any())
+
+
+def _comparison_cells(row: pd.Series) -> list[str]:
+    formats = {column: fmt for column, _, fmt in COLUMNS}
+    fmt = formats.get(row["column"], "{}")
+    value = lambda v: "-" if _missing(v) else fmt.format(v)  # noqa: E731
+    change = "-" if _missing(row["change"]) else f"{row['change']:+.1%}"
+    verdict = row["verdict"].upper() if row["verdict"] == REGRESSION else row["verdict"]
+    return [row["mode"], row["figure"], value(row["baseline"]), value(row["candidate"]), change,
+            verdict + (f" ({row['note']})" if row["note"] else "")]
+
+
+COMPARISON_HEADERS = ["mode", "figure", "baseline", "candidate", "change", "verdict"]
+
+
+def comparison_notes(threshold: float) -> list[str]:
+    return [f"threshold {threshold:.1%}: a larger change in the worse direction (higher peak memory, step time "
+            f"or perplexity; lower tokens/s) is a REGRESSION, in the other direction an improvement.",
+            f"noisy: a step time whose IQR exceeds {NOISY_RELATIVE_IQR:.0%} of its median in either run; a "
+            f"timing change beyond the threshold is then reported, not ranked."]
+
+
+def comparison_markdown(comparison: pd.DataFrame, threshold: float, title: str = "qlora-bench comparison") -> str:
+    """The comparison as Markdown: one table per model, rows grouped by mode, then how to read it."""
+    lines = [f"# {title}", ""]
+    for model, part in comparison.groupby("model", sort=False):
+        lines += [f"## {model}", ""]
+        lines += _markdown_rows(COMPARISON_HEADERS, [_comparison_cells(row) for _, row in part.iterrows()])
+        lines.append("")
+    verdict = "regressions flagged" if has_regression(comparison) else "no regression"
+    return "\n".join(lines + [f"- {note}" for note in comparison_notes(threshold)] + [f"- Result: {verdict}."]) + "\n"
+
+
+VERDICT_STYLES = {REGRESSION: "bold red", IMPROVEMENT: "green", NOISY: "yellow", "missing": "yellow",
+                  "failed": "red"}
+
+
+def comparison_rich(comparison: pd.DataFrame, threshold: float, title: str = "qlora-bench comparison"):
+    """The comparison for the terminal: one table per model, a section per mode, verdicts in colour."""
+    from rich import box
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
+    tables = []
+    for model, part in comparison.groupby("model", sort=False):
+        table = Table(title=f"{title}: {model}", box=box.SIMPLE_HEAD)
+        for header in COMPARISON_HEADERS:
+            table.add_column(header, justify="right" if header in ("baseline", "candidate", "change") else "left")
+        rows = list(part.iterrows())
+        for index, (_, row) in enumerate(rows):
+            cells = _comparison_cells(row)
+            last_of_mode = index == len(rows) - 1 or rows[index + 1][1]["mode"] != row["mode"]
+            first_of_mode = index == 0 or rows[index - 1][1]["mode"] != row["mode"]
+            table.add_row(cells[0] if first_of_mode else "", *cells[1:-1],
+                          Text(cells[-1], style=VERDICT_STYLES.get(row["verdict"], "")), end_section=last_of_mode)
+        tables.append(table)
+    notes = comparison_notes(threshold)
+    notes.append("Result: " + ("REGRESSION flagged" if has_regression(comparison) else "no regression"))
+    return Group(*tables, Text("\n".join(notes)))

@@ -3,25 +3,40 @@
 from __future__ import annotations
 
 import copy
+import csv
+import json
+import shutil
+from pathlib import Path
 
 import pandas as pd
 import pytest
 
 from tiny import CELL_MODES, TINY_CELL
+from qlora_core.cli import main
 from qlora_core.modes import BASELINE_MODE, MODES
-from qlora_core.report import RATIO_COLUMNS, footnotes, markdown_table, plot, results_frame, rich_table
+from qlora_core.report import (RATIO_COLUMNS, compare_frames, comparison_markdown, footnotes, has_regression,
+                               markdown_table, plot, results_frame, rich_table)
+from qlora_core.results import read_results
 
 MIB, GIB = 2**20, 2**30
+#: The published H200 run: cells/ holds all seven modes; the pytest-benchmark JSON, of the resumed invocation,
+#: holds fp4-dq, nf4 and nf4-dq with their memory pass (results/README.md tells how it ran).
+STORED = Path(__file__).resolve().parents[1] / "results" / "h200-smollm2-2026-11-28"
+STORED_CELLS, STORED_BENCH = STORED / "cells", STORED / "pytest-benchmark-resumed.json"
 
 
-def raw_figures(result: dict) -> dict:
-    """The figures a row should hold, read straight from the result JSON (independently of report.py)."""
+def raw_figures(result: dict, peak_bytes: int | None = None) -> dict:
+    """The figures a row should hold, read straight from the result JSON (independently of report.py); the
+    peak is the cell's own unless given (the memory pass's)."""
     ppl = result["perplexity"]
     return {
         "weights_mib": result["weights"]["weights_bytes"] / MIB,
-        "peak_gib": result["memory"]["training_peak"]["peak_rss_bytes"] / GIB,
+        "peak_gib": (peak_bytes or result["memory"]["training_peak"]["peak_rss_bytes"]) / GIB,
         "step_ms": 1000 * result["training"]["timing"]["median_s"],
+        "tokens_per_s": result["training"]["tokens_per_s"],
+        "ppl_heldout_before": ppl["before"]["heldout"]["perplexity"],
         "ppl_heldout_after": ppl["after"]["heldout"]["perplexity"],
+        "ppl_eval_text_before": ppl["before"]["eval_text"]["perplexity"],
         "ppl_eval_text_after": ppl["after"]["eval_text"]["perplexity"],
     }
 
@@ -147,5 +162,218 @@ def test_plot_writes_png(results, tmp_path):
     assert path == tmp_path / "report.png"
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     height, width = matplotlib.image.imread(path).shape[:2]
-    # one 4.2 x 3.6 inch panel per figure at 120 dpi: peak, step time, two perplexities
-    assert (width, height) == (round(4 * 4.2 * 120), round(3.6 * 120))
+    # one model: a 2 x 2 grid (peak, step time, tokens/s, perplexities) on 11 x 8 inches at 120 dpi
+    assert (width, height) == (round(11 * 120), round(8 * 120))
+
+
+def test_tables_per_model(results):
+    other = copy.deepcopy(results)
+    for result in other:
+        result["model"]["label"] = "other-model"
+    text = markdown_table(results + other)
+    assert "### other-model" in text and f"### {results[0]['model']['label']}" in text
+    assert text.count("| model | mode |") == 2
+    from rich.console import Console
+
+    console = Console(record=True, width=200)
+    console.print(rich_table(results + other, title="t"))
+    assert "t: other-model" in console.export_text()
+
+
+# --- the published H200 run ----------------------------------------------------------------------------------
+
+
+def stored_json() -> tuple[dict[str, dict], dict[str, dict]]:
+    """mode -> cell result from cells/, and mode -> the test_memory benchmark's extra_info (the memory pass), read
+    straight from the files (independently of read_results)."""
+    cells = {}
+    for file in STORED_CELLS.glob("*.json"):
+        result = json.loads(file.read_text())
+        cells[result["mode"]["name"]] = result
+    benchmarks = json.loads(STORED_BENCH.read_text())["benchmarks"]
+    memory_pass = {b["extra_info"]["mode"]: b["extra_info"] for b in benchmarks if b["name"].startswith("test_memory[")}
+    return cells, memory_pass
+
+
+@pytest.fixture(scope="module")
+def stored_frame() -> pd.DataFrame:
+    return results_frame(read_results([STORED_CELLS, STORED_BENCH]))
+
+
+def test_stored_run_has_every_mode_once(stored_frame):
+    cells, memory_pass = stored_json()
+    assert len(cells) == 7 and set(memory_pass) == {"fp4-dq", "nf4", "nf4-dq"}
+    assert stored_frame["mode"].tolist() == [m for m in MODES if m in cells]  # each once, registry order
+    assert set(stored_frame["model"]) == {"smollm2"} and set(stored_frame["status"]) == {"ok"}
+    assert set(stored_frame["memory_kind"]) == {"cuda"}
+    # the benchmark JSON read alone gives its three cells; read first or second, the same frame
+    assert read_results([STORED_BENCH])[0]["mode"]["name"] in memory_pass
+    pd.testing.assert_frame_equal(results_frame(read_results([STORED_BENCH, STORED_CELLS])), stored_frame)
+
+
+def test_stored_values_and_ratios_to_bf16(stored_frame):
+    cells, memory_pass = stored_json()
+    peaks = {mode: info["memory"]["training_peak"]["peak_allocated_bytes"] for mode, info in memory_pass.items()}
+    raw = {mode: raw_figures(result, peaks.get(mode) or result["memory"]["training_peak"]["peak_allocated_bytes"])
+           for mode, result in cells.items()}
+    frame = stored_frame.set_index("mode")
+    for mode, figures in raw.items():
+        for column, value in figures.items():
+            assert frame.loc[mode, column] == pytest.approx(value), (mode, column)
+            assert frame.loc[mode, f"{column}_ratio"] == pytest.approx(value / raw[BASELINE_MODE][column])
+    # spot checks against results/README.md: 4-bit weights 0.42x of bf16, int8 peaks 58 % above it
+    assert frame.loc["nf4-dq", "weights_mib_ratio"] == pytest.approx(0.415, abs=0.005)
+    assert frame.loc["int8", "peak_gib_ratio"] == pytest.approx(1.58, abs=0.01)
+
+
+def test_stored_peak_comes_from_the_memory_pass(stored_frame, tmp_path):
+    frame = stored_frame.set_index("mode")
+    for mode in MODES:
+        expected = "memory pass" if mode in ("fp4-dq", "nf4", "nf4-dq") else "cell process"
+        assert frame.loc[mode, "peak_source"] == expected, mode
+    # in this run the pass and the cell agree to the byte; move the pass's peak to see which one is shown
+    data = json.loads(STORED_BENCH.read_text())
+    nf4_pass = next(b for b in data["benchmarks"] if b["name"] == "test_memory[smollm2-nf4]")
+    peak = nf4_pass["extra_info"]["memory"]["training_peak"]
+    peak["peak_allocated_bytes"] *= 2
+    (tmp_path / "bench.json").write_text(json.dumps(data))
+    moved = results_frame(read_results([STORED_CELLS, tmp_path / "bench.json"])).set_index("mode")
+    assert moved.loc["nf4", "peak_gib"] == pytest.approx(peak["peak_allocated_bytes"] / GIB)
+    assert moved.loc["nf4-dq", "peak_gib"] == frame.loc["nf4-dq", "peak_gib"]
+
+
+def test_stored_benchmark_step_stats(stored_frame):
+    benchmarks = json.loads(STORED_BENCH.read_text())["benchmarks"]
+    frame = stored_frame.set_index("mode")
+    for bench in benchmarks:
+        if bench["name"].startswith("test_step_time["):
+            mode = bench["extra_info"]["mode"]
+            assert frame.loc[mode, "bench_step_ms"] == pytest.approx(1000 * bench["stats"]["median"])
+            assert frame.loc[mode, "bench_step_iqr_ms"] == pytest.approx(1000 * bench["stats"]["iqr"])
+    assert frame["bench_step_ms"].isna().sum() == 4  # the first invocation's JSON was lost
+
+
+def test_stored_footnotes_name_peak_sources_and_tokens_per_text():
+    results = read_results([STORED_CELLS, STORED_BENCH])
+    notes = "\n".join(footnotes(results))
+    cells, _ = stored_json()
+    before = cells[BASELINE_MODE]["perplexity"]["before"]
+    heldout, eval_text = before["heldout"]["n_tokens_scored"], before["eval_text"]["n_tokens_scored"]
+    assert (f"window 1024, stride 512, {heldout:,} tokens scored on the held-out quotes, {eval_text:,} on the "
+            f"evaluation text (wiki.test.raw)") in notes
+    assert "memory pass (its own process: load, LoRA set-up, 5 training steps, no evaluation) for fp4-dq, nf4, " \
+           "nf4-dq; † read in the cell's own process" in notes
+    assert "for fp16, bf16, int8, fp4, which have no memory pass" in notes
+    rows = {line.split(" | ")[1]: line for line in markdown_table(results).splitlines() if line.startswith("| ")}
+    assert " † |" in rows["bf16"] and " † |" not in rows["nf4"]
+
+
+def test_report_command_on_the_stored_run(tmp_path, capsys):
+    out = tmp_path / "report"
+    assert main(["report", str(STORED_CELLS), str(STORED_BENCH), "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["report.csv", "report.md", "report.png"]
+    with open(out / "report.csv") as handle:
+        rows = {row["mode"]: row for row in csv.DictReader(handle)}
+    assert list(rows) == [m for m in MODES if m in rows] and len(rows) == 7
+    assert rows["nf4"]["peak_source"] == "memory pass" and float(rows[BASELINE_MODE]["peak_gib_ratio"]) == 1.0
+    markdown = (out / "report.md").read_text()
+    assert markdown.startswith("# qlora-bench report")
+    assert "NVIDIA H200 (driver 580.159.04, CUDA 13.0)" in markdown and "commit e4d57f44e723" in markdown
+    assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    terminal = capsys.readouterr().out
+    for mode in MODES:
+        assert mode in terminal
+
+
+# --- comparing two runs --------------------------------------------------------------------------------------
+
+
+def edited_copy(tmp_path: Path, mode: str, edit) -> Path:
+    """A copy of the stored cells/ with ``edit(result)`` applied to one mode's result."""
+    folder = tmp_path / "candidate"
+    shutil.copytree(STORED_CELLS, folder)
+    path = folder / f"smollm2-{mode}.json"
+    result = json.loads(path.read_text())
+    edit(result)
+    path.write_text(json.dumps(result))
+    return folder
+
+
+def verdicts(comparison: pd.DataFrame) -> dict[tuple[str, str], str]:
+    """(mode, figure) -> verdict for every row that is not 'ok'."""
+    changed = comparison[comparison["verdict"] != "ok"]
+    return {(row["mode"], row["figure"]): row["verdict"] for _, row in changed.iterrows()}
+
+
+def test_identical_runs_compare_clean(stored_frame, capsys):
+    comparison = compare_frames(stored_frame, stored_frame)
+    assert set(comparison["verdict"]) == {"ok"} and not has_regression(comparison)
+    assert len(comparison) == 7 * 5  # every mode, five figures each
+    assert main(["compare", str(STORED_CELLS), str(STORED_CELLS)]) == 0
+    assert "no regression" in capsys.readouterr().out
+
+
+def test_raised_peak_memory_is_a_regression(stored_frame, tmp_path, capsys):
+    def raise_peak(result):
+        result["memory"]["training_peak"]["peak_allocated_bytes"] = round(
+            1.2 * result["memory"]["training_peak"]["peak_allocated_bytes"])
+
+    candidate = edited_copy(tmp_path, "int8", raise_peak)
+    comparison = compare_frames(stored_frame, results_frame(read_results([candidate])))
+    assert verdicts(comparison) == {("int8", "peak GiB"): "regression"}
+    row = comparison[(comparison["mode"] == "int8") & (comparison["figure"] == "peak GiB")].iloc[0]
+    assert row["change"] == pytest.approx(0.2, abs=1e-6)
+    out = tmp_path / "cmp"
+    assert main(["compare", str(STORED_CELLS), str(candidate), "--out", str(out)]) == 1
+    assert "REGRESSION" in capsys.readouterr().out
+    assert "| int8 | peak GiB | 4.35 | 5.22 | +20.0% | REGRESSION |" in (out / "comparison.md").read_text()
+    # a looser threshold lets it pass
+    assert main(["compare", str(STORED_CELLS), str(candidate), "--threshold", "0.25"]) == 0
+
+
+def test_comparison_knows_which_way_is_worse(stored_frame, tmp_path):
+    def steady_and_cheaper(result):
+        result["memory"]["training_peak"]["peak_allocated_bytes"] //= 2  # less memory: better
+        result["perplexity"]["after"]["heldout"]["perplexity"] *= 1.1  # higher perplexity: worse
+        timing = result["training"]["timing"]
+        timing["noisy"] = False
+        result["training"]["tokens_per_s"] *= 0.8  # fewer tokens/s: worse
+
+    baseline = copy.deepcopy(read_results([STORED_CELLS]))
+    for result in baseline:
+        result["training"]["timing"]["noisy"] = False
+    candidate = read_results([edited_copy(tmp_path, "nf4", steady_and_cheaper)])
+    comparison = compare_frames(results_frame(baseline), results_frame(candidate))
+    assert verdicts(comparison) == {("nf4", "peak GiB"): "improvement", ("nf4", "ppl quotes after"): "regression",
+                                    ("nf4", "tokens/s"): "regression"}
+
+
+def test_noisy_timing_is_reported_not_ranked(stored_frame, tmp_path):
+    """Every stored step time is noisy (IQR > 5 % of the median): a slower candidate is 'noisy', exit 0; the
+    same change between steady timings is a regression."""
+    def slower(result):
+        result["training"]["timing"]["median_s"] *= 1.3
+
+    candidate = edited_copy(tmp_path, "bf16", slower)
+    comparison = compare_frames(stored_frame, results_frame(read_results([candidate])))
+    assert verdicts(comparison) == {("bf16", "step ms (median)"): "noisy"}
+    assert not has_regression(comparison)
+    assert main(["compare", str(STORED_CELLS), str(candidate)]) == 0
+
+    steady = stored_frame.assign(noisy=False)
+    comparison = compare_frames(steady, results_frame(read_results([candidate])).assign(noisy=False))
+    assert verdicts(comparison) == {("bf16", "step ms (median)"): "regression"}
+
+
+def test_failed_or_missing_cells(stored_frame, tmp_path):
+    def out_of_memory(result):
+        result.update(status="oom", error="CUDA out of memory")
+
+    candidate = read_results([edited_copy(tmp_path, "fp4", out_of_memory)])
+    candidate = [r for r in candidate if r["mode"]["name"] != "int8"]
+    comparison = compare_frames(stored_frame, results_frame(candidate))
+    assert verdicts(comparison) == {("int8", "status"): "missing", ("fp4", "status"): "regression"}
+    assert "candidate oom: CUDA out of memory" in comparison_markdown(comparison, 0.05)
+    # the other way round a cell that now finishes is an improvement, and one only in the candidate is new
+    reverse = compare_frames(results_frame(candidate), stored_frame)
+    assert verdicts(reverse) == {("int8", "status"): "new", ("fp4", "status"): "improvement"}
