@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import mmap
 
 import pytest
 import torch
@@ -140,13 +141,16 @@ def test_memory_snapshot_on_cpu():
 
 def test_memory_snapshot_sees_an_allocation():
     before = memory_snapshot(CPU)
-    # 64 MiB written byte by byte: fresh pages from the OS, resident. (A torch tensor may reuse pages that an
-    # earlier test freed but the allocator kept, and leave RSS unchanged: seen once in CI.)
-    block = b"\x01" * (64 * 2**20)
+    # 64 MiB of anonymous pages mapped from the kernel and each one written: new resident memory whatever the
+    # heap holds. (A torch tensor, and even a new 64 MiB bytes object, may land on pages an earlier test freed
+    # but malloc kept resident, and leave RSS unchanged: seen after tests/test_cell.py.)
+    block = mmap.mmap(-1, 64 * 2**20)
+    for offset in range(0, len(block), mmap.PAGESIZE):
+        block[offset] = 1
     after = memory_snapshot(CPU)
     assert after["rss_bytes"] - before["rss_bytes"] > 32 * 2**20
     assert after["peak_rss_bytes"] >= after["rss_bytes"] * 0.99
-    del block
+    block.close()
 
 
 @pytest.mark.gpu
