@@ -124,3 +124,15 @@ def test_report_without_results_exits_2(tmp_path, capsys):
     (tmp_path / "other.json").write_text(json.dumps({"schema": "something-else"}))
     assert main(["report", str(tmp_path)]) == 2
     assert "no qlora-bench results" in capsys.readouterr().err
+
+
+def test_cpu_profile_leaves_fp16_compute_modes_out_by_default():
+    from qlora_core.cli import default_modes
+    from qlora_core.modes import MODES
+
+    cpu = default_modes("cpu")
+    assert [m.name for m in default_modes("gpu")] == list(MODES)
+    assert cpu and all(m.compute_dtype != "float16" for m in cpu)
+    assert {m.name for m in MODES.values()} - {m.name for m in cpu} == {
+        m.name for m in MODES.values() if m.compute_dtype == "float16"
+    }
