@@ -1,9 +1,11 @@
 """pytest-benchmark suites for GPU runners: `pytest bench/ --benchmark-only [--bench-... options]`.
 
-Every (model, mode) cell runs in its own spawned process (qlora_core.worker); pytest groups the tests of one
-cell together, so one model is on the GPU at a time. Each cell's full result is also written atomically to
+Every (model or shape, mode, path) cell runs in its own spawned process (qlora_core.worker); pytest groups the
+tests of one cell together, so one model is on the GPU at a time. Each cell's full result is also written atomically to
 --bench-out as soon as the cell finishes, so an interrupted run keeps what finished and --bench-resume skips it.
-On a machine without CUDA every benchmark skips with its reason; collection never needs a GPU.
+On a machine without CUDA every benchmark skips with its reason; collection never needs a GPU. A shape cell
+(--bench-shapes: random weights, memory and time only) predicted not to fit the GPU is not attempted: its result
+says ``does_not_fit`` with the prediction, and its tests skip (--bench-attempt-unfit tries it anyway).
 """
 
 from __future__ import annotations
@@ -11,13 +13,16 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 import torch
 
-from qlora_core.cell import CellSettings, failure_result
+from qlora_core.cell import CellSettings, does_not_fit_result, failure_result
 from qlora_core.lora import LoraSettings
 from qlora_core.modes import parse_modes
+from qlora_core.paths import check_path
+from qlora_core.shapes import check_shape
 from qlora_core.results import environment, write_json_atomic
 from qlora_core.sweep import finished
 from qlora_core.trainer import TrainSettings
@@ -26,8 +31,17 @@ from qlora_core.worker import CellError, CellWorker
 
 def pytest_addoption(parser):
     group = parser.getgroup("qlora-bench", "qlora-bench GPU suites")
-    group.addoption("--bench-models", default="smollm2",
-                    help="comma-separated models: 'smollm2' (embedded default), local folders or hub ids")
+    group.addoption("--bench-models", default=None,
+                    help="comma-separated models: 'smollm2' (embedded default), local folders or hub ids "
+                         "(default: smollm2, unless --bench-shapes is given)")
+    group.addoption("--bench-shapes", default="",
+                    help="comma-separated named shapes (qlora_core.shapes, e.g. Llama-3.1-8B,Llama-3.1-70B): "
+                         "random weights, memory and time only")
+    group.addoption("--bench-paths", default="reference", help="comma-separated training paths: reference, lean")
+    group.addoption("--bench-capacity-gib", type=float, default=None,
+                    help="device memory a shape cell may use (default: the GPU's total memory)")
+    group.addoption("--bench-attempt-unfit", action="store_true",
+                    help="run shape cells predicted not to fit anyway (they end as oom)")
     group.addoption("--bench-gguf", default=os.environ.get("QLORA_BENCH_GGUF"),
                     help="local copy of the default model's GGUF (default $QLORA_BENCH_GGUF)")
     group.addoption("--bench-modes", default="all", help="comma-separated modes or 'all'")
@@ -65,24 +79,53 @@ def pytest_benchmark_update_machine_info(config, machine_info):
     machine_info["qlora_bench"] = environment()
 
 
+class CellKey(NamedTuple):
+    """One cell: a model (or, with ``model`` None, a named shape) in a mode, trained on a path."""
+
+    model: str | None
+    shape: str | None
+    mode: str
+    path: str
+
+    @property
+    def stem(self) -> str:
+        """Test id and result file name: ``<model or shape>-<mode>``, and ``-<path>`` off the reference path
+        (so earlier results keep their names)."""
+        name = self.shape or Path(self.model).name
+        return f"{name}-{self.mode}" + ("" if self.path == "reference" else f"-{self.path}")
+
+
+def _names(option: str | None) -> list[str]:
+    return [name.strip() for name in (option or "").split(",") if name.strip()]
+
+
+def cell_keys(option) -> list[CellKey]:
+    """Every cell the options ask for: (models, then shapes) x modes x paths."""
+    shapes = [check_shape(name) for name in _names(option.bench_shapes)]
+    models = _names(option.bench_models) or ([] if shapes else ["smollm2"])
+    paths = [check_path(path) for path in _names(option.bench_paths)]
+    sources = [(model, None) for model in models] + [(None, shape) for shape in shapes]
+    return [CellKey(model, shape, mode.name, path) for model, shape in sources
+            for mode in parse_modes(option.bench_modes) for path in paths]
+
+
 def pytest_generate_tests(metafunc):
     if "cell_key" not in metafunc.fixturenames:
         return
-    options = metafunc.config.option
-    models = [m.strip() for m in options.bench_models.split(",") if m.strip()]
-    keys = [(model, mode.name) for model in models for mode in parse_modes(options.bench_modes)]
-    ids = [f"{Path(model).name}-{mode}" for model, mode in keys]
+    keys = cell_keys(metafunc.config.option)
     # session scope: pytest runs all tests of one cell together and tears its worker down before the next
-    metafunc.parametrize("cell_key", keys, ids=ids, scope="session")
+    metafunc.parametrize("cell_key", keys, ids=[key.stem for key in keys], scope="session")
 
 
-def cell_settings(config, model: str, mode: str) -> CellSettings:
+def cell_settings(config, key: CellKey) -> CellSettings:
     """The cell's settings from the command-line options (the only place bench options are read)."""
     option = config.option
     steps = option.bench_warmup + option.bench_steps
     return CellSettings(
-        mode=mode,
-        model=model,
+        mode=key.mode,
+        model=key.model,
+        shape=key.shape,
+        path=key.path,
         gguf=option.bench_gguf,
         seq_len=option.bench_seq_len,
         batch_size=option.bench_batch_size,
@@ -157,9 +200,8 @@ class BenchCell:
         return result
 
 
-def _cell_path(config, cell_key) -> Path:
-    model, mode = cell_key
-    return Path(config.option.bench_out) / f"{Path(model).name}-{mode}.json"
+def _cell_path(config, cell_key: CellKey) -> Path:
+    return Path(config.option.bench_out) / f"{cell_key.stem}.json"
 
 
 def _skip_if_resumed(config, path: Path) -> None:
@@ -167,12 +209,34 @@ def _skip_if_resumed(config, path: Path) -> None:
         pytest.skip(f"already measured: {path} (--bench-resume)")
 
 
+def device_capacity_bytes(config) -> int | None:
+    """The memory a cell may use: --bench-capacity-gib, else the CUDA device's total; None on a CPU run."""
+    if config.option.bench_capacity_gib is not None:
+        return int(config.option.bench_capacity_gib * 2**30)
+    if config.option.bench_device == "cuda" and torch.cuda.is_available():
+        return torch.cuda.get_device_properties(0).total_memory
+    return None
+
+
+def _skip_if_unfit(config, settings: CellSettings, path: Path) -> None:
+    """A shape cell predicted not to fit is reported (result ``does_not_fit`` at ``path``) and not attempted."""
+    capacity = device_capacity_bytes(config)
+    if capacity is None or config.option.bench_attempt_unfit:
+        return
+    result = does_not_fit_result(settings, capacity)
+    if result is not None:
+        write_json_atomic(result, path)
+        pytest.skip(f"{path.stem}: does not fit: {result['error']}")
+
+
 @pytest.fixture(scope="session")
 def bench_cell(cell_key, request):
     """The cell loaded, evaluated before training and set up for LoRA, in its own process."""
     path = _cell_path(request.config, cell_key)
     _skip_if_resumed(request.config, path)
-    cell = BenchCell(cell_settings(request.config, *cell_key), path)
+    settings = cell_settings(request.config, cell_key)
+    _skip_if_unfit(request.config, settings, path)
+    cell = BenchCell(settings, path)
     cell.call("load")
     cell.call("evaluate", "before")
     cell.call("setup_training")
@@ -185,7 +249,8 @@ def memory_cell(cell_key, request):
     """A second, separate process for the memory pass (no evaluation; a few untimed steps)."""
     path = _cell_path(request.config, cell_key)
     _skip_if_resumed(request.config, path)
-    settings = cell_settings(request.config, *cell_key)
+    settings = cell_settings(request.config, cell_key)
+    _skip_if_unfit(request.config, settings, path)
     steps = request.config.option.bench_memory_steps
     settings = dataclasses.replace(
         settings, timing_warmup=0, eval_text=None, train=dataclasses.replace(settings.train, max_steps=steps)

@@ -1,14 +1,21 @@
 """The three suites of a cell, in the order they run for each (model, mode):
 
 - memory: a separate process loads the model (timed), sets up LoRA and takes a few steps; weights as stored
-  and the allocator's view after load, after set-up and at the training peak go into extra_info.
+  and the allocator's view after load, after set-up and at the training peak go into extra_info, beside the
+  analytic floor's prediction of each and the unexplained remainder (printed too: run with -s to see it).
 - step time: training steps timed one by one (the worker synchronizes CUDA inside each step, and the round
   trip is timed here); tokens/s and model FLOPs utilisation in extra_info.
 - perplexity: before fine-tuning, after the timed steps, and after merging into a dequantized bf16 base, with
-  the protocol beside each number; the cell's full result goes into extra_info["cell"].
+  the protocol beside each number; the cell's full result goes into extra_info["cell"]. A shape (random
+  weights: memory and time only) skips it, and its full result goes with the step time instead.
 """
 
 from __future__ import annotations
+
+import pytest
+
+from qlora_core.measure.floor import summary_lines
+from qlora_core.shapes import RANDOM_WEIGHTS_NOTE
 
 
 def _describe(benchmark, cell, group: str) -> None:
@@ -25,8 +32,12 @@ def test_memory(benchmark, memory_cell):
     memory_cell.train_to_end()
     result = memory_cell.call("result")
     benchmark.extra_info.update(
-        weights=weights, memory=result["memory"], parameters=result["parameters"], mode_description=result["mode"]
+        weights=weights, memory=result["memory"], parameters=result["parameters"], mode_description=result["mode"],
+        floor=result["floor"], predicted_vs_measured=result["predicted_vs_measured"], note=result["note"],
     )
+    if result["floor"]:
+        print(f"\n{memory_cell.path.stem}:", *summary_lines(result["floor"], result["predicted_vs_measured"]),
+              sep="\n")
 
 
 def test_step_time(benchmark, bench_cell, request):
@@ -35,7 +46,10 @@ def test_step_time(benchmark, bench_cell, request):
     benchmark.pedantic(bench_cell.step, rounds=option.bench_steps, warmup_rounds=option.bench_warmup, iterations=1)
     bench_cell.check(benchmark)
     bench_cell.call("end_training")
-    training = bench_cell.call("result")["training"]
+    result = bench_cell.call("result")
+    training = result["training"]
+    if bench_cell.settings.shape:  # no perplexity test for a shape: the full result goes here
+        benchmark.extra_info.update(cell=result, note=RANDOM_WEIGHTS_NOTE)
     benchmark.extra_info.update(
         tokens_per_step=training["tokens_per_step"],
         tokens_per_s=training["tokens_per_s"],
@@ -47,6 +61,8 @@ def test_step_time(benchmark, bench_cell, request):
 
 
 def test_perplexity(benchmark, bench_cell):
+    if bench_cell.settings.shape:
+        pytest.skip(f"{bench_cell.settings.shape}: {RANDOM_WEIGHTS_NOTE}")
     _describe(benchmark, bench_cell, "perplexity: evaluation pass (s)")
     if bench_cell.steps_taken < bench_cell.settings.train.max_steps:
         bench_cell.train_to_end()

@@ -16,6 +16,7 @@ import torch
 
 from qlora_core import data as datalib
 from qlora_core.lora import LoraSettings, attach_lora, merge_into_dequantized, parameter_counts
+from qlora_core.measure.floor import memory_floor, predicted_vs_measured
 from qlora_core.measure.flops import lora_training_flops_per_token, matmul_params, peak_flops
 from qlora_core.measure.memory import memory_snapshot, reset_peak, weight_footprint
 from qlora_core.measure.perplexity import perplexity
@@ -30,8 +31,20 @@ from qlora_core.models import (
     resolve_model,
 )
 from qlora_core.modes import get_mode
+from qlora_core.paths import check_path, loss_function
 from qlora_core.results import SCHEMA, environment
+from qlora_core.shapes import (
+    RANDOM_WEIGHTS_NOTE,
+    build_shape_model,
+    check_shape,
+    random_blocks,
+    shape_config,
+    shape_source,
+)
 from qlora_core.trainer import LoraTrainer, TrainSettings
+
+#: Random training blocks a shape cell draws, per block of its batch (enough for reshuffled batches).
+SHAPE_BLOCKS_PER_BATCH_ROW = 4
 
 @dataclass(frozen=True)
 class CellSettings:
@@ -46,6 +59,8 @@ class CellSettings:
         eval_window / eval_stride / eval_max_tokens: perplexity protocol and the tokens evaluated per text.
         eval_merged: also evaluate the adapters merged into a dequantized bf16 base (the deployable model).
         device: ``"auto"`` (CUDA when available), ``"cuda"`` or ``"cpu"``.
+        shape: a named shape (``qlora_core.shapes``) built with random weights instead of ``model``: memory and
+            time only, no perplexity. path: ``"reference"`` or ``"lean"`` (``qlora_core.paths``).
     """
 
     mode: str
@@ -68,6 +83,13 @@ class CellSettings:
     device: str = "auto"
     lora: LoraSettings = field(default_factory=LoraSettings)
     train: TrainSettings = field(default_factory=TrainSettings)
+    shape: str | None = None
+    path: str = "reference"
+
+    def __post_init__(self) -> None:
+        check_path(self.path)
+        if self.shape is not None:
+            check_shape(self.shape)
 
     def describe(self) -> dict:
         return {**dataclasses.asdict(self), "lora": self.lora.describe(), "train": self.train.describe()}
@@ -131,6 +153,8 @@ def prepare_inputs(settings: CellSettings) -> CellInputs:
     """
     from transformers import AutoTokenizer
 
+    if settings.shape:
+        return shape_inputs(settings)
     source = resolve_model(settings.model, gguf_path=settings.gguf, trust_remote_code=settings.trust_remote_code)
     config = load_config(source)
     check_sequence_length(config, max(settings.seq_len, settings.eval_window))
@@ -140,6 +164,42 @@ def prepare_inputs(settings: CellSettings) -> CellInputs:
     train_blocks = datalib.pack(tokenizer, train_texts, settings.seq_len)
     datalib.check_batch_size(train_blocks, settings.batch_size)
     return CellInputs(source, config, train_blocks, eval_token_sets(tokenizer, heldout, settings))
+
+
+def shape_inputs(settings: CellSettings) -> CellInputs:
+    """A shape's inputs: its config, random training blocks, nothing to evaluate (random weights)."""
+    config = shape_config(settings.shape)
+    check_sequence_length(config, settings.seq_len)
+    n_blocks = SHAPE_BLOCKS_PER_BATCH_ROW * settings.batch_size
+    blocks = random_blocks(config.vocab_size, n_blocks, settings.seq_len, settings.train.seed)
+    return CellInputs(shape_source(settings.shape), config, blocks, {})
+
+
+def predicted_floor(settings: CellSettings, config, device_type: str) -> dict | None:
+    """The memory floor of the cell's set-up on its path (``measure.floor``); None for an architecture the
+    floor has no activation accounting for."""
+    try:
+        return memory_floor(
+            config, get_mode(settings.mode), settings.lora, settings.seq_len, settings.batch_size,
+            settings.gradient_checkpointing, path=settings.path, optimizer=settings.train.optimizer,
+            device_type=device_type,
+        )
+    except NotImplementedError:
+        return None
+
+
+def does_not_fit_result(settings: CellSettings, capacity_bytes: int) -> dict | None:
+    """For a shape whose predicted peak exceeds the device's ``capacity_bytes``: the cell's result, status
+    ``does_not_fit``, with the prediction (nothing is loaded). None when it is predicted to fit."""
+    if not settings.shape:
+        return None
+    floor = predicted_floor(settings, shape_config(settings.shape), "cuda")
+    if floor is None or floor["peak_bytes"] <= capacity_bytes:
+        return None
+    message = (f"predicted peak {floor['peak_bytes'] / 2**30:.1f} GiB exceeds the device's "
+               f"{capacity_bytes / 2**30:.1f} GiB: not attempted")
+    result = failure_result(settings, "does_not_fit", message)
+    return {**result, "floor": floor, "capacity_bytes": capacity_bytes, "note": RANDOM_WEIGHTS_NOTE}
 
 
 def preflight(settings: CellSettings, modes) -> CellSettings:
@@ -170,7 +230,7 @@ class Cell:
         self.perplexity: dict[str, dict] = {}
         self.records = []
         self.phase_seconds: dict[str, float] = {}
-        self.model = self.trainer = None
+        self.model = self.trainer = self.floor = None
 
     @contextmanager
     def _phase(self, name: str):
@@ -186,15 +246,22 @@ class Cell:
         """Load the base in the mode; returns the weight footprint (bytes as stored)."""
         with self._phase("loading"):
             reset_peak(self.device)
-            self.model = load_model(self.inputs.source, self.mode, self.device)
+            if self.settings.shape:
+                self.model = build_shape_model(self.inputs.config, self.mode, self.device, self.settings.train.seed)
+            else:
+                self.model = load_model(self.inputs.source, self.mode, self.device)
             self.memory["after_load"] = memory_snapshot(self.device)
         self.weights = weight_footprint(self.model)
-        self.quant_error = weight_quant_error(self.model, self.inputs.source.name_or_path)
+        shape = self.settings.shape
+        self.quant_error = None if shape else weight_quant_error(self.model, self.inputs.source.name_or_path)
         self.matmul_weights = matmul_params(self.model)
         return self.weights
 
     def evaluate(self, when: str) -> dict:
-        """Perplexity of the model as it is now on every evaluation text, saved under ``when``."""
+        """Perplexity of the model as it is now on every evaluation text, saved under ``when`` (nothing for a
+        shape: its weights are random)."""
+        if self.settings.shape:
+            return {}
         with self._phase(f"evaluating {when}"):
             dtype = self.mode.torch_compute_dtype
             self.perplexity[when] = evaluate(self.model, self.inputs.token_sets, self.settings, dtype)
@@ -203,12 +270,14 @@ class Cell:
     def setup_training(self) -> None:
         """Prepare the base, attach adapters, build the optimizer; then start a new peak-memory window."""
         with self._phase("setting up LoRA"):
-            checkpointing = self.settings.gradient_checkpointing
-            model = prepare_for_training(self.model, self.mode, gradient_checkpointing=checkpointing)
+            checkpointing, path = self.settings.gradient_checkpointing, self.settings.path
+            model = prepare_for_training(self.model, self.mode, gradient_checkpointing=checkpointing, path=path)
             self.model = attach_lora(model, self.settings.lora)
             batches = datalib.batches(self.inputs.train_blocks, self.settings.batch_size, self.settings.train.seed)
-            self.trainer = LoraTrainer(self.model, batches, self.settings.train, self.mode.torch_compute_dtype)
+            self.trainer = LoraTrainer(self.model, batches, self.settings.train, self.mode.torch_compute_dtype,
+                                       loss_fn=loss_function(path))
         self.memory["after_setup"] = memory_snapshot(self.device)
+        self.tensors_after_setup = weight_footprint(self.model)["weights_bytes"]
         reset_peak(self.device)
 
     def step(self) -> float:
@@ -225,7 +294,10 @@ class Cell:
 
     def evaluate_merged(self) -> dict:
         """Perplexity after merging the adapters into a bf16 copy of the base as stored in this mode
-        (dequantized for 8-/4-bit modes), i.e. the deployable model; saved under ``"merged"``."""
+        (dequantized for 8-/4-bit modes), i.e. the deployable model; saved under ``"merged"`` (nothing for a
+        shape)."""
+        if self.settings.shape:
+            return {}
         with self._phase("evaluating merged"):
             merged = merge_into_dequantized(self.model, self.inputs.source, self.mode, self.device)
             self.perplexity["merged"] = evaluate(merged, self.inputs.token_sets, self.settings, torch.bfloat16)
@@ -244,6 +316,9 @@ class Cell:
         tokens_per_s = tokens_per_step / timing["median_s"]
         peak = peak_flops(self.device, self.mode.torch_compute_dtype)
         source = self.inputs.source
+        self.floor = self.floor or predicted_floor(settings, config, self.device.type)
+        floor = self.floor
+        tensors = (self.weights["weights_bytes"], self.tensors_after_setup)
         return {
             "schema": SCHEMA,
             "status": "ok",
@@ -267,6 +342,9 @@ class Cell:
             },
             "perplexity": self.perplexity,
             "phase_seconds": self.phase_seconds,
+            "floor": floor,
+            "predicted_vs_measured": predicted_vs_measured(floor, self.memory, *tensors) if floor else None,
+            "note": RANDOM_WEIGHTS_NOTE if settings.shape else None,
             "environment": environment(),
         }
 

@@ -83,14 +83,33 @@ class UnknownShapeError(ValueError):
     """A shape name that is not in ``SHAPES``; the message lists the valid ones."""
 
 
+def check_shape(name: str) -> str:
+    """``name`` itself when it is a registered shape; otherwise ``UnknownShapeError`` listing them."""
+    if name not in SHAPES:
+        raise UnknownShapeError(f"unknown shape {name!r}; valid shapes: {', '.join(SHAPES)}")
+    return name
+
+
 def shape_config(name: str):
     """The transformers config of the named shape (a fresh object each call)."""
     from transformers import AutoConfig
 
-    if name not in SHAPES:
-        raise UnknownShapeError(f"unknown shape {name!r}; valid shapes: {', '.join(SHAPES)}")
-    kwargs = dict(SHAPES[name])
+    kwargs = dict(SHAPES[check_shape(name)])
     return AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
+
+
+def shape_source(name: str):
+    """A ``ModelSource`` describing the shape (no files): its provenance says the weights are random."""
+    from qlora_core.models import ModelSource
+
+    provenance = {"source": RANDOM_WEIGHTS_NOTE, "shape": check_shape(name), "config": SHAPES[name]}
+    return ModelSource(f"shape:{name}", name, provenance)
+
+
+def random_blocks(vocab_size: int, n_blocks: int, seq_len: int, seed: int) -> torch.Tensor:
+    """Uniformly random token ids [n_blocks, seq_len]: training data for a shape, whose cost is all we measure."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab_size, (n_blocks, seq_len), generator=generator)
 
 
 def _as_config(name_or_config):

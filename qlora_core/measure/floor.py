@@ -106,7 +106,7 @@ def weight_bytes(model, mode: Mode) -> dict:
     """Bytes of the weights as stored after loading, split like ``weight_footprint``: quantized data, their
     constants, and everything else (embeddings, norms, head, biases in the load dtype; buffers as they are)."""
     counts = {"quantized_bytes": 0, "quant_constants_bytes": 0, "unquantized_bytes": 0}
-    quantized = {f"{l.name}.weight": l for l in linears(model) if l.storage != "dense"}
+    quantized = {f"{layer.name}.weight": layer for layer in linears(model) if layer.storage != "dense"}
     load_bytes = torch.empty((), dtype=mode.load_dtype).element_size()
     for name, param in model.named_parameters():  # a tied parameter is yielded once
         layer = quantized.get(name)
@@ -128,7 +128,7 @@ def upcast_bytes(model, mode: Mode, path: str) -> int:
     every fp16/bf16 parameter that is not 4-bit data (embeddings, norms, head, biases) to fp32."""
     if path != "reference" or not mode.is_quantized:
         return 0
-    quantized = {f"{l.name}.weight" for l in linears(model) if l.storage != "dense"}
+    quantized = {f"{layer.name}.weight" for layer in linears(model) if layer.storage != "dense"}
     load_bytes = torch.empty((), dtype=mode.load_dtype).element_size()
     return sum(p.numel() * (FLOAT32 - load_bytes) for n, p in model.named_parameters() if n not in quantized)
 
@@ -141,11 +141,11 @@ def lora_targets(model, lora) -> list[Linear]:
     module's last component (peft's rule for a list of names)."""
     head = model.get_output_embeddings()
     head_names = {name for name, module in model.named_modules() if module is head}
-    found = [l for l in linears(model) if l.name not in head_names]
+    found = [layer for layer in linears(model) if layer.name not in head_names]
     if isinstance(lora.target_modules, str) and lora.target_modules.lower() == "all-linear":
         return found
     names = (lora.target_modules,) if isinstance(lora.target_modules, str) else tuple(lora.target_modules)
-    return [l for l in found if l.name.split(".")[-1] in names]
+    return [layer for layer in found if layer.name.split(".")[-1] in names]
 
 
 def optimizer_state_bytes(tensor_numels: list[int], optimizer: str) -> int:
@@ -269,7 +269,7 @@ def rope_table_bytes(config, seq_len: int, p: Precision) -> int:
     return 2 * seq_len * d * p.residual
 
 
-def first_layer_targets(targets: list[Linear], config) -> list[Linear]:
+def first_layer_targets(targets: list[Linear]) -> list[Linear]:
     """The adapted linears of one decoder layer (every layer has the same; layer 0's are taken)."""
     prefix_parts = {".layers.0.", ".h.0."}
     return [t for t in targets if any(part in f".{t.name}." for part in prefix_parts)]
@@ -307,7 +307,7 @@ def optimizer_transient(lora_params: int) -> int:
 def activation_terms(config, model, lora, seq_len: int, tokens: int, gradient_checkpointing: bool, path: str,
                      p: Precision) -> dict:
     """Bytes of the activations a step keeps, by component (see the module docstring for the notation)."""
-    targets = first_layer_targets(lora_targets(model, lora), config)
+    targets = first_layer_targets(lora_targets(model, lora))
     per_layer = layer_bytes(config, targets, lora, seq_len, tokens, p)
     layers = config.num_hidden_layers
     # Non-reentrant checkpointing keeps each layer's input: T h e bytes a layer. Without it every layer keeps all,
@@ -375,8 +375,8 @@ def memory_floor(config, mode: Mode, lora, seq_len: int, batch_size: int, gradie
         **activation_terms(config, model, lora, seq_len, tokens, gradient_checkpointing, path, p),
         **loss_terms(config, tokens, path, config.vocab_size * config.hidden_size * p.compute if upcast else 0),
     }
-    quantized = [l for l in linears(model) if l.storage != "dense"]
-    largest = max(quantized, key=lambda l: l.in_features * l.out_features, default=None)
+    quantized = [layer for layer in linears(model) if layer.storage != "dense"]
+    largest = max(quantized, key=lambda layer: layer.in_features * layer.out_features, default=None)
     layer_transient = layer_backward_transient(config, tokens, p, largest)
     setup = weights["weights_bytes"] + upcast + terms["lora_param_bytes"]
     phases = step_phases(setup + terms["optimizer_state_bytes"], terms, gradient_checkpointing, layer_transient)
@@ -396,3 +396,71 @@ def memory_floor(config, mode: Mode, lora, seq_len: int, batch_size: int, gradie
         "peak_phase": peak_phase,
         "precision_bytes": dataclasses.asdict(p),
     }
+
+
+# --- beside the measurements --------------------------------------------------------------------------------------
+
+
+def compare(predicted_bytes: int, measured_bytes: int | None, measured_by: str) -> dict:
+    """One predicted-vs-measured row: the remainder (measured - predicted, bytes) and the ratio, or None where
+    nothing was measured."""
+    measured = measured_bytes is not None
+    return {
+        "predicted_bytes": predicted_bytes,
+        "measured_bytes": measured_bytes,
+        "remainder_bytes": measured_bytes - predicted_bytes if measured else None,
+        "ratio": measured_bytes / predicted_bytes if measured and predicted_bytes else None,
+        "measured_by": measured_by if measured else None,
+    }
+
+
+def predicted_vs_measured(floor: dict, memory: dict, tensors_after_load: int, tensors_after_setup: int) -> dict:
+    """The floor beside what was observed after load, after set-up and at the training peak.
+
+    On CUDA the allocator is read (allocated bytes; peak allocated since the set-up). Elsewhere the allocator
+    cannot be observed: weights and set-up are compared with the bytes of the model's tensors, and the peak is
+    left unmeasured (a CPU's RSS also counts Python and libraries).
+    """
+    cuda = memory.get("after_load", {}).get("kind") == "cuda"
+    if cuda:
+        load = memory["after_load"]["allocated_bytes"]
+        setup = memory.get("after_setup", {}).get("allocated_bytes")
+        peak = memory.get("training_peak", {}).get("peak_allocated_bytes")
+    else:
+        load, setup, peak = tensors_after_load, tensors_after_setup, None
+    by = "cuda allocator" if cuda else "tensor bytes"
+    return {
+        "weights_after_load": compare(floor["after_load_bytes"], load, by),
+        "after_setup": compare(floor["after_setup_bytes"], setup, by),
+        "training_peak": compare(floor["peak_bytes"], peak, by),
+    }
+
+
+#: The components ``summary_lines`` lists, with their labels.
+SUMMARY_COMPONENTS = {
+    "weights_bytes": "weights as stored",
+    "upcast_bytes": "fp32 upcasts (reference path)",
+    "lora_param_bytes": "LoRA parameters (fp32)",
+    "lora_grad_bytes": "LoRA gradients (fp32)",
+    "optimizer_state_bytes": "optimizer state",
+    "saved_activations_bytes": "saved activations",
+    "head_saved_bytes": "final norm, labels, RoPE, lean hidden",
+    "logits_phase_bytes": "loss: logits and their gradient",
+    "layer_backward_transient_bytes": "one layer's backward working set",
+}
+
+
+def summary_lines(floor: dict, comparison: dict | None) -> list[str]:
+    """Plain-text lines: the predicted components (GiB), then predicted vs measured with the remainder."""
+    gib = 2**30
+    lines = [f"memory floor, {floor['path']} path (GiB):"]
+    lines += [f"  {label:<40} {floor[key] / gib:9.3f}" for key, label in SUMMARY_COMPONENTS.items()]
+    lines.append(f"  {'predicted peak (' + floor['peak_phase'] + ')':<40} {floor['peak_bytes'] / gib:9.3f}")
+    for name, row in (comparison or {}).items():
+        if row["measured_bytes"] is None:
+            lines.append(f"  {name:<20} predicted {row['predicted_bytes'] / gib:9.3f}  measured: not observable here")
+            continue
+        lines.append(f"  {name:<20} predicted {row['predicted_bytes'] / gib:9.3f}  measured "
+                     f"{row['measured_bytes'] / gib:9.3f}  remainder {row['remainder_bytes'] / gib:+8.3f}  "
+                     f"x{row['ratio']:.3f} ({row['measured_by']})")
+    return lines

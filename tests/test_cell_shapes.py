@@ -1,0 +1,131 @@
+"""Cells of named shapes (random weights: memory and time only), the training path setting, the floor beside
+every measurement, and shapes predicted not to fit; end to end through run_cell and through bench/ on CPU."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from qlora_core.cell import CellSettings, does_not_fit_result, run_cell
+from qlora_core.lora import LoraSettings
+from qlora_core.results import read_results
+from qlora_core.shapes import RANDOM_WEIGHTS_NOTE, UnknownShapeError
+from qlora_core.trainer import TrainSettings
+
+REPO = Path(__file__).resolve().parents[1]
+SHAPE_CELL = dict(seq_len=32, batch_size=2, timing_warmup=1, device="cpu", lora=LoraSettings(r=4, alpha=8),
+                  train=TrainSettings(max_steps=2, learning_rate=1e-2))
+COMPARED = ("weights_after_load", "after_setup", "training_peak")
+
+
+def shape_settings(mode: str = "nf4-dq", path: str = "reference", shape: str = "tiny-llama") -> CellSettings:
+    return CellSettings(mode=mode, shape=shape, path=path, **SHAPE_CELL)
+
+
+@pytest.fixture(scope="module", params=["reference", "lean"])
+def shape_run(request) -> tuple[CellSettings, dict, list[dict]]:
+    events: list[dict] = []
+    settings = shape_settings(path=request.param)
+    return settings, run_cell(settings, report=events.append), events
+
+
+def test_shape_cell_measures_memory_and_time_only(shape_run):
+    settings, result, events = shape_run
+    assert result["status"] == "ok" and result["note"] == RANDOM_WEIGHTS_NOTE
+    assert result["model"]["label"] == "tiny-llama"
+    assert result["model"]["provenance"]["source"] == RANDOM_WEIGHTS_NOTE
+    assert result["perplexity"] == {} and result["quant_error"] is None
+    assert not any("evaluating" in event.get("phase", "") for event in events)
+    assert all(math.isfinite(loss) for loss in result["training"]["losses"])
+    assert result["training"]["tokens_per_step"] == settings.batch_size * settings.seq_len
+    json.dumps(result, allow_nan=False)
+
+
+def test_shape_and_path_are_saved_with_the_settings(shape_run):
+    settings, result, _ = shape_run
+    assert result["settings"]["shape"] == "tiny-llama" and result["settings"]["path"] == settings.path
+    assert CellSettings.from_dict(json.loads(json.dumps(result["settings"]))) == settings
+
+
+def test_floor_beside_the_measurements(shape_run):
+    """On CPU the allocator cannot be read: weights and set-up are compared with the tensors' bytes (exactly
+    predicted), the training peak is predicted but left unmeasured."""
+    settings, result, _ = shape_run
+    floor, comparison = result["floor"], result["predicted_vs_measured"]
+    assert floor["path"] == settings.path and floor["device_type"] == "cpu"
+    assert set(comparison) == set(COMPARED)
+    for name in ("weights_after_load", "after_setup"):
+        assert comparison[name]["measured_by"] == "tensor bytes"
+        assert comparison[name]["remainder_bytes"] == 0 and comparison[name]["ratio"] == 1.0
+    assert comparison["weights_after_load"]["measured_bytes"] == result["weights"]["weights_bytes"]
+    assert comparison["training_peak"]["measured_bytes"] is None
+    assert comparison["training_peak"]["predicted_bytes"] == floor["peak_bytes"] > floor["after_setup_bytes"]
+
+
+def test_lean_and_reference_cells_train_the_same(shape_run):
+    """Same random model and batches: the paths' first losses agree to rounding."""
+    settings, result, _ = shape_run
+    other = run_cell(dataclasses.replace(settings, path="lean" if settings.path == "reference" else "reference"))
+    assert result["training"]["losses"][0] == pytest.approx(other["training"]["losses"][0], rel=1e-3)
+
+
+def test_model_cells_carry_the_floor_too(cell_results):
+    for result in cell_results.values():
+        assert result["note"] is None and result["settings"]["path"] == "reference"
+        assert result["predicted_vs_measured"]["weights_after_load"]["ratio"] == 1.0
+        assert result["floor"]["weights_bytes"] == result["weights"]["weights_bytes"]
+
+
+def test_settings_refuse_unknown_paths_and_shapes():
+    with pytest.raises(ValueError, match="unknown path"):
+        shape_settings(path="fastest")
+    with pytest.raises(UnknownShapeError):
+        shape_settings(shape="Llama-5-1T")
+
+
+def test_does_not_fit_reports_the_prediction():
+    settings = shape_settings(mode="bf16", shape="Llama-3.1-70B")
+    h200_bytes = 139 * 2**30
+    result = does_not_fit_result(dataclasses.replace(settings, seq_len=1024, batch_size=4), h200_bytes)
+    assert result["status"] == "does_not_fit" and result["note"] == RANDOM_WEIGHTS_NOTE
+    assert result["floor"]["peak_bytes"] > result["capacity_bytes"] == h200_bytes
+    assert "not attempted" in result["error"]
+    assert does_not_fit_result(dataclasses.replace(settings, mode="nf4-dq", seq_len=1024, batch_size=4),
+                               h200_bytes) is None
+    model_cell = CellSettings(mode="bf16", model="smollm2")
+    assert does_not_fit_result(model_cell, 1) is None  # only shapes are predicted before loading
+
+
+def run_bench(tmp_path: Path, *options: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "pytest", "bench/", "-q", "-rs", "-p", "no:cacheprovider", "--bench-device",
+               "cpu", "--bench-shapes", "tiny-llama", "--bench-seq-len", "32", "--bench-batch-size", "2",
+               "--bench-steps", "2", "--bench-warmup", "1", "--bench-memory-steps", "1",
+               "--bench-out", str(tmp_path / "out"), *options]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_bench_runs_a_shape_on_the_lean_path(tmp_path):
+    run = run_bench(tmp_path, "--bench-modes", "nf4-dq", "--bench-paths", "lean",
+                    "--benchmark-json", str(tmp_path / "bench.json"))
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "1 skipped" in run.stdout and RANDOM_WEIGHTS_NOTE in run.stdout  # the perplexity test
+    (result,) = read_results([tmp_path / "out" / "tiny-llama-nf4-dq-lean.json", tmp_path / "bench.json"])
+    assert result["status"] == "ok" and result["settings"]["path"] == "lean"
+    assert result["predicted_vs_measured"]["after_setup"]["ratio"] == 1.0
+
+
+def test_bench_reports_an_unfit_shape_without_running_it(tmp_path):
+    run = run_bench(tmp_path, "--bench-modes", "bf16", "--bench-capacity-gib", "0.0001")
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "3 skipped" in run.stdout and "does not fit" in run.stdout
+    result = json.loads((tmp_path / "out" / "tiny-llama-bf16.json").read_text())
+    assert result["status"] == "does_not_fit" and result["floor"]["peak_bytes"] > result["capacity_bytes"]
+    assert not (tmp_path / "out" / "tiny-llama-bf16.log").exists()  # no worker was started
