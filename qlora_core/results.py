@@ -83,6 +83,12 @@ def _nvidia_driver() -> str | None:
     return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_json_atomic(data: dict, path: str | os.PathLike) -> Path:
     """Write ``data`` as JSON via a temporary file in the same folder and an atomic rename: readers see the
     old file or the complete new one, never half of it."""
@@ -93,6 +99,7 @@ def write_json_atomic(data: dict, path: str | os.PathLike) -> Path:
         with os.fdopen(handle, "w") as out:
             json.dump(data, out, indent=2, allow_nan=True)
             out.write("\n")
+        os.chmod(staging, 0o666 & ~_umask())  # mkstemp creates 0600; results are meant to be shared
         os.replace(staging, path)
     except BaseException:
         os.unlink(staging)

@@ -126,3 +126,17 @@ def test_other_pytest_benchmark_json_yields_nothing(tmp_path):
     data = {"machine_info": {}, "benchmarks": [{"name": "test_x", "param": None, "extra_info": {}, "stats": {}}]}
     write_json_atomic(data, tmp_path / "bench.json")
     assert read_results([tmp_path]) == []
+
+
+def test_written_results_are_readable_by_others_as_the_umask_allows(tmp_path):
+    import os
+    import stat
+
+    from qlora_core.results import write_json_atomic
+
+    previous = os.umask(0o022)
+    try:
+        path = write_json_atomic({"a": 1}, tmp_path / "r.json")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
