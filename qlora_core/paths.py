@@ -69,14 +69,16 @@ def chunked_causal_lm_loss(model, input_ids: torch.Tensor, chunk_tokens: int = L
     hidden states (a view of the final hidden states) and labels; backward recomputes the chunk's logits.
     """
     body, head = _body_and_head(model)
-    hidden = body(input_ids=input_ids).last_hidden_state
+    hidden = body(input_ids=input_ids, use_cache=False).last_hidden_state
     hidden = hidden.reshape(-1, hidden.shape[-1])  # [batch * seq, h], contiguous: a view
     labels = next_token_labels(input_ids).reshape(-1)
     chunk_loss = functools.partial(_chunk_nll_sum, head)
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, labels.numel(), chunk_tokens):
         end = start + chunk_tokens
-        total = total + checkpoint(chunk_loss, hidden[start:end], labels[start:end], use_reentrant=False)
+        # nothing random in a chunk: no RNG state to save and restore for its recompute
+        total = total + checkpoint(chunk_loss, hidden[start:end], labels[start:end], use_reentrant=False,
+                                   preserve_rng_state=False)
     return total / (labels != IGNORE_INDEX).sum()
 
 
