@@ -175,3 +175,19 @@ def test_70b_fits_one_h200_in_4bit_and_not_in_bf16():
     bf16 = memory_floor(config, get_mode("bf16"), LoraSettings(), 1024, 4, True, path="lean")
     assert nf4["peak_bytes"] < 60 * GIB
     assert bf16["weights_bytes"] > 130 * GIB and bf16["peak_bytes"] > 140 * GIB
+
+
+def test_path_gap_names_where_the_reference_spends_more():
+    """At 8B in nf4-dq the reference path's extra memory is its fp32 upcasts, its fp32 residual stream (twice
+    the checkpoints) and its full-vocabulary loss."""
+    from qlora_core.measure.floor import path_gap
+
+    config, mode = shape_config("Llama-3.1-8B"), get_mode("nf4-dq")
+    reference = memory_floor(config, mode, LoraSettings(), 1024, 4, True, path="reference")
+    lean = memory_floor(config, mode, LoraSettings(), 1024, 4, True, path="lean")
+    gap = path_gap(reference, lean)
+    assert gap["weights_bytes"] == gap["lora_param_bytes"] == gap["optimizer_state_bytes"] == 0
+    assert gap["upcast_bytes"] == reference["upcast_bytes"] > 1.5 * GIB  # embeddings and head, 2 x 0.5B values
+    assert gap["saved_activations_bytes"] == lean["saved_activations_bytes"]  # 4 bytes a value instead of 2
+    assert gap["logits_phase_bytes"] > 5 * GIB
+    assert gap["peak_bytes"] == reference["peak_bytes"] - lean["peak_bytes"] > 8 * GIB

@@ -32,6 +32,7 @@ FLOAT32 = 4
 INT64 = 8
 #: bytes per trainable parameter of each optimizer's state (bitsandbytes' 8-bit states apply to tensors of
 #: >= 4096 elements only, with one float32 absmax per 256 values a state; smaller tensors keep 32-bit states).
+#: Paged states live in CUDA managed memory, outside PyTorch's allocator: the allocator will not show them.
 OPTIMIZER_STATE_BYTES = {"adamw": 8, "paged_adamw32bit": 8, "adamw8bit": 2, "paged_adamw8bit": 2}
 BNB_8BIT_OPTIMIZER_MIN_SIZE = 4096
 BNB_8BIT_OPTIMIZER_BLOCKSIZE = 256
@@ -464,3 +465,11 @@ def summary_lines(floor: dict, comparison: dict | None) -> list[str]:
                      f"{row['measured_bytes'] / gib:9.3f}  remainder {row['remainder_bytes'] / gib:+8.3f}  "
                      f"x{row['ratio']:.3f} ({row['measured_by']})")
     return lines
+
+
+def path_gap(reference: dict, lean: dict) -> dict:
+    """Where the reference path's predicted memory goes beyond the lean path's, by component (bytes, reference
+    minus lean), with the peak; for two floors of the same model, mode and set-up."""
+    gap = {key: reference[key] - lean[key] for key in SUMMARY_COMPONENTS}
+    gap["peak_bytes"] = reference["peak_bytes"] - lean["peak_bytes"]
+    return gap
