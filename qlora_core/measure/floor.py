@@ -28,6 +28,7 @@ import torch
 
 from qlora_core.modes import BNB_4BIT_BLOCKSIZE, BNB_DOUBLE_QUANT_BLOCKSIZE, Mode
 from qlora_core.paths import LOSS_CHUNK_TOKENS, check_path
+
 FLOAT32 = 4
 INT64 = 8
 #: bytes per trainable parameter of each optimizer's state (bitsandbytes' 8-bit states apply to tensors of
@@ -108,7 +109,7 @@ def weight_bytes(model, mode: Mode) -> dict:
     constants, and everything else (embeddings, norms, head, biases in the load dtype; buffers as they are)."""
     counts = {"quantized_bytes": 0, "quant_constants_bytes": 0, "unquantized_bytes": 0}
     quantized = {f"{layer.name}.weight": layer for layer in linears(model) if layer.storage != "dense"}
-    load_bytes = torch.empty((), dtype=mode.load_dtype).element_size()
+    load_bytes = mode.load_dtype.itemsize
     for name, param in model.named_parameters():  # a tied parameter is yielded once
         layer = quantized.get(name)
         if layer is None:
@@ -130,7 +131,7 @@ def upcast_bytes(model, mode: Mode, path: str) -> int:
     if path != "reference" or not mode.is_quantized:
         return 0
     quantized = {f"{layer.name}.weight" for layer in linears(model) if layer.storage != "dense"}
-    load_bytes = torch.empty((), dtype=mode.load_dtype).element_size()
+    load_bytes = mode.load_dtype.itemsize
     return sum(p.numel() * (FLOAT32 - load_bytes) for n, p in model.named_parameters() if n not in quantized)
 
 
@@ -190,7 +191,7 @@ class Precision:
 
     @classmethod
     def of(cls, mode: Mode, path: str, device_type: str) -> Precision:
-        compute = torch.empty((), dtype=mode.torch_compute_dtype).element_size()
+        compute = mode.torch_compute_dtype.itemsize
         residual = FLOAT32 if (path == "reference" and mode.is_quantized) else 2
         linear_out = residual if mode.is_4bit else compute
         norm_stats = FLOAT32 if device_type == "cuda" else residual
