@@ -177,14 +177,15 @@ def shape_inputs(settings: CellSettings) -> CellInputs:
 
 def predicted_floor(settings: CellSettings, config, device_type: str) -> dict | None:
     """The memory floor of the cell's set-up on its path (``measure.floor``); None for an architecture the
-    floor has no activation accounting for."""
+    floor has no activation accounting for (NotImplementedError) or that transformers cannot build from its
+    config alone (ValueError: e.g. remote code)."""
     try:
         return memory_floor(
             config, get_mode(settings.mode), settings.lora, settings.seq_len, settings.batch_size,
             settings.gradient_checkpointing, path=settings.path, optimizer=settings.train.optimizer,
             device_type=device_type,
         )
-    except NotImplementedError:
+    except (NotImplementedError, ValueError):
         return None
 
 
