@@ -254,10 +254,13 @@ def _read(paths: list[Path]) -> list[dict]:
 def command_report(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from qlora_core.report import markdown_report, plot, results_frame, rich_table
+    from qlora_core.report import floor_rich_table, markdown_report, plot, results_frame, rich_table
 
     results = _read(args.paths)
-    Console().print(rich_table(results))
+    console = Console()
+    console.print(rich_table(results))
+    if (floor := floor_rich_table(results)) is not None:
+        console.print(floor)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "report.md").write_text(markdown_report(results))

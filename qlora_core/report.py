@@ -226,7 +226,9 @@ def _perplexity_notes(ok: list[dict]) -> list[str]:
     several_models = len({model_label(r) for r in ok}) > 1
     protocols: dict[str, list[str]] = {}
     for r in ok:
-        before = r["perplexity"]["before"]
+        before = r["perplexity"].get("before")
+        if not before:  # shape-only models (random weights) have no perplexity
+            continue
         first = next(iter(before.values()))
         counts = [(f"{entry['n_tokens_scored']:,}", _text_name(r, name)) for name, entry in before.items()]
         text = (f"window {first['window']}, stride {first['stride']}, {counts[0][0]} tokens scored on the "
@@ -256,6 +258,8 @@ def footnotes(results: list[dict]) -> list[str]:
     if peak:
         notes.append(peak)
     notes += _timing_notes(ok)
+    for model, note in {model_label(r): r["note"] for r in ok if r.get("note")}.items():
+        notes.append(f"{model}: {note}.")
     notes += _perplexity_notes(ok)
     notes.append(f"(xN): ratio to {BASELINE_MODE} of the same model and run.")
     notes.append(f"'~' marks a step time whose IQR exceeds {NOISY_RELATIVE_IQR:.0%} of its median: too noisy to "
@@ -346,10 +350,61 @@ def run_summary(results: list[dict]) -> list[str]:
             for line, dates in lines.items()]
 
 
+def floor_frame(results: list[dict]) -> pd.DataFrame:
+    """Predicted (analytic floor) vs measured memory, one row per (model, mode, point), in MiB; empty when no
+    result carries a floor. The remainder is what the floor does not explain (measured minus predicted)."""
+    rows = []
+    for r in results:
+        for point, entry in (r.get("predicted_vs_measured") or {}).items():
+            measured = entry["measured_bytes"]
+            rows.append({
+                "model": model_label(r), "mode": r["mode"]["name"], "point": point,
+                "predicted_mib": entry["predicted_bytes"] / MIB,
+                "measured_mib": None if measured is None else measured / MIB,
+                "remainder_mib": None if measured is None else entry["remainder_bytes"] / MIB,
+                "measured_over_predicted": entry["ratio"], "measured_by": entry["measured_by"],
+            })
+    return pd.DataFrame(rows)
+
+
+FLOOR_HEADERS = ["model", "mode", "point", "predicted MiB", "measured MiB", "remainder MiB", "measured/predicted"]
+
+
+def floor_rows(results: list[dict]) -> list[list[str]]:
+    """``floor_frame`` formatted for the text renderers ("-" where the allocator cannot observe the point)."""
+    number = lambda value, fmt: "-" if _missing(value) else fmt.format(value)  # noqa: E731
+    return [
+        [row.model, row.mode, row.point, number(row.predicted_mib, "{:.1f}"), number(row.measured_mib, "{:.1f}"),
+         number(row.remainder_mib, "{:+.1f}"), number(row.measured_over_predicted, "x{:.3f}")]
+        for row in floor_frame(results).itertuples()
+    ]
+
+
+def floor_rich_table(results: list[dict]):
+    """The terminal table of predicted vs measured memory, or None when no result has a floor."""
+    from rich.table import Table
+
+    rows = floor_rows(results)
+    if not rows:
+        return None
+    table = Table(title="memory: analytic floor vs measured")
+    for header in FLOOR_HEADERS:
+        table.add_column(header, justify="left" if header in ("model", "mode", "point") else "right")
+    for row in rows:
+        table.add_row(*row)
+    return table
+
+
 def markdown_report(results: list[dict], title: str = "qlora-bench report") -> str:
-    """A Markdown document: title, where and how it was measured, the table(s) and their footnotes."""
+    """A Markdown document: title, where and how it was measured, the table(s) and their footnotes, and the
+    analytic floor against the measurements where results carry one."""
     header = [f"# {title}", ""] + [f"Measured: {line}." for line in run_summary(results)] + [""]
-    return "\n".join(header) + "\n" + markdown_table(results)
+    document = "\n".join(header) + "\n" + markdown_table(results)
+    rows = floor_rows(results)
+    if rows:
+        document += "\n## Memory: analytic floor vs measured\n\n" + "\n".join(_markdown_rows(FLOOR_HEADERS, rows))
+        document += "\n"
+    return document
 
 
 # --- plots ----------------------------------------------------------------------------------------------------
@@ -398,6 +453,10 @@ def _perplexity_panel(axis, part: pd.DataFrame, text_names: dict[str, str]) -> N
     """Perplexity after LoRA on each text side by side, each text's value before LoRA as a black tick."""
     modes = part["mode"].tolist()
     texts = [name for name in TEXTS if part[f"ppl_{name}_after"].notna().any()]
+    if not texts:  # shape-only models: random weights have no meaningful perplexity
+        axis.set_axis_off()
+        axis.text(0.5, 0.5, "no perplexity:\nrandom weights, memory and time only", ha="center", va="center")
+        return
     width = 0.8 / len(texts)
     top = 0.0
     for index, name in enumerate(texts):

@@ -144,11 +144,19 @@ def read_results(paths: list[str | os.PathLike]) -> list[dict]:
 
 
 def model_label(result: dict) -> str:
-    """The short model name tables use: the result's own label, else the one its settings imply."""
+    """The short model name tables use: the result's own label, else the one its settings imply (a shape's
+    name, a folder's name), with the training path when it is not the reference one, so the two paths of one
+    model and mode stay two rows."""
     from qlora_core.default_model import DEFAULT_MODEL
 
-    label = (result.get("model") or {}).get("label")
-    return label or Path(result.get("settings", {}).get("model") or DEFAULT_MODEL).name
+    settings = result.get("settings", {})
+    label = (
+        (result.get("model") or {}).get("label")
+        or settings.get("shape")
+        or Path(settings.get("model") or DEFAULT_MODEL).name
+    )
+    path = settings.get("path", "reference")
+    return label if path == "reference" else f"{label} ({path} path)"
 
 
 def is_benchmark_json(data) -> bool:

@@ -150,3 +150,23 @@ def test_lean_peak_within_target_of_the_floor_on_cuda(mode):
     assert comparison["after_setup"]["ratio"] == pytest.approx(1.0, abs=0.01)
     # below 1 the floor over-estimates a transient: report it, but the target is the upper bound
     assert 0.9 <= comparison["training_peak"]["ratio"] <= LEAN_PEAK_TARGET_RATIO
+
+
+@pytest.fixture(scope="module")
+def both_paths() -> list[dict]:
+    """One bf16 cell of the tiny shape on each training path."""
+    return [run_cell(shape_settings("bf16", path)) for path in ("reference", "lean")]
+
+
+def test_report_keeps_the_two_paths_apart_and_says_the_weights_are_random(both_paths, tmp_path):
+    from qlora_core.report import floor_frame, footnotes, markdown_report, plot, results_frame
+
+    frame = results_frame(both_paths)
+    assert sorted(frame["model"]) == ["tiny-llama", "tiny-llama (lean path)"]
+    assert frame["ppl_heldout_after"].isna().all()
+    assert any(RANDOM_WEIGHTS_NOTE in note for note in footnotes(both_paths))
+    floor = floor_frame(both_paths)
+    weights = floor[floor["point"] == "weights_after_load"]
+    assert len(weights) == 2 and (weights["measured_mib"] == weights["predicted_mib"]).all()
+    assert "analytic floor vs measured" in markdown_report(both_paths)
+    assert plot(both_paths, tmp_path / "shapes.png").stat().st_size > 0
