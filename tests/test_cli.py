@@ -136,3 +136,16 @@ def test_cpu_profile_leaves_fp16_compute_modes_out_by_default():
     assert {m.name for m in MODES.values()} - {m.name for m in cpu} == {
         m.name for m in MODES.values() if m.compute_dtype == "float16"
     }
+
+
+def test_sweep_of_a_shape_on_the_lean_path(tmp_path, capsys):
+    """--shape builds the architecture with random weights (no --model, no download) and --path reaches the
+    cells; the table says the weights are random and shows the floor against the measurements."""
+    out = tmp_path / "shape-run"
+    code = main(["sweep", "--shape", "tiny-llama", "--path", "lean", "--modes", "nf4", "--profile", "cpu",
+                 "--seq-len", "32", "--batch-size", "2", "--steps", "2", "--timing-warmup", "0", "--out", str(out)])
+    assert code == 0
+    result = json.loads((out / "nf4.json").read_text())
+    assert result["settings"]["shape"] == "tiny-llama" and result["settings"]["path"] == "lean"
+    printed = capsys.readouterr().out
+    assert "random weights" in printed and "analytic floor vs measured" in printed
