@@ -19,7 +19,7 @@ from qlora_core.lora import LoraSettings, attach_lora, merge_into_dequantized, p
 from qlora_core.measure.floor import memory_floor, predicted_vs_measured
 from qlora_core.measure.flops import lora_training_flops_per_token, matmul_params, peak_flops
 from qlora_core.measure.memory import memory_snapshot, reset_peak, weight_footprint
-from qlora_core.measure.perplexity import perplexity
+from qlora_core.measure.perplexity import check_protocol, perplexity
 from qlora_core.measure.quant_error import weight_quant_error
 from qlora_core.measure.timing import synchronize, timing_stats
 from qlora_core.models import (
@@ -90,6 +90,9 @@ class CellSettings:
         check_path(self.path)
         if self.shape is not None:
             check_shape(self.shape)
+        check_protocol(self.eval_window, self.eval_stride)
+        if self.batch_size < 1 or self.eval_batch_size < 1:
+            raise ValueError(f"batch sizes must be >= 1, got {self.batch_size} and {self.eval_batch_size}")
 
     def describe(self) -> dict:
         return {**dataclasses.asdict(self), "lora": self.lora.describe(), "train": self.train.describe()}

@@ -149,3 +149,12 @@ def test_sweep_of_a_shape_on_the_lean_path(tmp_path, capsys):
     assert result["settings"]["shape"] == "tiny-llama" and result["settings"]["path"] == "lean"
     printed = capsys.readouterr().out
     assert "random weights" in printed and "analytic floor vs measured" in printed
+
+
+def test_a_stride_equal_to_the_window_is_refused_before_any_cell_runs(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "never"
+    code = main(["sweep", "--model", str(tiny_model_dir), "--modes", "bf16", "--eval-window", "32",
+                 "--eval-stride", "32", "--out", str(out)])
+    assert code == 2
+    assert "stride" in capsys.readouterr().err
+    assert not out.exists()

@@ -15,14 +15,19 @@ from contextlib import nullcontext
 import torch
 
 
+def check_protocol(window: int, stride: int) -> None:
+    """Refuse a window/stride pair the protocol cannot score (see ``windows``)."""
+    if not 0 < stride < window:
+        raise ValueError(f"need 0 < stride < window, got stride {stride}, window {window}")
+
+
 def windows(n_tokens: int, window: int, stride: int) -> list[tuple[int, int, int]]:
     """(begin, end, n_scored) for each window; the scored tokens are the last ``n_scored`` of [begin, end).
 
     ``stride`` must be below ``window``: a window's first scored token needs context inside the same window
     (with ``stride == window`` it would have none, and the logits could not be aligned with the targets).
     """
-    if not 0 < stride < window:
-        raise ValueError(f"need 0 < stride < window, got stride {stride}, window {window}")
+    check_protocol(window, stride)
     if n_tokens < 2:
         raise ValueError(f"need at least 2 tokens to score one, got {n_tokens}")
     spans, scored_until = [], 1  # token 0 has no context and is never scored
