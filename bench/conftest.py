@@ -64,6 +64,14 @@ def pytest_addoption(parser):
     group.addoption("--bench-resume", action="store_true", help="skip cells whose result in --bench-out finished")
 
 
+def pytest_configure(config):
+    """Create --benchmark-json's folder now: pytest-benchmark opens the file only at the end of the session and
+    loses every measurement of the run when its folder is missing."""
+    json_path = config.getoption("benchmark_json", None)
+    if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available() or config.option.bench_device == "cpu":
         return
