@@ -228,16 +228,15 @@ def cell_settings(args: argparse.Namespace, profile: dict) -> CellSettings:
 
 
 def command_sweep(args: argparse.Namespace) -> int:
-    import torch
     from rich.console import Console
 
-    from qlora_core.cell import preflight
+    from qlora_core.cell import preflight, resolve_device
     from qlora_core.progress import SweepProgress
     from qlora_core.report import floor_rich_table, rich_table
     from qlora_core.sweep import run_sweep
 
     console = Console()
-    profile_name = args.profile or ("gpu" if torch.cuda.is_available() and args.device != "cpu" else "cpu")
+    profile_name = args.profile or ("gpu" if resolve_device(args.device).type == "cuda" else "cpu")
     modes = parse_modes(args.modes) if args.modes else default_modes(profile_name)
     base = cell_settings(args, PROFILES[profile_name])
     with console.status("checking model, data and settings"):
