@@ -206,13 +206,13 @@ def does_not_fit_result(settings: CellSettings, capacity_bytes: int) -> dict | N
     return {**result, "floor": floor, "capacity_bytes": capacity_bytes, "note": RANDOM_WEIGHTS_NOTE}
 
 
-def preflight(settings: CellSettings, modes) -> CellSettings:
-    """Check everything a sweep needs once, in the parent, before any cell process starts; the default
-    model is fetched and converted here so the cells never race to do it."""
+def preflight(settings: CellSettings, modes) -> CellInputs:
+    """Check everything a sweep needs once, in the parent, before any cell process starts, and return the
+    inputs every cell shares; the default model is fetched and converted here so the cells never race to do
+    it."""
     for mode in modes:
         require_backend(mode)
-    prepare_inputs(settings)
-    return settings
+    return prepare_inputs(settings)
 
 
 class Cell:
@@ -221,7 +221,9 @@ class Cell:
     ``evaluate("after")`` -> ``evaluate_merged`` -> ``result``. ``run_cell`` runs them all in order.
     """
 
-    def __init__(self, settings: CellSettings, report=_report_nothing):
+    def __init__(self, settings: CellSettings, report=_report_nothing, inputs: CellInputs | None = None):
+        """``inputs``: the cell's tokenized data when the caller already prepared it (a sweep tokenizes once
+        for all its cells); by default the cell prepares its own."""
         from transformers import set_seed
 
         self.settings = settings
@@ -229,7 +231,7 @@ class Cell:
         self.mode = get_mode(settings.mode)
         self.device = resolve_device(settings.device)
         set_seed(settings.train.seed)
-        self.inputs = prepare_inputs(settings)
+        self.inputs = inputs or prepare_inputs(settings)
         self.memory: dict[str, dict] = {}
         self.perplexity: dict[str, dict] = {}
         self.records = []
@@ -250,6 +252,9 @@ class Cell:
         """Load the base in the mode; returns the weight footprint (bytes as stored)."""
         with self._phase("loading"):
             reset_peak(self.device)
+            # what the process held before this model (a CUDA context, or an earlier test's leftovers in a
+            # shared process): the floor is compared with the growth from here
+            self.memory["before_load"] = memory_snapshot(self.device)
             if self.settings.shape:
                 self.model = build_shape_model(self.inputs.config, self.mode, self.device, self.settings.train.seed)
             else:
@@ -371,7 +376,7 @@ def run_cell(settings: CellSettings, report=_report_nothing) -> dict:
     """Measure one (model, mode) cell in this process and return its self-describing result (plain JSON).
 
     ``report`` receives progress events: ``{"phase": str}`` and ``{"step": i, "of": n, "loss": float}``.
-    To keep modes apart, run each in a fresh process with ``qlora_core.worker.CellWorker``.
+    To keep modes apart, run each in a fresh process (``qlora_core.worker``).
     """
     report({"phase": "data"})
     return Cell(settings, report).run_all()

@@ -240,11 +240,11 @@ def command_sweep(args: argparse.Namespace) -> int:
     modes = parse_modes(args.modes) if args.modes else default_modes(profile_name)
     base = cell_settings(args, PROFILES[profile_name])
     with console.status("checking model, data and settings"):
-        base = preflight(base, modes)
+        inputs = preflight(base, modes)
     out = args.out or Path("runs") / datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     console.print(f"[bold]qlora-bench[/] profile [cyan]{profile_name}[/], {len(modes)} modes, results in {out}")
     with SweepProgress(console, modes, base.train.max_steps) as progress:
-        results = run_sweep(base, modes, out, resume=args.resume, on_event=progress.update)
+        results = run_sweep(base, modes, out, resume=args.resume, on_event=progress.update, inputs=inputs)
     console.print(rich_table(results, title=f"qlora-bench: {out}"))
     if (floor := floor_rich_table(results)) is not None:
         console.print(floor)

@@ -1,8 +1,10 @@
 """Run cells for several modes, each in a fresh Python process, writing each result as it finishes.
 
 A fresh process per cell keeps one mode's CUDA allocator state (and any crash or out-of-memory) out of the
-next mode's figures. Results land atomically, one file per mode, so an interrupted sweep keeps everything that
-finished and ``resume=True`` skips those cells on the next run.
+next mode's figures; the data is tokenized once, in the parent, and the next cell's process is started while
+the current one evaluates, so the cells pay for measurement, not for start-up. Results land atomically, one
+file per mode, with the run's manifest (``run.json``) beside them, so an interrupted sweep keeps everything
+that finished and ``resume=True`` skips those cells on the next run.
 """
 
 from __future__ import annotations
@@ -12,10 +14,11 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-from qlora_core.cell import CellSettings, failure_result
+from qlora_core.cell import CellInputs, CellSettings, failure_result
+from qlora_core.manifest import RunManifest
 from qlora_core.modes import Mode
 from qlora_core.results import write_json_atomic
-from qlora_core.worker import CellError, CellWorker
+from qlora_core.worker import CellError, WorkerPool, serialize_inputs
 
 
 def result_path(out_dir: Path, mode: Mode) -> Path:
@@ -29,16 +32,30 @@ def finished(path: Path) -> bool:
     return json.loads(path.read_text()).get("status") == "ok"
 
 
-def run_cell_process(settings: CellSettings, path: Path, on_event: Callable[[dict], None], log: Path) -> dict:
-    """Run one cell in a fresh worker process and write its result to ``path`` atomically; a failure (out of
-    memory, an exception, a dead worker) becomes that cell's result rather than the sweep's end."""
+def run_cell_process(settings: CellSettings, path: Path, on_event: Callable[[dict], None], log: Path,
+                     pool: WorkerPool, inputs: bytes | None = None) -> dict:
+    """Run one cell in a fresh worker process from ``pool`` and write its result to ``path`` atomically; a
+    failure (out of memory, an exception, a dead worker) becomes that cell's result rather than the sweep's end.
+    ``inputs``: the cell's serialized inputs (``worker.serialize_inputs``), or None."""
     try:
-        with CellWorker(settings, log=log, on_event=on_event) as worker:
+        with pool.take(settings, log=log, on_event=on_event, inputs=inputs) as worker:
             result = worker.call("run_all")
     except CellError as error:
         result = failure_result(settings, error.status, f"{error} (log: {log})")
     write_json_atomic(result, path)
     return result
+
+
+def _prepare_next_after_training(pool: WorkerPool, on_event: Callable[[dict], None]) -> Callable[[dict], None]:
+    """``on_event`` that also spawns the next cell's process once this cell's last training step is done:
+    its start-up then overlaps this cell's evaluations, never its timed steps."""
+
+    def handle(event: dict) -> None:
+        if "step" in event and event["step"] == event["of"]:
+            pool.prepare_next()
+        on_event(event)
+
+    return handle
 
 
 def run_sweep(
@@ -48,17 +65,34 @@ def run_sweep(
     *,
     resume: bool = False,
     on_event: Callable[[Mode, dict], None] = lambda mode, event: None,
+    inputs: CellInputs | None = None,
+    command: list[str] | None = None,
 ) -> list[dict]:
-    """Measure ``base`` in each mode; results go to ``out_dir/<mode>.json`` (logs beside them)."""
+    """Measure ``base`` in each mode; results go to ``out_dir/<mode>.json`` (logs beside them), the run's
+    manifest to ``out_dir/run.json``.
+
+    ``inputs``: the tokenized data every cell shares (``cell.prepare_inputs(base)``), prepared once here
+    rather than once per cell process; ``command``: the command line the manifest records.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
+    manifest = RunManifest(out_dir, command)
+    payload = serialize_inputs(inputs)
     results = []
-    for mode in modes:
-        path = result_path(out_dir, mode)
-        if resume and finished(path):
-            on_event(mode, {"phase": "done (resumed)"})
-            results.append(json.loads(path.read_text()))
-            continue
-        settings = dataclasses.replace(base, mode=mode.name)
-        log = out_dir / f"{mode.name}.log"
-        results.append(run_cell_process(settings, path, lambda event: on_event(mode, event), log))
+    with WorkerPool() as pool:
+        for index, mode in enumerate(modes):
+            path = result_path(out_dir, mode)
+            if resume and finished(path):
+                on_event(mode, {"phase": "done (resumed)"})
+                results.append(json.loads(path.read_text()))
+                manifest.finished(mode.name, mode.name, results[-1], path, None, resumed=True)
+                continue
+            settings = dataclasses.replace(base, mode=mode.name)
+            events = lambda event, mode=mode: on_event(mode, event)  # noqa: E731
+            if index + 1 < len(modes):
+                events = _prepare_next_after_training(pool, events)
+            start = manifest.started(mode.name, mode.name)
+            log = out_dir / f"{mode.name}.log"
+            results.append(run_cell_process(settings, path, events, log, pool, payload))
+            manifest.finished(mode.name, mode.name, results[-1], path, start)
+    manifest.close()
     return results

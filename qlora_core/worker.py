@@ -1,12 +1,17 @@
-"""A ``Cell`` in a fresh spawned process, its methods called over a pipe.
+"""A ``Cell`` in a fresh spawned process, its methods called over a pipe, and a pool that starts the next
+process while the current cell finishes.
 
 Each (model, mode) cell gets a new Python process, so CUDA allocator state, cached kernels or a crash in one
-mode cannot touch the next one's figures. The child's stderr (library warnings, load bars) goes to a log file;
-progress events come back through the pipe while a call runs.
+mode cannot touch the next one's figures. A process is spawned *unbound*: it imports torch, transformers, peft
+and bitsandbytes (seconds of start-up) and waits; ``WorkerPool`` spawns the next one while the current cell
+evaluates, after its timed steps, so a sweep pays that start-up once instead of once per cell. Binding sends the
+cell's settings and its already tokenized inputs; only then does the process touch the GPU. The child's stderr
+(library warnings, load bars) goes to the cell's log file; progress events come back through the pipe.
 """
 
 from __future__ import annotations
 
+import io
 import multiprocessing
 import os
 import sys
@@ -14,7 +19,7 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from qlora_core.cell import Cell, CellSettings
+from qlora_core.cell import Cell, CellInputs, CellSettings
 from qlora_core.modes import MODES, Mode, get_mode, register
 
 
@@ -26,27 +31,49 @@ class CellError(RuntimeError):
         self.status = status
 
 
-def _serve(settings: dict, mode: Mode, conn, log: str | None) -> None:
-    """Worker loop: build the Cell lazily, then answer ``(method, args)`` calls until ``None`` arrives.
+def _import_libraries() -> None:
+    """What every cell needs, imported before the process is bound: the seconds a new process spends here are
+    spent while the previous cell is still evaluating."""
+    import peft  # noqa: F401
+    import transformers  # noqa: F401
+    import transformers.modeling_utils  # noqa: F401
 
-    ``mode`` travels with the settings because a spawned process imports a fresh registry: a variant the
-    parent registered at run time would not be in it.
-    """
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:  # a mode that needs it is refused with its own message (models.require_backend)
+        pass
+
+
+def _bind(message: tuple, report) -> Cell:
+    """Build the cell from the bind message: settings, mode (a spawned process has a fresh registry, so a variant
+    the parent registered at run time travels with it), log path and the serialized inputs."""
     import torch
 
+    _, settings, mode, log, inputs = message
     if mode.name not in MODES:
         register(mode)
-
     if log:
         handle = open(log, "a", buffering=1)
         os.dup2(handle.fileno(), sys.stderr.fileno())
+    loaded = torch.load(io.BytesIO(inputs), weights_only=False) if inputs else None
+    return Cell(CellSettings.from_dict(settings), report, inputs=loaded)
+
+
+def _serve(conn) -> None:
+    """Worker loop: import, wait for the bind message, then answer ``(method, args)`` calls until ``None``."""
+    import torch
+
+    _import_libraries()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
     report = lambda event: conn.send(("event", event))  # noqa: E731
     cell = None
     while (message := conn.recv()) is not None:
-        method, args = message
         try:
-            cell = cell or Cell(CellSettings.from_dict(settings), report)
+            if message[0] == "bind":
+                cell = _bind(message, report)
+                conn.send(("ok", None))
+                continue
+            method, args = message
             conn.send(("ok", getattr(cell, method)(*args)))
         except torch.cuda.OutOfMemoryError as error:
             conn.send(("oom", f"{type(error).__name__}: {error}"))
@@ -55,27 +82,54 @@ def _serve(settings: dict, mode: Mode, conn, log: str | None) -> None:
             conn.send(("error", f"{type(error).__name__}: {error}"))
 
 
-class CellWorker:
-    """Context manager holding one cell in a child process; ``call("step")`` runs ``Cell.step`` there."""
+def serialize_inputs(inputs: CellInputs | None) -> bytes | None:
+    """``inputs`` as bytes for the bind message (tokenized once in the parent, not once per cell)."""
+    if inputs is None:
+        return None
+    buffer = io.BytesIO()
+    import torch
 
-    def __init__(self, settings: CellSettings, log: Path | None = None, on_event: Callable[[dict], None] | None = None):
-        if log:
-            log.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(inputs, buffer)
+    return buffer.getvalue()
+
+
+class CellWorker:
+    """Context manager holding one cell in a child process; ``call("step")`` runs ``Cell.step`` there.
+
+    ``CellWorker()`` spawns an unbound process at once; ``bind`` gives it its cell. ``CellWorker.for_cell``
+    does both.
+    """
+
+    def __init__(self):
         context = multiprocessing.get_context("spawn")  # fork would inherit the parent's CUDA state
         self.conn, child_conn = context.Pipe()
-        self.on_event = on_event or (lambda event: None)
-        self.process = context.Process(
-            target=_serve,
-            args=(settings.describe(), get_mode(settings.mode), child_conn, str(log) if log else None),
-            daemon=True,
-        )
+        self.on_event: Callable[[dict], None] = lambda event: None
+        self.process = context.Process(target=_serve, args=(child_conn,), daemon=True)
         self.process.start()
         child_conn.close()
 
+    @classmethod
+    def for_cell(cls, settings: CellSettings, log: Path | None = None, on_event=None, inputs: bytes | None = None):
+        return cls().bind(settings, log=log, on_event=on_event, inputs=inputs)
+
+    def bind(self, settings: CellSettings, *, log: Path | None = None, on_event=None,
+             inputs: bytes | None = None) -> CellWorker:
+        """Give the process its cell: settings, log file, progress callback and serialized inputs (``None``:
+        the cell tokenizes its own)."""
+        if log:
+            log.parent.mkdir(parents=True, exist_ok=True)
+        self.on_event = on_event or (lambda event: None)
+        message = ("bind", settings.describe(), get_mode(settings.mode), str(log) if log else None, inputs)
+        self._request(message)
+        return self
+
     def call(self, method: str, *args):
         """Run ``Cell.<method>(*args)`` in the worker and return its (picklable) result."""
+        return self._request((method, args))
+
+    def _request(self, message: tuple):
         try:
-            self.conn.send((method, args))
+            self.conn.send(message)
             while True:
                 status, value = self.conn.recv()
                 if status != "event":
@@ -89,6 +143,8 @@ class CellWorker:
         return value
 
     def close(self) -> None:
+        """End the process: asked to stop, then killed if it does not within a minute (or at once if it is
+        in the middle of a call, e.g. after Ctrl-C)."""
         if self.process.is_alive():
             try:
                 self.conn.send(None)
@@ -101,6 +157,41 @@ class CellWorker:
         self.conn.close()
 
     def __enter__(self) -> CellWorker:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class WorkerPool:
+    """Hands out fresh worker processes, each used for one cell only; ``prepare_next`` spawns the next one
+    ahead of time. Context manager: a spare left at the end is stopped."""
+
+    def __init__(self):
+        self.spare: CellWorker | None = None
+
+    def prepare_next(self) -> None:
+        """Spawn the next cell's process now (its imports overlap the current cell's remaining work). Call it
+        after the current cell's timed steps, so the imports never compete with them for the CPU."""
+        if self.spare is None:
+            self.spare = CellWorker()
+
+    def take(self, settings: CellSettings, *, log: Path | None = None, on_event=None,
+             inputs: bytes | None = None) -> CellWorker:
+        """A fresh process bound to this cell: the spare if one was prepared, else a new one."""
+        worker, self.spare = self.spare or CellWorker(), None
+        try:
+            return worker.bind(settings, log=log, on_event=on_event, inputs=inputs)
+        except BaseException:
+            worker.close()
+            raise
+
+    def close(self) -> None:
+        if self.spare is not None:
+            self.spare.close()
+            self.spare = None
+
+    def __enter__(self) -> WorkerPool:
         return self
 
     def __exit__(self, *exc) -> None:

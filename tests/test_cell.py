@@ -170,7 +170,7 @@ def test_preflight_refuses_unavailable_mode(tiny_model_dir, monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a, **k: None if name == "bitsandbytes" else real_find_spec(name, *a, **k))
     settings = tiny_cell_settings(tiny_model_dir, "bf16")
-    assert preflight(settings, parse_modes("bf16")) == settings
+    assert preflight(settings, parse_modes("bf16")).train_blocks.shape[1] == settings.seq_len
     with pytest.raises(ModeUnavailableError):
         preflight(settings, parse_modes("bf16,nf4"))
 

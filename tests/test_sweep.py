@@ -9,6 +9,9 @@ import shutil
 import pytest
 
 from tiny import TINY_STEPS, tiny_cell_settings
+from qlora_core.cell import prepare_inputs
+from qlora_core.manifest import MANIFEST_NAME
+from qlora_core.manifest import SCHEMA as RUN_SCHEMA
 from qlora_core.modes import parse_modes
 from qlora_core.results import SCHEMA
 from qlora_core.sweep import finished, result_path, run_sweep
@@ -31,16 +34,19 @@ class Events:
 
 @pytest.fixture(scope="module")
 def swept(tiny_model_dir, tmp_path_factory):
-    """One real sweep of two modes, each in a child process: (out dir, returned results, events)."""
+    """One real sweep of two modes, each in a child process, the data tokenized once here: (out dir, returned
+    results, events)."""
     out = tmp_path_factory.mktemp("sweep") / "run"
     events = Events()
-    results = run_sweep(tiny_cell_settings(tiny_model_dir, "bf16"), MODES, out, on_event=events)
+    settings = tiny_cell_settings(tiny_model_dir, "bf16")
+    results = run_sweep(settings, MODES, out, on_event=events, inputs=prepare_inputs(settings),
+                        command=["qlora-bench", "sweep", "--modes", "bf16,nf4"])
     return out, results, events
 
 
 def test_one_json_per_mode(swept):
     out, results, _ = swept
-    assert sorted(p.name for p in out.glob("*.json")) == ["bf16.json", "nf4.json"]
+    assert sorted(p.name for p in out.glob("*.json")) == ["bf16.json", "nf4.json", MANIFEST_NAME]
     assert [r["mode"]["name"] for r in results] == ["bf16", "nf4"]
     for mode, result in zip(MODES, results):
         path = result_path(out, mode)
@@ -60,13 +66,44 @@ def test_progress_comes_back_from_the_children(swept):
         assert [e["loss"] for e in steps] == result["training"]["losses"]
 
 
+def test_the_manifest_says_how_the_run_was_made_and_where_its_time_went(swept):
+    out, results, _ = swept
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    assert manifest["schema"] == RUN_SCHEMA
+    assert manifest["command"] == ["qlora-bench", "sweep", "--modes", "bf16,nf4"]
+    assert manifest["environment"]["libraries"]["torch"] and manifest["ended"] >= manifest["started"]
+    cells = manifest["cells"]
+    assert [(c["mode"], c["status"], c["resumed"]) for c in cells] == [("bf16", "ok", False), ("nf4", "ok", False)]
+    for cell, result in zip(cells, results):
+        assert json.loads((out / cell["result"]).read_text()) == result
+        phases = sum(result["phase_seconds"].values()) + sum(result["training"]["step_seconds"])
+        assert cell["measured_seconds"] == pytest.approx(phases)
+        assert 0 < cell["measured_seconds"] < cell["wall_seconds"] < manifest["wall_seconds"]
+    assert manifest["measured_seconds"] == pytest.approx(sum(c["measured_seconds"] for c in cells))
+    assert manifest["measured_share"] == pytest.approx(manifest["measured_seconds"] / manifest["wall_seconds"])
+
+
+def test_cells_measure_the_inputs_the_sweep_prepared(tiny_model_dir, tmp_path):
+    """The parent tokenizes once and the cells use its inputs, not their own: cut the held-out tokens to 40 here
+    and the cell scores 39 of them (every token after the first), not the whole held-out set."""
+    settings = tiny_cell_settings(tiny_model_dir, "bf16")
+    inputs = prepare_inputs(settings)
+    assert inputs.token_sets["heldout"].numel() > 40
+    cut = dataclasses.replace(inputs, token_sets={"heldout": inputs.token_sets["heldout"][:40]})
+    (result,) = run_sweep(settings, MODES[:1], tmp_path, inputs=cut)
+    assert result["perplexity"]["before"]["heldout"]["n_tokens_scored"] == 40 - 1
+
+
 def test_resume_skips_finished_cells(swept, tiny_model_dir):
     out, results, _ = swept
-    stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.name != MANIFEST_NAME}
     events = Events()
     again = run_sweep(tiny_cell_settings(tiny_model_dir, "bf16"), MODES, out, resume=True, on_event=events)
     assert again == results
-    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == stamps  # nothing rewritten, no log either
+    # nothing rewritten, no log either; the manifest is this invocation's and says the cells were reused
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.name != MANIFEST_NAME} == stamps
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    assert [(c["status"], c["resumed"], c["measured_seconds"]) for c in manifest["cells"]] == [("ok", True, None)] * 2
     for mode in MODES:
         assert events.of(mode.name) == [{"phase": "done (resumed)"}]
 

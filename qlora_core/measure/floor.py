@@ -419,15 +419,19 @@ def compare(predicted_bytes: int, measured_bytes: int | None, measured_by: str) 
 def predicted_vs_measured(floor: dict, memory: dict, tensors_after_load: int, tensors_after_setup: int) -> dict:
     """The floor beside what was observed after load, after set-up and at the training peak.
 
-    On CUDA the allocator is read (allocated bytes; peak allocated since the set-up). Elsewhere the allocator
-    cannot be observed: weights and set-up are compared with the bytes of the model's tensors, and the peak is
-    left unmeasured (a CPU's RSS also counts Python and libraries).
+    On CUDA the allocator is read (allocated bytes; peak allocated since the set-up), less what the process
+    already held before the model loaded (``memory["before_load"]``: zero in a fresh process, an earlier
+    test's leftovers in a shared one). Elsewhere the allocator cannot be observed: weights and set-up are
+    compared with the bytes of the model's tensors, and the peak is left unmeasured (a CPU's RSS also counts
+    Python and libraries).
     """
     cuda = memory.get("after_load", {}).get("kind") == "cuda"
     if cuda:
-        load = memory["after_load"]["allocated_bytes"]
-        setup = memory.get("after_setup", {}).get("allocated_bytes")
-        peak = memory.get("training_peak", {}).get("peak_allocated_bytes")
+        held_before = memory.get("before_load", {}).get("allocated_bytes", 0)
+        grown = lambda value: None if value is None else value - held_before  # noqa: E731
+        load = grown(memory["after_load"]["allocated_bytes"])
+        setup = grown(memory.get("after_setup", {}).get("allocated_bytes"))
+        peak = grown(memory.get("training_peak", {}).get("peak_allocated_bytes"))
     else:
         load, setup, peak = tensors_after_load, tensors_after_setup, None
     by = "cuda allocator" if cuda else "tensor bytes"

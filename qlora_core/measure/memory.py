@@ -76,9 +76,12 @@ def weight_footprint(model: torch.nn.Module) -> dict:
 
 
 def reset_peak(device: torch.device) -> None:
-    """Start a new peak window on CUDA. On CPU the RSS peak is the process's lifetime peak and cannot reset."""
+    """Start a new peak window on CUDA, with the allocator's cached free blocks returned first so the window's
+    reserved peak counts its own needs, not an earlier phase's cache (evaluation before training, say). On CPU
+    the RSS peak is the process's lifetime peak and cannot reset."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
 
 

@@ -1,0 +1,95 @@
+"""The run manifest: ``run.json`` in every run folder says how the run was made and how its time was spent.
+
+It holds the command line, the commit and environment, start and end time, wall seconds, and each cell with
+its status, result file and seconds; rewritten atomically as each cell starts and finishes, so an interrupted
+run still says what it got through. *Measured* seconds are those inside a cell's measured phases (load,
+evaluations, LoRA set-up, training steps); their share of the run's wall time says how much of a run is
+overhead (process start-up, imports, tokenization).
+"""
+
+from __future__ import annotations
+
+import datetime
+import sys
+import time
+from pathlib import Path
+
+from qlora_core.results import environment, write_json_atomic
+
+SCHEMA = "qlora-bench/run/1"
+MANIFEST_NAME = "run.json"
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def measured_seconds(result: dict) -> float | None:
+    """Seconds a cell spent in measured phases: its phases (load, evaluations, set-up) and its training steps;
+    None for a result that ran none (a failure before loading, a prediction that it does not fit)."""
+    phases = result.get("phase_seconds")
+    if not phases:
+        return None
+    steps = (result.get("training") or {}).get("step_seconds") or []
+    return sum(phases.values()) + sum(steps)
+
+
+class RunManifest:
+    """``run.json`` of one invocation in ``folder``; ``command`` defaults to this process's command line."""
+
+    def __init__(self, folder: Path, command: list[str] | None = None):
+        self.path = Path(folder) / MANIFEST_NAME
+        self._start = time.perf_counter()
+        env = environment()
+        self.data = {
+            "schema": SCHEMA,
+            "command": list(command if command is not None else [Path(sys.argv[0]).name, *sys.argv[1:]]),
+            "commit": env["commit"],
+            "started": _now(),
+            "ended": None,
+            "wall_seconds": None,
+            "measured_seconds": None,
+            "measured_share": None,
+            "environment": env,
+            "cells": [],
+        }
+        self._cells: dict[str, dict] = {}
+        self._write()
+
+    def _entry(self, name: str, mode: str) -> dict:
+        if name not in self._cells:
+            self._cells[name] = {"name": name, "mode": mode, "status": "pending", "result": None,
+                                 "resumed": False, "wall_seconds": None, "measured_seconds": None}
+            self.data["cells"].append(self._cells[name])
+        return self._cells[name]
+
+    def started(self, name: str, mode: str) -> float:
+        """Mark a cell running; returns a start stamp for ``finished``."""
+        self._entry(name, mode)["status"] = "running"
+        self._write()
+        return time.perf_counter()
+
+    def finished(self, name: str, mode: str, result: dict, result_path: Path | None, start: float | None,
+                 *, resumed: bool = False) -> None:
+        """Record a cell's outcome: its status, result file (relative to the run folder), wall seconds of this
+        invocation (None when it was resumed from an earlier one) and measured seconds."""
+        entry = self._entry(name, mode)
+        entry.update(
+            status=result["status"],
+            result=str(result_path.relative_to(self.path.parent)) if result_path else None,
+            resumed=resumed,
+            wall_seconds=None if resumed or start is None else time.perf_counter() - start,
+            measured_seconds=None if resumed else measured_seconds(result),
+        )
+        self._write()
+
+    def close(self) -> None:
+        """The end of the run: end time, wall seconds and the measured share."""
+        wall = time.perf_counter() - self._start
+        measured = sum(cell["measured_seconds"] or 0.0 for cell in self.data["cells"])
+        self.data.update(ended=_now(), wall_seconds=wall, measured_seconds=measured,
+                         measured_share=measured / wall if wall > 0 else None)
+        self._write()
+
+    def _write(self) -> None:
+        write_json_atomic(self.data, self.path)
