@@ -1,8 +1,11 @@
 """pytest-benchmark suites for GPU runners: `pytest bench/ --benchmark-only [--bench-... options]`.
 
 Every (model or shape, mode, path) cell runs in its own spawned process (qlora_core.worker); pytest groups the
-tests of one cell together, so one model is on the GPU at a time. Each cell's full result is also written atomically to
---bench-out as soon as the cell finishes, so an interrupted run keeps what finished and --bench-resume skips it.
+tests of one cell together, so one model is on the GPU at a time. The data is tokenized once in this process,
+and the next cell's process is started (its imports done) while the current cell evaluates. Each cell's full
+result is written atomically to --bench-out as soon as the cell finishes, so an interrupted run keeps what
+finished and --bench-resume skips it; --bench-out/run.json, the run's manifest, says how the run was made and
+where its wall time went.
 On a machine without CUDA every benchmark skips with its reason; collection never needs a GPU. A shape cell
 (--bench-shapes: random weights, memory and time only) predicted not to fit the GPU is not attempted: its result
 says ``does_not_fit`` with the prediction, and its tests skip (--bench-attempt-unfit tries it anyway).
@@ -11,22 +14,32 @@ says ``does_not_fit`` with the prediction, and its tests skip (--bench-attempt-u
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
+import json
 import os
+import time
 from pathlib import Path
 from typing import NamedTuple
 
 import pytest
 import torch
 
-from qlora_core.cell import CellSettings, does_not_fit_result, failure_result
+from qlora_core.cell import CellSettings, does_not_fit_result, failure_result, prepare_inputs
 from qlora_core.lora import LoraSettings
+from qlora_core.manifest import RunManifest
 from qlora_core.modes import parse_modes
 from qlora_core.paths import check_path
 from qlora_core.shapes import check_shape
 from qlora_core.results import environment, write_json_atomic
 from qlora_core.sweep import finished
 from qlora_core.trainer import TrainSettings
-from qlora_core.worker import CellError, CellWorker
+from qlora_core.worker import CellError, WorkerPool, serialize_inputs
+
+#: Where the session's start (time.perf_counter()) and its cells, in run order, are kept on the config.
+SESSION_START = pytest.StashKey[float]()
+CELL_KEYS = pytest.StashKey[list]()
+#: pytest-benchmark 5.2.x opens --benchmark-json while parsing the command line and hands hooks a file object.
+MIN_PYTEST_BENCHMARK = (5, 3, 1)
 
 
 def pytest_addoption(parser):
@@ -49,7 +62,6 @@ def pytest_addoption(parser):
     group.addoption("--bench-batch-size", type=int, default=8, help="blocks per step")
     group.addoption("--bench-steps", type=int, default=40, help="timed training steps per cell")
     group.addoption("--bench-warmup", type=int, default=5, help="untimed warm-up steps before them")
-    group.addoption("--bench-memory-steps", type=int, default=5, help="steps of the separate memory pass")
     group.addoption("--bench-lora-r", type=int, default=16, help="LoRA rank (alpha = 2 r)")
     group.addoption("--bench-no-gradient-checkpointing", action="store_true", help="keep all activations")
     group.addoption("--bench-eval-text", default=os.environ.get("QLORA_BENCH_EVAL_TEXT"),
@@ -65,11 +77,24 @@ def pytest_addoption(parser):
 
 
 def pytest_configure(config):
-    """Create --benchmark-json's folder now: pytest-benchmark opens the file only at the end of the session and
-    loses every measurement of the run when its folder is missing."""
+    """Refuse a pytest-benchmark too old for --benchmark-json paths, and create --benchmark-json's folder now:
+    pytest-benchmark opens the file only at the end of the session and loses every measurement of the run when
+    its folder is missing."""
+    config.stash[SESSION_START] = time.perf_counter()
+    version = importlib.metadata.version("pytest-benchmark")
+    if tuple(int(part) for part in version.split(".")[:3]) < MIN_PYTEST_BENCHMARK:
+        raise pytest.UsageError(f"pytest-benchmark {version} is too old for bench/ (needs >= 5.3.1, which takes "
+                                f"--benchmark-json as a path): pip install -U 'pytest-benchmark>=5.3.1'")
     json_path = config.getoption("benchmark_json", None)
     if json_path:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+
+
+def pytest_collection_finish(session):
+    """The selected cells in the order they run (pytest groups a cell's tests), for the worker pool's look-ahead."""
+    keys = [item.callspec.params["cell_key"] for item in session.items
+            if hasattr(item, "callspec") and "cell_key" in item.callspec.params]
+    session.config.stash[CELL_KEYS] = list(dict.fromkeys(keys))
 
 
 def pytest_collection_modifyitems(config, items):
@@ -150,16 +175,65 @@ def cell_settings(config, key: CellKey) -> CellSettings:
     )
 
 
-class BenchCell:
-    """One cell's worker process, with the bookkeeping the tests share: steps taken, and the cell's result
-    written to ``path`` atomically when the cell finishes or fails."""
+class BenchRun:
+    """What the cells of one pytest session share: the worker pool (the next cell's process starts while the
+    current one evaluates), the tokenized inputs (prepared once per model and data, not once per cell) and the
+    run's manifest (``run.json`` in --bench-out). Made when the first cell is, so a session that runs no cell
+    writes nothing."""
 
-    def __init__(self, settings: CellSettings, path: Path):
+    def __init__(self, config, keys: list[CellKey]):
+        self.config = config
+        self.pool = WorkerPool()
+        self.pool.prepare_next()  # its imports overlap the parent's tokenization below
+        self.remaining = list(keys)
+        self._inputs: dict[str, bytes] = {}
+        command = ["pytest", *config.invocation_params.args]
+        self.manifest = RunManifest(Path(config.option.bench_out), command, start=config.stash[SESSION_START])
+
+    def inputs_for(self, settings: CellSettings) -> bytes:
+        """The cell's serialized inputs; mode and path do not change them, so cells that differ only there share
+        one tokenization."""
+        key = json.dumps(dataclasses.replace(settings, mode="bf16", path="reference").describe(), sort_keys=True)
+        if key not in self._inputs:
+            self._inputs[key] = serialize_inputs(prepare_inputs(settings))
+        return self._inputs[key]
+
+    def cell_done(self, key: CellKey) -> None:
+        if key in self.remaining:
+            self.remaining.remove(key)
+
+    def close(self) -> None:
+        self.pool.close()
+        self.manifest.close()
+
+
+class BenchCell:
+    """One cell's worker process, with the bookkeeping the tests share: the phases run so far, steps taken,
+    and the cell's result written to ``path`` atomically (and entered in the run's manifest) when the cell
+    finishes or fails."""
+
+    def __init__(self, key: CellKey, settings: CellSettings, path: Path, run: BenchRun):
+        self.key = key
         self.settings = settings
         self.path = path
+        self.run = run
         self.failure: CellError | None = None
         self.steps_taken = 0
-        self.worker = CellWorker(settings, log=path.with_suffix(".log"))
+        self.phases_done: set[str] = set()
+        self.start = run.manifest.started(key.stem, key.mode)
+        try:
+            inputs = run.inputs_for(settings)
+            self.worker = run.pool.take(settings, log=path.with_suffix(".log"), inputs=inputs)
+        except (CellError, ValueError, FileNotFoundError, RuntimeError) as error:
+            self.worker = None
+            self._fail(error if isinstance(error, CellError) else CellError("error", f"{type(error).__name__}: "
+                                                                                     f"{error}"))
+
+    def _fail(self, error: CellError) -> None:
+        self.failure = error
+        result = failure_result(self.settings, error.status, str(error))
+        write_json_atomic(result, self.path)
+        self.run.manifest.finished(self.key.stem, self.key.mode, result, self.path, self.start)
 
     def call(self, method: str, *args):
         """Run a Cell phase in the worker; a failure (OOM, error, crash) becomes this cell's result and fails
@@ -174,11 +248,12 @@ class BenchCell:
         if self.failure:
             return None
         try:
-            return self.worker.call(method, *args)
+            value = self.worker.call(method, *args)
         except CellError as error:
-            self.failure = error
-            write_json_atomic(failure_result(self.settings, error.status, str(error)), self.path)
+            self._fail(error)
             return None
+        self.phases_done.add(" ".join((method, *map(str, args))))
+        return value
 
     def check(self, benchmark=None) -> None:
         """Fail the test if the cell has failed, marking its benchmark record with the status."""
@@ -188,23 +263,44 @@ class BenchCell:
             benchmark.extra_info.update(status=self.failure.status, error=str(self.failure))
         pytest.fail(f"{self.settings.mode}: {self.failure.status}: {self.failure}")
 
+    def prepare(self) -> None:
+        """Whatever of load, evaluation before training and LoRA set-up has not run yet (a deselected test's
+        part), in that order."""
+        for method, *args in (("load",), ("evaluate", "before"), ("setup_training",)):
+            if " ".join((method, *args)) not in self.phases_done:
+                self.call(method, *args)
+
     def step(self) -> float | None:
         self.steps_taken += 1
         return self.attempt("step")
 
+    def end_training(self) -> None:
+        """Read the training peak; then start the next cell's process, whose imports now overlap this cell's
+        evaluations rather than its timed steps."""
+        self.call("end_training")
+        self.run.cell_done(self.key)
+        if self.run.remaining:
+            self.run.pool.prepare_next()
+
     def train_to_end(self) -> None:
         """Take the remaining steps untimed (when the step-time test was deselected) and read the peak."""
+        self.prepare()
         while self.steps_taken < self.settings.train.max_steps and not self.failure:
             self.step()
-        self.call("end_training")
+        self.check()
+        self.end_training()
 
     def finish(self) -> dict | None:
-        """Write the full result (if the cell got that far) and stop the worker."""
+        """Write the full result (if the cell got that far), enter it in the manifest and stop the worker."""
         result = None
+        self.run.cell_done(self.key)
         if not self.failure and self.steps_taken:
-            result = self.call("result")
+            result = self.attempt("result")
+        if result is not None:
             write_json_atomic(result, self.path)
-        self.worker.close()
+            self.run.manifest.finished(self.key.stem, self.key.mode, result, self.path, self.start)
+        if self.worker is not None:
+            self.worker.close()
         return result
 
 
@@ -212,8 +308,10 @@ def _cell_path(config, cell_key: CellKey) -> Path:
     return Path(config.option.bench_out) / f"{cell_key.stem}.json"
 
 
-def _skip_if_resumed(config, path: Path) -> None:
+def _skip_if_resumed(config, path: Path, run: BenchRun, key: CellKey) -> None:
     if config.option.bench_resume and finished(path):
+        run.cell_done(key)
+        run.manifest.finished(key.stem, key.mode, json.loads(path.read_text()), path, None, resumed=True)
         pytest.skip(f"already measured: {path} (--bench-resume)")
 
 
@@ -226,7 +324,7 @@ def device_capacity_bytes(config) -> int | None:
     return None
 
 
-def _skip_if_unfit(config, settings: CellSettings, path: Path) -> None:
+def _skip_if_unfit(config, settings: CellSettings, path: Path, run: BenchRun, key: CellKey) -> None:
     """A shape cell predicted not to fit is reported (result ``does_not_fit`` at ``path``) and not attempted."""
     capacity = device_capacity_bytes(config)
     if capacity is None or config.option.bench_attempt_unfit:
@@ -234,35 +332,26 @@ def _skip_if_unfit(config, settings: CellSettings, path: Path) -> None:
     result = does_not_fit_result(settings, capacity)
     if result is not None:
         write_json_atomic(result, path)
+        run.cell_done(key)
+        run.manifest.finished(key.stem, key.mode, result, path, None)
         pytest.skip(f"{path.stem}: does not fit: {result['error']}")
 
 
 @pytest.fixture(scope="session")
-def bench_cell(cell_key, request):
-    """The cell loaded, evaluated before training and set up for LoRA, in its own process."""
+def bench_run(request):
+    """The session's shared worker pool, inputs and manifest (made with the first cell, closed at the end)."""
+    run = BenchRun(request.config, request.config.stash[CELL_KEYS])
+    yield run
+    run.close()
+
+
+@pytest.fixture(scope="session")
+def bench_cell(cell_key, request, bench_run):
+    """The cell's own process, bound to the cell; the tests run its phases (``BenchCell.prepare``)."""
     path = _cell_path(request.config, cell_key)
-    _skip_if_resumed(request.config, path)
+    _skip_if_resumed(request.config, path, bench_run, cell_key)
     settings = cell_settings(request.config, cell_key)
-    _skip_if_unfit(request.config, settings, path)
-    cell = BenchCell(settings, path)
-    cell.call("load")
-    cell.call("evaluate", "before")
-    cell.call("setup_training")
+    _skip_if_unfit(request.config, settings, path, bench_run, cell_key)
+    cell = BenchCell(cell_key, settings, path, bench_run)
     yield cell
     cell.finish()
-
-
-@pytest.fixture
-def memory_cell(cell_key, request):
-    """A second, separate process for the memory pass (no evaluation; a few untimed steps)."""
-    path = _cell_path(request.config, cell_key)
-    _skip_if_resumed(request.config, path)
-    settings = cell_settings(request.config, cell_key)
-    _skip_if_unfit(request.config, settings, path)
-    steps = request.config.option.bench_memory_steps
-    settings = dataclasses.replace(
-        settings, timing_warmup=0, eval_text=None, train=dataclasses.replace(settings.train, max_steps=steps)
-    )
-    cell = BenchCell(settings, path.with_name(f"memory-{path.name}"))
-    yield cell
-    cell.worker.close()

@@ -1,8 +1,11 @@
-"""The three suites of a cell, in the order they run for each (model, mode):
+"""The three suites of a cell. All three run in the cell's one process (a fresh one per cell), in separate
+windows: the allocator's peak counters are reset after LoRA set-up (cache emptied first), so the training peak
+is that of the training steps alone, and nothing reads or records memory while steps are timed. In the order
+they run for each (model, mode):
 
-- memory: a separate process loads the model (timed), sets up LoRA and takes a few steps; weights as stored
-  and the allocator's view after load, after set-up and at the training peak go into extra_info, beside the
-  analytic floor's prediction of each and the unexplained remainder (printed too: run with -s to see it).
+- memory: the load (quantization included) is timed; weights as stored and the allocator's readings after
+  load and after set-up go into extra_info. The training peak, the analytic floor's prediction of each point
+  and the unexplained remainder are in the cell's full result (printed for a shape: run with -s to see it).
 - step time: training steps timed one by one (the worker synchronizes CUDA inside each step, and the round
   trip is timed here); tokens/s and model FLOPs utilisation in extra_info.
 - perplexity: before fine-tuning, after the timed steps, and after merging into a dequantized bf16 base, with
@@ -24,32 +27,28 @@ def _describe(benchmark, cell, group: str) -> None:
     benchmark.extra_info["settings"] = cell.settings.describe()
 
 
-def test_memory(benchmark, memory_cell):
-    _describe(benchmark, memory_cell, "memory: load and quantize (s)")
-    weights = benchmark.pedantic(memory_cell.attempt, args=("load",), rounds=1, iterations=1)
-    memory_cell.check(benchmark)
-    memory_cell.call("setup_training")
-    memory_cell.train_to_end()
-    result = memory_cell.call("result")
-    benchmark.extra_info.update(
-        weights=weights, memory=result["memory"], parameters=result["parameters"], mode_description=result["mode"],
-        floor=result["floor"], predicted_vs_measured=result["predicted_vs_measured"], note=result["note"],
-    )
-    if result["floor"]:
-        print(f"\n{memory_cell.path.stem}:", *summary_lines(result["floor"], result["predicted_vs_measured"]),
-              sep="\n")
+def test_memory(benchmark, bench_cell):
+    _describe(benchmark, bench_cell, "memory: load and quantize (s)")
+    weights = benchmark.pedantic(bench_cell.attempt, args=("load",), rounds=1, iterations=1)
+    bench_cell.check(benchmark)
+    bench_cell.prepare()  # evaluation before training, LoRA set-up
+    benchmark.extra_info.update(weights=weights, memory_readings=bench_cell.call("memory_readings"))
 
 
 def test_step_time(benchmark, bench_cell, request):
     _describe(benchmark, bench_cell, "step time (s)")
+    bench_cell.prepare()
     option = request.config.option
     benchmark.pedantic(bench_cell.step, rounds=option.bench_steps, warmup_rounds=option.bench_warmup, iterations=1)
     bench_cell.check(benchmark)
-    bench_cell.call("end_training")
+    bench_cell.end_training()
     result = bench_cell.call("result")
     training = result["training"]
     if bench_cell.settings.shape:  # no perplexity test for a shape: the full result goes here
         benchmark.extra_info.update(cell=result, note=RANDOM_WEIGHTS_NOTE)
+        if result["floor"]:
+            print(f"\n{bench_cell.path.stem}:", *summary_lines(result["floor"], result["predicted_vs_measured"]),
+                  sep="\n")
     benchmark.extra_info.update(
         tokens_per_step=training["tokens_per_step"],
         tokens_per_s=training["tokens_per_s"],

@@ -296,6 +296,10 @@ class Cell:
         self.report({"step": record.step, "of": self.settings.train.max_steps, "loss": record.loss})
         return record.seconds
 
+    def memory_readings(self) -> dict:
+        """The allocator (or RSS) readings taken so far, by point (``memory_snapshot``'s bytes)."""
+        return dict(self.memory)
+
     def end_training(self) -> dict:
         """Read the peak memory of the training steps (before evaluation allocates anything)."""
         self.memory["training_peak"] = memory_snapshot(self.device)

@@ -35,17 +35,21 @@ def measured_seconds(result: dict) -> float | None:
 
 
 class RunManifest:
-    """``run.json`` of one invocation in ``folder``; ``command`` defaults to this process's command line."""
+    """``run.json`` of one invocation in ``folder``; ``command`` defaults to this process's command line, and
+    ``start`` (a ``time.perf_counter()`` stamp) to now: pass the invocation's own start when the manifest is
+    made later, so its wall time covers the whole run."""
 
-    def __init__(self, folder: Path, command: list[str] | None = None):
+    def __init__(self, folder: Path, command: list[str] | None = None, start: float | None = None):
         self.path = Path(folder) / MANIFEST_NAME
-        self._start = time.perf_counter()
+        self._start = time.perf_counter() if start is None else start
+        started = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(
+            seconds=time.perf_counter() - self._start)
         env = environment()
         self.data = {
             "schema": SCHEMA,
             "command": list(command if command is not None else [Path(sys.argv[0]).name, *sys.argv[1:]]),
             "commit": env["commit"],
-            "started": _now(),
+            "started": started.isoformat(timespec="seconds"),
             "ended": None,
             "wall_seconds": None,
             "measured_seconds": None,

@@ -106,7 +106,7 @@ def test_does_not_fit_reports_the_prediction():
 def run_bench(tmp_path: Path, *options: str) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "pytest", "bench/", "-q", "-rs", "-p", "no:cacheprovider", "--bench-device",
                "cpu", "--bench-shapes", "tiny-llama", "--bench-seq-len", "32", "--bench-batch-size", "2",
-               "--bench-steps", "2", "--bench-warmup", "1", "--bench-memory-steps", "1",
+               "--bench-steps", "2", "--bench-warmup", "1",
                "--bench-out", str(tmp_path / "out"), *options]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)

@@ -1,0 +1,83 @@
+"""bench/ as a GPU runner uses it, dry-run on the CPU: the README's command with --benchmark-json into a folder
+that does not exist yet, two modes of the tiny model, every suite."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from qlora_core.manifest import MANIFEST_NAME
+from qlora_core.results import read_results
+
+REPO = Path(__file__).resolve().parents[1]
+MODES = ("bf16", "nf4")
+
+
+@pytest.fixture(scope="module")
+def bench_run(tiny_model_dir, eval_text_file, tmp_path_factory):
+    """(completed process, --bench-out folder, --benchmark-json path) of one bench/ session."""
+    root = tmp_path_factory.mktemp("bench")
+    bench_json = root / "not-yet-made" / "bench.json"
+    out = root / "cells"
+    command = [sys.executable, "-m", "pytest", "bench/", "--benchmark-only", "-q", "-p", "no:cacheprovider",
+               "--bench-device", "cpu", "--bench-models", str(tiny_model_dir), "--bench-modes", ",".join(MODES),
+               "--bench-seq-len", "32", "--bench-batch-size", "2", "--bench-steps", "3", "--bench-warmup", "1",
+               "--bench-eval-text", str(eval_text_file), "--bench-eval-window", "32", "--bench-eval-stride", "16",
+               "--bench-eval-batch-size", "4", "--bench-eval-max-tokens", "128",
+               "--bench-out", str(out), "--benchmark-json", str(bench_json)]
+    run = subprocess.run(command, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                         text=True, timeout=600)
+    return run, out, bench_json
+
+
+def test_every_suite_passes_and_the_json_lands_in_a_new_folder(bench_run):
+    run, _, bench_json = bench_run
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "6 passed" in run.stdout
+    benchmarks = json.loads(bench_json.read_text())["benchmarks"]
+    assert sorted(b["name"] for b in benchmarks) == sorted(
+        f"{test}[tiny-llama-{mode}]" for test in ("test_memory", "test_step_time", "test_perplexity") for mode in MODES)
+
+
+def test_one_process_per_cell_gives_memory_time_and_perplexity(bench_run):
+    _, out, bench_json = bench_run
+    cells = read_results([bench_json])
+    assert [c["mode"]["name"] for c in cells] == list(MODES)
+    for cell in cells:
+        saved = json.loads((out / f"tiny-llama-{cell['mode']['name']}.json").read_text())
+        assert saved["status"] == "ok" and saved["training"]["losses"] == cell["training"]["losses"]
+        assert set(cell["memory"]) >= {"before_load", "after_load", "after_setup", "training_peak"}
+        assert set(cell["perplexity"]) == {"before", "after", "merged"}
+        assert len(cell["training"]["step_seconds"]) == 1 + 3  # warm-up and timed steps, in the worker
+    memory = [b for b in json.loads(bench_json.read_text())["benchmarks"] if b["name"].startswith("test_memory")]
+    for record in memory:  # the load is what the memory suite times; its readings come with it
+        assert record["stats"]["rounds"] == 1
+        assert record["extra_info"]["weights"]["weights_bytes"] > 0
+        assert set(record["extra_info"]["memory_readings"]) == {"before_load", "after_load", "after_setup"}
+
+
+def test_the_manifest_accounts_for_the_run(bench_run):
+    _, out, _ = bench_run
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    assert manifest["command"][:2] == ["pytest", "bench/"] and "--bench-out" in manifest["command"]
+    assert [(c["name"], c["status"]) for c in manifest["cells"]] == [(f"tiny-llama-{m}", "ok") for m in MODES]
+    for cell in manifest["cells"]:
+        assert (out / cell["result"]).is_file()
+        assert 0 < cell["measured_seconds"] < cell["wall_seconds"]
+    assert 0 < manifest["measured_share"] < 1
+    assert manifest["wall_seconds"] > sum(c["wall_seconds"] for c in manifest["cells"])  # start-up counted too
+
+
+def test_a_session_that_runs_no_cell_writes_nothing(tmp_path):
+    """CI collects bench/ with the CPU tests: without CUDA every cell skips, and no run folder appears."""
+    command = [sys.executable, "-m", "pytest", "bench/", "-q", "-p", "no:cacheprovider",
+               "--bench-out", str(tmp_path / "out")]
+    run = subprocess.run(command, cwd=REPO, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""}, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "skipped" in run.stdout and not (tmp_path / "out").exists()
