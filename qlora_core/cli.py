@@ -251,13 +251,19 @@ def command_sweep(args: argparse.Namespace) -> int:
     return 0 if all(r["status"] == "ok" for r in results) else 1
 
 
-def _read(paths: list[Path]) -> list[dict]:
-    from qlora_core.results import read_results
+def _read(paths: list[Path]):
+    """Everything under ``paths`` (``results.Reading``), each unusable file warned about on stderr (path and
+    reason, one line each) and a one-line summary of what was read; no cell at all is a user error."""
+    from qlora_core.results import describe_reading, read_paths
 
-    results = read_results(paths)
-    if not results:
-        raise ValueError(f"no qlora-bench results in {', '.join(map(str, paths))}")
-    return results
+    reading = read_paths(paths)
+    for file, reason in reading.skipped:
+        print(f"qlora-bench: warning: skipped {file}: {reason}", file=sys.stderr)
+    if not reading.results:
+        skipped = f" ({len(reading.skipped)} unusable files skipped)" if reading.skipped else ""
+        raise ValueError(f"no qlora-bench results in {', '.join(map(str, paths))}{skipped}")
+    print(describe_reading(reading, paths))
+    return reading
 
 
 def command_report(args: argparse.Namespace) -> int:
@@ -265,7 +271,7 @@ def command_report(args: argparse.Namespace) -> int:
 
     from qlora_core.report import floor_rich_table, markdown_report, plot, results_frame, rich_table
 
-    results = _read(args.paths)
+    results = _read(args.paths).results
     console = Console()
     console.print(rich_table(results))
     if (floor := floor_rich_table(results)) is not None:
@@ -288,7 +294,7 @@ def command_compare(args: argparse.Namespace) -> int:
     from qlora_core.report import (comparison_markdown, comparison_rich, compare_frames, has_regression,
                                    results_frame)
 
-    baseline, candidate = (results_frame(_read([path])) for path in (args.baseline, args.candidate))
+    baseline, candidate = (results_frame(_read([path]).results) for path in (args.baseline, args.candidate))
     comparison = compare_frames(baseline, candidate, args.threshold)
     title = f"qlora-bench: {args.candidate} against {args.baseline}"
     Console().print(comparison_rich(comparison, args.threshold, title=title))

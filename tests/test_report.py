@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import csv
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -283,6 +284,46 @@ def test_report_command_on_the_stored_run(tmp_path, capsys):
     terminal = capsys.readouterr().out
     for mode in MODES:
         assert mode in terminal
+
+
+def test_report_command_reads_the_whole_run_folder(capsys):
+    """Given the run's folder, the report shows all seven modes, and says what it read."""
+    assert main(["report", str(STORED)]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0] == (f"read 7 cells from 8 files in {STORED}; 1 other JSON not cells "
+                                   f"(workflow/nf4-dq-summary.json)")
+    for mode in MODES:
+        assert re.search(rf"\s{re.escape(mode)}(\s|$)", out, re.M), mode
+
+
+def test_report_command_warns_about_each_unusable_file(tmp_path, capsys):
+    shutil.copytree(STORED, tmp_path / "run")
+    (tmp_path / "run" / "cells" / "smollm2-int8.json").write_text('{"schema": "qlora-bench/cell/1", "sta')
+    edited = json.loads((STORED_CELLS / "smollm2-nf4.json").read_text())
+    del edited["memory"]
+    (tmp_path / "run" / "cells" / "smollm2-nf4.json").write_text(json.dumps(edited))
+    assert main(["report", str(tmp_path / "run")]) == 0
+    captured = capsys.readouterr()
+    warnings = captured.err.splitlines()
+    assert len(warnings) == 2
+    assert warnings[0].startswith(f"qlora-bench: warning: skipped {tmp_path / 'run' / 'cells' / 'smollm2-int8.json'}: "
+                                  f"unreadable JSON")
+    assert warnings[1] == (f"qlora-bench: warning: skipped {tmp_path / 'run' / 'cells' / 'smollm2-nf4.json'}: cell "
+                           f"result without memory.training_peak.kind")
+    # nf4 is still there: the pytest-benchmark JSON holds it too; int8 is gone
+    assert "read 6 cells from 6 files" in captured.out and "skipped 2 unusable" in captured.out
+    assert " int8 " not in captured.out and " nf4 " in captured.out
+
+
+def test_report_command_on_nothing_readable_exits_2(tmp_path, capsys):
+    (tmp_path / "a.json").write_text("{")
+    (tmp_path / "summary.json").write_text(json.dumps({"schema": "qlora-bench/finetune/1"}))
+    assert main(["report", str(tmp_path)]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.splitlines()[-1] == f"qlora-bench: error: no qlora-bench results in {tmp_path} (1 unusable " \
+                                           f"files skipped)"
+    assert main(["report", str(tmp_path / "missing")]) == 2
+    assert capsys.readouterr().err == f"qlora-bench: error: {tmp_path / 'missing'}: no such file or folder\n"
 
 
 # --- comparing two runs --------------------------------------------------------------------------------------
