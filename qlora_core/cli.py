@@ -269,16 +269,19 @@ def _read(paths: list[Path]):
 def command_report(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from qlora_core.report import floor_rich_table, markdown_report, plot, results_frame, rich_table
+    from qlora_core.report import floor_rich_table, markdown_report, plot, results_frame, rich_table, run_lines
 
-    results = _read(args.paths).results
+    reading = _read(args.paths)
+    results = reading.results
     console = Console()
     console.print(rich_table(results))
     if (floor := floor_rich_table(results)) is not None:
         console.print(floor)
+    for line in run_lines(reading.runs):
+        print(line)  # plain print: rich would take a command's [brackets] for markup
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "report.md").write_text(markdown_report(results))
+        (args.out / "report.md").write_text(markdown_report(results, runs=reading.runs))
         results_frame(results).to_csv(args.out / "report.csv", index=False)
         written = ["report.md", "report.csv"]
         if any(result["status"] == "ok" for result in results):  # failures alone have nothing to plot

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import re
+import shlex
 import textwrap
 from pathlib import Path
 
@@ -350,6 +351,35 @@ def run_summary(results: list[dict]) -> list[str]:
             for line, dates in lines.items()]
 
 
+def _seconds(value: float | None) -> str:
+    return "not recorded" if value is None else f"{value:,.0f} s"
+
+
+def _cell_statuses(cells: list[dict]) -> str:
+    """'5 ok, 1 oom (m-nf4)': a count per status, the cells named where they did not finish."""
+    by_status: dict[str, list[str]] = {}
+    for entry in cells:
+        by_status.setdefault(entry["status"], []).append(entry["name"])
+    return ", ".join(f"{len(names)} {status}" + ("" if status == "ok" else f" ({', '.join(names)})")
+                     for status, names in by_status.items()) or "none"
+
+
+def run_lines(runs: list[dict]) -> list[str]:
+    """Per run manifest (``results.read_runs``): its command and commit, then its wall time and the share of it
+    spent in measured phases (load, evaluations, LoRA set-up, training steps), then its cells' statuses."""
+    lines = []
+    for run in runs:
+        command = shlex.join(map(str, run["command"])) if isinstance(run["command"], list) else str(run["command"])
+        lines.append(f"run {run.get('path', '')}: {command} (commit {run.get('commit') or 'not recorded'})")
+        share = run.get("measured_share")
+        measured = ("measured share not recorded" if share is None
+                    else f"measured {_seconds(run.get('measured_seconds'))} = {share:.0%} of wall")
+        ended = f"ended {run['ended']}" if run.get("ended") else "NOT FINISHED (no end time)"
+        lines.append(f"  started {run['started']}, {ended}; wall {_seconds(run.get('wall_seconds'))}, {measured}")
+        lines.append(f"  cells: {_cell_statuses(run['cells'])}")
+    return lines
+
+
 def floor_frame(results: list[dict]) -> pd.DataFrame:
     """Predicted (analytic floor) vs measured memory, one row per (model, mode, point), in MiB; empty when no
     result carries a floor. The remainder is what the floor does not explain (measured minus predicted)."""
@@ -395,10 +425,13 @@ def floor_rich_table(results: list[dict]):
     return table
 
 
-def markdown_report(results: list[dict], title: str = "qlora-bench report") -> str:
-    """A Markdown document: title, where and how it was measured, the table(s) and their footnotes, and the
-    analytic floor against the measurements where results carry one."""
+def markdown_report(results: list[dict], title: str = "qlora-bench report", runs: list[dict] = ()) -> str:
+    """A Markdown document: title, where and how it was measured, the runs that made the results (``runs``:
+    their manifests, see ``run_lines``), the table(s) and their footnotes, and the analytic floor against the
+    measurements where results carry one."""
     header = [f"# {title}", ""] + [f"Measured: {line}." for line in run_summary(results)] + [""]
+    if runs:
+        header += ["## Runs", "", "```", *run_lines(runs), "```", ""]
     document = "\n".join(header) + "\n" + markdown_table(results)
     rows = floor_rows(results)
     if rows:

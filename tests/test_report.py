@@ -326,6 +326,43 @@ def test_report_command_on_nothing_readable_exits_2(tmp_path, capsys):
     assert capsys.readouterr().err == f"qlora-bench: error: {tmp_path / 'missing'}: no such file or folder\n"
 
 
+def stored_run_manifest(**overrides) -> dict:
+    """A run manifest (qlora-bench/run/1) for the stored cells, built by hand as the sweep will write it."""
+    cells = [{"name": f"smollm2-{mode}", "mode": mode, "status": "ok", "result": f"cells/smollm2-{mode}.json",
+              "wall_seconds": 80.0, "measured_seconds": 50.0} for mode in MODES]
+    cells[2] = {**cells[2], "status": "oom", "result": None}
+    return {"schema": "qlora-bench/run/1", "command": ["qlora-bench", "sweep", "--eval-text", "wiki [test].raw"],
+            "commit": "e4d57f44e723", "started": "2026-11-28T12:00:00+00:00", "ended": "2026-11-28T12:09:20+00:00",
+            "wall_seconds": 560.0, "measured_seconds": 350.0, "measured_share": 0.625, "environment": {},
+            "cells": cells, **overrides}
+
+
+def test_report_command_shows_each_run(tmp_path, capsys):
+    shutil.copytree(STORED_CELLS, tmp_path / "run" / "cells")
+    (tmp_path / "run" / "run.json").write_text(json.dumps(stored_run_manifest()))
+    assert main(["report", str(tmp_path / "run"), "--out", str(tmp_path / "report")]) == 0
+    block = [f"run {tmp_path / 'run' / 'run.json'}: qlora-bench sweep --eval-text 'wiki [test].raw' "
+             f"(commit e4d57f44e723)",
+             "  started 2026-11-28T12:00:00+00:00, ended 2026-11-28T12:09:20+00:00; wall 560 s, measured 350 s = "
+             "62% of wall",
+             "  cells: 6 ok, 1 oom (smollm2-int8)"]
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].startswith("read 7 cells and 1 run manifest from 8 files")
+    assert "\n".join(block) in out
+    assert "## Runs\n\n```\n" + "\n".join(block) + "\n```" in (tmp_path / "report" / "report.md").read_text()
+
+
+def test_an_unfinished_run_says_so():
+    from qlora_core.report import run_lines
+
+    unfinished = stored_run_manifest(ended=None, wall_seconds=None, measured_seconds=None, measured_share=None,
+                                     commit=None, cells=[])
+    assert run_lines([unfinished])[1:] == [
+        "  started 2026-11-28T12:00:00+00:00, NOT FINISHED (no end time); wall not recorded, measured share not "
+        "recorded", "  cells: none"]
+    assert run_lines([unfinished])[0].endswith("(commit not recorded)")
+
+
 # --- comparing two runs --------------------------------------------------------------------------------------
 
 
