@@ -134,6 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--threshold", type=_fraction, default=DEFAULT_THRESHOLD,
                          help=f"relative change that counts, as a fraction (default {DEFAULT_THRESHOLD})")
     compare.add_argument("--out", type=Path, help="also write comparison.md and comparison.csv here")
+    compare.add_argument("--force", action="store_true",
+                         help="compare runs whose device, model, modes, tokens a step or protocol differ (refused "
+                              "otherwise), with a warning per difference")
     _add_workflow_commands(commands)
     return parser
 
@@ -295,15 +298,22 @@ def command_compare(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from qlora_core.report import (comparison_markdown, comparison_rich, compare_frames, has_regression,
-                                   results_frame)
+                                   results_frame, run_differences)
 
-    baseline, candidate = (results_frame(_read([path]).results) for path in (args.baseline, args.candidate))
-    comparison = compare_frames(baseline, candidate, args.threshold)
+    baseline, candidate = (_read([path]).results for path in (args.baseline, args.candidate))
+    differences = run_differences(baseline, candidate)
+    for line in differences:
+        print(f"qlora-bench: {'warning' if args.force else 'error'}: {line}", file=sys.stderr)
+    if differences and not args.force:
+        print("qlora-bench: error: these runs are not comparable; --force compares them anyway", file=sys.stderr)
+        return 2
+    comparison = compare_frames(results_frame(baseline), results_frame(candidate), args.threshold)
     title = f"qlora-bench: {args.candidate} against {args.baseline}"
     Console().print(comparison_rich(comparison, args.threshold, title=title))
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "comparison.md").write_text(comparison_markdown(comparison, args.threshold, title=title))
+        (args.out / "comparison.md").write_text(comparison_markdown(comparison, args.threshold, title=title,
+                                                                    differences=differences))
         comparison.to_csv(args.out / "comparison.csv", index=False)
         print(f"wrote {args.out}/comparison.md, comparison.csv")
     return 1 if has_regression(comparison) else 0

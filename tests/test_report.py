@@ -455,3 +455,62 @@ def test_failed_or_missing_cells(stored_frame, tmp_path):
     # the other way round a cell that now finishes is an improvement, and one only in the candidate is new
     reverse = compare_frames(results_frame(candidate), stored_frame)
     assert verdicts(reverse) == {("int8", "status"): "new", ("fp4", "status"): "improvement"}
+
+
+def edited_run(tmp_path: Path, edit, name: str = "candidate") -> Path:
+    """A copy of the stored cells/ with ``edit(result)`` applied to every result."""
+    folder = tmp_path / name
+    shutil.copytree(STORED_CELLS, folder)
+    for path in folder.glob("*.json"):
+        result = json.loads(path.read_text())
+        edit(result)
+        path.write_text(json.dumps(result))
+    return folder
+
+
+def as_cpu_run(result):
+    """The stored H200 result as if measured with the CPU profile (2 x 128 tokens, 4 steps, 1 warm-up)."""
+    result["environment"]["gpu"] = None
+    result["settings"].update(seq_len=128, batch_size=2, timing_warmup=1, eval_window=128, eval_stride=64,
+                              eval_max_tokens=1024)
+    result["settings"]["train"]["max_steps"] = 4
+    result["memory"]["training_peak"]["peak_allocated_bytes"] //= 2
+
+
+def test_compare_refuses_runs_on_other_devices_or_protocols(tmp_path, capsys):
+    candidate = edited_run(tmp_path, as_cpu_run)
+    assert main(["compare", str(STORED_CELLS), str(candidate)]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.splitlines() == [
+        "qlora-bench: error: device differs: baseline NVIDIA H200, candidate CPU",
+        "qlora-bench: error: tokens a step (batch x sequence) differs: baseline 8 x 512, candidate 2 x 128",
+        "qlora-bench: error: eval window differs: baseline 1024, candidate 128",
+        "qlora-bench: error: eval stride differs: baseline 512, candidate 64",
+        "qlora-bench: error: eval max tokens differs: baseline all, candidate 1024",
+        "qlora-bench: error: training steps differs: baseline 45, candidate 4",
+        "qlora-bench: error: timing warm-up steps differs: baseline 5, candidate 1",
+        "qlora-bench: error: these runs are not comparable; --force compares them anyway",
+    ]
+    assert "REGRESSION" not in captured.out and "peak" not in captured.out
+    # --force compares anyway, with each difference as a warning, in the terminal and in comparison.md
+    assert main(["compare", str(STORED_CELLS), str(candidate), "--force", "--out", str(tmp_path / "cmp")]) == 0
+    forced = capsys.readouterr()
+    assert forced.err.splitlines()[0] == "qlora-bench: warning: device differs: baseline NVIDIA H200, candidate CPU"
+    assert len(forced.err.splitlines()) == 7 and "improvement" in forced.out
+    assert ("**WARNING: device differs: baseline NVIDIA H200, candidate CPU; figures may differ for that reason "
+            "alone.**") in (tmp_path / "cmp" / "comparison.md").read_text()
+
+
+def test_compare_refuses_another_model_or_mode_set(tmp_path, capsys):
+    def other_model(result):
+        result["model"]["label"] = "llama"
+
+    assert main(["compare", str(STORED_CELLS), str(edited_run(tmp_path, other_model))]) == 2
+    assert capsys.readouterr().err.splitlines()[0] == "qlora-bench: error: model differs: baseline smollm2, " \
+                                                      "candidate llama"
+    fewer = edited_run(tmp_path, lambda result: None, name="fewer")
+    (fewer / "smollm2-fp16.json").unlink()
+    assert main(["compare", str(STORED_CELLS), str(fewer)]) == 2
+    assert capsys.readouterr().err.splitlines()[0] == (
+        "qlora-bench: error: mode set differs: baseline fp16, bf16, int8, fp4, fp4-dq, nf4, nf4-dq, candidate "
+        "bf16, int8, fp4, fp4-dq, nf4, nf4-dq")
