@@ -338,14 +338,21 @@ def command_finetune(args: argparse.Namespace) -> int:
 
     from qlora_core import workflow
 
-    source, mode, device = _workflow_source(args)
+    # settings first: an impossible one is refused before the model is resolved (a download for a hub id)
+    settings = _given(args, [f.name for f in dataclasses.fields(workflow.FinetuneSettings)])
+    settings = workflow.FinetuneSettings(**settings)
     lora = _given(args, [f.name for f in dataclasses.fields(LoraSettings)])
     if "target_modules" in lora and lora["target_modules"] != "all-linear":
         lora["target_modules"] = tuple(name.strip() for name in lora["target_modules"].split(","))
-    settings = _given(args, [f.name for f in dataclasses.fields(workflow.FinetuneSettings)])
-    run = workflow.finetune(source, mode, args.out, device=device, settings=workflow.FinetuneSettings(**settings),
-                            lora=LoraSettings(**lora), data=args.data, text_field=args.text_field, resume=args.resume,
-                            **_given(args, ["prompt", "max_new_tokens"]))
+    lora = LoraSettings(**lora)
+    source, mode, device = _workflow_source(args)
+    try:
+        run = workflow.finetune(source, mode, args.out, device=device, settings=settings, lora=lora,
+                                data=args.data, text_field=args.text_field, resume=args.resume,
+                                **_given(args, ["prompt", "max_new_tokens"]))
+    except workflow.RunAlreadyFinished as finished:
+        print(finished)  # exit 0: resuming a finished run leaves it finished, as a retry loop expects
+        return 0
     summary = run.summary
     counts = summary["parameters"]
     print(f"trainable params: {counts['trainable_params']:,} || all params: {counts['total_params']:,} || "

@@ -171,6 +171,51 @@ def test_finetune_refuses_to_overwrite_checkpoints(tiny_source, mode, trained):
         tiny_finetune(tiny_source, mode, out)
 
 
+def folder_state(folder: Path) -> dict[str, tuple[bytes, int]]:
+    """Every file under ``folder``: its bytes and modification time (ns)."""
+    return {str(path.relative_to(folder)): (path.read_bytes(), path.stat().st_mtime_ns)
+            for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+def test_resume_of_a_finished_run_changes_nothing(tiny_source, tiny_model_dir, mode, trained, tmp_path, capsys):
+    """Resuming a run that reached --max-steps trained past it, wrote checkpoint-5 and replaced the adapter."""
+    _, out = trained
+    run = tmp_path / "run"
+    shutil.copytree(out, run)
+    before = folder_state(run)
+    with pytest.raises(workflow.RunAlreadyFinished) as finished:
+        tiny_finetune(tiny_source, mode, run, resume=True)
+    assert finished.value.step == TINY_SETTINGS.max_steps
+    assert main(["finetune", "--mode", mode.name, "--model", str(tiny_model_dir), "--device", "cpu", "--out",
+                 str(run), "--resume", "--max-steps", str(TINY_SETTINGS.max_steps)]) == 0
+    assert capsys.readouterr().out == f"{run}: already finished at step {TINY_SETTINGS.max_steps}; nothing changed\n"
+    assert folder_state(run) == before
+
+
+def test_resume_past_the_last_step_without_a_summary_is_refused(tiny_source, mode, trained, tmp_path):
+    """The run stopped after its last checkpoint, before the final adapter and summary: training again would
+    go past max_steps."""
+    _, out = trained
+    run = tmp_path / "run"
+    shutil.copytree(out, run)
+    (run / workflow.SUMMARY_NAME).unlink()
+    before = folder_state(run)
+    with pytest.raises(ValueError, match=f"checkpoint-4 already reaches max_steps {TINY_SETTINGS.max_steps}"):
+        tiny_finetune(tiny_source, mode, run, resume=True)
+    assert folder_state(run) == before
+
+
+def test_rows_of_one_token_are_refused_before_any_model_load(tmp_path, capsys):
+    """--max-length 1 trained nothing (loss 0, grad-norm 0) and exited 0."""
+    out = tmp_path / "ft"
+    assert main(["finetune", "--mode", "nf4-dq", "--model", str(tmp_path / "no-model"), "--out", str(out),
+                 "--max-length", "1"]) == 2
+    assert capsys.readouterr().err == ("qlora-bench: error: max_length must be >= 2 (a row of one token has nothing "
+                                       "to predict and trains nothing), got 1\n")  # not the missing model
+    assert not out.exists()
+    assert workflow.FinetuneSettings(max_length=2).max_length == 2
+
+
 # ---- reload, generate, merge ----
 
 
