@@ -112,14 +112,28 @@ def write_json_atomic(data: dict, path: str | os.PathLike) -> Path:
     return path
 
 
+def share_as_umask_allows(folder: str | os.PathLike) -> None:
+    """Give ``folder`` and everything in it the permissions the umask allows (e.g. 0755 folders and 0644 files
+    under umask 022): ``tempfile.mkdtemp`` creates 0700 and safetensors writes 0600, so on a shared runner
+    others could not read an adapter or merged model. Executable files stay executable."""
+    mask = _umask()
+    for path in [Path(folder), *Path(folder).rglob("*")]:
+        if path.is_symlink():
+            continue
+        executable = path.is_dir() or path.stat().st_mode & 0o100
+        os.chmod(path, (0o777 if executable else 0o666) & ~mask)
+
+
 def publish_folder(folder: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     """Run ``write(staging)`` on a sibling temporary folder, then rename it to ``folder``: a crash never leaves
-    a half-written ``folder`` (an existing one is replaced only once the new one is complete)."""
+    a half-written ``folder`` (an existing one is replaced only once the new one is complete). The folder gets
+    the permissions the umask allows (``share_as_umask_allows``)."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-"))
     try:
         write(staging)
+        share_as_umask_allows(staging)
         if folder.exists():
             shutil.rmtree(folder)
         staging.rename(folder)

@@ -38,7 +38,7 @@ from qlora_core.measure.perplexity import perplexity
 from qlora_core.measure.timing import timed
 from qlora_core.models import ModelSource, load_dequantized, load_model, prepare_for_training, resolve_model
 from qlora_core.modes import BASELINE_MODE, Mode, get_mode
-from qlora_core.results import environment, publish_folder, write_json_atomic
+from qlora_core.results import environment, publish_folder, share_as_umask_allows, write_json_atomic
 from qlora_core.trainer import save_adapter
 
 SCHEMA = "qlora-bench/finetune/1"
@@ -269,6 +269,7 @@ class AdapterOnlyCheckpointCallback(TrainerCallback):
             if not hasattr(model, "peft_config"):
                 raise RuntimeError(f"{folder}: no adapter saved and the model has no LoRA adapters to save")
             model.save_pretrained(folder)
+        share_as_umask_allows(folder)  # the Trainer's safetensors file is 0600
         mark_complete(folder, state.global_step)
         return control
 

@@ -245,3 +245,28 @@ def test_run_manifests_are_read_beside_the_cells(tmp_path):
     assert reading.runs == [{**run_manifest(), "path": str(tmp_path / "run.json")}]
     assert reading.skipped == [(tmp_path / "old" / "run.json", "run manifest without cells[0].mode, cells[0].status")]
     assert read_runs([tmp_path]) == reading.runs
+
+
+def test_published_folders_are_readable_by_others_as_the_umask_allows(tmp_path):
+    """mkdtemp makes the staging folder 0700 and safetensors writes 0600: the published folder must not keep
+    either (others on a shared runner could not read an adapter)."""
+    import stat
+
+    from qlora_core.results import publish_folder
+
+    def write(folder: Path) -> None:
+        (folder / "sub").mkdir()
+        (folder / "sub" / "weights.bin").write_bytes(b"w")
+        os.chmod(folder / "sub" / "weights.bin", 0o600)  # as safetensors leaves it
+        (folder / "run.sh").write_text("#!/bin/sh\n")
+        os.chmod(folder / "run.sh", 0o700)
+
+    previous = os.umask(0o027)
+    try:
+        folder = publish_folder(tmp_path / "adapter", write)
+    finally:
+        os.umask(previous)
+    modes = {str(path.relative_to(tmp_path)): stat.S_IMODE(path.stat().st_mode)
+             for path in [folder, *folder.rglob("*")]}
+    assert modes == {"adapter": 0o750, "adapter/sub": 0o750, "adapter/sub/weights.bin": 0o640,
+                     "adapter/run.sh": 0o750}

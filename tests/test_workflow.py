@@ -91,6 +91,20 @@ def test_checkpoints_hold_the_adapter_and_no_full_weights(trained):
     assert (out / workflow.ADAPTER_DIR_NAME / "adapter_model.safetensors").is_file()
 
 
+def test_adapter_and_checkpoints_are_readable_as_the_umask_allows(trained):
+    """The final adapter was 0700 with 0600 weights (mkdtemp, safetensors), checkpoints' weights 0600."""
+    import os
+    import stat
+
+    _, out = trained
+    mask = os.umask(0)
+    os.umask(mask)
+    for folder in [out / workflow.ADAPTER_DIR_NAME, *workflow.list_checkpoints(out)]:
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o777 & ~mask, folder
+        for path in folder.iterdir():
+            assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask, path
+
+
 def test_callback_removes_full_weights_and_marks_complete(tmp_path):
     from types import SimpleNamespace
 
