@@ -22,7 +22,7 @@ from transformers import TrainerCallback
 from qlora_core import workflow
 from qlora_core.cli import main
 from qlora_core.lora import LoraSettings
-from qlora_core.models import load_model, resolve_model
+from qlora_core.models import load_dequantized, load_model, resolve_model
 from qlora_core.modes import BASELINE_MODE, get_mode
 
 CPU = torch.device("cpu")
@@ -243,12 +243,32 @@ def test_reload_reproduces_trained_outputs(tiny_source, mode, trained):
         torch.testing.assert_close(probe_logits(reloaded, mode), expected, rtol=0, atol=LOGITS_ATOL)
 
 
-def test_generation_returns_text(tiny_source, mode, trained):
+def test_generation_is_the_greedy_continuation(tiny_source, mode, trained):
+    """``generate`` returns the new text only: at each position the argmax token of the model's logits, until
+    ``max_new_tokens`` or eos, under autocast in the mode's compute dtype; the model's train/eval mode is kept."""
     run, out = trained
+    tokenizer = workflow.load_tokenizer(tiny_source)
+    model = workflow.load_for_inference(tiny_source, mode, out / "checkpoint-4", CPU)
+    # no KV cache: generate then computes each step over the whole sequence exactly as the loop below does,
+    # so the two argmaxes cannot differ by rounding
+    model.generation_config.use_cache = False
+    ids = tokenizer(workflow.TUTORIAL_PROMPT, return_tensors="pt")["input_ids"]
+    new: list[int] = []
+    with torch.no_grad(), torch.autocast(CPU.type, dtype=mode.torch_compute_dtype):
+        for _ in range(8):
+            sequence = torch.cat([ids, torch.tensor([new], dtype=ids.dtype)], dim=1)
+            new.append(int(model(input_ids=sequence, attention_mask=torch.ones_like(sequence)).logits[0, -1].argmax()))
+            if new[-1] == model.generation_config.eos_token_id:
+                break
+    model.train()
+    completion = workflow.generate(model, tokenizer, workflow.TUTORIAL_PROMPT, max_new_tokens=8,
+                                   compute_dtype=mode.torch_compute_dtype)
+    assert completion == tokenizer.decode(new, skip_special_tokens=True)
+    assert model.training
+    # the summary's sample is the trained model's own continuation of the tutorial's prompt
     assert run.summary["sample"]["prompt"] == workflow.TUTORIAL_PROMPT
-    assert run.summary["sample"]["completion"]
-    text = workflow.generate_from_adapter(tiny_source, mode, out / "checkpoint-4", device=CPU, max_new_tokens=8)
-    assert isinstance(text, str) and text
+    assert run.summary["sample"]["completion"] == workflow.generate(
+        run.model, tokenizer, workflow.TUTORIAL_PROMPT, max_new_tokens=8, compute_dtype=mode.torch_compute_dtype)
 
 
 def test_merged_bf16_outputs_match_unmerged(tiny_source, mode, trained, tmp_path):
@@ -292,7 +312,7 @@ def test_unknown_merge_base_is_refused(tiny_source, mode, trained, tmp_path):
 # ---- command line ----
 
 
-def test_cli_runs_the_workflow(tiny_model_dir, tmp_path, capsys):
+def test_cli_runs_the_workflow(tiny_model_dir, tiny_source, tmp_path, capsys):
     """finetune, generate and merge as commands, with BLOOM-style explicit target modules."""
     mode = get_mode(WORKFLOW_MODES[-1])
     common = ["--mode", mode.name, "--model", str(tiny_model_dir), "--device", "cpu"]
@@ -307,10 +327,17 @@ def test_cli_runs_the_workflow(tiny_model_dir, tmp_path, capsys):
                                           max_length=32).describe()
     assert main(["generate", *common, "--adapter", str(tmp_path / "ft" / "checkpoint-2"), "--prompt", "Hi",
                  "--max-new-tokens", "4"]) == 0
-    assert capsys.readouterr().out.startswith("Hi")
+    expected = workflow.generate_from_adapter(tiny_source, mode, tmp_path / "ft" / "checkpoint-2", device=CPU,
+                                              prompt="Hi", max_new_tokens=4)
+    assert capsys.readouterr().out == f"Hi{expected}\n"  # the prompt, then that adapter's 4-token continuation
     assert main(["merge", *common, "--adapter", str(tmp_path / "ft" / "adapter"), "--out", str(tmp_path / "merged"),
                  "--check-tokens", "128"]) == 0
-    assert (tmp_path / "merged" / "model.safetensors").is_file()
+    # the merge changed exactly the adapted projections of the weights the adapter was trained on
+    merged = load_model(resolve_model(str(tmp_path / "merged")), get_mode(BASELINE_MODE), CPU).state_dict()
+    base = load_dequantized(tiny_source, mode, CPU).state_dict()
+    assert merged.keys() == base.keys()
+    changed = {name.rsplit(".", 2)[-2] for name in base if not torch.equal(merged[name], base[name])}
+    assert changed == {"q_proj", "v_proj"}
 
 
 # ---- the embedded model ----
@@ -327,8 +354,11 @@ def test_whole_workflow_on_smollm2(tmp_path):
     assert run.summary["checkpoints"] == ["checkpoint-1", "checkpoint-2"]
     assert run.summary["model"]["provenance"]["name"] == "SmolLM2-135M-Instruct"
     del run
-    assert workflow.generate_from_adapter(source, mode, tmp_path / "ft" / "checkpoint-2", device=CPU,
-                                          max_new_tokens=8)
+    # the final adapter is the last checkpoint's: the same greedy text from either
+    from_checkpoint = workflow.generate_from_adapter(source, mode, tmp_path / "ft" / "checkpoint-2", device=CPU,
+                                                     max_new_tokens=8)
+    assert from_checkpoint == workflow.generate_from_adapter(source, mode, tmp_path / "ft" / "adapter", device=CPU,
+                                                             max_new_tokens=8)
     report = workflow.merge_and_report(source, mode, tmp_path / "ft" / "adapter", tmp_path / "merged", device=CPU,
                                        check_tokens=256, window=64, stride=32, into_quantized=True)
     assert report["tolerance"]["within"], report["merged"]["relative_delta"]
