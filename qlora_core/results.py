@@ -323,13 +323,17 @@ def missing_run_fields(manifest: dict) -> list[str]:
 def describe_reading(reading: Reading, paths: list[str | os.PathLike]) -> str:
     """One line: how many cells and runs came from how many files under ``paths``, and what was left out."""
     where = ", ".join(map(str, paths))
-    runs = f" and {len(reading.runs)} run manifest{'s' * (len(reading.runs) != 1)}" if reading.runs else ""
-    line = f"read {len(reading.results)} cells{runs} from {len(reading.sources)} files in {where}"
+    runs = f" and {_count(len(reading.runs), 'run manifest')}" if reading.runs else ""
+    line = f"read {_count(len(reading.results), 'cell')}{runs} from {_count(len(reading.sources), 'file')} in {where}"
     if reading.skipped:
         line += f"; skipped {len(reading.skipped)} unusable (warnings above)"
     if reading.others:
         line += f"; {len(reading.others)} other JSON not cells ({_short_list(reading.others, paths)})"
     return line
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'s' * (n != 1)}"
 
 
 #: Files named in a one-line summary before "+N more" (a workflow folder holds dozens of adapter configs).
