@@ -134,6 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--threshold", type=_fraction, default=DEFAULT_THRESHOLD,
                          help=f"relative change that counts, as a fraction (default {DEFAULT_THRESHOLD})")
     compare.add_argument("--out", type=Path, help="also write comparison.md and comparison.csv here")
+    compare.add_argument("--force", action="store_true",
+                         help="compare runs whose device, model, modes, tokens a step or protocol differ (refused "
+                              "otherwise), with a warning per difference")
     _add_workflow_commands(commands)
     return parser
 
@@ -251,28 +254,37 @@ def command_sweep(args: argparse.Namespace) -> int:
     return 0 if all(r["status"] == "ok" for r in results) else 1
 
 
-def _read(paths: list[Path]) -> list[dict]:
-    from qlora_core.results import read_results
+def _read(paths: list[Path]):
+    """Everything under ``paths`` (``results.Reading``), each unusable file warned about on stderr (path and
+    reason, one line each) and a one-line summary of what was read; no cell at all is a user error."""
+    from qlora_core.results import describe_reading, read_paths
 
-    results = read_results(paths)
-    if not results:
-        raise ValueError(f"no qlora-bench results in {', '.join(map(str, paths))}")
-    return results
+    reading = read_paths(paths)
+    for file, reason in reading.skipped:
+        print(f"qlora-bench: warning: skipped {file}: {reason}", file=sys.stderr)
+    if not reading.results:
+        skipped = f" ({len(reading.skipped)} unusable files skipped)" if reading.skipped else ""
+        raise ValueError(f"no qlora-bench results in {', '.join(map(str, paths))}{skipped}")
+    print(describe_reading(reading, paths))
+    return reading
 
 
 def command_report(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from qlora_core.report import floor_rich_table, markdown_report, plot, results_frame, rich_table
+    from qlora_core.report import floor_rich_table, markdown_report, plot, results_frame, rich_table, run_lines
 
-    results = _read(args.paths)
+    reading = _read(args.paths)
+    results = reading.results
     console = Console()
     console.print(rich_table(results))
     if (floor := floor_rich_table(results)) is not None:
         console.print(floor)
+    for line in run_lines(reading.runs):
+        print(line)  # plain print: rich would take a command's [brackets] for markup
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "report.md").write_text(markdown_report(results))
+        (args.out / "report.md").write_text(markdown_report(results, runs=reading.runs))
         results_frame(results).to_csv(args.out / "report.csv", index=False)
         written = ["report.md", "report.csv"]
         if any(result["status"] == "ok" for result in results):  # failures alone have nothing to plot
@@ -286,15 +298,22 @@ def command_compare(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from qlora_core.report import (comparison_markdown, comparison_rich, compare_frames, has_regression,
-                                   results_frame)
+                                   results_frame, run_differences)
 
-    baseline, candidate = (results_frame(_read([path])) for path in (args.baseline, args.candidate))
-    comparison = compare_frames(baseline, candidate, args.threshold)
+    baseline, candidate = (_read([path]).results for path in (args.baseline, args.candidate))
+    differences = run_differences(baseline, candidate)
+    for line in differences:
+        print(f"qlora-bench: {'warning' if args.force else 'error'}: {line}", file=sys.stderr)
+    if differences and not args.force:
+        print("qlora-bench: error: these runs are not comparable; --force compares them anyway", file=sys.stderr)
+        return 2
+    comparison = compare_frames(results_frame(baseline), results_frame(candidate), args.threshold)
     title = f"qlora-bench: {args.candidate} against {args.baseline}"
     Console().print(comparison_rich(comparison, args.threshold, title=title))
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "comparison.md").write_text(comparison_markdown(comparison, args.threshold, title=title))
+        (args.out / "comparison.md").write_text(comparison_markdown(comparison, args.threshold, title=title,
+                                                                    differences=differences))
         comparison.to_csv(args.out / "comparison.csv", index=False)
         print(f"wrote {args.out}/comparison.md, comparison.csv")
     return 1 if has_regression(comparison) else 0
@@ -319,14 +338,21 @@ def command_finetune(args: argparse.Namespace) -> int:
 
     from qlora_core import workflow
 
-    source, mode, device = _workflow_source(args)
+    # settings first: an impossible one is refused before the model is resolved (a download for a hub id)
+    settings = _given(args, [f.name for f in dataclasses.fields(workflow.FinetuneSettings)])
+    settings = workflow.FinetuneSettings(**settings)
     lora = _given(args, [f.name for f in dataclasses.fields(LoraSettings)])
     if "target_modules" in lora and lora["target_modules"] != "all-linear":
         lora["target_modules"] = tuple(name.strip() for name in lora["target_modules"].split(","))
-    settings = _given(args, [f.name for f in dataclasses.fields(workflow.FinetuneSettings)])
-    run = workflow.finetune(source, mode, args.out, device=device, settings=workflow.FinetuneSettings(**settings),
-                            lora=LoraSettings(**lora), data=args.data, text_field=args.text_field, resume=args.resume,
-                            **_given(args, ["prompt", "max_new_tokens"]))
+    lora = LoraSettings(**lora)
+    source, mode, device = _workflow_source(args)
+    try:
+        run = workflow.finetune(source, mode, args.out, device=device, settings=settings, lora=lora,
+                                data=args.data, text_field=args.text_field, resume=args.resume,
+                                **_given(args, ["prompt", "max_new_tokens"]))
+    except workflow.RunAlreadyFinished as finished:
+        print(finished)  # exit 0: resuming a finished run leaves it finished, as a retry loop expects
+        return 0
     summary = run.summary
     counts = summary["parameters"]
     print(f"trainable params: {counts['trainable_params']:,} || all params: {counts['total_params']:,} || "

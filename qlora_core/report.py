@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import re
+import shlex
 import textwrap
 from pathlib import Path
 
@@ -350,6 +351,35 @@ def run_summary(results: list[dict]) -> list[str]:
             for line, dates in lines.items()]
 
 
+def _seconds(value: float | None) -> str:
+    return "not recorded" if value is None else f"{value:,.0f} s"
+
+
+def _cell_statuses(cells: list[dict]) -> str:
+    """'5 ok, 1 oom (m-nf4)': a count per status, the cells named where they did not finish."""
+    by_status: dict[str, list[str]] = {}
+    for entry in cells:
+        by_status.setdefault(entry["status"], []).append(entry["name"])
+    return ", ".join(f"{len(names)} {status}" + ("" if status == "ok" else f" ({', '.join(names)})")
+                     for status, names in by_status.items()) or "none"
+
+
+def run_lines(runs: list[dict]) -> list[str]:
+    """Per run manifest (``results.read_runs``): its command and commit, then its wall time and the share of it
+    spent in measured phases (load, evaluations, LoRA set-up, training steps), then its cells' statuses."""
+    lines = []
+    for run in runs:
+        command = shlex.join(map(str, run["command"])) if isinstance(run["command"], list) else str(run["command"])
+        lines.append(f"run {run.get('path', '')}: {command} (commit {run.get('commit') or 'not recorded'})")
+        share = run.get("measured_share")
+        measured = ("measured share not recorded" if share is None
+                    else f"measured {_seconds(run.get('measured_seconds'))} = {share:.0%} of wall")
+        ended = f"ended {run['ended']}" if run.get("ended") else "NOT FINISHED (no end time)"
+        lines.append(f"  started {run['started']}, {ended}; wall {_seconds(run.get('wall_seconds'))}, {measured}")
+        lines.append(f"  cells: {_cell_statuses(run['cells'])}")
+    return lines
+
+
 def floor_frame(results: list[dict]) -> pd.DataFrame:
     """Predicted (analytic floor) vs measured memory, one row per (model, mode, point), in MiB; empty when no
     result carries a floor. The remainder is what the floor does not explain (measured minus predicted)."""
@@ -395,10 +425,13 @@ def floor_rich_table(results: list[dict]):
     return table
 
 
-def markdown_report(results: list[dict], title: str = "qlora-bench report") -> str:
-    """A Markdown document: title, where and how it was measured, the table(s) and their footnotes, and the
-    analytic floor against the measurements where results carry one."""
+def markdown_report(results: list[dict], title: str = "qlora-bench report", runs: list[dict] = ()) -> str:
+    """A Markdown document: title, where and how it was measured, the runs that made the results (``runs``:
+    their manifests, see ``run_lines``), the table(s) and their footnotes, and the analytic floor against the
+    measurements where results carry one."""
     header = [f"# {title}", ""] + [f"Measured: {line}." for line in run_summary(results)] + [""]
+    if runs:
+        header += ["## Runs", "", "```", *run_lines(runs), "```", ""]
     document = "\n".join(header) + "\n" + markdown_table(results)
     rows = floor_rows(results)
     if rows:
@@ -616,6 +649,69 @@ def compare_frames(baseline: pd.DataFrame, candidate: pd.DataFrame,
                                        "noisy", "verdict", "note"])
 
 
+def _device_name(result: dict) -> str | None:
+    """The GPU's name, 'CPU' for a run without one, None when the result does not say."""
+    env = result.get("environment")
+    if env:
+        return (env.get("gpu") or {}).get("name") or "CPU"
+    return {"cpu": "CPU"}.get(result.get("device"), result.get("device"))
+
+
+def _setting(*keys: str, missing_means: str | None = None):
+    """A reader of one entry of a result's settings (``missing_means`` stands in for a null, as 'all' for no
+    token cap); None when the result does not record it."""
+    def read(result: dict):
+        value = result.get("settings") or {}
+        for key in keys:
+            if not isinstance(value, dict) or key not in value:
+                return None
+            value = value[key]
+        return missing_means if value is None else value
+    return read
+
+
+def _tokens_a_step(result: dict) -> str | None:
+    settings = result.get("settings") or {}
+    if "batch_size" not in settings or "seq_len" not in settings:
+        return None
+    return f"{settings['batch_size']} x {settings['seq_len']}"
+
+
+#: What must match for two runs' figures to be comparable (``compare`` refuses otherwise): label, reader of one
+#: result (None: not recorded, left out of the check).
+COMPARABLE = [
+    ("device", _device_name),
+    ("model", model_label),
+    ("tokens a step (batch x sequence)", _tokens_a_step),
+    ("eval window", _setting("eval_window")),
+    ("eval stride", _setting("eval_stride")),
+    ("eval max tokens", _setting("eval_max_tokens", missing_means="all")),
+    ("training steps", _setting("train", "max_steps")),
+    ("timing warm-up steps", _setting("timing_warmup")),
+]
+
+
+def _values(results: list[dict], read) -> str:
+    return ", ".join(sorted({str(value) for value in map(read, results) if value is not None}))
+
+
+def run_differences(baseline: list[dict], candidate: list[dict]) -> list[str]:
+    """Why two runs' results cannot be compared figure by figure, one line per difference (empty when they can):
+    a different device, model, mode set, tokens a step or protocol (evaluation window, stride and token cap,
+    training steps, timing warm-up) changes the figures by itself, and would be reported as a regression."""
+    differences = []
+    for label, read in COMPARABLE:
+        before, after = _values(baseline, read), _values(candidate, read)
+        if before and after and before != after:
+            differences.append(f"{label} differs: baseline {before}, candidate {after}")
+    order = {name: index for index, name in enumerate(MODES)}
+    modes = [sorted({r["mode"]["name"] for r in side}, key=lambda m: (order.get(m, len(order)), m))
+             for side in (baseline, candidate)]
+    if modes[0] != modes[1]:
+        differences.append(f"mode set differs: baseline {', '.join(modes[0])}, candidate {', '.join(modes[1])}")
+    return differences
+
+
 def has_regression(comparison: pd.DataFrame) -> bool:
     """True when any compared figure or cell regressed (``compare`` then exits with status 1)."""
     return bool((comparison["verdict"] == REGRESSION).any())
@@ -641,9 +737,12 @@ def comparison_notes(threshold: float) -> list[str]:
             f"timing change beyond the threshold is then reported, not ranked."]
 
 
-def comparison_markdown(comparison: pd.DataFrame, threshold: float, title: str = "qlora-bench comparison") -> str:
-    """The comparison as Markdown: one table per model, rows grouped by mode, then how to read it."""
-    lines = [f"# {title}", ""]
+def comparison_markdown(comparison: pd.DataFrame, threshold: float, title: str = "qlora-bench comparison",
+                        differences: list[str] = ()) -> str:
+    """The comparison as Markdown: one table per model, rows grouped by mode, then how to read it; the runs'
+    ``differences`` (``run_differences``, when compared anyway) as warnings under the title."""
+    lines = [f"# {title}", ""] + [f"**WARNING: {line}; figures may differ for that reason alone.**" for line in
+                                  differences] + ([""] if differences else [])
     for model, part in comparison.groupby("model", sort=False):
         lines += [f"## {model}", ""]
         lines += _markdown_rows(COMPARISON_HEADERS, [_comparison_cells(row) for _, row in part.iterrows()])

@@ -16,9 +16,14 @@ import shutil
 import subprocess
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 SCHEMA = "qlora-bench/cell/1"
+#: Any version of the cell schema (a newer one is refused by name, not taken for another tool's file).
+CELL_SCHEMA_PREFIX = "qlora-bench/cell/"
+#: The manifest a sweep or bench/ run writes as ``run.json`` in its folder.
+RUN_SCHEMA = "qlora-bench/run/1"
 #: bench/'s test of the separate memory pass, whose pytest-benchmark record joins its cell's result.
 MEMORY_PASS_TEST = "test_memory"
 LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets", "qlora-bench")
@@ -107,14 +112,28 @@ def write_json_atomic(data: dict, path: str | os.PathLike) -> Path:
     return path
 
 
+def share_as_umask_allows(folder: str | os.PathLike) -> None:
+    """Give ``folder`` and everything in it the permissions the umask allows (e.g. 0755 folders and 0644 files
+    under umask 022): ``tempfile.mkdtemp`` creates 0700 and safetensors writes 0600, so on a shared runner
+    others could not read an adapter or merged model. Executable files stay executable."""
+    mask = _umask()
+    for path in [Path(folder), *Path(folder).rglob("*")]:
+        if path.is_symlink():
+            continue
+        executable = path.is_dir() or path.stat().st_mode & 0o100
+        os.chmod(path, (0o777 if executable else 0o666) & ~mask)
+
+
 def publish_folder(folder: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     """Run ``write(staging)`` on a sibling temporary folder, then rename it to ``folder``: a crash never leaves
-    a half-written ``folder`` (an existing one is replaced only once the new one is complete)."""
+    a half-written ``folder`` (an existing one is replaced only once the new one is complete). The folder gets
+    the permissions the umask allows (``share_as_umask_allows``)."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-"))
     try:
         write(staging)
+        share_as_umask_allows(staging)
         if folder.exists():
             shutil.rmtree(folder)
         staging.rename(folder)
@@ -124,23 +143,215 @@ def publish_folder(folder: str | os.PathLike, write: Callable[[Path], None]) -> 
 
 
 def read_results(paths: list[str | os.PathLike]) -> list[dict]:
-    """Cell results from files or folders (every ``*.json`` directly in a folder, not in sub-folders).
+    """The cell results under ``paths`` (files, or folders read recursively): ``read_paths(paths).results``."""
+    return read_paths(paths).results
 
-    Two formats are read: cell results (``SCHEMA``, one per file, as the sweep and ``bench/`` write them) and
-    pytest-benchmark JSON written by ``bench/`` (``cells_from_benchmark``); other files are skipped. When
-    several files describe the same cell (same model label, mode and settings), as a ``bench/`` run's
-    ``--bench-out`` folder and its ``--benchmark-json`` do, the one holding more information is kept.
+
+def read_runs(paths: list[str | os.PathLike]) -> list[dict]:
+    """The run manifests (``RUN_SCHEMA``, each with its file as ``"path"``) under ``paths``, in file order."""
+    return read_paths(paths).runs
+
+
+@dataclass
+class Reading:
+    """What ``read_paths`` found: the cells and run manifests, and every file it looked at.
+
+    Attributes:
+        results: cell results, one per cell (see ``read_paths``).
+        runs: run manifests, each with ``"path"`` (its file) added.
+        sources: files that gave at least one cell or manifest.
+        skipped: (file, reason) for files meant for qlora-bench that could not be used (invalid JSON, a cell
+            or manifest with fields missing): the caller warns about each.
+        others: JSON files of other tools or other qlora-bench records (workflow summaries, adapter configs):
+            not cells, not an error.
     """
-    results = []
+
+    results: list[dict] = field(default_factory=list)
+    runs: list[dict] = field(default_factory=list)
+    sources: list[Path] = field(default_factory=list)
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+    others: list[Path] = field(default_factory=list)
+
+
+def _json_files(path: Path) -> list[Path]:
+    """``path`` itself, or every ``*.json`` under the folder, sorted; hidden files and folders (staging copies
+    of atomic writes) are left out."""
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file or folder")
+    if not path.is_dir():
+        return [path]
+    return [file for file in sorted(path.rglob("*.json"))
+            if not any(part.startswith(".") for part in file.relative_to(path).parts)]
+
+
+def read_paths(paths: list[str | os.PathLike]) -> Reading:
+    """Cell results and run manifests from files or folders (every ``*.json`` under a folder, at any depth).
+
+    Three formats are read: cell results (``SCHEMA``, one per file, as the sweep and ``bench/`` write them),
+    pytest-benchmark JSON written by ``bench/`` (``cells_from_benchmark``) and run manifests (``RUN_SCHEMA``).
+    A file that cannot be parsed, or a cell or manifest without the fields the report reads
+    (``missing_cell_fields``, ``missing_run_fields``), is listed in ``skipped`` with the reason; other JSON is
+    listed in ``others``. When several files describe the same cell (same model label, mode and settings), as
+    a ``bench/`` run's ``--bench-out`` folder and its ``--benchmark-json`` do, the one holding more information
+    is kept. Raises FileNotFoundError for a path that does not exist.
+    """
+    reading = Reading()
+    cells = []
     for path in map(Path, paths):
-        files = sorted(path.glob("*.json")) if path.is_dir() else [path]
-        for file in files:
-            data = json.loads(file.read_text())
-            if isinstance(data, dict) and data.get("schema") == SCHEMA:
-                results.append(data)
-            elif is_benchmark_json(data):
-                results += cells_from_benchmark(data)
-    return _dedupe(results)
+        for file in _json_files(path):
+            found, runs = _read_file(file, reading)
+            cells += found
+            reading.runs += runs
+            if found or runs:
+                reading.sources.append(file)
+    reading.results = _dedupe(cells)
+    return reading
+
+
+def _read_file(file: Path, reading: Reading) -> tuple[list[dict], list[dict]]:
+    """The valid cells and manifests in one file; what is wrong with it goes to ``reading``."""
+    try:
+        data = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        reading.skipped.append((file, f"unreadable JSON ({error})"))
+        return [], []
+    schema = data.get("schema") if isinstance(data, dict) else None
+    if schema == RUN_SCHEMA:
+        missing = missing_run_fields(data)
+        if missing:
+            reading.skipped.append((file, f"run manifest without {', '.join(missing)}"))
+            return [], []
+        return [], [{**data, "path": str(file)}]
+    if schema == SCHEMA:
+        candidates = [data]
+    elif isinstance(schema, str) and schema.startswith(CELL_SCHEMA_PREFIX):
+        reading.skipped.append((file, f"unsupported cell schema {schema!r} (this version reads {SCHEMA!r})"))
+        return [], []
+    elif is_benchmark_json(data):
+        try:
+            candidates = cells_from_benchmark(data)
+        except (KeyError, TypeError, AttributeError) as error:  # another shape than bench/ writes
+            reading.skipped.append((file, f"pytest-benchmark JSON not as bench/ writes it ({error!r})"))
+            return [], []
+    else:
+        reading.others.append(file)
+        return [], []
+    cells = []
+    for cell in candidates:
+        missing = missing_cell_fields(cell)
+        if missing:
+            name = (cell.get("mode") or {}).get("name") if isinstance(cell.get("mode"), dict) else None
+            what = f"cell {name}" if len(candidates) > 1 and name else "cell result"
+            reading.skipped.append((file, f"{what} without {', '.join(missing)}"))
+        else:
+            cells.append(cell)
+    return cells, []
+
+
+#: Fields every cell result must hold for the report (key paths), and those of a finished (status ``ok``) one.
+CELL_FIELDS = (("status",), ("mode", "name"), ("settings",))
+OK_CELL_FIELDS = (
+    ("model", "provenance"), ("weights", "weights_bytes"), ("weights", "bits_per_quantized_param"),
+    ("training", "timing", "median_s"), ("training", "timing", "iqr_s"), ("training", "timing", "noisy"),
+    ("training", "timing", "rounds"), ("training", "timing", "warmup"), ("training", "tokens_per_s"),
+    ("training", "mfu"), ("training", "losses"), ("perplexity",),
+)
+#: Settings the report's run summary reads when a cell's settings describe its training (``settings.train``).
+TRAIN_SETTINGS_FIELDS = (
+    ("batch_size",), ("seq_len",), ("timing_warmup",), ("gradient_checkpointing",), ("lora", "r"),
+    ("lora", "alpha"), ("lora", "target_modules"), ("train", "optimizer"), ("train", "learning_rate"),
+    ("train", "max_steps"),
+)
+#: Fields of a run manifest's entry for one cell, and of the manifest itself.
+RUN_CELL_FIELDS = (("name",), ("mode",), ("status",))
+RUN_FIELDS = (("command",), ("started",), ("cells",))
+#: Entries of ``perplexity.<when>.<text>`` the report reads.
+PERPLEXITY_FIELDS = ("perplexity", "window", "stride", "n_tokens_scored")
+
+
+def _has(data, keys: tuple[str, ...]) -> bool:
+    for key in keys:
+        if not isinstance(data, dict) or key not in data:
+            return False
+        data = data[key]
+    return True
+
+
+def _missing(data: dict, fields, prefix: str = "") -> list[str]:
+    return [prefix + ".".join(keys) for keys in fields if not _has(data, keys)]
+
+
+def missing_cell_fields(result: dict) -> list[str]:
+    """The fields (dotted key paths) the report needs and ``result`` lacks; empty for a usable cell result.
+
+    Every cell needs its status, mode name and settings; a finished one also its weights, training-peak
+    memory, timing, throughput, losses (at least one) and perplexity entries.
+    """
+    missing = _missing(result, CELL_FIELDS)
+    if not missing and _has(result, ("settings", "train")):
+        missing += _missing(result["settings"], TRAIN_SETTINGS_FIELDS, "settings.")
+    if missing or result["status"] != "ok":
+        return missing
+    missing += _missing(result, OK_CELL_FIELDS)
+    # the report prefers the separate memory pass's peak, else the cell's own
+    peak_path = (("memory_pass", "memory", "training_peak", "kind") if _has(result, ("memory_pass", "memory"))
+                 else ("memory", "training_peak", "kind"))
+    missing += _missing(result, (peak_path,))
+    if _has(result, ("training", "losses")) and not (isinstance(result["training"]["losses"], list)
+                                                    and result["training"]["losses"]):
+        missing.append("training.losses[0]")
+    perplexity = result.get("perplexity")
+    for when, texts in (perplexity.items() if isinstance(perplexity, dict) else []):
+        for text, entry in (texts.items() if isinstance(texts, dict) else []):
+            missing += [f"perplexity.{when}.{text}.{key}" for key in PERPLEXITY_FIELDS
+                        if not isinstance(entry, dict) or key not in entry]
+    return missing
+
+
+def missing_run_fields(manifest: dict) -> list[str]:
+    """The fields a run manifest lacks for the report: its command, start time and cells (each with name, mode
+    and status); empty for a usable one."""
+    missing = _missing(manifest, RUN_FIELDS)
+    cells = manifest.get("cells")
+    if "cells" not in missing and not isinstance(cells, list):
+        return missing + ["cells[]"]
+    for index, entry in enumerate(cells or []):
+        missing += _missing(entry, RUN_CELL_FIELDS, f"cells[{index}].")
+    return missing
+
+
+def describe_reading(reading: Reading, paths: list[str | os.PathLike]) -> str:
+    """One line: how many cells and runs came from how many files under ``paths``, and what was left out."""
+    where = ", ".join(map(str, paths))
+    runs = f" and {_count(len(reading.runs), 'run manifest')}" if reading.runs else ""
+    line = f"read {_count(len(reading.results), 'cell')}{runs} from {_count(len(reading.sources), 'file')} in {where}"
+    if reading.skipped:
+        line += f"; skipped {len(reading.skipped)} unusable (warnings above)"
+    if reading.others:
+        line += f"; {len(reading.others)} other JSON not cells ({_short_list(reading.others, paths)})"
+    return line
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'s' * (n != 1)}"
+
+
+#: Files named in a one-line summary before "+N more" (a workflow folder holds dozens of adapter configs).
+LISTED_FILES = 3
+
+
+def _short_list(files: list[Path], paths: list[str | os.PathLike]) -> str:
+    names = [_relative(file, paths) for file in files[:LISTED_FILES]]
+    more = len(files) - LISTED_FILES
+    return ", ".join(names) + (f", +{more} more" if more > 0 else "")
+
+
+def _relative(file: Path, paths: list[str | os.PathLike]) -> str:
+    """``file`` relative to the folder it was found under (as given when it was named directly)."""
+    for path in map(Path, paths):
+        if path.is_dir() and file.is_relative_to(path):
+            return str(file.relative_to(path))
+    return str(file)
 
 
 def model_label(result: dict) -> str:

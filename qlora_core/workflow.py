@@ -38,7 +38,7 @@ from qlora_core.measure.perplexity import perplexity
 from qlora_core.measure.timing import timed
 from qlora_core.models import ModelSource, load_dequantized, load_model, prepare_for_training, resolve_model
 from qlora_core.modes import BASELINE_MODE, Mode, get_mode
-from qlora_core.results import environment, publish_folder, write_json_atomic
+from qlora_core.results import environment, publish_folder, share_as_umask_allows, write_json_atomic
 from qlora_core.trainer import save_adapter
 
 SCHEMA = "qlora-bench/finetune/1"
@@ -56,6 +56,8 @@ SUMMARY_NAME = "summary.json"
 MERGE_REPORT_NAME = "merge-report.json"
 ADAPTER_DIR_NAME = "adapter"
 MERGE_BASES = ("dequantized", "original")
+#: The shortest row that trains anything: one token to read, one to predict.
+MIN_ROW_TOKENS = 2
 
 #: Relative perplexity difference allowed between the merged bf16 model and base-plus-adapter (base in the mode).
 #: Measured on CPU (Nov 2026; 1024 quote tokens, window 128, stride 64, after 6 steps at lr 1e-3):
@@ -97,9 +99,14 @@ class FinetuneSettings:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "grad_accum", "max_steps", "logging_steps", "save_steps", "max_length"):
+        for name in ("batch_size", "grad_accum", "max_steps", "logging_steps", "save_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_length < MIN_ROW_TOKENS:
+            # A causal LM predicts each token from those before it: a one-token row has no target, so training
+            # would report loss 0 and grad-norm 0 and change nothing.
+            raise ValueError(f"max_length must be >= {MIN_ROW_TOKENS} (a row of one token has nothing to predict "
+                             f"and trains nothing), got {self.max_length}")
         if self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
 
@@ -262,6 +269,7 @@ class AdapterOnlyCheckpointCallback(TrainerCallback):
             if not hasattr(model, "peft_config"):
                 raise RuntimeError(f"{folder}: no adapter saved and the model has no LoRA adapters to save")
             model.save_pretrained(folder)
+        share_as_umask_allows(folder)  # the Trainer's safetensors file is 0600
         mark_complete(folder, state.global_step)
         return control
 
@@ -285,14 +293,44 @@ def step_losses(log_history: list[dict]) -> list[dict]:
     return [{key: entry.get(key) for key in keys} for entry in log_history if "loss" in entry]
 
 
-def _start_checkpoint(output_dir: Path, resume: bool) -> Path | None:
-    """The checkpoint to resume from (None: start afresh), refusing to train over another run's checkpoints."""
+class RunAlreadyFinished(Exception):
+    """``finetune(resume=True)`` on a run that already reached ``max_steps``: there is nothing left to train, and
+    nothing in its folder was changed. Not an error (a retried ``--resume`` of a finished run is done)."""
+
+    def __init__(self, output_dir: Path, step: int) -> None:
+        super().__init__(f"{output_dir}: already finished at step {step}; nothing changed")
+        self.output_dir, self.step = output_dir, step
+
+
+def _finished_step(output_dir: Path) -> int | None:
+    """The last step of the finished run in ``output_dir`` (its summary, written last), or None."""
+    try:
+        summary = json.loads((output_dir / SUMMARY_NAME).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    finished = isinstance(summary, dict) and summary.get("status") == "ok"
+    return (summary.get("training") or {}).get("global_step") if finished else None
+
+
+def _start_checkpoint(output_dir: Path, resume: bool, max_steps: int) -> Path | None:
+    """The checkpoint to resume from (None: start afresh), refusing to train over another run's checkpoints.
+
+    Raises RunAlreadyFinished when resuming a run that reached ``max_steps`` (the Trainer would otherwise train
+    past it and replace the final adapter), before anything in ``output_dir`` is touched."""
     if not resume:
         if list_checkpoints(output_dir):
             raise ValueError(f"{output_dir} already holds checkpoints: resume, or choose another folder")
         return None
+    finished = _finished_step(output_dir)
+    if finished is not None and finished >= max_steps:
+        raise RunAlreadyFinished(output_dir, finished)
+    last = last_complete_checkpoint(output_dir)
+    if last is not None and checkpoint_step(last) >= max_steps:
+        raise ValueError(f"{last} already reaches max_steps {max_steps} but {output_dir} has no finished "
+                         f"{SUMMARY_NAME} (stopped after its last checkpoint): generate or merge from {last.name}, "
+                         f"or fine-tune afresh in another folder")
     discard_incomplete_checkpoints(output_dir)
-    return last_complete_checkpoint(output_dir)
+    return last
 
 
 def finetune(
@@ -314,7 +352,8 @@ def finetune(
 
     ``output_dir`` receives the Trainer's ``checkpoint-N`` folders (adapter, optimizer, scheduler, RNG and trainer
     state), the final adapter in ``adapter/`` (written atomically), and the summary. With ``resume`` the run
-    continues from the last complete checkpoint there (incomplete ones are deleted), or starts afresh if none.
+    continues from the last complete checkpoint there (incomplete ones are deleted), or starts afresh if none; a
+    run that already reached ``settings.max_steps`` raises ``RunAlreadyFinished`` and is left as it is.
     ``callbacks`` are extra ``TrainerCallback`` objects (progress, early stop).
 
     The summary holds the per-step losses, the training wall time (s, synchronized), memory after loading and at
@@ -324,7 +363,7 @@ def finetune(
     from transformers import DataCollatorForLanguageModeling, Trainer, set_seed
 
     output_dir = Path(output_dir)
-    start_from = _start_checkpoint(output_dir, resume)
+    start_from = _start_checkpoint(output_dir, resume, settings.max_steps)
     set_seed(settings.seed)
     tokenizer = load_tokenizer(source)
     rows = tokenize_rows(tokenizer, datalib.load_texts(data, text_field), settings.max_length)

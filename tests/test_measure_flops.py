@@ -1,12 +1,14 @@
-"""Model FLOPs of a LoRA step, counted by hand on the tiny model's shapes."""
+"""Model FLOPs of a LoRA step: weights counted by hand on the tiny model's shapes, FLOPs by torch."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from tiny import TINY
+from qlora_core.lora import LoraSettings, attach_lora
 from qlora_core.measure.flops import lora_training_flops_per_token, matmul_params, peak_flops
-from qlora_core.models import load_config, load_model
+from qlora_core.models import load_model
 from qlora_core.modes import get_mode
 
 CPU = torch.device("cpu")
@@ -32,11 +34,30 @@ def test_4bit_weights_are_counted_unpacked(tiny_source):
     assert matmul_params(load_model(tiny_source, get_mode("int8"), CPU)) == bf16
 
 
-def test_flops_per_token_formula(tiny_source):
-    config = load_config(tiny_source)
-    matmul, lora, seq_len = 1000, 100, 32
-    attention = 12 * TINY["num_hidden_layers"] * seq_len * TINY["hidden_size"]
-    assert lora_training_flops_per_token(config, matmul, lora, seq_len) == 4 * matmul + 6 * lora + attention
+@pytest.mark.parametrize("seq_len", [16, 64])
+def test_flops_per_token_match_torch_s_own_count(tiny_model_dir, seq_len):
+    """The formula against torch's FlopCounterMode over one real LoRA forward and backward of the tiny model.
+
+    Eager attention in fp32, so every product is a counted matmul; gradients are asked for the input embeddings
+    so the backward reaches the first layer's inputs, as the formula assumes for every frozen weight (the
+    PaLM convention); no recompute (checkpointing off); LoRA dropout 0 changes no FLOPs but keeps it simple.
+    Two sequence lengths: the attention term grows with the sequence, the rest does not.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation="eager")
+    matmul = matmul_params(model)
+    model.requires_grad_(False)
+    model = attach_lora(model, LoraSettings(r=4, alpha=8, dropout=0.0)).train()
+    lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    batch_size = 2
+    ids = torch.randint(0, 256, (batch_size, seq_len), generator=torch.Generator().manual_seed(0))
+    embeddings = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+    with FlopCounterMode(display=False) as counter:
+        model(inputs_embeds=embeddings, labels=ids).loss.backward()
+    counted_per_token = counter.get_total_flops() / (batch_size * seq_len)
+    assert lora_training_flops_per_token(model.config, matmul, lora, seq_len) == counted_per_token
 
 
 def test_no_peak_for_cpu():

@@ -115,9 +115,13 @@ def test_quantized_mode_without_bitsandbytes_is_unavailable(without_bitsandbytes
         load_model(tiny_source, mode, CPU)
 
 
-def test_half_precision_modes_need_no_bitsandbytes(without_bitsandbytes):
-    require_backend(get_mode("bf16"))
-    require_backend(get_mode("fp16"))
+@pytest.mark.parametrize("name", ["bf16", "fp16"])
+def test_half_precision_modes_load_without_bitsandbytes(without_bitsandbytes, tiny_source, name):
+    """With bitsandbytes missing, the unquantized modes still load, every weight in the mode's dtype."""
+    mode = get_mode(name)
+    assert require_backend(mode) is None
+    model = load_model(tiny_source, mode, CPU)
+    assert {p.dtype for p in model.parameters()} == {mode.torch_compute_dtype}
 
 
 # --- loading ----------------------------------------------------------------------------------------------------

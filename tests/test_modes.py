@@ -8,7 +8,6 @@ import json
 import pytest
 import torch
 
-from qlora_core import modes as modes_module
 from qlora_core.modes import (
     BASELINE_MODE,
     BNB_4BIT_BLOCKSIZE,
@@ -22,6 +21,8 @@ from qlora_core.modes import (
 )
 
 FOUR_BIT = [m for m in MODES.values() if m.is_4bit]
+#: The registry as the package defines it, taken when this module is collected (before any test registers).
+BUILT_IN_MODES = dict(MODES)
 
 
 @pytest.fixture
@@ -159,4 +160,7 @@ def test_duplicate_registration_is_refused(restore_registry):
 def test_registry_cleanup_fixture_restored_the_registry():
     """Runs after the registering tests above (file order): none of their variants leaked."""
     assert not {"nf4-fp16", "nf4-copy"} & MODES.keys()
-    assert modes_module.MODES is MODES
+    # the registry is back as this module found it, in order, and the CLI's '--modes all' offers exactly that
+    assert list(MODES) == list(BUILT_IN_MODES)
+    assert all(MODES[name] is mode for name, mode in BUILT_IN_MODES.items())
+    assert [m.name for m in parse_modes("all")] == list(BUILT_IN_MODES)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import csv
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -285,6 +286,83 @@ def test_report_command_on_the_stored_run(tmp_path, capsys):
         assert mode in terminal
 
 
+def test_report_command_reads_the_whole_run_folder(capsys):
+    """Given the run's folder, the report shows all seven modes, and says what it read."""
+    assert main(["report", str(STORED)]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0] == (f"read 7 cells from 8 files in {STORED}; 1 other JSON not cells "
+                                   f"(workflow/nf4-dq-summary.json)")
+    for mode in MODES:
+        assert re.search(rf"\s{re.escape(mode)}(\s|$)", out, re.M), mode
+
+
+def test_report_command_warns_about_each_unusable_file(tmp_path, capsys):
+    shutil.copytree(STORED, tmp_path / "run")
+    (tmp_path / "run" / "cells" / "smollm2-int8.json").write_text('{"schema": "qlora-bench/cell/1", "sta')
+    edited = json.loads((STORED_CELLS / "smollm2-nf4.json").read_text())
+    del edited["memory"]
+    (tmp_path / "run" / "cells" / "smollm2-nf4.json").write_text(json.dumps(edited))
+    assert main(["report", str(tmp_path / "run")]) == 0
+    captured = capsys.readouterr()
+    warnings = captured.err.splitlines()
+    assert len(warnings) == 2
+    assert warnings[0].startswith(f"qlora-bench: warning: skipped {tmp_path / 'run' / 'cells' / 'smollm2-int8.json'}: "
+                                  f"unreadable JSON")
+    assert warnings[1] == (f"qlora-bench: warning: skipped {tmp_path / 'run' / 'cells' / 'smollm2-nf4.json'}: cell "
+                           f"result without memory.training_peak.kind")
+    # nf4 is still there: the pytest-benchmark JSON holds it too; int8 is gone
+    assert "read 6 cells from 6 files" in captured.out and "skipped 2 unusable" in captured.out
+    assert " int8 " not in captured.out and " nf4 " in captured.out
+
+
+def test_report_command_on_nothing_readable_exits_2(tmp_path, capsys):
+    (tmp_path / "a.json").write_text("{")
+    (tmp_path / "summary.json").write_text(json.dumps({"schema": "qlora-bench/finetune/1"}))
+    assert main(["report", str(tmp_path)]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.splitlines()[-1] == f"qlora-bench: error: no qlora-bench results in {tmp_path} (1 unusable " \
+                                           f"files skipped)"
+    assert main(["report", str(tmp_path / "missing")]) == 2
+    assert capsys.readouterr().err == f"qlora-bench: error: {tmp_path / 'missing'}: no such file or folder\n"
+
+
+def stored_run_manifest(**overrides) -> dict:
+    """A run manifest (qlora-bench/run/1) for the stored cells, built by hand as the sweep will write it."""
+    cells = [{"name": f"smollm2-{mode}", "mode": mode, "status": "ok", "result": f"cells/smollm2-{mode}.json",
+              "wall_seconds": 80.0, "measured_seconds": 50.0} for mode in MODES]
+    cells[2] = {**cells[2], "status": "oom", "result": None}
+    return {"schema": "qlora-bench/run/1", "command": ["qlora-bench", "sweep", "--eval-text", "wiki [test].raw"],
+            "commit": "e4d57f44e723", "started": "2026-11-28T12:00:00+00:00", "ended": "2026-11-28T12:09:20+00:00",
+            "wall_seconds": 560.0, "measured_seconds": 350.0, "measured_share": 0.625, "environment": {},
+            "cells": cells, **overrides}
+
+
+def test_report_command_shows_each_run(tmp_path, capsys):
+    shutil.copytree(STORED_CELLS, tmp_path / "run" / "cells")
+    (tmp_path / "run" / "run.json").write_text(json.dumps(stored_run_manifest()))
+    assert main(["report", str(tmp_path / "run"), "--out", str(tmp_path / "report")]) == 0
+    block = [f"run {tmp_path / 'run' / 'run.json'}: qlora-bench sweep --eval-text 'wiki [test].raw' "
+             f"(commit e4d57f44e723)",
+             "  started 2026-11-28T12:00:00+00:00, ended 2026-11-28T12:09:20+00:00; wall 560 s, measured 350 s = "
+             "62% of wall",
+             "  cells: 6 ok, 1 oom (smollm2-int8)"]
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].startswith("read 7 cells and 1 run manifest from 8 files")
+    assert "\n".join(block) in out
+    assert "## Runs\n\n```\n" + "\n".join(block) + "\n```" in (tmp_path / "report" / "report.md").read_text()
+
+
+def test_an_unfinished_run_says_so():
+    from qlora_core.report import run_lines
+
+    unfinished = stored_run_manifest(ended=None, wall_seconds=None, measured_seconds=None, measured_share=None,
+                                     commit=None, cells=[])
+    assert run_lines([unfinished])[1:] == [
+        "  started 2026-11-28T12:00:00+00:00, NOT FINISHED (no end time); wall not recorded, measured share not "
+        "recorded", "  cells: none"]
+    assert run_lines([unfinished])[0].endswith("(commit not recorded)")
+
+
 # --- comparing two runs --------------------------------------------------------------------------------------
 
 
@@ -377,3 +455,62 @@ def test_failed_or_missing_cells(stored_frame, tmp_path):
     # the other way round a cell that now finishes is an improvement, and one only in the candidate is new
     reverse = compare_frames(results_frame(candidate), stored_frame)
     assert verdicts(reverse) == {("int8", "status"): "new", ("fp4", "status"): "improvement"}
+
+
+def edited_run(tmp_path: Path, edit, name: str = "candidate") -> Path:
+    """A copy of the stored cells/ with ``edit(result)`` applied to every result."""
+    folder = tmp_path / name
+    shutil.copytree(STORED_CELLS, folder)
+    for path in folder.glob("*.json"):
+        result = json.loads(path.read_text())
+        edit(result)
+        path.write_text(json.dumps(result))
+    return folder
+
+
+def as_cpu_run(result):
+    """The stored H200 result as if measured with the CPU profile (2 x 128 tokens, 4 steps, 1 warm-up)."""
+    result["environment"]["gpu"] = None
+    result["settings"].update(seq_len=128, batch_size=2, timing_warmup=1, eval_window=128, eval_stride=64,
+                              eval_max_tokens=1024)
+    result["settings"]["train"]["max_steps"] = 4
+    result["memory"]["training_peak"]["peak_allocated_bytes"] //= 2
+
+
+def test_compare_refuses_runs_on_other_devices_or_protocols(tmp_path, capsys):
+    candidate = edited_run(tmp_path, as_cpu_run)
+    assert main(["compare", str(STORED_CELLS), str(candidate)]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.splitlines() == [
+        "qlora-bench: error: device differs: baseline NVIDIA H200, candidate CPU",
+        "qlora-bench: error: tokens a step (batch x sequence) differs: baseline 8 x 512, candidate 2 x 128",
+        "qlora-bench: error: eval window differs: baseline 1024, candidate 128",
+        "qlora-bench: error: eval stride differs: baseline 512, candidate 64",
+        "qlora-bench: error: eval max tokens differs: baseline all, candidate 1024",
+        "qlora-bench: error: training steps differs: baseline 45, candidate 4",
+        "qlora-bench: error: timing warm-up steps differs: baseline 5, candidate 1",
+        "qlora-bench: error: these runs are not comparable; --force compares them anyway",
+    ]
+    assert "REGRESSION" not in captured.out and "peak" not in captured.out
+    # --force compares anyway, with each difference as a warning, in the terminal and in comparison.md
+    assert main(["compare", str(STORED_CELLS), str(candidate), "--force", "--out", str(tmp_path / "cmp")]) == 0
+    forced = capsys.readouterr()
+    assert forced.err.splitlines()[0] == "qlora-bench: warning: device differs: baseline NVIDIA H200, candidate CPU"
+    assert len(forced.err.splitlines()) == 7 and "improvement" in forced.out
+    assert ("**WARNING: device differs: baseline NVIDIA H200, candidate CPU; figures may differ for that reason "
+            "alone.**") in (tmp_path / "cmp" / "comparison.md").read_text()
+
+
+def test_compare_refuses_another_model_or_mode_set(tmp_path, capsys):
+    def other_model(result):
+        result["model"]["label"] = "llama"
+
+    assert main(["compare", str(STORED_CELLS), str(edited_run(tmp_path, other_model))]) == 2
+    assert capsys.readouterr().err.splitlines()[0] == "qlora-bench: error: model differs: baseline smollm2, " \
+                                                      "candidate llama"
+    fewer = edited_run(tmp_path, lambda result: None, name="fewer")
+    (fewer / "smollm2-fp16.json").unlink()
+    assert main(["compare", str(STORED_CELLS), str(fewer)]) == 2
+    assert capsys.readouterr().err.splitlines()[0] == (
+        "qlora-bench: error: mode set differs: baseline fp16, bf16, int8, fp4, fp4-dq, nf4, nf4-dq, candidate "
+        "bf16, int8, fp4, fp4-dq, nf4, nf4-dq")

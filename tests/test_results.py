@@ -5,10 +5,13 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
+from pathlib import Path
 
 import pytest
 
-from qlora_core.results import SCHEMA, environment, git_commit, read_results, write_json_atomic
+from qlora_core.results import (RUN_SCHEMA, SCHEMA, environment, git_commit, missing_cell_fields, read_paths,
+                                read_results, read_runs, write_json_atomic)
 
 
 def test_write_json_atomic_replaces_whole_file(tmp_path):
@@ -29,13 +32,16 @@ def test_write_json_atomic_failure_keeps_old_file(tmp_path):
 
 
 def test_read_results_skips_other_files(tmp_path):
-    write_json_atomic({"schema": SCHEMA, "status": "ok", "n": 1}, tmp_path / "a.json")
-    write_json_atomic({"schema": SCHEMA, "status": "error", "n": 2}, tmp_path / "b.json")
+    write_json_atomic({**cell("bf16"), "n": 1}, tmp_path / "a.json")
+    write_json_atomic({"schema": SCHEMA, "status": "error", "mode": {"name": "nf4"}, "settings": {}, "n": 2},
+                      tmp_path / "b.json")
     write_json_atomic({"schema": "other"}, tmp_path / "c.json")
     write_json_atomic([1, 2], tmp_path / "d.json")
     (tmp_path / "a.log").write_text("not json")
     assert [r["n"] for r in read_results([tmp_path])] == [1, 2]
     assert [r["n"] for r in read_results([tmp_path / "b.json"])] == [2]
+    reading = read_paths([tmp_path])
+    assert reading.others == [tmp_path / "c.json", tmp_path / "d.json"] and reading.skipped == []
 
 
 def test_environment_is_plain_json():
@@ -76,10 +82,15 @@ def bench_json(cells: list[dict], memory_peak: int = 123) -> dict:
 
 
 def cell(mode: str, **settings) -> dict:
-    return {"schema": SCHEMA, "status": "ok", "mode": {"name": mode}, "model": {"label": "m"},
+    """A finished cell holding the fields the report reads, and no more."""
+    return {"schema": SCHEMA, "status": "ok", "mode": {"name": mode}, "model": {"label": "m", "provenance": {}},
             "settings": {"model": "m", "seq_len": 8, **settings},
+            "weights": {"weights_bytes": 10, "bits_per_quantized_param": None},
             "memory": {"training_peak": {"kind": "cuda", "peak_allocated_bytes": 100}},
-            "training": {"timing": {"median_s": 0.49}}}
+            "training": {"timing": {"median_s": 0.49, "iqr_s": 0.01, "noisy": False, "rounds": 3, "warmup": 1},
+                         "tokens_per_s": 16.3, "mfu": None, "losses": [2.0]},
+            "perplexity": {"before": {"heldout": {"perplexity": 9.0, "window": 8, "stride": 4,
+                                                  "n_tokens_scored": 31}}}}
 
 
 def test_read_results_takes_cells_from_pytest_benchmark_json(tmp_path):
@@ -140,3 +151,122 @@ def test_written_results_are_readable_by_others_as_the_umask_allows(tmp_path):
     finally:
         os.umask(previous)
     assert stat.S_IMODE(path.stat().st_mode) == 0o644
+
+
+# --- reading a whole run folder ---------------------------------------------------------------------------------
+
+#: The published H200 run: cells/ (seven modes), the resumed invocation's pytest-benchmark JSON (three of them,
+#: with their memory pass) and workflow/ (a fine-tuning summary, not a cell).
+STORED = Path(__file__).resolve().parents[1] / "results" / "h200-smollm2-2026-11-28"
+
+
+def test_a_run_folder_is_read_whole(tmp_path):
+    """Given the run's folder, not its cells/ sub-folder, every mode is found once (issue 8.6: 3 of 7 were)."""
+    stored_modes = {json.loads(file.read_text())["mode"]["name"] for file in (STORED / "cells").glob("*.json")}
+    reading = read_paths([STORED])
+    assert sorted(r["mode"]["name"] for r in reading.results) == sorted(stored_modes) and len(stored_modes) == 7
+    assert len(reading.sources) == len(stored_modes) + 1  # the cells and the pytest-benchmark JSON
+    assert reading.others == [STORED / "workflow" / "nf4-dq-summary.json"] and reading.skipped == []
+    with_pass = {r["mode"]["name"] for r in reading.results if "memory_pass" in r}
+    assert with_pass == {"fp4-dq", "nf4", "nf4-dq"}  # the fuller record of each benchmarked cell was kept
+
+
+def test_unusable_files_are_skipped_with_their_reason(tmp_path):
+    shutil.copytree(STORED / "cells", tmp_path / "cells")
+    (tmp_path / "cells" / "torn.json").write_text('{"schema": "qlora-bench/cell/1", "status": "o')
+    (tmp_path / "garbage.json").write_bytes(b"\xff\xfe\x00garbage")
+    no_timing = json.loads((STORED / "cells" / "smollm2-nf4.json").read_text())
+    del no_timing["training"]["timing"]
+    no_timing["mode"]["name"] = "nf4-edited"
+    write_json_atomic(no_timing, tmp_path / "sub" / "deep" / "no-timing.json")
+    write_json_atomic({"schema": "qlora-bench/cell/2"}, tmp_path / "future.json")
+    reading = read_paths([tmp_path])
+    assert len(reading.results) == 7 and "nf4-edited" not in {r["mode"]["name"] for r in reading.results}
+    reasons = {file.relative_to(tmp_path).as_posix(): reason for file, reason in reading.skipped}
+    assert set(reasons) == {"cells/torn.json", "garbage.json", "sub/deep/no-timing.json", "future.json"}
+    assert reasons["cells/torn.json"].startswith("unreadable JSON")
+    assert reasons["sub/deep/no-timing.json"] == (
+        "cell result without training.timing.median_s, training.timing.iqr_s, training.timing.noisy, "
+        "training.timing.rounds, training.timing.warmup")
+    assert "unsupported cell schema 'qlora-bench/cell/2'" in reasons["future.json"]
+
+
+@pytest.mark.parametrize("path", [("status",), ("mode", "name"), ("settings",), ("model", "provenance"),
+                                  ("weights", "weights_bytes"), ("memory", "training_peak", "kind"),
+                                  ("training", "losses"), ("perplexity", "before", "heldout", "window")],
+                         ids=".".join)
+def test_every_field_the_report_reads_is_checked(path):
+    result = cell("bf16")
+    assert missing_cell_fields(result) == []
+    parent = result
+    for key in path[:-1]:
+        parent = parent[key]
+    del parent[path[-1]]
+    assert missing_cell_fields(result) == [".".join(path)]
+
+
+def test_empty_losses_are_missing_and_a_failed_cell_needs_no_figures():
+    assert missing_cell_fields({**cell("bf16"), "training": {**cell("bf16")["training"], "losses": []}}) == [
+        "training.losses[0]"]
+    assert missing_cell_fields({"schema": SCHEMA, "status": "oom", "mode": {"name": "x"}, "settings": {}}) == []
+
+
+def test_malformed_pytest_benchmark_json_is_skipped(tmp_path):
+    data = bench_json([cell("bf16")])
+    del data["benchmarks"][0]["name"]
+    write_json_atomic(data, tmp_path / "bench.json")
+    reading = read_paths([tmp_path])
+    assert reading.results == [] and [file for file, _ in reading.skipped] == [tmp_path / "bench.json"]
+
+
+def test_a_missing_path_is_an_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no-such-run"):
+        read_paths([tmp_path / "no-such-run"])
+
+
+def run_manifest(**overrides) -> dict:
+    """A run manifest as the sweep writes ``run.json`` (qlora-bench/run/1), built by hand."""
+    return {"schema": RUN_SCHEMA, "command": ["qlora-bench", "sweep", "--modes", "bf16,nf4"], "commit": "abc123",
+            "started": "2026-12-02T01:00:00+00:00", "ended": "2026-12-02T01:04:00+00:00", "wall_seconds": 240.0,
+            "measured_seconds": 150.0, "measured_share": 0.625, "environment": {"gpu": None},
+            "cells": [{"name": "m-bf16", "mode": "bf16", "status": "ok", "result": "bf16.json",
+                       "wall_seconds": 100.0, "measured_seconds": 70.0},
+                      {"name": "m-nf4", "mode": "nf4", "status": "oom", "result": None, "wall_seconds": 140.0,
+                       "measured_seconds": 80.0}],
+            **overrides}
+
+
+def test_run_manifests_are_read_beside_the_cells(tmp_path):
+    write_json_atomic(cell("bf16"), tmp_path / "bf16.json")
+    write_json_atomic(run_manifest(), tmp_path / "run.json")
+    write_json_atomic(run_manifest(cells=[{"name": "x"}]), tmp_path / "old" / "run.json")
+    reading = read_paths([tmp_path])
+    assert [r["mode"]["name"] for r in reading.results] == ["bf16"]
+    assert reading.runs == [{**run_manifest(), "path": str(tmp_path / "run.json")}]
+    assert reading.skipped == [(tmp_path / "old" / "run.json", "run manifest without cells[0].mode, cells[0].status")]
+    assert read_runs([tmp_path]) == reading.runs
+
+
+def test_published_folders_are_readable_by_others_as_the_umask_allows(tmp_path):
+    """mkdtemp makes the staging folder 0700 and safetensors writes 0600: the published folder must not keep
+    either (others on a shared runner could not read an adapter)."""
+    import stat
+
+    from qlora_core.results import publish_folder
+
+    def write(folder: Path) -> None:
+        (folder / "sub").mkdir()
+        (folder / "sub" / "weights.bin").write_bytes(b"w")
+        os.chmod(folder / "sub" / "weights.bin", 0o600)  # as safetensors leaves it
+        (folder / "run.sh").write_text("#!/bin/sh\n")
+        os.chmod(folder / "run.sh", 0o700)
+
+    previous = os.umask(0o027)
+    try:
+        folder = publish_folder(tmp_path / "adapter", write)
+    finally:
+        os.umask(previous)
+    modes = {str(path.relative_to(tmp_path)): stat.S_IMODE(path.stat().st_mode)
+             for path in [folder, *folder.rglob("*")]}
+    assert modes == {"adapter": 0o750, "adapter/sub": 0o750, "adapter/sub/weights.bin": 0o640,
+                     "adapter/run.sh": 0o750}

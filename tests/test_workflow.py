@@ -22,7 +22,7 @@ from transformers import TrainerCallback
 from qlora_core import workflow
 from qlora_core.cli import main
 from qlora_core.lora import LoraSettings
-from qlora_core.models import load_model, resolve_model
+from qlora_core.models import load_dequantized, load_model, resolve_model
 from qlora_core.modes import BASELINE_MODE, get_mode
 
 CPU = torch.device("cpu")
@@ -89,6 +89,20 @@ def test_checkpoints_hold_the_adapter_and_no_full_weights(trained):
         assert not [n for n in names if n.startswith(("model", "pytorch_model"))], names
         assert workflow.checkpoint_is_complete(folder)
     assert (out / workflow.ADAPTER_DIR_NAME / "adapter_model.safetensors").is_file()
+
+
+def test_adapter_and_checkpoints_are_readable_as_the_umask_allows(trained):
+    """The final adapter was 0700 with 0600 weights (mkdtemp, safetensors), checkpoints' weights 0600."""
+    import os
+    import stat
+
+    _, out = trained
+    mask = os.umask(0)
+    os.umask(mask)
+    for folder in [out / workflow.ADAPTER_DIR_NAME, *workflow.list_checkpoints(out)]:
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o777 & ~mask, folder
+        for path in folder.iterdir():
+            assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask, path
 
 
 def test_callback_removes_full_weights_and_marks_complete(tmp_path):
@@ -171,6 +185,51 @@ def test_finetune_refuses_to_overwrite_checkpoints(tiny_source, mode, trained):
         tiny_finetune(tiny_source, mode, out)
 
 
+def folder_state(folder: Path) -> dict[str, tuple[bytes, int]]:
+    """Every file under ``folder``: its bytes and modification time (ns)."""
+    return {str(path.relative_to(folder)): (path.read_bytes(), path.stat().st_mtime_ns)
+            for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+def test_resume_of_a_finished_run_changes_nothing(tiny_source, tiny_model_dir, mode, trained, tmp_path, capsys):
+    """Resuming a run that reached --max-steps trained past it, wrote checkpoint-5 and replaced the adapter."""
+    _, out = trained
+    run = tmp_path / "run"
+    shutil.copytree(out, run)
+    before = folder_state(run)
+    with pytest.raises(workflow.RunAlreadyFinished) as finished:
+        tiny_finetune(tiny_source, mode, run, resume=True)
+    assert finished.value.step == TINY_SETTINGS.max_steps
+    assert main(["finetune", "--mode", mode.name, "--model", str(tiny_model_dir), "--device", "cpu", "--out",
+                 str(run), "--resume", "--max-steps", str(TINY_SETTINGS.max_steps)]) == 0
+    assert capsys.readouterr().out == f"{run}: already finished at step {TINY_SETTINGS.max_steps}; nothing changed\n"
+    assert folder_state(run) == before
+
+
+def test_resume_past_the_last_step_without_a_summary_is_refused(tiny_source, mode, trained, tmp_path):
+    """The run stopped after its last checkpoint, before the final adapter and summary: training again would
+    go past max_steps."""
+    _, out = trained
+    run = tmp_path / "run"
+    shutil.copytree(out, run)
+    (run / workflow.SUMMARY_NAME).unlink()
+    before = folder_state(run)
+    with pytest.raises(ValueError, match=f"checkpoint-4 already reaches max_steps {TINY_SETTINGS.max_steps}"):
+        tiny_finetune(tiny_source, mode, run, resume=True)
+    assert folder_state(run) == before
+
+
+def test_rows_of_one_token_are_refused_before_any_model_load(tmp_path, capsys):
+    """--max-length 1 trained nothing (loss 0, grad-norm 0) and exited 0."""
+    out = tmp_path / "ft"
+    assert main(["finetune", "--mode", "nf4-dq", "--model", str(tmp_path / "no-model"), "--out", str(out),
+                 "--max-length", "1"]) == 2
+    assert capsys.readouterr().err == ("qlora-bench: error: max_length must be >= 2 (a row of one token has nothing "
+                                       "to predict and trains nothing), got 1\n")  # not the missing model
+    assert not out.exists()
+    assert workflow.FinetuneSettings(max_length=2).max_length == 2
+
+
 # ---- reload, generate, merge ----
 
 
@@ -184,12 +243,32 @@ def test_reload_reproduces_trained_outputs(tiny_source, mode, trained):
         torch.testing.assert_close(probe_logits(reloaded, mode), expected, rtol=0, atol=LOGITS_ATOL)
 
 
-def test_generation_returns_text(tiny_source, mode, trained):
+def test_generation_is_the_greedy_continuation(tiny_source, mode, trained):
+    """``generate`` returns the new text only: at each position the argmax token of the model's logits, until
+    ``max_new_tokens`` or eos, under autocast in the mode's compute dtype; the model's train/eval mode is kept."""
     run, out = trained
+    tokenizer = workflow.load_tokenizer(tiny_source)
+    model = workflow.load_for_inference(tiny_source, mode, out / "checkpoint-4", CPU)
+    # no KV cache: generate then computes each step over the whole sequence exactly as the loop below does,
+    # so the two argmaxes cannot differ by rounding
+    model.generation_config.use_cache = False
+    ids = tokenizer(workflow.TUTORIAL_PROMPT, return_tensors="pt")["input_ids"]
+    new: list[int] = []
+    with torch.no_grad(), torch.autocast(CPU.type, dtype=mode.torch_compute_dtype):
+        for _ in range(8):
+            sequence = torch.cat([ids, torch.tensor([new], dtype=ids.dtype)], dim=1)
+            new.append(int(model(input_ids=sequence, attention_mask=torch.ones_like(sequence)).logits[0, -1].argmax()))
+            if new[-1] == model.generation_config.eos_token_id:
+                break
+    model.train()
+    completion = workflow.generate(model, tokenizer, workflow.TUTORIAL_PROMPT, max_new_tokens=8,
+                                   compute_dtype=mode.torch_compute_dtype)
+    assert completion == tokenizer.decode(new, skip_special_tokens=True)
+    assert model.training
+    # the summary's sample is the trained model's own continuation of the tutorial's prompt
     assert run.summary["sample"]["prompt"] == workflow.TUTORIAL_PROMPT
-    assert run.summary["sample"]["completion"]
-    text = workflow.generate_from_adapter(tiny_source, mode, out / "checkpoint-4", device=CPU, max_new_tokens=8)
-    assert isinstance(text, str) and text
+    assert run.summary["sample"]["completion"] == workflow.generate(
+        run.model, tokenizer, workflow.TUTORIAL_PROMPT, max_new_tokens=8, compute_dtype=mode.torch_compute_dtype)
 
 
 def test_merged_bf16_outputs_match_unmerged(tiny_source, mode, trained, tmp_path):
@@ -233,7 +312,7 @@ def test_unknown_merge_base_is_refused(tiny_source, mode, trained, tmp_path):
 # ---- command line ----
 
 
-def test_cli_runs_the_workflow(tiny_model_dir, tmp_path, capsys):
+def test_cli_runs_the_workflow(tiny_model_dir, tiny_source, tmp_path, capsys):
     """finetune, generate and merge as commands, with BLOOM-style explicit target modules."""
     mode = get_mode(WORKFLOW_MODES[-1])
     common = ["--mode", mode.name, "--model", str(tiny_model_dir), "--device", "cpu"]
@@ -248,10 +327,17 @@ def test_cli_runs_the_workflow(tiny_model_dir, tmp_path, capsys):
                                           max_length=32).describe()
     assert main(["generate", *common, "--adapter", str(tmp_path / "ft" / "checkpoint-2"), "--prompt", "Hi",
                  "--max-new-tokens", "4"]) == 0
-    assert capsys.readouterr().out.startswith("Hi")
+    expected = workflow.generate_from_adapter(tiny_source, mode, tmp_path / "ft" / "checkpoint-2", device=CPU,
+                                              prompt="Hi", max_new_tokens=4)
+    assert capsys.readouterr().out == f"Hi{expected}\n"  # the prompt, then that adapter's 4-token continuation
     assert main(["merge", *common, "--adapter", str(tmp_path / "ft" / "adapter"), "--out", str(tmp_path / "merged"),
                  "--check-tokens", "128"]) == 0
-    assert (tmp_path / "merged" / "model.safetensors").is_file()
+    # the merge changed exactly the adapted projections of the weights the adapter was trained on
+    merged = load_model(resolve_model(str(tmp_path / "merged")), get_mode(BASELINE_MODE), CPU).state_dict()
+    base = load_dequantized(tiny_source, mode, CPU).state_dict()
+    assert merged.keys() == base.keys()
+    changed = {name.rsplit(".", 2)[-2] for name in base if not torch.equal(merged[name], base[name])}
+    assert changed == {"q_proj", "v_proj"}
 
 
 # ---- the embedded model ----
@@ -268,8 +354,11 @@ def test_whole_workflow_on_smollm2(tmp_path):
     assert run.summary["checkpoints"] == ["checkpoint-1", "checkpoint-2"]
     assert run.summary["model"]["provenance"]["name"] == "SmolLM2-135M-Instruct"
     del run
-    assert workflow.generate_from_adapter(source, mode, tmp_path / "ft" / "checkpoint-2", device=CPU,
-                                          max_new_tokens=8)
+    # the final adapter is the last checkpoint's: the same greedy text from either
+    from_checkpoint = workflow.generate_from_adapter(source, mode, tmp_path / "ft" / "checkpoint-2", device=CPU,
+                                                     max_new_tokens=8)
+    assert from_checkpoint == workflow.generate_from_adapter(source, mode, tmp_path / "ft" / "adapter", device=CPU,
+                                                             max_new_tokens=8)
     report = workflow.merge_and_report(source, mode, tmp_path / "ft" / "adapter", tmp_path / "merged", device=CPU,
                                        check_tokens=256, window=64, stride=32, into_quantized=True)
     assert report["tolerance"]["within"], report["merged"]["relative_delta"]
