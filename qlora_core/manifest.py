@@ -14,9 +14,8 @@ import sys
 import time
 from pathlib import Path
 
-from qlora_core.results import environment, write_json_atomic
+from qlora_core.results import RUN_SCHEMA, environment, write_json_atomic
 
-SCHEMA = "qlora-bench/run/1"
 MANIFEST_NAME = "run.json"
 
 
@@ -46,7 +45,7 @@ class RunManifest:
             seconds=time.perf_counter() - self._start)
         env = environment()
         self.data = {
-            "schema": SCHEMA,
+            "schema": RUN_SCHEMA,
             "command": list(command if command is not None else [Path(sys.argv[0]).name, *sys.argv[1:]]),
             "commit": env["commit"],
             "started": started.isoformat(timespec="seconds"),

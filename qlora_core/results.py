@@ -24,7 +24,7 @@ SCHEMA = "qlora-bench/cell/1"
 CELL_SCHEMA_PREFIX = "qlora-bench/cell/"
 #: The manifest a sweep or bench/ run writes as ``run.json`` in its folder.
 RUN_SCHEMA = "qlora-bench/run/1"
-#: bench/'s test of the separate memory pass, whose pytest-benchmark record joins its cell's result.
+#: bench/'s memory suite; in runs before 2026-12 a separate process, whose record joins its cell's result.
 MEMORY_PASS_TEST = "test_memory"
 LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets", "qlora-bench")
 
@@ -399,7 +399,10 @@ def cells_from_benchmark(data: dict) -> list[dict]:
 
 
 def _cell_from_benchmarks(benches: list[dict], environment_: dict | None) -> dict | None:
-    memory_pass = [b for b in benches if b["name"].startswith(f"{MEMORY_PASS_TEST}[")]
+    # a separate memory-pass process: bench/ before 2026-12 (its record holds the pass's memory); since then the
+    # memory suite runs in the cell's own process and its record is one of the cell's
+    memory_pass = [b for b in benches
+                   if b["name"].startswith(f"{MEMORY_PASS_TEST}[") and "memory" in b.get("extra_info", {})]
     cell_benches = [b for b in benches if b not in memory_pass]
     infos = [bench.get("extra_info", {}) for bench in cell_benches]
     cell = next((copy.deepcopy(info["cell"]) for info in infos if "cell" in info), None)

@@ -11,9 +11,8 @@ import pytest
 from tiny import TINY_STEPS, tiny_cell_settings
 from qlora_core.cell import prepare_inputs
 from qlora_core.manifest import MANIFEST_NAME
-from qlora_core.manifest import SCHEMA as RUN_SCHEMA
 from qlora_core.modes import parse_modes
-from qlora_core.results import SCHEMA
+from qlora_core.results import RUN_SCHEMA, SCHEMA
 from qlora_core.sweep import finished, result_path, run_sweep
 
 MODES = parse_modes("bf16,nf4")
