@@ -29,12 +29,14 @@ from qlora_core.lora import LoraSettings
 from qlora_core.manifest import RunManifest
 from qlora_core.modes import parse_modes
 from qlora_core.paths import check_path
+from qlora_core.profiles import PROFILES
 from qlora_core.shapes import check_shape
 from qlora_core.results import environment, write_json_atomic
 from qlora_core.sweep import finished
 from qlora_core.trainer import TrainSettings
 from qlora_core.worker import CellError, WorkerPool, serialize_inputs
 
+GPU = PROFILES["gpu"]
 #: Where the session's start (time.perf_counter()) and its cells, in run order, are kept on the config.
 SESSION_START = pytest.StashKey[float]()
 CELL_KEYS = pytest.StashKey[list]()
@@ -58,17 +60,22 @@ def pytest_addoption(parser):
     group.addoption("--bench-gguf", default=os.environ.get("QLORA_BENCH_GGUF"),
                     help="local copy of the default model's GGUF (default $QLORA_BENCH_GGUF)")
     group.addoption("--bench-modes", default="all", help="comma-separated modes or 'all'")
-    group.addoption("--bench-seq-len", type=int, default=512, help="tokens per training block")
-    group.addoption("--bench-batch-size", type=int, default=8, help="blocks per step")
-    group.addoption("--bench-steps", type=int, default=40, help="timed training steps per cell")
-    group.addoption("--bench-warmup", type=int, default=5, help="untimed warm-up steps before them")
+    group.addoption("--bench-seq-len", type=int, default=GPU["seq_len"],
+                    help=f"tokens per training block (default {GPU['seq_len']}; qlora_core/profiles.py says why)")
+    group.addoption("--bench-batch-size", type=int, default=GPU["batch_size"],
+                    help=f"blocks per step (default {GPU['batch_size']})")
+    group.addoption("--bench-steps", type=int, default=GPU["steps"] - GPU["timing_warmup"],
+                    help=f"timed training steps per cell (default {GPU['steps'] - GPU['timing_warmup']})")
+    group.addoption("--bench-warmup", type=int, default=GPU["timing_warmup"],
+                    help=f"untimed warm-up steps before them (default {GPU['timing_warmup']})")
     group.addoption("--bench-lora-r", type=int, default=16, help="LoRA rank (alpha = 2 r)")
     group.addoption("--bench-no-gradient-checkpointing", action="store_true", help="keep all activations")
     group.addoption("--bench-eval-text", default=os.environ.get("QLORA_BENCH_EVAL_TEXT"),
                     help="extra evaluation text path, e.g. WikiText-2 wiki.test.raw (default $QLORA_BENCH_EVAL_TEXT)")
-    group.addoption("--bench-eval-window", type=int, default=1024, help="perplexity window (tokens)")
-    group.addoption("--bench-eval-stride", type=int, default=512, help="perplexity stride (tokens)")
-    group.addoption("--bench-eval-batch-size", type=int, default=32, help="perplexity windows per forward pass")
+    group.addoption("--bench-eval-window", type=int, default=GPU["eval_window"], help="perplexity window (tokens)")
+    group.addoption("--bench-eval-stride", type=int, default=GPU["eval_stride"], help="perplexity stride (tokens)")
+    group.addoption("--bench-eval-batch-size", type=int, default=GPU["eval_batch_size"],
+                    help="perplexity windows per forward pass")
     group.addoption("--bench-eval-max-tokens", type=int, default=None, help="evaluate at most this many tokens")
     group.addoption("--bench-device", default="cuda", choices=["cuda", "cpu"],
                     help="'cpu' dry-runs the suites without a GPU (to check them; figures are not GPU figures)")

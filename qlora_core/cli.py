@@ -22,18 +22,11 @@ from qlora_core.cell import CellSettings
 from qlora_core.lora import LoraSettings
 from qlora_core.modes import MODES, UnknownModeError, parse_modes
 from qlora_core.paths import PATHS
+from qlora_core.profiles import PROFILES
 from qlora_core.report import DEFAULT_THRESHOLD
 from qlora_core.shapes import SHAPES
 from qlora_core.trainer import OPTIMIZERS, TrainSettings
 
-#: Defaults per machine. "gpu" is the full profile; "cpu" finishes in minutes on the embedded 135M model and
-#: evaluates a slice of each text, so its figures show the harness working, not publishable numbers.
-PROFILES = {
-    "gpu": dict(seq_len=512, batch_size=8, steps=40, timing_warmup=5, eval_window=1024, eval_stride=512,
-                eval_max_tokens=None, eval_batch_size=8),
-    "cpu": dict(seq_len=128, batch_size=2, steps=4, timing_warmup=1, eval_window=128, eval_stride=64,
-                eval_max_tokens=1024, eval_batch_size=4),
-}
 SUBCOMMANDS = ("sweep", "report", "compare", "finetune", "generate", "merge")
 
 
