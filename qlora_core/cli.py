@@ -240,7 +240,8 @@ def command_sweep(args: argparse.Namespace) -> int:
     out = args.out or Path("runs") / datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     console.print(f"[bold]qlora-bench[/] profile [cyan]{profile_name}[/], {len(modes)} modes, results in {out}")
     with SweepProgress(console, modes, base.train.max_steps) as progress:
-        results = run_sweep(base, modes, out, resume=args.resume, on_event=progress.update, inputs=inputs)
+        results = run_sweep(base, modes, out, resume=args.resume, on_event=progress.update, inputs=inputs,
+                            command=args.command_line)
     console.print(rich_table(results, title=f"qlora-bench: {out}"))
     if (floor := floor_rich_table(results)) is not None:
         console.print(floor)
@@ -394,6 +395,7 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] not in COMMANDS and argv[0] not in ("-h", "--help"):
         argv = ["sweep", *argv]
     args = build_parser().parse_args(argv)
+    args.command_line = ["qlora-bench", *argv]  # what a run's manifest records
     try:
         return COMMANDS[args.command](args)
     except (UnknownModeError, ValueError, FileNotFoundError, RuntimeError) as error:

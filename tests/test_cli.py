@@ -89,7 +89,10 @@ def sweep_dir(tiny_model_dir, tmp_path_factory):
 def test_sweep_writes_a_result_per_mode(sweep_dir, tiny_model_dir):
     code, out = sweep_dir
     assert code == 0
-    assert sorted(p.name for p in out.glob("*.json")) == ["bf16.json", "nf4.json"]
+    assert sorted(p.name for p in out.glob("*.json")) == ["bf16.json", "nf4.json", "run.json"]
+    manifest = json.loads((out / "run.json").read_text())
+    assert manifest["command"][:4] == ["qlora-bench", "sweep", "--model", str(tiny_model_dir)]
+    assert [(c["mode"], c["status"]) for c in manifest["cells"]] == [("bf16", "ok"), ("nf4", "ok")]
     for name in ("bf16", "nf4"):
         result = json.loads((out / f"{name}.json").read_text())
         assert result["status"] == "ok"
