@@ -26,7 +26,7 @@ import torch
 
 from qlora_core.cell import CellSettings, does_not_fit_result, failure_result, prepare_inputs
 from qlora_core.lora import LoraSettings
-from qlora_core.manifest import RunManifest
+from qlora_core.manifest import MANIFEST_NAME, RunManifest
 from qlora_core.modes import parse_modes
 from qlora_core.paths import check_path
 from qlora_core.profiles import PROFILES
@@ -93,6 +93,9 @@ def pytest_configure(config):
         raise pytest.UsageError(f"pytest-benchmark {version} is too old for bench/ (needs >= 5.3.1, which takes "
                                 f"--benchmark-json as a path): pip install -U 'pytest-benchmark>=5.3.1'")
     json_path = config.getoption("benchmark_json", None)
+    if json_path and Path(json_path).resolve() == (Path(config.option.bench_out) / MANIFEST_NAME).resolve():
+        raise pytest.UsageError(f"--benchmark-json {json_path} is the run's manifest (--bench-out/{MANIFEST_NAME}): "
+                                f"name it otherwise, e.g. {Path(json_path).with_name('pytest-benchmark.json')}")
     if json_path:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
 

@@ -81,3 +81,12 @@ def test_a_session_that_runs_no_cell_writes_nothing(tmp_path):
                          text=True, timeout=300)
     assert run.returncode == 0, run.stdout + run.stderr
     assert "skipped" in run.stdout and not (tmp_path / "out").exists()
+
+
+def test_benchmark_json_may_not_overwrite_the_manifest(tmp_path):
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "pytest", "bench/", "--benchmark-only", "-q", "-p", "no:cacheprovider",
+               "--bench-out", str(out), "--benchmark-json", str(out / MANIFEST_NAME)]
+    run = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 4  # pytest's usage error, before anything runs
+    assert "is the run's manifest" in run.stderr and not out.exists()
