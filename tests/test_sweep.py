@@ -11,7 +11,7 @@ import pytest
 from tiny import TINY_STEPS, tiny_cell_settings
 from qlora_core.modes import parse_modes
 from qlora_core.results import SCHEMA
-from qlora_core.sweep import finished, result_path, run_sweep
+from qlora_core.sweep import ResumeMismatchError, finished, result_path, reusable, run_sweep
 
 MODES = parse_modes("bf16,nf4")
 
@@ -69,6 +69,31 @@ def test_resume_skips_finished_cells(swept, tiny_model_dir):
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == stamps  # nothing rewritten, no log either
     for mode in MODES:
         assert events.of(mode.name) == [{"phase": "done (resumed)"}]
+
+
+@pytest.mark.parametrize("change, named", [
+    (dict(seq_len=16), "seq_len: 32 -> 16"),
+    (dict(model="other-model-folder"), "model: "),
+    (dict(lora=dataclasses.replace(tiny_cell_settings(".", "bf16").lora, r=8)), "lora.r: 4 -> 8"),
+])
+def test_resume_refuses_results_measured_with_other_settings(swept, tiny_model_dir, change, named):
+    out, _, _ = swept
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    other = dataclasses.replace(tiny_cell_settings(tiny_model_dir, "bf16"), **change)
+    with pytest.raises(ResumeMismatchError, match="bf16.json was measured with other settings") as error:
+        run_sweep(other, MODES, out, resume=True)
+    assert named in str(error.value)
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == stamps  # refused before any cell ran
+
+
+def test_reusable_only_for_a_finished_cell_with_the_same_settings(swept, tiny_model_dir, tmp_path):
+    out, _, _ = swept
+    settings = tiny_cell_settings(tiny_model_dir, "nf4")
+    assert reusable(out / "nf4.json", settings)
+    assert not reusable(tmp_path / "nf4.json", settings)  # nothing there: run it
+    steps = dataclasses.replace(settings.train, max_steps=TINY_STEPS + 1)
+    with pytest.raises(ResumeMismatchError, match=f"train.max_steps: {TINY_STEPS} -> {TINY_STEPS + 1}"):
+        reusable(out / "nf4.json", dataclasses.replace(settings, train=steps))
 
 
 def test_resume_reruns_unfinished_cells(swept, tiny_model_dir, tmp_path):
