@@ -8,6 +8,7 @@ state never leaks into another's peak memory.
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -32,7 +33,7 @@ from qlora_core.models import (
 )
 from qlora_core.modes import get_mode
 from qlora_core.paths import check_path, loss_function
-from qlora_core.results import SCHEMA, environment
+from qlora_core.results import SCHEMA, environment, non_finite
 from qlora_core.shapes import (
     RANDOM_WEIGHTS_NOTE,
     build_shape_model,
@@ -45,6 +46,11 @@ from qlora_core.trainer import LoraTrainer, TrainSettings
 
 #: Random training blocks a shape cell draws, per block of its batch (enough for reshuffled batches).
 SHAPE_BLOCKS_PER_BATCH_ROW = 4
+
+class NonFiniteError(RuntimeError):
+    """A training loss, perplexity or other figure of a cell that is NaN or infinite (e.g. corrupt weights or a
+    diverged run): the cell fails rather than put it in a table."""
+
 
 @dataclass(frozen=True)
 class CellSettings:
@@ -269,6 +275,7 @@ class Cell:
         with self._phase(f"evaluating {when}"):
             dtype = self.mode.torch_compute_dtype
             self.perplexity[when] = evaluate(self.model, self.inputs.token_sets, self.settings, dtype)
+        _check_perplexity(self.perplexity[when], when)
         return self.perplexity[when]
 
     def setup_training(self) -> None:
@@ -287,6 +294,8 @@ class Cell:
     def step(self) -> float:
         """One optimizer step; returns its synchronized wall time in seconds."""
         record = self.trainer.step()
+        if not math.isfinite(record.loss):  # fail now: every later step and evaluation would be wasted
+            raise NonFiniteError(f"training loss at step {record.step} is {record.loss}: not finite")
         self.records.append(record)
         self.report({"step": record.step, "of": self.settings.train.max_steps, "loss": record.loss})
         return record.seconds
@@ -306,10 +315,12 @@ class Cell:
             merged = merge_into_dequantized(self.model, self.inputs.source, self.mode, self.device)
             self.perplexity["merged"] = evaluate(merged, self.inputs.token_sets, self.settings, torch.bfloat16)
             del merged
+        _check_perplexity(self.perplexity["merged"], "merged")
         return self.perplexity["merged"]
 
     def result(self) -> dict:
-        """The self-describing result of the phases run so far (plain JSON)."""
+        """The self-describing result of the phases run so far (plain JSON, every float finite: else
+        ``NonFiniteError`` naming the figures)."""
         settings, config = self.settings, self.inputs.config
         timing = timing_stats([r.seconds for r in self.records], settings.timing_warmup)
         counts = parameter_counts(self.model)
@@ -323,7 +334,7 @@ class Cell:
         self.floor = self.floor or predicted_floor(settings, config, self.device.type)
         floor = self.floor
         tensors = (self.weights["weights_bytes"], self.tensors_after_setup)
-        return {
+        result = {
             "schema": SCHEMA,
             "status": "ok",
             "mode": self.mode.describe(),
@@ -351,7 +362,9 @@ class Cell:
             "note": RANDOM_WEIGHTS_NOTE if settings.shape else None,
             "environment": environment(),
         }
-
+        if bad := non_finite(result):
+            raise NonFiniteError(f"not finite: {', '.join(bad)}")
+        return result
 
     def run_all(self) -> dict:
         """Every phase in order; returns ``result()``."""
@@ -365,6 +378,13 @@ class Cell:
         if self.settings.eval_merged:
             self.evaluate_merged()
         return self.result()
+
+
+def _check_perplexity(perplexities: dict[str, dict], when: str) -> None:
+    """Raise ``NonFiniteError`` naming the text whose perplexity ``when`` is NaN or infinite."""
+    for text, figures in perplexities.items():
+        if not math.isfinite(figures["perplexity"]):
+            raise NonFiniteError(f"perplexity {when} on {text} is {figures['perplexity']}: not finite")
 
 
 def run_cell(settings: CellSettings, report=_report_nothing) -> dict:

@@ -10,6 +10,7 @@ import copy
 import datetime
 import importlib.metadata
 import json
+import math
 import os
 import platform
 import shutil
@@ -89,15 +90,26 @@ def _umask() -> int:
     return mask
 
 
+def non_finite(data, key: str = "") -> list[str]:
+    """Dotted keys (list items by index) of the NaN and infinite floats in a JSON tree, e.g.
+    ``["perplexity.after.heldout.perplexity"]``."""
+    if isinstance(data, dict):
+        return [found for name, value in data.items() for found in non_finite(value, f"{key}.{name}" if key else name)]
+    if isinstance(data, (list, tuple)):
+        return [found for i, value in enumerate(data) for found in non_finite(value, f"{key}.{i}")]
+    return [key] if isinstance(data, float) and not math.isfinite(data) else []
+
+
 def write_json_atomic(data: dict, path: str | os.PathLike) -> Path:
     """Write ``data`` as JSON via a temporary file in the same folder and an atomic rename: readers see the
-    old file or the complete new one, never half of it."""
+    old file or the complete new one, never half of it. NaN and infinity raise ``ValueError`` (they are not
+    JSON, and a figure that is not finite must fail its cell, not enter a table)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, staging = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-", suffix=".tmp")
     try:
         with os.fdopen(handle, "w") as out:
-            json.dump(data, out, indent=2, allow_nan=True)
+            json.dump(data, out, indent=2, allow_nan=False)
             out.write("\n")
         os.chmod(staging, 0o666 & ~_umask())  # mkstemp creates 0600; results are meant to be shared
         os.replace(staging, path)
