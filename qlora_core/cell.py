@@ -99,6 +99,9 @@ class CellSettings:
         check_protocol(self.eval_window, self.eval_stride)
         if self.batch_size < 1 or self.eval_batch_size < 1:
             raise ValueError(f"batch sizes must be >= 1, got {self.batch_size} and {self.eval_batch_size}")
+        if not 0 <= self.timing_warmup < self.train.max_steps:
+            raise ValueError(f"steps ({self.train.max_steps}) must exceed the timing warm-up ({self.timing_warmup}, "
+                             f">= 0): else no step is left to time")
 
     def describe(self) -> dict:
         return {**dataclasses.asdict(self), "lora": self.lora.describe(), "train": self.train.describe()}

@@ -119,6 +119,24 @@ def write_json_atomic(data: dict, path: str | os.PathLike) -> Path:
     return path
 
 
+class NotWritableError(ValueError):
+    """A results folder that cannot be written (under a file, read-only, no permission)."""
+
+
+def check_writable(folder: str | os.PathLike) -> None:
+    """Raise ``NotWritableError`` unless results can be written in ``folder``, without leaving a trace: the
+    folder, or its nearest existing parent when it does not exist yet, must be a folder where a file can be
+    created (probed with a temporary one, since permission bits do not tell about read-only mounts)."""
+    folder = Path(folder).absolute()
+    existing = next(path for path in (folder, *folder.parents) if path.exists())
+    if not existing.is_dir():
+        raise NotWritableError(f"cannot write results in {folder}: {existing} is a file, not a folder")
+    try:
+        tempfile.TemporaryFile(dir=existing).close()
+    except OSError as error:
+        raise NotWritableError(f"cannot write results in {folder}: {existing}: {error.strerror}") from None
+
+
 def publish_folder(folder: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     """Run ``write(staging)`` on a sibling temporary folder, then rename it to ``folder``: a crash never leaves
     a half-written ``folder`` (an existing one is replaced only once the new one is complete)."""

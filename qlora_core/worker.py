@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
 import sys
 import traceback
 from collections.abc import Callable
@@ -34,6 +35,8 @@ def _serve(settings: dict, mode: Mode, conn, log: str | None) -> None:
     """
     import torch
 
+    # Ctrl-C reaches the whole process group: the parent decides what it means and ends this process itself
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     if mode.name not in MODES:
         register(mode)
 
@@ -88,8 +91,9 @@ class CellWorker:
             raise CellError(status, value)
         return value
 
-    def close(self) -> None:
-        if self.process.is_alive():
+    def close(self, wait: bool = True) -> None:
+        """End the worker: ask it to stop and wait for it (up to 60 s), or with ``wait=False`` kill it at once."""
+        if wait and self.process.is_alive():
             try:
                 self.conn.send(None)
             except (BrokenPipeError, OSError):
@@ -103,5 +107,6 @@ class CellWorker:
     def __enter__(self) -> CellWorker:
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, *exc) -> None:
+        # on an exception (Ctrl-C in the parent) the worker may be mid-call and would not answer: kill it
+        self.close(wait=exc_type is None)
