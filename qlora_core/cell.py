@@ -32,6 +32,7 @@ from qlora_core.models import (
     resolve_model,
 )
 from qlora_core.modes import get_mode
+from qlora_core.noise import warning_counts
 from qlora_core.paths import check_path, loss_function
 from qlora_core.results import SCHEMA, environment, non_finite
 from qlora_core.shapes import (
@@ -44,6 +45,9 @@ from qlora_core.shapes import (
 )
 from qlora_core.trainer import LoraTrainer, TrainSettings
 
+#: The dtype bitsandbytes' int8 matmul (MatMul8bitLt) really computes in: it casts its inputs to float16
+#: whatever the mode's compute dtype (bitsandbytes 0.50 autograd/_functions.py; stack-facts.md).
+INT8_MATMUL_DTYPE = "float16"
 #: Random training blocks a shape cell draws, per block of its batch (enough for reshuffled batches).
 SHAPE_BLOCKS_PER_BATCH_ROW = 4
 
@@ -363,6 +367,8 @@ class Cell:
             "floor": floor,
             "predicted_vs_measured": predicted_vs_measured(floor, self.memory, *tensors) if floor else None,
             "note": RANDOM_WEIGHTS_NOTE if settings.shape else None,
+            "int8_matmul_dtype": INT8_MATMUL_DTYPE if self.mode.weight_format == "int8" else None,
+            "warnings": warning_counts(),  # in a worker process, the library warnings of this cell and count
             "environment": environment(),
         }
         if bad := non_finite(result):

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from qlora_core.cell import Cell, CellSettings
 from qlora_core.modes import MODES, Mode, get_mode, register
+from qlora_core.noise import count_repeats, warning_counts
 
 
 class CellError(RuntimeError):
@@ -41,8 +42,9 @@ def _serve(settings: dict, mode: Mode, conn, log: str | None) -> None:
         register(mode)
 
     if log:
-        handle = open(log, "a", buffering=1)
-        os.dup2(handle.fileno(), sys.stderr.fileno())
+        with open(log, "a") as handle:  # fd 2 keeps the file open once this handle is closed
+            os.dup2(handle.fileno(), sys.stderr.fileno())
+    count_repeats()  # after the redirection above: repeated library warnings appear once in the log
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
     report = lambda event: conn.send(("event", event))  # noqa: E731
     cell = None
@@ -56,6 +58,9 @@ def _serve(settings: dict, mode: Mode, conn, log: str | None) -> None:
         except Exception as error:
             traceback.print_exc()
             conn.send(("error", f"{type(error).__name__}: {error}"))
+    for text, count in warning_counts().items():
+        if count > 1:
+            print(f"(shown once above, occurred {count} times) {text}", file=sys.stderr)
 
 
 class CellWorker:

@@ -141,3 +141,17 @@ def test_a_mode_registered_at_run_time_reaches_the_worker_process(tiny_model_dir
     assert result["status"] == "ok", result.get("error")
     assert result["mode"]["name"] == "nf4-fp32-compute"
     assert result["mode"]["compute_dtype"] == "float32"
+
+
+def test_an_int8_cell_counts_its_repeated_cast_warning_and_states_its_matmul_dtype(tiny_model_dir, tmp_path):
+    """bitsandbytes warns on every int8 matmul that it casts bf16 inputs to fp16: once in the log, all counted."""
+    (result,) = run_sweep(tiny_cell_settings(tiny_model_dir, "bf16"), parse_modes("int8"), tmp_path)
+    assert result["status"] == "ok", result.get("error")
+    assert result["int8_matmul_dtype"] == "float16"
+    casts = {text: n for text, n in result["warnings"].items() if "inputs will be cast" in text}
+    (cast, count), = [(text, n) for text, n in casts.items() if "bfloat16 to float16" in text]
+    assert count > 10  # a warning per int8 matmul call
+    log = (tmp_path / "int8.log").read_text()
+    for text, n in casts.items():  # the first occurrence, then its count at the end
+        assert log.count(text.split(": ", 1)[1]) == 2 and f"occurred {n} times" in log
+    assert "ResourceWarning" not in log
