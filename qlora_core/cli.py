@@ -317,7 +317,10 @@ def command_report(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from qlora_core.report import floor_rich_table, markdown_report, plot, results_frame, rich_table
+    from qlora_core.results import check_writable
 
+    if args.out:
+        check_writable(args.out)
     results = _read(args.paths)
     console = Console()
     console.print(rich_table(results))
@@ -340,7 +343,10 @@ def command_compare(args: argparse.Namespace) -> int:
 
     from qlora_core.report import (comparison_markdown, comparison_rich, compare_frames, has_regression,
                                    results_frame)
+    from qlora_core.results import check_writable
 
+    if args.out:
+        check_writable(args.out)
     baseline, candidate = (results_frame(_read([path])) for path in (args.baseline, args.candidate))
     comparison = compare_frames(baseline, candidate, args.threshold)
     title = f"qlora-bench: {args.candidate} against {args.baseline}"
@@ -371,7 +377,9 @@ def command_finetune(args: argparse.Namespace) -> int:
     import json
 
     from qlora_core import workflow
+    from qlora_core.results import check_writable
 
+    check_writable(args.out)
     source, mode, device = _workflow_source(args)
     lora = _given(args, [f.name for f in dataclasses.fields(LoraSettings)])
     if "target_modules" in lora and lora["target_modules"] != "all-linear":
@@ -404,7 +412,9 @@ def command_merge(args: argparse.Namespace) -> int:
     import json
 
     from qlora_core import workflow
+    from qlora_core.results import check_writable
 
+    check_writable(args.out)
     source, mode, device = _workflow_source(args)
     report = workflow.merge_and_report(
         source, mode, args.adapter, args.out, device=device,

@@ -233,6 +233,16 @@ def test_out_under_a_file_is_refused_before_any_model_work(tmp_path, capsys):
             str(blocker / "run"), "is a file")
 
 
+@pytest.mark.parametrize("command", [
+    ["report", "results"], ["compare", "results", "results"],
+    ["finetune", "--mode", "bf16"], ["merge", "--mode", "bf16", "--adapter", "adapter"],
+])
+def test_every_out_under_a_file_is_one_line(command, tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    refused(capsys, main([*command, "--out", str(blocker / "out")]), str(blocker / "out"), "is a file")
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes through read-only permission bits")
 def test_a_read_only_out_is_refused(tmp_path, capsys):
     locked = tmp_path / "locked"
