@@ -5,4 +5,9 @@ Data flows one way: ``modes`` (the registry) -> ``models`` (load in a mode) -> `
 ``cell`` runs one (model, mode) measurement; ``sweep`` runs many, each in a fresh process.
 """
 
+from qlora_core.noise import drop_kernels_hint
+
+# before anything imports bitsandbytes, which logs the hint at import
+drop_kernels_hint()
+
 __version__ = "0.1.0"

@@ -8,6 +8,7 @@ state never leaks into another's peak memory.
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -31,8 +32,9 @@ from qlora_core.models import (
     resolve_model,
 )
 from qlora_core.modes import get_mode
+from qlora_core.noise import warning_counts
 from qlora_core.paths import check_path, loss_function
-from qlora_core.results import SCHEMA, environment
+from qlora_core.results import SCHEMA, environment, non_finite
 from qlora_core.shapes import (
     RANDOM_WEIGHTS_NOTE,
     build_shape_model,
@@ -43,8 +45,16 @@ from qlora_core.shapes import (
 )
 from qlora_core.trainer import LoraTrainer, TrainSettings
 
+#: The dtype bitsandbytes' int8 matmul (MatMul8bitLt) really computes in: it casts its inputs to float16
+#: whatever the mode's compute dtype (bitsandbytes 0.50 autograd/_functions.py; stack-facts.md).
+INT8_MATMUL_DTYPE = "float16"
 #: Random training blocks a shape cell draws, per block of its batch (enough for reshuffled batches).
 SHAPE_BLOCKS_PER_BATCH_ROW = 4
+
+class NonFiniteError(RuntimeError):
+    """A training loss, perplexity or other figure of a cell that is NaN or infinite (e.g. corrupt weights or a
+    diverged run): the cell fails rather than put it in a table."""
+
 
 @dataclass(frozen=True)
 class CellSettings:
@@ -93,6 +103,9 @@ class CellSettings:
         check_protocol(self.eval_window, self.eval_stride)
         if self.batch_size < 1 or self.eval_batch_size < 1:
             raise ValueError(f"batch sizes must be >= 1, got {self.batch_size} and {self.eval_batch_size}")
+        if not 0 <= self.timing_warmup < self.train.max_steps:
+            raise ValueError(f"steps ({self.train.max_steps}) must exceed the timing warm-up ({self.timing_warmup}, "
+                             f">= 0): else no step is left to time")
 
     def describe(self) -> dict:
         return {**dataclasses.asdict(self), "lora": self.lora.describe(), "train": self.train.describe()}
@@ -274,6 +287,7 @@ class Cell:
         with self._phase(f"evaluating {when}"):
             dtype = self.mode.torch_compute_dtype
             self.perplexity[when] = evaluate(self.model, self.inputs.token_sets, self.settings, dtype)
+        _check_perplexity(self.perplexity[when], when)
         return self.perplexity[when]
 
     def setup_training(self) -> None:
@@ -292,6 +306,8 @@ class Cell:
     def step(self) -> float:
         """One optimizer step; returns its synchronized wall time in seconds."""
         record = self.trainer.step()
+        if not math.isfinite(record.loss):  # fail now: every later step and evaluation would be wasted
+            raise NonFiniteError(f"training loss at step {record.step} is {record.loss}: not finite")
         self.records.append(record)
         self.report({"step": record.step, "of": self.settings.train.max_steps, "loss": record.loss})
         return record.seconds
@@ -315,10 +331,12 @@ class Cell:
             merged = merge_into_dequantized(self.model, self.inputs.source, self.mode, self.device)
             self.perplexity["merged"] = evaluate(merged, self.inputs.token_sets, self.settings, torch.bfloat16)
             del merged
+        _check_perplexity(self.perplexity["merged"], "merged")
         return self.perplexity["merged"]
 
     def result(self) -> dict:
-        """The self-describing result of the phases run so far (plain JSON)."""
+        """The self-describing result of the phases run so far (plain JSON, every float finite: else
+        ``NonFiniteError`` naming the figures)."""
         settings, config = self.settings, self.inputs.config
         timing = timing_stats([r.seconds for r in self.records], settings.timing_warmup)
         counts = parameter_counts(self.model)
@@ -332,7 +350,7 @@ class Cell:
         self.floor = self.floor or predicted_floor(settings, config, self.device.type)
         floor = self.floor
         tensors = (self.weights["weights_bytes"], self.tensors_after_setup)
-        return {
+        result = {
             "schema": SCHEMA,
             "status": "ok",
             "mode": self.mode.describe(),
@@ -358,9 +376,13 @@ class Cell:
             "floor": floor,
             "predicted_vs_measured": predicted_vs_measured(floor, self.memory, *tensors) if floor else None,
             "note": RANDOM_WEIGHTS_NOTE if settings.shape else None,
+            "int8_matmul_dtype": INT8_MATMUL_DTYPE if self.mode.weight_format == "int8" else None,
+            "warnings": warning_counts(),  # in a worker process, the library warnings of this cell and count
             "environment": environment(),
         }
-
+        if bad := non_finite(result):
+            raise NonFiniteError(f"not finite: {', '.join(bad)}")
+        return result
 
     def run_all(self) -> dict:
         """Every phase in order; returns ``result()``."""
@@ -374,6 +396,13 @@ class Cell:
         if self.settings.eval_merged:
             self.evaluate_merged()
         return self.result()
+
+
+def _check_perplexity(perplexities: dict[str, dict], when: str) -> None:
+    """Raise ``NonFiniteError`` naming the text whose perplexity ``when`` is NaN or infinite."""
+    for text, figures in perplexities.items():
+        if not math.isfinite(figures["perplexity"]):
+            raise NonFiniteError(f"perplexity {when} on {text} is {figures['perplexity']}: not finite")
 
 
 def run_cell(settings: CellSettings, report=_report_nothing) -> dict:

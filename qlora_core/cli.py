@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import math
 import os
 import sys
 from pathlib import Path
@@ -42,6 +43,20 @@ def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not 0 < value < math.inf:  # also refuses nan, which compares false
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
     return value
 
 
@@ -78,8 +93,9 @@ def _add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--seq-len", type=_positive, help="tokens per training block")
     train.add_argument("--batch-size", type=_positive, help="blocks per step")
     train.add_argument("--steps", type=_positive, help="optimizer steps per mode")
-    train.add_argument("--timing-warmup", type=int, help="first steps left out of the step-time statistics")
-    train.add_argument("--lr", type=float, default=2e-4, help="learning rate (default 2e-4)")
+    train.add_argument("--timing-warmup", type=_non_negative,
+                       help="first steps left out of the step-time statistics (fewer than --steps)")
+    train.add_argument("--lr", type=_positive_float, default=2e-4, help="learning rate (default 2e-4)")
     train.add_argument("--optimizer", default="adamw", choices=sorted(OPTIMIZERS))
     train.add_argument("--grad-accum", type=_positive, default=1, help="micro-batches per step")
     train.add_argument("--lora-r", type=_positive, default=16, help="LoRA rank (default 16)")
@@ -223,28 +239,65 @@ def cell_settings(args: argparse.Namespace, profile: dict) -> CellSettings:
     )
 
 
+def training_tokens(profile: dict) -> int:
+    """Tokens one cell trains on under ``profile``'s defaults."""
+    return profile["steps"] * profile["batch_size"] * profile["seq_len"]
+
+
+def check_profile(profile_name: str, device) -> None:
+    """Refuse the GPU profile off CUDA: on a CPU it silently ran for hours what the CPU profile does in minutes."""
+    if profile_name == "gpu" and device.type != "cuda":
+        ratio = training_tokens(PROFILES["gpu"]) / training_tokens(PROFILES["cpu"])
+        raise ValueError(f"--profile gpu needs a CUDA device, not {device.type}: it trains on {ratio:.0f}x the "
+                         f"tokens of the cpu profile (hours instead of minutes); use --profile cpu")
+
+
+def failure_lines(results: list[dict]) -> list[str]:
+    """One line per cell that did not finish: its mode, status and full reason (line breaks made spaces)."""
+    return [f"{r['mode']['name']}: {r['status']}: {' '.join(str(r.get('error')).split())}"
+            for r in results if r["status"] != "ok"]
+
+
+def interrupted(out: Path, modes: list) -> int:
+    """After Ctrl-C: say how far the sweep got and how to go on; the exit code of a SIGINT (130)."""
+    from qlora_core.sweep import finished, result_path
+
+    done = sum(finished(result_path(out, mode)) for mode in modes)
+    print(f"interrupted: {done} of {len(modes)} cells finished in {out}; rerun with --resume", file=sys.stderr)
+    return 130
+
+
 def command_sweep(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from qlora_core.cell import preflight, resolve_device
     from qlora_core.progress import SweepProgress
     from qlora_core.report import floor_rich_table, rich_table
+    from qlora_core.results import check_writable
     from qlora_core.sweep import run_sweep
 
     console = Console()
-    profile_name = args.profile or ("gpu" if resolve_device(args.device).type == "cuda" else "cpu")
-    modes = parse_modes(args.modes) if args.modes else default_modes(profile_name)
+    device = resolve_device(args.device)
+    profile_name = args.profile or ("gpu" if device.type == "cuda" else "cpu")
+    check_profile(profile_name, device)
+    modes = parse_modes(args.modes) if args.modes is not None else default_modes(profile_name)
     base = cell_settings(args, PROFILES[profile_name])
+    out = args.out or Path("runs") / datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    check_writable(out)
     with console.status("checking model, data and settings"):
         inputs = preflight(base, modes)
-    out = args.out or Path("runs") / datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     console.print(f"[bold]qlora-bench[/] profile [cyan]{profile_name}[/], {len(modes)} modes, results in {out}")
-    with SweepProgress(console, modes, base.train.max_steps) as progress:
-        results = run_sweep(base, modes, out, resume=args.resume, on_event=progress.update, inputs=inputs,
-                            command=args.command_line)
+    try:
+        with SweepProgress(console, modes, base.train.max_steps) as progress:
+            results = run_sweep(base, modes, out, resume=args.resume, on_event=progress.update, inputs=inputs,
+                                command=args.command_line)
+    except KeyboardInterrupt:
+        return interrupted(out, modes)
     console.print(rich_table(results, title=f"qlora-bench: {out}"))
     if (floor := floor_rich_table(results)) is not None:
         console.print(floor)
+    for line in failure_lines(results):
+        print(line)  # plain print: rich would cut a long reason at the terminal's width
     return 0 if all(r["status"] == "ok" for r in results) else 1
 
 
@@ -267,7 +320,10 @@ def command_report(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from qlora_core.report import floor_rich_table, markdown_report, plot, results_frame, rich_table, run_lines
+    from qlora_core.results import check_writable
 
+    if args.out:
+        check_writable(args.out)
     reading = _read(args.paths)
     results = reading.results
     console = Console()
@@ -293,7 +349,10 @@ def command_compare(args: argparse.Namespace) -> int:
 
     from qlora_core.report import (comparison_markdown, comparison_rich, compare_frames, has_regression,
                                    results_frame, run_differences)
+    from qlora_core.results import check_writable
 
+    if args.out:
+        check_writable(args.out)
     baseline, candidate = (_read([path]).results for path in (args.baseline, args.candidate))
     differences = run_differences(baseline, candidate)
     for line in differences:
@@ -331,7 +390,9 @@ def command_finetune(args: argparse.Namespace) -> int:
     import json
 
     from qlora_core import workflow
+    from qlora_core.results import check_writable
 
+    check_writable(args.out)
     # settings first: an impossible one is refused before the model is resolved (a download for a hub id)
     settings = _given(args, [f.name for f in dataclasses.fields(workflow.FinetuneSettings)])
     settings = workflow.FinetuneSettings(**settings)
@@ -371,7 +432,9 @@ def command_merge(args: argparse.Namespace) -> int:
     import json
 
     from qlora_core import workflow
+    from qlora_core.results import check_writable
 
+    check_writable(args.out)
     source, mode, device = _workflow_source(args)
     report = workflow.merge_and_report(
         source, mode, args.adapter, args.out, device=device,
@@ -401,6 +464,9 @@ def main(argv: list[str] | None = None) -> int:
     except (UnknownModeError, ValueError, FileNotFoundError, RuntimeError) as error:
         print(f"qlora-bench: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C outside a sweep's cells (a sweep says more itself)
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -24,9 +24,28 @@ class DatasetError(ValueError):
     """A data source that cannot give what training or evaluation needs."""
 
 
+def _read_text(path: Path) -> str:
+    """The file's text as UTF-8; a binary or otherwise non-UTF-8 file is a ``DatasetError`` naming it."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise DatasetError(f"{path}: not UTF-8 text (byte {error.start}: {error.reason})") from None
+
+
+def _load_from_hub(*args, **kwargs):
+    """``datasets.load_dataset(*args, **kwargs)``; an unreachable hub (offline mode, no network) is a
+    ``DatasetError`` in one line instead of a long traceback."""
+    import datasets
+
+    try:
+        return datasets.load_dataset(*args, **kwargs)
+    except ConnectionError as error:  # datasets raises it for HF_HUB_OFFLINE=1 and for network failures
+        raise DatasetError(f"{args[0]}: the Hugging Face Hub is unreachable ({error}); pass a local file") from None
+
+
 def _read_jsonl(path: Path) -> list[dict]:
     rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(_read_text(path).splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -40,17 +59,15 @@ def _read_rows(source: str) -> list[dict]:
     if source == QUOTES:
         return _read_jsonl(EMBEDDED_QUOTES)
     if source.startswith("hub:"):
-        import datasets
-
         name, _, config = source.removeprefix("hub:").partition(":")
-        return list(datasets.load_dataset(name, config or None, split="train"))
+        return list(_load_from_hub(name, config or None, split="train"))
     path = Path(source)
     if not path.is_file():
         raise DatasetError(f"{source}: no such file (expected 'quotes', a .jsonl/.json/.txt path or hub:NAME)")
     if path.suffix == ".txt":
-        return [{"text": line} for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        return [{"text": line} for line in _read_text(path).splitlines() if line.strip()]
     if path.suffix == ".json":
-        rows = json.loads(path.read_text(encoding="utf-8"))
+        rows = json.loads(_read_text(path))
         if not isinstance(rows, list):
             raise DatasetError(f"{source}: a .json dataset must hold a list of objects")
         return rows
@@ -138,14 +155,12 @@ def load_eval_text(source: str) -> str:
     Line ends are normalised to ``\\n`` (the shared WikiText-2 copy has CRLF).
     """
     if source == WIKITEXT:
-        import datasets
-
-        rows = datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split="test")
+        rows = _load_from_hub("wikitext", "wikitext-2-raw-v1", split="test")
         return "\n\n".join(rows["text"])
     path = Path(source)
     if not path.is_file():
         raise DatasetError(f"{source}: no such evaluation text file (or pass 'wikitext' to use the hub)")
-    text = path.read_text(encoding="utf-8").replace("\r\n", "\n")
+    text = _read_text(path).replace("\r\n", "\n")
     if not text.strip():
         raise DatasetError(f"{source}: the evaluation text is empty")
     return text

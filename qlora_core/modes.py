@@ -159,9 +159,18 @@ def get_mode(name: str) -> Mode:
 
 
 def parse_modes(names: str | list[str]) -> list[Mode]:
-    """Modes from a comma-separated string or a list; ``"all"`` means every registered mode."""
+    """Modes from a comma-separated string or a list; ``"all"`` means every registered mode.
+
+    Raises ``ValueError`` for no names at all (a sweep of nothing would look like success) and for a name given
+    twice (a mode measured twice would overwrite its own result); ``UnknownModeError`` for an unknown name.
+    """
     if isinstance(names, str):
-        names = [n.strip() for n in names.split(",") if n.strip()]
+        names = names.split(",")
+    names = [n.strip() for n in names if n.strip()]
+    if not names:
+        raise ValueError(f"no modes given; pass comma-separated names or 'all' ({', '.join(MODES)})")
+    if duplicates := sorted({n for n in names if names.count(n) > 1}):
+        raise ValueError(f"mode given twice: {', '.join(duplicates)}")
     if names == ["all"]:
         return list(MODES.values())
     return [get_mode(n) for n in names]

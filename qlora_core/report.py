@@ -262,6 +262,9 @@ def footnotes(results: list[dict]) -> list[str]:
     for model, note in {model_label(r): r["note"] for r in ok if r.get("note")}.items():
         notes.append(f"{model}: {note}.")
     notes += _perplexity_notes(ok)
+    for dtype in sorted({r["int8_matmul_dtype"] for r in ok if r.get("int8_matmul_dtype")}):
+        notes.append(f"int8: bitsandbytes casts the int8 matmuls' inputs to {dtype} whatever the mode's compute "
+                     f"dtype.")
     notes.append(f"(xN): ratio to {BASELINE_MODE} of the same model and run.")
     notes.append(f"'~' marks a step time whose IQR exceeds {NOISY_RELATIVE_IQR:.0%} of its median: too noisy to "
                  f"rank.")

@@ -10,6 +10,7 @@ import copy
 import datetime
 import importlib.metadata
 import json
+import math
 import os
 import platform
 import shutil
@@ -94,15 +95,26 @@ def _umask() -> int:
     return mask
 
 
+def non_finite(data, key: str = "") -> list[str]:
+    """Dotted keys (list items by index) of the NaN and infinite floats in a JSON tree, e.g.
+    ``["perplexity.after.heldout.perplexity"]``."""
+    if isinstance(data, dict):
+        return [found for name, value in data.items() for found in non_finite(value, f"{key}.{name}" if key else name)]
+    if isinstance(data, (list, tuple)):
+        return [found for i, value in enumerate(data) for found in non_finite(value, f"{key}.{i}")]
+    return [key] if isinstance(data, float) and not math.isfinite(data) else []
+
+
 def write_json_atomic(data: dict, path: str | os.PathLike) -> Path:
     """Write ``data`` as JSON via a temporary file in the same folder and an atomic rename: readers see the
-    old file or the complete new one, never half of it."""
+    old file or the complete new one, never half of it. NaN and infinity raise ``ValueError`` (they are not
+    JSON, and a figure that is not finite must fail its cell, not enter a table)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, staging = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-", suffix=".tmp")
     try:
         with os.fdopen(handle, "w") as out:
-            json.dump(data, out, indent=2, allow_nan=True)
+            json.dump(data, out, indent=2, allow_nan=False)
             out.write("\n")
         os.chmod(staging, 0o666 & ~_umask())  # mkstemp creates 0600; results are meant to be shared
         os.replace(staging, path)
@@ -122,6 +134,24 @@ def share_as_umask_allows(folder: str | os.PathLike) -> None:
             continue
         executable = path.is_dir() or path.stat().st_mode & 0o100
         os.chmod(path, (0o777 if executable else 0o666) & ~mask)
+
+
+class NotWritableError(ValueError):
+    """A results folder that cannot be written (under a file, read-only, no permission)."""
+
+
+def check_writable(folder: str | os.PathLike) -> None:
+    """Raise ``NotWritableError`` unless results can be written in ``folder``, without leaving a trace: the
+    folder, or its nearest existing parent when it does not exist yet, must be a folder where a file can be
+    created (probed with a temporary one, since permission bits do not tell about read-only mounts)."""
+    folder = Path(folder).absolute()
+    existing = next(path for path in (folder, *folder.parents) if path.exists())
+    if not existing.is_dir():
+        raise NotWritableError(f"cannot write results in {folder}: {existing} is a file, not a folder")
+    try:
+        tempfile.TemporaryFile(dir=existing).close()
+    except OSError as error:
+        raise NotWritableError(f"cannot write results in {folder}: {existing}: {error.strerror}") from None
 
 
 def publish_folder(folder: str | os.PathLike, write: Callable[[Path], None]) -> Path:

@@ -25,11 +25,40 @@ def result_path(out_dir: Path, mode: Mode) -> Path:
     return out_dir / f"{mode.name}.json"
 
 
+class ResumeMismatchError(ValueError):
+    """A finished result to resume from was measured with other settings than the run being resumed."""
+
+
 def finished(path: Path) -> bool:
-    """True when ``path`` holds a completed cell (status ok): a resumed sweep skips it."""
+    """True when ``path`` holds a completed cell (status ok)."""
     if not path.is_file():
         return False
     return json.loads(path.read_text()).get("status") == "ok"
+
+
+def _differences(old, new, key: str = "") -> list[str]:
+    """Dotted keys where two settings trees differ, as ``"key: old -> new"``."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [line for name in sorted(old.keys() | new.keys())
+                for line in _differences(old.get(name), new.get(name), f"{key}.{name}" if key else name)]
+    return [] if old == new else [f"{key}: {old!r} -> {new!r}"]
+
+
+def reusable(path: Path, settings: CellSettings) -> bool:
+    """True when ``path`` holds a finished cell measured with ``settings``: a resumed run keeps it. False when
+    there is no finished cell (it runs again).
+
+    Raises ``ResumeMismatchError`` naming each differing setting (dotted key, old -> new) when the finished cell
+    was measured with other settings: reusing it would mix two set-ups in one table.
+    """
+    if not finished(path):
+        return False
+    # a JSON round trip makes tuples lists, as they are in the file
+    old, new = json.loads(path.read_text())["settings"], json.loads(json.dumps(settings.describe()))
+    if differences := _differences(old, new):
+        raise ResumeMismatchError(f"{path} was measured with other settings ({'; '.join(differences)}); "
+                                  f"resume with the same options or choose another --out")
+    return True
 
 
 def run_cell_process(settings: CellSettings, path: Path, on_event: Callable[[dict], None], log: Path,
@@ -72,8 +101,13 @@ def run_sweep(
     manifest to ``out_dir/run.json``.
 
     ``inputs``: the tokenized data every cell shares (``cell.prepare_inputs(base)``), prepared once here
-    rather than once per cell process; ``command``: the command line the manifest records.
+    rather than once per cell process; ``command``: the command line the manifest records. With ``resume``,
+    finished cells measured with the same settings are kept; one measured with other settings raises
+    ``ResumeMismatchError`` before any cell runs.
     """
+    # every mode checked before the first cell runs, so a mismatch costs no measurement
+    reused = {mode.name for mode in modes
+              if resume and reusable(result_path(out_dir, mode), dataclasses.replace(base, mode=mode.name))}
     out_dir.mkdir(parents=True, exist_ok=True)
     manifest = RunManifest(out_dir, command)
     payload = serialize_inputs(inputs)
@@ -81,7 +115,7 @@ def run_sweep(
     with WorkerPool() as pool:
         for index, mode in enumerate(modes):
             path = result_path(out_dir, mode)
-            if resume and finished(path):
+            if mode.name in reused:
                 on_event(mode, {"phase": "done (resumed)"})
                 results.append(json.loads(path.read_text()))
                 manifest.finished(mode.name, mode.name, results[-1], path, None, resumed=True)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import multiprocessing
 import os
+import signal
 import sys
 import traceback
 from collections.abc import Callable
@@ -21,6 +22,7 @@ from pathlib import Path
 
 from qlora_core.cell import Cell, CellInputs, CellSettings
 from qlora_core.modes import MODES, Mode, get_mode, register
+from qlora_core.noise import count_repeats, warning_counts
 
 
 class CellError(RuntimeError):
@@ -53,14 +55,17 @@ def _bind(message: tuple, report) -> Cell:
     if mode.name not in MODES:
         register(mode)
     if log:
-        handle = open(log, "a", buffering=1)
-        os.dup2(handle.fileno(), sys.stderr.fileno())
+        with open(log, "a") as handle:  # fd 2 keeps the file open once this handle is closed
+            os.dup2(handle.fileno(), sys.stderr.fileno())
+    count_repeats()  # after the redirection above: repeated library warnings appear once in the log
     loaded = torch.load(io.BytesIO(inputs), weights_only=False) if inputs else None
     return Cell(CellSettings.from_dict(settings), report, inputs=loaded)
 
 
 def _serve(conn) -> None:
     """Worker loop: import, wait for the bind message, then answer ``(method, args)`` calls until ``None``."""
+    # Ctrl-C reaches the whole process group: the parent decides what it means and ends this process itself
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     import torch
 
     _import_libraries()
@@ -80,6 +85,9 @@ def _serve(conn) -> None:
         except Exception as error:
             traceback.print_exc()
             conn.send(("error", f"{type(error).__name__}: {error}"))
+    for text, count in warning_counts().items():
+        if count > 1:
+            print(f"(shown once above, occurred {count} times) {text}", file=sys.stderr)
 
 
 def serialize_inputs(inputs: CellInputs | None) -> bytes | None:
@@ -142,10 +150,9 @@ class CellWorker:
             raise CellError(status, value)
         return value
 
-    def close(self) -> None:
-        """End the process: asked to stop, then killed if it does not within a minute (or at once if it is
-        in the middle of a call, e.g. after Ctrl-C)."""
-        if self.process.is_alive():
+    def close(self, wait: bool = True) -> None:
+        """End the worker: ask it to stop and wait for it (up to 60 s), or with ``wait=False`` kill it at once."""
+        if wait and self.process.is_alive():
             try:
                 self.conn.send(None)
             except (BrokenPipeError, OSError):
@@ -159,8 +166,9 @@ class CellWorker:
     def __enter__(self) -> CellWorker:
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, *exc) -> None:
+        # on an exception (Ctrl-C in the parent) the worker may be mid-call and would not answer: kill it
+        self.close(wait=exc_type is None)
 
 
 class WorkerPool:
@@ -187,8 +195,8 @@ class WorkerPool:
             raise
 
     def close(self) -> None:
-        if self.spare is not None:
-            self.spare.close()
+        if self.spare is not None:  # an unbound spare waits for its bind message: killing it loses nothing
+            self.spare.close(wait=False)
             self.spare = None
 
     def __enter__(self) -> WorkerPool:

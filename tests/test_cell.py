@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from tiny import CELL_MODES, TINY_CELL, TINY_STEPS, tiny_cell_settings
-from qlora_core.cell import CellSettings, preflight, prepare_inputs, resolve_device, run_cell
+from qlora_core.cell import Cell, CellSettings, NonFiniteError, preflight, prepare_inputs, resolve_device, run_cell
 from qlora_core.data import DatasetError
 from qlora_core.measure.perplexity import windows
 from qlora_core.models import ModeUnavailableError
@@ -242,3 +242,36 @@ def test_embedded_smollm2_in_nf4_dq():
         assert math.isfinite(heldout["perplexity"]) and heldout["n_tokens_scored"] == 255
     # a pretrained model knows English: far below the 49k-token vocabulary's uniform perplexity
     assert result["perplexity"]["before"]["heldout"]["perplexity"] < 500
+
+
+@pytest.fixture(scope="module")
+def nan_model_dir(tmp_path_factory):
+    """The tiny model with one weight matrix all NaN, as a corrupt checkpoint would give."""
+    from safetensors.torch import load_file, save_file
+
+    from tiny import make_model_folder
+
+    folder = make_model_folder(tmp_path_factory.mktemp("models") / "nan-llama")
+    weights = load_file(folder / "model.safetensors")
+    name = next(key for key in weights if key.endswith("mlp.down_proj.weight"))
+    weights[name] = torch.full_like(weights[name], float("nan"))
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder
+
+
+def test_a_nan_perplexity_fails_the_cell_naming_the_figure(nan_model_dir):
+    cell = Cell(tiny_cell_settings(nan_model_dir, "bf16"))
+    cell.load()
+    with pytest.raises(NonFiniteError, match="perplexity before on heldout is nan: not finite"):
+        cell.evaluate("before")
+
+
+def test_a_nan_training_loss_fails_at_its_step(tiny_model_dir):
+    settings = tiny_cell_settings(tiny_model_dir, "bf16")
+    settings = dataclasses.replace(settings, train=dataclasses.replace(settings.train, learning_rate=float("inf")))
+    cell = Cell(settings)
+    cell.load()
+    cell.setup_training()
+    cell.step()  # the loss before the first update is finite; the infinite update poisons the next one
+    with pytest.raises(NonFiniteError, match="training loss at step 2 is nan: not finite"):
+        cell.step()

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import csv
+import glob
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -161,3 +164,160 @@ def test_a_stride_equal_to_the_window_is_refused_before_any_cell_runs(tiny_model
     assert code == 2
     assert "stride" in capsys.readouterr().err
     assert not out.exists()
+
+
+def tiny_sweep_args(model_dir, out, *extra) -> list[str]:
+    """A sweep of the tiny model that takes seconds a cell."""
+    return ["sweep", "--model", str(model_dir), "--profile", "cpu", "--seq-len", "32", "--batch-size", "2",
+            "--steps", "2", "--eval-window", "32", "--eval-stride", "16", "--eval-max-tokens", "64",
+            "--out", str(out), *extra]
+
+
+def refused(capsys, code: int, *named: str) -> str:
+    """Assert a user error: exit 2, one line on stderr naming each of ``named``, no traceback."""
+    assert code == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "Traceback" not in error, error
+    for text in named:
+        assert text in error, (text, error)
+    return error
+
+
+def test_every_failed_cell_gives_its_full_reason_after_the_table(tiny_model_dir, tmp_path, capsys):
+    """A folder with a config but no weights passes the checks before the cells and fails in each of them."""
+    folder = tmp_path / "a-model-folder-whose-long-name-pushes-the-reason-past-eighty-columns"
+    folder.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        (folder / name).write_bytes((tiny_model_dir / name).read_bytes())
+    out = tmp_path / "out"
+    assert main(tiny_sweep_args(folder, out, "--modes", "nf4")) == 1  # one cell: each costs a process
+    printed = capsys.readouterr().out
+    error = json.loads((out / "nf4.json").read_text())["error"]
+    line = f"nf4: error: {' '.join(error.split())}"
+    assert line in printed.splitlines() and len(line) > 80  # whole, not cut at the terminal's width
+    assert str(folder) in line and "nf4.log" in line
+    assert printed.index(line) > printed.index("figure")  # after the table
+
+
+@pytest.mark.parametrize("extra, named", [
+    (["--steps", "1"], "steps (1) must exceed the timing warm-up (1"),  # the cpu profile's warm-up is 1
+    (["--steps", "3", "--timing-warmup", "3"], "steps (3) must exceed the timing warm-up (3"),
+    (["--modes", "bf16,bf16"], "mode given twice: bf16"),
+    (["--modes", ","], "no modes given"),
+    (["--modes", " "], "no modes given"),
+    (["--modes", ""], "no modes given"),
+    (["--device", "cpu", "--profile", "gpu"], "--profile gpu needs a CUDA device, not cpu"),
+])
+def test_settings_that_cannot_work_are_refused_before_any_model_work(extra, named, tmp_path, capsys):
+    out = tmp_path / "never"
+    # a model that does not exist: the refusal must come before anything looks at it
+    refused(capsys, main(tiny_sweep_args(tmp_path / "no-model", out, *extra)), named)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("option, value", [("--timing-warmup", "-1"), ("--lr", "nan"), ("--lr", "inf"),
+                                           ("--lr", "0")])
+def test_impossible_numbers_are_usage_errors(option, value, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["sweep", option, value])
+    assert exit_.value.code == 2
+    assert option in capsys.readouterr().err
+
+
+def test_gpu_profile_message_says_how_much_longer_it_would_take(tmp_path, capsys):
+    error = refused(capsys, main(["sweep", "--device", "cpu", "--profile", "gpu", "--out", str(tmp_path / "o")]))
+    assert "160x the tokens of the cpu profile" in error  # 40 steps x 8 x 512 against 4 x 2 x 128
+
+
+def test_out_under_a_file_is_refused_before_any_model_work(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    refused(capsys, main(tiny_sweep_args(tmp_path / "no-model", blocker / "run", "--modes", "bf16")),
+            str(blocker / "run"), "is a file")
+
+
+@pytest.mark.parametrize("command", [
+    ["report", "results"], ["compare", "results", "results"],
+    ["finetune", "--mode", "bf16"], ["merge", "--mode", "bf16", "--adapter", "adapter"],
+])
+def test_every_out_under_a_file_is_one_line(command, tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    refused(capsys, main([*command, "--out", str(blocker / "out")]), str(blocker / "out"), "is a file")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes through read-only permission bits")
+def test_a_read_only_out_is_refused(tmp_path, capsys):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    refused(capsys, main(tiny_sweep_args(tmp_path / "no-model", locked / "run", "--modes", "bf16")),
+            str(locked / "run"))
+
+
+def test_an_unreachable_hub_is_one_line(tiny_model_dir, tmp_path, capsys):
+    """conftest sets HF_HUB_OFFLINE=1."""
+    out = tmp_path / "never"
+    code = main(tiny_sweep_args(tiny_model_dir, out, "--modes", "bf16", "--eval-text", "wikitext"))
+    refused(capsys, code, "Hugging Face Hub is unreachable", "pass a local file")
+    code = main(tiny_sweep_args(tiny_model_dir, out, "--modes", "bf16", "--data", "hub:someone/rows"))
+    refused(capsys, code, "Hugging Face Hub is unreachable")
+    assert not out.exists()
+
+
+def test_a_binary_eval_text_is_named(tiny_model_dir, tmp_path, capsys):
+    binary = tmp_path / "weights.bin"
+    binary.write_bytes(bytes(range(256)) * 4)
+    code = main(tiny_sweep_args(tiny_model_dir, tmp_path / "never", "--modes", "bf16", "--eval-text", str(binary)))
+    refused(capsys, code, str(binary), "not UTF-8")
+
+
+def test_resume_with_other_settings_is_refused_naming_them(sweep_dir, tiny_model_dir, capsys):
+    _, out = sweep_dir
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    code = main(["sweep", "--model", str(tiny_model_dir), "--modes", "bf16,nf4", "--profile", "cpu",
+                 "--seq-len", "32", "--batch-size", "2", "--steps", "4", "--eval-window", "32",
+                 "--eval-stride", "16", "--eval-max-tokens", "128", "--out", str(out), "--resume"])
+    refused(capsys, code, "bf16.json was measured with other settings", "train.max_steps: 3 -> 4")
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == stamps
+
+
+def _children(pid: int) -> list[int]:
+    """Processes whose parent is ``pid`` and that run multiprocessing's spawned workers (Linux /proc)."""
+    found = []
+    for stat in glob.glob("/proc/[0-9]*/stat"):
+        try:
+            fields = open(stat).read().rsplit(")", 1)[1].split()
+            cmdline = open(stat.replace("stat", "cmdline"), "rb").read()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and b"spawn_main" in cmdline:
+            found.append(int(stat.split("/")[2]))
+    return found
+
+
+def _wait_for(condition, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_ctrl_c_ends_the_worker_and_says_how_to_resume(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    args = tiny_sweep_args(tiny_model_dir, out, "--modes", "bf16,nf4", "--steps", "50")
+    sweep = subprocess.Popen([sys.executable, "-m", "qlora_core.cli", *args], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        assert _wait_for(lambda: (out / "bf16.json").exists(), 120)
+        assert _wait_for(lambda: _children(sweep.pid), 30)  # nf4's worker
+        workers = _children(sweep.pid)
+        sweep.send_signal(signal.SIGINT)
+        _, error = sweep.communicate(timeout=60)
+    finally:
+        sweep.kill()
+    assert sweep.returncode == 130
+    assert "Traceback" not in error
+    assert error.strip().splitlines()[-1] == f"interrupted: 1 of 2 cells finished in {out}; rerun with --resume"
+    assert _wait_for(lambda: not any(os.path.exists(f"/proc/{pid}") for pid in workers), 10)  # no orphan

@@ -202,3 +202,21 @@ def test_eval_text_missing_or_empty(tmp_path):
     empty.write_text("\r\n \n")
     with pytest.raises(DatasetError, match="empty"):
         load_eval_text(str(empty))
+
+
+@pytest.mark.parametrize("suffix", [".raw", ".jsonl", ".txt"])
+def test_a_binary_file_is_named(tmp_path, suffix):
+    path = tmp_path / f"image{suffix}"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe" * 8)
+    read = load_eval_text if suffix == ".raw" else load_texts
+    with pytest.raises(DatasetError, match="not UTF-8") as error:
+        read(str(path))
+    assert str(path) in str(error.value)
+
+
+@pytest.mark.parametrize("read, source", [(load_eval_text, "wikitext"), (load_texts, "hub:someone/rows")])
+def test_an_unreachable_hub_is_one_line(read, source):
+    """conftest sets HF_HUB_OFFLINE=1, as on machines without the hub."""
+    with pytest.raises(DatasetError, match="Hugging Face Hub is unreachable") as error:
+        read(source)
+    assert "pass a local file" in str(error.value) and "\n" not in str(error.value)

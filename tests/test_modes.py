@@ -52,6 +52,17 @@ def test_parse_modes():
         parse_modes("bf16,bogus")
 
 
+@pytest.mark.parametrize("names", ["", ",", " ", " , ", []])
+def test_parse_modes_refuses_an_empty_list(names):
+    with pytest.raises(ValueError, match="no modes given"):
+        parse_modes(names)
+
+
+def test_parse_modes_refuses_a_mode_given_twice():
+    with pytest.raises(ValueError, match="given twice: bf16"):
+        parse_modes("bf16,nf4, bf16")
+
+
 def test_baseline_is_registered_and_unquantized():
     assert not get_mode(BASELINE_MODE).is_quantized
 

@@ -136,6 +136,14 @@ def test_footnotes_name_provenance_note():
     assert not any("CPU figures" in note for note in notes)
 
 
+def test_footnotes_state_the_int8_matmul_dtype_only_for_int8_results():
+    result = {"status": "ok", "memory": {"training_peak": {"kind": "cuda"}}, "model": {"provenance": {}},
+              "perplexity": {}}
+    assert not any(note.startswith("int8:") for note in footnotes([result]))
+    notes = footnotes([result, {**result, "int8_matmul_dtype": "float16"}])
+    assert "int8: bitsandbytes casts the int8 matmuls' inputs to float16 whatever the mode's compute dtype." in notes
+
+
 def test_noisy_step_time_is_marked(results):
     steady = copy.deepcopy(results)
     for result in steady:

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from qlora_core.results import (RUN_SCHEMA, SCHEMA, environment, git_commit, missing_cell_fields, read_paths,
-                                read_results, read_runs, write_json_atomic)
+from qlora_core.results import (RUN_SCHEMA, SCHEMA, environment, git_commit, missing_cell_fields, non_finite,
+                                read_paths, read_results, read_runs, write_json_atomic)
 
 
 def test_write_json_atomic_replaces_whole_file(tmp_path):
@@ -29,6 +29,20 @@ def test_write_json_atomic_failure_keeps_old_file(tmp_path):
         write_json_atomic({"a": object()}, path)
     assert json.loads(path.read_text()) == {"a": 1}
     assert os.listdir(tmp_path) == ["r.json"]
+
+
+def test_non_finite_names_every_nan_and_infinity():
+    data = {"ok": 1.5, "training": {"losses": [2.0, float("nan")]}, "ppl": {"after": float("inf")}, "n": None}
+    assert non_finite(data) == ["training.losses.1", "ppl.after"]
+    assert non_finite({"a": [1.0, 0, "nan"]}) == []
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_write_json_atomic_refuses_non_finite_floats(tmp_path, value):
+    path = tmp_path / "r.json"
+    with pytest.raises(ValueError):
+        write_json_atomic({"perplexity": value}, path)
+    assert list(tmp_path.iterdir()) == []  # neither the file nor its staging copy
 
 
 def test_read_results_skips_other_files(tmp_path):

@@ -13,7 +13,7 @@ from qlora_core.cell import prepare_inputs
 from qlora_core.manifest import MANIFEST_NAME
 from qlora_core.modes import parse_modes
 from qlora_core.results import RUN_SCHEMA, SCHEMA
-from qlora_core.sweep import finished, result_path, run_sweep
+from qlora_core.sweep import ResumeMismatchError, finished, result_path, reusable, run_sweep
 
 MODES = parse_modes("bf16,nf4")
 
@@ -107,6 +107,31 @@ def test_resume_skips_finished_cells(swept, tiny_model_dir):
         assert events.of(mode.name) == [{"phase": "done (resumed)"}]
 
 
+@pytest.mark.parametrize("change, named", [
+    (dict(seq_len=16), "seq_len: 32 -> 16"),
+    (dict(model="other-model-folder"), "model: "),
+    (dict(lora=dataclasses.replace(tiny_cell_settings(".", "bf16").lora, r=8)), "lora.r: 4 -> 8"),
+])
+def test_resume_refuses_results_measured_with_other_settings(swept, tiny_model_dir, change, named):
+    out, _, _ = swept
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    other = dataclasses.replace(tiny_cell_settings(tiny_model_dir, "bf16"), **change)
+    with pytest.raises(ResumeMismatchError, match="bf16.json was measured with other settings") as error:
+        run_sweep(other, MODES, out, resume=True)
+    assert named in str(error.value)
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == stamps  # refused before any cell ran
+
+
+def test_reusable_only_for_a_finished_cell_with_the_same_settings(swept, tiny_model_dir, tmp_path):
+    out, _, _ = swept
+    settings = tiny_cell_settings(tiny_model_dir, "nf4")
+    assert reusable(out / "nf4.json", settings)
+    assert not reusable(tmp_path / "nf4.json", settings)  # nothing there: run it
+    steps = dataclasses.replace(settings.train, max_steps=TINY_STEPS + 1)
+    with pytest.raises(ResumeMismatchError, match=f"train.max_steps: {TINY_STEPS} -> {TINY_STEPS + 1}"):
+        reusable(out / "nf4.json", dataclasses.replace(settings, train=steps))
+
+
 def test_resume_reruns_unfinished_cells(swept, tiny_model_dir, tmp_path):
     source, _, _ = swept
     out = tmp_path / "partial"
@@ -152,3 +177,17 @@ def test_a_mode_registered_at_run_time_reaches_the_worker_process(tiny_model_dir
     assert result["status"] == "ok", result.get("error")
     assert result["mode"]["name"] == "nf4-fp32-compute"
     assert result["mode"]["compute_dtype"] == "float32"
+
+
+def test_an_int8_cell_counts_its_repeated_cast_warning_and_states_its_matmul_dtype(tiny_model_dir, tmp_path):
+    """bitsandbytes warns on every int8 matmul that it casts bf16 inputs to fp16: once in the log, all counted."""
+    (result,) = run_sweep(tiny_cell_settings(tiny_model_dir, "bf16"), parse_modes("int8"), tmp_path)
+    assert result["status"] == "ok", result.get("error")
+    assert result["int8_matmul_dtype"] == "float16"
+    casts = {text: n for text, n in result["warnings"].items() if "inputs will be cast" in text}
+    (cast, count), = [(text, n) for text, n in casts.items() if "bfloat16 to float16" in text]
+    assert count > 10  # a warning per int8 matmul call
+    log = (tmp_path / "int8.log").read_text()
+    for text, n in casts.items():  # the first occurrence, then its count at the end
+        assert log.count(text.split(": ", 1)[1]) == 2 and f"occurred {n} times" in log
+    assert "ResourceWarning" not in log
