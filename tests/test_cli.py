@@ -226,7 +226,11 @@ def test_impossible_numbers_are_usage_errors(option, value, capsys):
 
 def test_gpu_profile_message_says_how_much_longer_it_would_take(tmp_path, capsys):
     error = refused(capsys, main(["sweep", "--device", "cpu", "--profile", "gpu", "--out", str(tmp_path / "o")]))
-    assert "160x the tokens of the cpu profile" in error  # 40 steps x 8 x 512 against 4 x 2 x 128
+    from qlora_core.profiles import PROFILES
+
+    gpu, cpu = PROFILES["gpu"], PROFILES["cpu"]
+    ratio = (gpu["steps"] * gpu["batch_size"] * gpu["seq_len"]) / (cpu["steps"] * cpu["batch_size"] * cpu["seq_len"])
+    assert f"{ratio:.0f}x the tokens of the cpu profile" in error
 
 
 def test_out_under_a_file_is_refused_before_any_model_work(tmp_path, capsys):
