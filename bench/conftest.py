@@ -32,7 +32,7 @@ from qlora_core.paths import check_path
 from qlora_core.profiles import PROFILES
 from qlora_core.shapes import check_shape
 from qlora_core.results import environment, write_json_atomic
-from qlora_core.sweep import finished
+from qlora_core.sweep import reusable
 from qlora_core.trainer import TrainSettings
 from qlora_core.worker import CellError, WorkerPool, serialize_inputs
 
@@ -318,8 +318,10 @@ def _cell_path(config, cell_key: CellKey) -> Path:
     return Path(config.option.bench_out) / f"{cell_key.stem}.json"
 
 
-def _skip_if_resumed(config, path: Path, run: BenchRun, key: CellKey) -> None:
-    if config.option.bench_resume and finished(path):
+def _skip_if_resumed(config, settings: CellSettings, path: Path, run: BenchRun, key: CellKey) -> None:
+    """With --bench-resume, a cell finished with the same settings is reused; one finished with other settings
+    fails its tests naming them (``sweep.reusable``)."""
+    if config.option.bench_resume and reusable(path, settings):
         run.cell_done(key)
         run.manifest.finished(key.stem, key.mode, json.loads(path.read_text()), path, None, resumed=True)
         pytest.skip(f"already measured: {path} (--bench-resume)")
@@ -359,8 +361,8 @@ def bench_run(request):
 def bench_cell(cell_key, request, bench_run):
     """The cell's own process, bound to the cell; the tests run its phases (``BenchCell.prepare``)."""
     path = _cell_path(request.config, cell_key)
-    _skip_if_resumed(request.config, path, bench_run, cell_key)
     settings = cell_settings(request.config, cell_key)
+    _skip_if_resumed(request.config, settings, path, bench_run, cell_key)
     _skip_if_unfit(request.config, settings, path, bench_run, cell_key)
     cell = BenchCell(cell_key, settings, path, bench_run)
     yield cell

@@ -191,7 +191,7 @@ class WorkerPool:
         try:
             return worker.bind(settings, log=log, on_event=on_event, inputs=inputs)
         except BaseException:
-            worker.close()
+            worker.close(wait=False)  # a failed or interrupted bind leaves a process no cell can use
             raise
 
     def close(self) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,20 +19,24 @@ REPO = Path(__file__).resolve().parents[1]
 MODES = ("bf16", "nf4")
 
 
+def run_bench(model_dir: Path, eval_text: Path, out: Path, *options: str) -> subprocess.CompletedProcess:
+    """pytest bench/ on the CPU over MODES of the tiny model, cells into ``out``."""
+    command = [sys.executable, "-m", "pytest", "bench/", "--benchmark-only", "-q", "-p", "no:cacheprovider",
+               "--bench-device", "cpu", "--bench-models", str(model_dir), "--bench-modes", ",".join(MODES),
+               "--bench-seq-len", "32", "--bench-batch-size", "2", "--bench-warmup", "1",
+               "--bench-eval-text", str(eval_text), "--bench-eval-window", "32", "--bench-eval-stride", "16",
+               "--bench-eval-batch-size", "4", "--bench-eval-max-tokens", "128", "--bench-out", str(out), *options]
+    return subprocess.run(command, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                          text=True, timeout=600)
+
+
 @pytest.fixture(scope="module")
 def bench_run(tiny_model_dir, eval_text_file, tmp_path_factory):
     """(completed process, --bench-out folder, --benchmark-json path) of one bench/ session."""
     root = tmp_path_factory.mktemp("bench")
     bench_json = root / "not-yet-made" / "bench.json"
     out = root / "cells"
-    command = [sys.executable, "-m", "pytest", "bench/", "--benchmark-only", "-q", "-p", "no:cacheprovider",
-               "--bench-device", "cpu", "--bench-models", str(tiny_model_dir), "--bench-modes", ",".join(MODES),
-               "--bench-seq-len", "32", "--bench-batch-size", "2", "--bench-steps", "3", "--bench-warmup", "1",
-               "--bench-eval-text", str(eval_text_file), "--bench-eval-window", "32", "--bench-eval-stride", "16",
-               "--bench-eval-batch-size", "4", "--bench-eval-max-tokens", "128",
-               "--bench-out", str(out), "--benchmark-json", str(bench_json)]
-    run = subprocess.run(command, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
-                         text=True, timeout=600)
+    run = run_bench(tiny_model_dir, eval_text_file, out, "--bench-steps", "3", "--benchmark-json", str(bench_json))
     return run, out, bench_json
 
 
@@ -71,6 +76,21 @@ def test_the_manifest_accounts_for_the_run(bench_run):
         assert 0 < cell["measured_seconds"] < cell["wall_seconds"]
     assert 0 < manifest["measured_share"] < 1
     assert manifest["wall_seconds"] > sum(c["wall_seconds"] for c in manifest["cells"])  # start-up counted too
+
+
+def test_resume_reuses_cells_with_the_same_settings_and_refuses_others(bench_run, tiny_model_dir,
+                                                                     eval_text_file, tmp_path):
+    _, measured, _ = bench_run
+    out = tmp_path / "cells"
+    shutil.copytree(measured, out)
+    again = run_bench(tiny_model_dir, eval_text_file, out, "--bench-steps", "3", "--bench-resume")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "6 skipped" in again.stdout
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    assert [(c["status"], c["resumed"]) for c in manifest["cells"]] == [("ok", True)] * len(MODES)
+    other = run_bench(tiny_model_dir, eval_text_file, out, "--bench-steps", "4", "--bench-resume")
+    assert other.returncode != 0
+    assert "measured with other settings" in other.stdout and "train.max_steps: 4 -> 5" in other.stdout
 
 
 def test_a_session_that_runs_no_cell_writes_nothing(tmp_path):
