@@ -51,6 +51,7 @@ INT8_MATMUL_DTYPE = "float16"
 #: Random training blocks a shape cell draws, per block of its batch (enough for reshuffled batches).
 SHAPE_BLOCKS_PER_BATCH_ROW = 4
 
+
 class NonFiniteError(RuntimeError):
     """A training loss, perplexity or other figure of a cell that is NaN or infinite (e.g. corrupt weights or a
     diverged run): the cell fails rather than put it in a table."""
