@@ -234,7 +234,7 @@ def read_paths(paths: list[str | os.PathLike]) -> Reading:
             reading.runs += runs
             if found or runs:
                 reading.sources.append(file)
-    reading.results = _dedupe(cells)
+    reading.results = label_setups(_dedupe(cells))
     return reading
 
 
@@ -474,6 +474,52 @@ def _information(value) -> int:
     if isinstance(value, list):
         return sum(map(_information, value))
     return 1
+
+
+#: Settings named first when one model was measured in several set-ups (``label_setups``).
+SETUP_KEYS_FIRST = ("seq_len", "batch_size", "train.max_steps", "path", "lora.r")
+
+
+def _flat(settings: dict, prefix: str = "") -> dict:
+    """Nested settings as one level of dotted keys (``train.max_steps``)."""
+    flat = {}
+    for key, value in settings.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def label_setups(results: list[dict]) -> list[dict]:
+    """Results where one model label covers several set-ups (settings other than the mode), as when two runs
+    of different profiles are read together, get labels that tell them apart: the label plus the settings
+    that differ (at most three, ``SETUP_KEYS_FIRST`` first), e.g. ``smollm2 [seq_len=512, batch_size=8]``.
+    Otherwise every row of a model would compete for one baseline and one table column. Others are returned
+    as they are; labelled ones as copies."""
+    groups: dict[str, dict[str, dict]] = {}
+    for result in results:
+        if "settings" in result:
+            setup = {k: v for k, v in _flat(result["settings"]).items() if k != "mode"}
+            groups.setdefault(model_label(result), {})[json.dumps(setup, sort_keys=True, default=str)] = setup
+    labels = {}
+    for label, setups in groups.items():
+        if len(setups) < 2:
+            continue
+        first = {key: rank for rank, key in enumerate(SETUP_KEYS_FIRST)}
+        differing = sorted((k for k in set().union(*setups.values())
+                            if len({json.dumps(s.get(k), default=str) for s in setups.values()}) > 1),
+                           key=lambda k: (first.get(k, len(first)), k))
+        for signature, setup in setups.items():
+            labels[label, signature] = f"{label} [{', '.join(f'{k}={setup.get(k)}' for k in differing[:3])}]"
+    if not labels:
+        return results
+    labelled = []
+    for result in results:
+        setup = {k: v for k, v in _flat(result.get("settings", {})).items() if k != "mode"}
+        new = labels.get((model_label(result), json.dumps(setup, sort_keys=True, default=str)))
+        labelled.append(result if new is None else {**result, "model": {**(result.get("model") or {}), "label": new}})
+    return labelled
 
 
 def _dedupe(results: list[dict]) -> list[dict]:

@@ -16,7 +16,7 @@ from tiny import CELL_MODES, TINY_CELL
 from qlora_core.cli import main
 from qlora_core.modes import BASELINE_MODE, MODES
 from qlora_core.report import (RATIO_COLUMNS, compare_frames, comparison_markdown, footnotes, has_regression,
-                               markdown_table, plot, results_frame, rich_table)
+                               markdown_report, markdown_table, plot, results_frame, rich_table)
 from qlora_core.results import read_results
 
 MIB, GIB = 2**20, 2**30
@@ -95,6 +95,24 @@ def test_ratios_are_within_each_model(results):
     ours = frame[frame["model"] != "other-model"].set_index("mode")["weights_mib_ratio"]
     theirs = frame[frame["model"] == "other-model"].set_index("mode")["weights_mib_ratio"]
     assert theirs.to_dict() == pytest.approx(ours.to_dict())  # x3 on both sides of every ratio
+
+
+def test_one_model_in_two_set_ups_reads_as_two_models(results, tmp_path):
+    """Two runs of one model with other token counts, read together (as ``report results/`` does): each set-up
+    gets its own label, baseline and table, named by the settings that differ."""
+    from qlora_core.results import write_json_atomic
+
+    longer = copy.deepcopy(results)
+    for result in longer:
+        result["settings"]["seq_len"] *= 2
+        result["weights"]["weights_bytes"] *= 3
+    for index, result in enumerate(results + longer):
+        write_json_atomic(result, tmp_path / f"run-{index // len(results)}" / f"{result['mode']['name']}.json")
+    frame = results_frame(read_results([tmp_path]))
+    seq_len = TINY_CELL["seq_len"]
+    assert sorted(set(frame["model"])) == [f"tiny-llama [seq_len={seq_len}]", f"tiny-llama [seq_len={2 * seq_len}]"]
+    assert (frame[frame["mode"] == BASELINE_MODE]["weights_mib_ratio"] == 1.0).all()
+    assert "tiny-llama [seq_len=" in markdown_report(read_results([tmp_path]))
 
 
 def test_failed_cell_is_a_row_with_its_error(results):
