@@ -92,11 +92,11 @@ def _serve(conn) -> None:
 
 def serialize_inputs(inputs: CellInputs | None) -> bytes | None:
     """``inputs`` as bytes for the bind message (tokenized once in the parent, not once per cell)."""
+    import torch
+
     if inputs is None:
         return None
     buffer = io.BytesIO()
-    import torch
-
     torch.save(inputs, buffer)
     return buffer.getvalue()
 
@@ -104,8 +104,7 @@ def serialize_inputs(inputs: CellInputs | None) -> bytes | None:
 class CellWorker:
     """Context manager holding one cell in a child process; ``call("step")`` runs ``Cell.step`` there.
 
-    ``CellWorker()`` spawns an unbound process at once; ``bind`` gives it its cell. ``CellWorker.for_cell``
-    does both.
+    ``CellWorker()`` spawns an unbound process at once; ``bind`` gives it its cell.
     """
 
     def __init__(self):
@@ -115,10 +114,6 @@ class CellWorker:
         self.process = context.Process(target=_serve, args=(child_conn,), daemon=True)
         self.process.start()
         child_conn.close()
-
-    @classmethod
-    def for_cell(cls, settings: CellSettings, log: Path | None = None, on_event=None, inputs: bytes | None = None):
-        return cls().bind(settings, log=log, on_event=on_event, inputs=inputs)
 
     def bind(self, settings: CellSettings, *, log: Path | None = None, on_event=None,
              inputs: bytes | None = None) -> CellWorker:
