@@ -429,14 +429,18 @@ def floor_rich_table(results: list[dict]):
     return table
 
 
-def markdown_report(results: list[dict], title: str = "qlora-bench report", runs: list[dict] = ()) -> str:
+def markdown_report(results: list[dict], title: str = "qlora-bench report", runs: list[dict] = (),
+                    memory_png: str | None = None) -> str:
     """A Markdown document: title, where and how it was measured, the runs that made the results (``runs``:
-    their manifests, see ``run_lines``), the table(s) and their footnotes, and the analytic floor against the
+    their manifests, see ``run_lines``), the table(s) and their footnotes, the memory picture (``memory_png``:
+    its path relative to the document, when ``memory_plot`` wrote one) and the analytic floor against the
     measurements where results carry one."""
     header = [f"# {title}", ""] + [f"Measured: {line}." for line in run_summary(results)] + [""]
     if runs:
         header += ["## Runs", "", "```", *run_lines(runs), "```", ""]
     document = "\n".join(header) + "\n" + markdown_table(results)
+    if memory_png:
+        document += f"\n## Memory: predicted by component beside measured\n\n![memory by component]({memory_png})\n"
     rows = floor_rows(results)
     if rows:
         document += "\n## Memory: analytic floor vs measured\n\n" + "\n".join(_markdown_rows(FLOOR_HEADERS, rows))
@@ -658,7 +662,7 @@ def _memory_title(model: str, part: list[dict]) -> str:
     """The panel's model, path, tokens a micro-batch and device; 'predicted only' when nothing was measured."""
     floor = part[0]["floor"]
     path = "" if f"({floor['path']} path)" in model else f", {floor['path']} path"  # lean labels name theirs
-    scope = "" if any(measured_peak(r) for r in part) else " (predicted only: the CUDA allocator was not read)"
+    scope = "" if any(measured_peak(r) for r in part) else " (predicted only: nothing measured)"
     return (f"{model}{path}, {floor['tokens_per_micro_batch']:,} tokens a micro-batch, "
             f"{_device_name(part[0]) or 'device not recorded'}{scope}")
 
