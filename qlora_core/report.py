@@ -2,8 +2,9 @@
 
 ``results_frame`` flattens cell results into one row per (model, mode) with units in the column names; every
 renderer (rich, Markdown, CSV, PNG) starts from that frame, so the figures agree across formats. Ratios are
-to the baseline mode (``BASELINE_MODE``) of the same model and run. ``compare_frames`` sets two such frames
-side by side and flags the figures that got worse by more than a threshold.
+to the baseline mode (``BASELINE_MODE``) of the same model and run. The memory picture (``memory_plot``) is
+drawn from each cell's memory floor and its comparison with the allocator instead. ``compare_frames`` sets two
+such frames side by side and flags the figures that got worse by more than a threshold.
 """
 
 from __future__ import annotations
