@@ -485,7 +485,7 @@ def path_gap(reference: dict, lean: dict) -> dict:
 PHASE_COMPONENTS = {
     "quantized_bytes": "quantized weights (data)",
     "quant_constants_bytes": "quantization constants",
-    "unquantized_bytes": "unquantized weights (16-bit: all in bf16/fp16)",
+    "unquantized_bytes": "unquantized weights (all of them in bf16/fp16)",
     "upcast_bytes": "fp32 upcasts (reference path)",
     "lora_bytes": "LoRA adapters + gradients + optimizer state",
     "saved_activations_bytes": "saved activations",
