@@ -319,7 +319,8 @@ def _read(paths: list[Path]):
 def command_report(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from qlora_core.report import floor_rich_table, markdown_report, plot, results_frame, rich_table, run_lines
+    from qlora_core.report import (floor_rich_table, markdown_report, memory_plot, plot, results_frame, rich_table,
+                                   run_lines)
     from qlora_core.results import check_writable
 
     if args.out:
@@ -334,12 +335,16 @@ def command_report(args: argparse.Namespace) -> int:
         print(line)  # plain print: rich would take a command's [brackets] for markup
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "report.md").write_text(markdown_report(results, runs=reading.runs))
+        memory = memory_plot(results, args.out / "memory.png")  # None: no result carries a floor
+        memory_png = memory.name if memory else None
+        (args.out / "report.md").write_text(markdown_report(results, runs=reading.runs, memory_png=memory_png))
         results_frame(results).to_csv(args.out / "report.csv", index=False)
         written = ["report.md", "report.csv"]
         if any(result["status"] == "ok" for result in results):  # failures alone have nothing to plot
             plot(results, args.out / "report.png")
             written.append("report.png")
+        if memory_png:
+            written.append(memory_png)
         print(f"wrote {', '.join(str(args.out / name) for name in written)}")
     return 0
 

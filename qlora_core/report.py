@@ -2,8 +2,9 @@
 
 ``results_frame`` flattens cell results into one row per (model, mode) with units in the column names; every
 renderer (rich, Markdown, CSV, PNG) starts from that frame, so the figures agree across formats. Ratios are
-to the baseline mode (``BASELINE_MODE``) of the same model and run. ``compare_frames`` sets two such frames
-side by side and flags the figures that got worse by more than a threshold.
+to the baseline mode (``BASELINE_MODE``) of the same model and run. The memory picture (``memory_plot``) is
+drawn from each cell's memory floor and its comparison with the allocator instead. ``compare_frames`` sets two
+such frames side by side and flags the figures that got worse by more than a threshold.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from qlora_core.measure.floor import PHASE_COMPONENTS, phase_components
 from qlora_core.measure.memory import GIB
 from qlora_core.measure.timing import NOISY_RELATIVE_IQR
 from qlora_core.modes import BASELINE_MODE, MODES
@@ -428,14 +430,18 @@ def floor_rich_table(results: list[dict]):
     return table
 
 
-def markdown_report(results: list[dict], title: str = "qlora-bench report", runs: list[dict] = ()) -> str:
+def markdown_report(results: list[dict], title: str = "qlora-bench report", runs: list[dict] = (),
+                    memory_png: str | None = None) -> str:
     """A Markdown document: title, where and how it was measured, the runs that made the results (``runs``:
-    their manifests, see ``run_lines``), the table(s) and their footnotes, and the analytic floor against the
+    their manifests, see ``run_lines``), the table(s) and their footnotes, the memory picture (``memory_png``:
+    its path relative to the document, when ``memory_plot`` wrote one) and the analytic floor against the
     measurements where results carry one."""
     header = [f"# {title}", ""] + [f"Measured: {line}." for line in run_summary(results)] + [""]
     if runs:
         header += ["## Runs", "", "```", *run_lines(runs), "```", ""]
     document = "\n".join(header) + "\n" + markdown_table(results)
+    if memory_png:
+        document += f"\n## Memory: predicted by component beside measured\n\n![memory by component]({memory_png})\n"
     rows = floor_rows(results)
     if rows:
         document += "\n## Memory: analytic floor vs measured\n\n" + "\n".join(_markdown_rows(FLOOR_HEADERS, rows))
@@ -550,6 +556,190 @@ def plot(results: list[dict], path: str | Path) -> Path:
     for panel, model in zip(panels, models):
         finished = [r for r in results if r["status"] == "ok" and model_label(r) == model]
         _model_panel(panel, frame[frame["model"] == model].reset_index(drop=True), finished)
+    path = Path(path)
+    figure.savefig(path, dpi=PLOT_DPI)
+    plt.close(figure)
+    return path
+
+
+# --- the memory picture -------------------------------------------------------------------------------------------
+
+#: Fill colours of ``PHASE_COMPONENTS``: blues for the weights as stored (darkest the quantized data), purple for
+#: the reference path's upcasts, green for what LoRA trains, warm colours for what the step holds briefly.
+COMPONENT_COLORS = {
+    "quantized_bytes": "#08306b",
+    "quant_constants_bytes": "#4292c6",
+    "unquantized_bytes": "#9ecae1",
+    "upcast_bytes": "#807dba",
+    "lora_bytes": "#41ab5d",
+    "saved_activations_bytes": "#fd8d3c",
+    "logits_loss_bytes": "#8c510a",
+    "layer_backward_bytes": "#fee391",
+    "optimizer_step_bytes": "#c7e9c0",
+}
+MEASURED_COLOR, REMAINDER_COLOR, SLACK_COLOR, OVER_COLOR = "#525252", "#e41a1c", "#f0f0f0", "#c51b7d"
+MEASURED_BY_ALLOCATOR = "cuda allocator"
+MEMORY_PANEL_SIZE_IN = (13.0, 5.0)  # per model: one row of (predicted, measured) pairs
+MEMORY_TOP_IN, MEMORY_BOTTOM_IN = 0.9, 0.9  # the figure's title above the panels; the last mode names below
+BAR_WIDTH = 0.38
+
+
+def measured_peak(result: dict) -> dict | None:
+    """The training peak the CUDA allocator saw (bytes allocated, grown since before the load, as the floor's
+    comparison reads it) and the allocator's slack at that peak (peak reserved minus peak allocated: cached
+    blocks the process holds but no tensor uses); None where the allocator was not read (CPU runs, cells that
+    did not run)."""
+    row = (result.get("predicted_vs_measured") or {}).get("training_peak") or {}
+    if row.get("measured_by") != MEASURED_BY_ALLOCATOR or row.get("measured_bytes") is None:
+        return None
+    peak = result["memory"]["training_peak"]
+    return {"allocated_bytes": row["measured_bytes"],
+            "slack_bytes": peak["peak_reserved_bytes"] - peak["peak_allocated_bytes"]}
+
+
+def _with_floor(results: list[dict]) -> list[tuple[str, list[dict]]]:
+    """The results that carry a floor, by model label (sorted), registry order within each."""
+    order = {name: index for index, name in enumerate(MODES)}
+    groups = _per_model([r for r in results if r.get("floor")])
+    return [(model, sorted(part, key=lambda r: order.get(r["mode"]["name"], len(order)))) for model, part in groups]
+
+
+def _predicted_bar(axis, x: float, floor: dict) -> None:
+    """The peak phase's predicted bytes stacked by component (GiB), bottom to top in ``PHASE_COMPONENTS`` order."""
+    bottom = 0.0
+    for key, part_bytes in phase_components(floor, floor["peak_phase"]).items():
+        axis.bar(x, part_bytes / GIB, BAR_WIDTH, bottom=bottom, color=COMPONENT_COLORS[key], edgecolor="white",
+                 linewidth=0.3, zorder=2)
+        bottom += part_bytes / GIB
+    axis.text(x, bottom, f"{bottom:.1f}", ha="center", va="bottom", fontsize=7)
+
+
+def _measured_bar(axis, x: float, predicted_gib: float, measured: dict | None, reason: str) -> float:
+    """The measured peak beside its prediction: grey up to the prediction, red above it (the unexplained
+    remainder), a magenta outline up to the prediction where it is below (over-predicted), the allocator's
+    slack hatched on top. Where nothing was measured, ``reason`` in its place. Returns the bar's top (GiB)."""
+    if measured is None:
+        axis.text(x, 0, f" not measured:\n {reason}", ha="center", va="bottom", rotation=90, fontsize=7,
+                  color=MEASURED_COLOR)
+        return 0.0
+    allocated_gib = measured["allocated_bytes"] / GIB
+    explained_gib = min(allocated_gib, predicted_gib)
+    slack_gib = measured["slack_bytes"] / GIB
+    axis.bar(x, explained_gib, BAR_WIDTH, color=MEASURED_COLOR, zorder=2)
+    axis.bar(x, allocated_gib - explained_gib, BAR_WIDTH, bottom=explained_gib, color=REMAINDER_COLOR, zorder=2)
+    axis.bar(x, slack_gib, BAR_WIDTH, bottom=allocated_gib, color=SLACK_COLOR, edgecolor="#969696", hatch="///",
+             linewidth=0.5, zorder=2)
+    if allocated_gib < predicted_gib:  # outlined over the slack, which starts at the measured peak
+        axis.bar(x, predicted_gib - allocated_gib, BAR_WIDTH, bottom=allocated_gib, fill=False,
+                 edgecolor=OVER_COLOR, linewidth=1.5, zorder=3)
+    ratio = allocated_gib / predicted_gib if predicted_gib else math.nan
+    axis.text(x, allocated_gib, f"{allocated_gib:.1f}\nx{ratio:.3f}", ha="center", va="top", fontsize=7,
+              color="white", zorder=4)
+    return allocated_gib + slack_gib
+
+
+def _not_measured_reason(result: dict) -> str:
+    """Why a cell with a floor has no measured peak: it did not run, or ran where the allocator is not read."""
+    if result["status"] != "ok":
+        return result["status"].replace("_", " ")
+    return "no CUDA allocator"
+
+
+def _label_pairs(axis, part: list[dict]) -> None:
+    """Mode names under each pair of bars, 'predicted (its peak phase)' and 'measured' under each bar."""
+    modes = [r["mode"]["name"] for r in part]
+    phases = [r["floor"]["peak_phase"].replace("_", " ") for r in part]
+    axis.set_xticks(range(len(modes)))
+    axis.set_xticklabels(modes, fontsize=9, fontweight="bold")
+    axis.set_xticks([i + side * BAR_WIDTH / 2 for i in range(len(modes)) for side in (-1, 1)], minor=True)
+    axis.set_xticklabels([label for phase in phases for label in (f"predicted\n({phase})", "measured")],
+                         minor=True, fontsize=6)
+    axis.tick_params(axis="x", which="major", length=0, pad=22)  # below the two-line minor labels
+    axis.tick_params(axis="x", which="minor", length=0)
+    axis.set_xlim(-0.6, len(modes) - 0.4)
+
+
+def _memory_title(model: str, part: list[dict]) -> str:
+    """The panel's model, path, tokens a micro-batch and device; 'predicted only' when nothing was measured."""
+    floor = part[0]["floor"]
+    path = "" if f"({floor['path']} path)" in model else f", {floor['path']} path"  # lean labels name theirs
+    scope = "" if any(measured_peak(r) for r in part) else " (predicted only: nothing measured)"
+    return (f"{model}{path}, {floor['tokens_per_micro_batch']:,} tokens a micro-batch, "
+            f"{_device_name(part[0]) or 'device not recorded'}{scope}")
+
+
+def _memory_panel(axis, model: str, part: list[dict]) -> None:
+    """One model: a (predicted, measured) pair of bars per mode, the prediction's level dashed across each."""
+    top_gib = 0.0
+    for index, result in enumerate(part):
+        predicted_gib = result["floor"]["peak_bytes"] / GIB
+        _predicted_bar(axis, index - BAR_WIDTH / 2, result["floor"])
+        measured_top_gib = _measured_bar(axis, index + BAR_WIDTH / 2, predicted_gib, measured_peak(result),
+                                         _not_measured_reason(result))
+        axis.hlines(predicted_gib, index - BAR_WIDTH, index + BAR_WIDTH, colors="black", linestyles="--",
+                    linewidth=0.9, zorder=3)
+        top_gib = max(top_gib, predicted_gib, measured_top_gib)
+    _label_pairs(axis, part)
+    axis.set_ylim(0, 1.18 * top_gib)  # room for the value labels above the bars
+    axis.set_ylabel("peak memory, GiB")
+    axis.grid(axis="y", alpha=0.3)
+    axis.set_axisbelow(True)
+    axis.set_title(_memory_title(model, part), fontsize=10, loc="left")
+
+
+def _memory_legend(figure, groups: list[tuple[str, list[dict]]]) -> None:
+    """One legend right of the panels: the predicted components some bar shows (in stacking order, top first),
+    then, where some cell was measured, the parts of a measured bar under a heading of their own (a legend has
+    one title; a second figure legend could not be placed under the first without measuring it)."""
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    shown = {key for _, part in groups for r in part
+             for key, value in phase_components(r["floor"], r["floor"]["peak_phase"]).items() if value}
+    handles = [Patch(color=COMPONENT_COLORS[key], label=label) for key, label in reversed(PHASE_COMPONENTS.items())
+               if key in shown]
+    handles.append(Line2D([], [], color="black", linestyle="--", label="predicted peak"))
+    heading = None
+    if any(measured_peak(r) for _, part in groups for r in part):
+        heading = len(handles) + 1
+        handles += [
+            Patch(visible=False, label=""),
+            Patch(visible=False, label="measured (x measured / predicted)"),
+            Patch(facecolor=SLACK_COLOR, edgecolor="#969696", hatch="///", label="allocator slack (reserved, unused)"),
+            Patch(color=REMAINDER_COLOR, label="unexplained remainder (above predicted)"),
+            Patch(fill=False, edgecolor=OVER_COLOR, linewidth=1.5, label="over-predicted (measured below)"),
+            Patch(color=MEASURED_COLOR, label="peak allocated (CUDA allocator)"),
+        ]
+    top = 1 - MEMORY_TOP_IN / figure.get_figheight()
+    legend = figure.legend(handles=handles, loc="upper left", bbox_to_anchor=(0.73, top), fontsize=8, frameon=False,
+                           title="predicted (peak phase in brackets)", title_fontsize=9, alignment="left")
+    if heading is not None:
+        legend.get_texts()[heading].set_fontsize(9)
+
+
+def memory_plot(results: list[dict], path: str | Path) -> Path | None:
+    """One PNG of where training memory goes: per model a panel with, per mode in registry order, the predicted
+    peak (GiB) stacked by component (``phase_components`` of the floor's peak phase) beside the measured peak
+    allocated (the remainder above the prediction in red, the allocator's slack hatched on top), the prediction
+    dashed across each pair. Cells without a floor are left out; where no cell has one, nothing is written and
+    None is returned."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = _with_floor(results)
+    if not groups:
+        return None
+    width, height = MEMORY_PANEL_SIZE_IN
+    figure, axes = plt.subplots(len(groups), 1, figsize=(width, height * len(groups)), squeeze=False)
+    for axis, (model, part) in zip(axes[:, 0], groups):
+        _memory_panel(axis, model, part)
+    _memory_legend(figure, groups)
+    figure.suptitle("qlora-bench: where the peak memory of a LoRA training step goes, predicted beside measured",
+                    fontsize=12, x=0.02, ha="left", y=1 - 0.25 / figure.get_figheight())
+    figure.subplots_adjust(left=0.06, right=0.72, top=1 - MEMORY_TOP_IN / figure.get_figheight(), hspace=0.45,
+                           bottom=MEMORY_BOTTOM_IN / figure.get_figheight())
     path = Path(path)
     figure.savefig(path, dpi=PLOT_DPI)
     plt.close(figure)

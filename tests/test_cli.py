@@ -112,7 +112,8 @@ def test_report_writes_markdown_csv_and_png(sweep_dir, tmp_path, capsys):
     _, out = sweep_dir
     report_dir = tmp_path / "report"
     assert main(["report", str(out), "--out", str(report_dir)]) == 0
-    assert sorted(p.name for p in report_dir.iterdir()) == ["report.csv", "report.md", "report.png"]
+    # the cells carry a memory floor: the memory picture is drawn beside the report's plot
+    assert sorted(p.name for p in report_dir.iterdir()) == ["memory.png", "report.csv", "report.md", "report.png"]
     with open(report_dir / "report.csv") as handle:
         rows = list(csv.DictReader(handle))
     assert [row["mode"] for row in rows] == ["bf16", "nf4"]

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from qlora_core.lora import LoraSettings, attach_lora, parameter_counts
-from qlora_core.measure.floor import four_bit_bytes, memory_floor
+from qlora_core.measure.floor import PHASE_COMPONENTS, four_bit_bytes, memory_floor, phase_components
 from qlora_core.measure.memory import GIB, weight_footprint
 from qlora_core.models import load_config, load_model, prepare_for_training
 from qlora_core.modes import MODES, get_mode
@@ -138,6 +138,27 @@ def test_checkpointing_reduces_saved_activations(mode, path):
     checkpointed = memory_floor(config, get_mode(mode), LoraSettings(), 1024, 4, True, path=path)
     assert checkpointed["saved_activations_bytes"] < kept["saved_activations_bytes"] / 10
     assert checkpointed["peak_bytes"] < kept["peak_bytes"]
+
+
+@pytest.mark.parametrize("checkpointing", [True, False], ids=["checkpointing", "no-checkpointing"])
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("mode", ["bf16", "int8", "nf4-dq", "fp4"])
+@pytest.mark.parametrize("shape", [*FLOOR_SHAPES, "Llama-3.1-8B"])
+def test_phase_components_add_up_to_every_phase(shape, mode, path, checkpointing):
+    """The memory picture stacks these components: each phase's must sum to its predicted bytes exactly."""
+    seq_len, batch = (1024, 4) if shape == "Llama-3.1-8B" else (SEQ, BATCH)
+    predicted = memory_floor(shape_config(shape), get_mode(mode), LoraSettings(r=16), seq_len, batch,
+                             checkpointing, path=path)
+    for phase, phase_bytes in predicted["phase_peak_bytes"].items():
+        parts = phase_components(predicted, phase)
+        assert list(parts) == list(PHASE_COMPONENTS)
+        assert min(parts.values()) >= 0 and sum(parts.values()) == phase_bytes, phase
+    assert sum(phase_components(predicted, predicted["peak_phase"]).values()) == predicted["peak_bytes"]
+
+
+def test_phase_components_refuse_an_unknown_phase():
+    with pytest.raises(ValueError, match="unknown phase"):
+        phase_components(floor("tiny-llama", "bf16", "lean"), "warm-up")
 
 
 # --- real sizes ---------------------------------------------------------------------------------------------------

@@ -478,3 +478,54 @@ def path_gap(reference: dict, lean: dict) -> dict:
     gap = {key: reference[key] - lean[key] for key in SUMMARY_COMPONENTS}
     gap["peak_bytes"] = reference["peak_bytes"] - lean["peak_bytes"]
     return gap
+
+
+#: The parts ``phase_components`` splits a phase's predicted bytes into, bottom to top of a stacked bar, with
+#: their labels.
+PHASE_COMPONENTS = {
+    "quantized_bytes": "quantized weights (data)",
+    "quant_constants_bytes": "quantization constants",
+    "unquantized_bytes": "unquantized weights (all of them in bf16/fp16)",
+    "upcast_bytes": "fp32 upcasts (reference path)",
+    "lora_bytes": "LoRA adapters + gradients + optimizer state",
+    "saved_activations_bytes": "saved activations",
+    "logits_loss_bytes": "logits and loss (transient)",
+    "layer_backward_bytes": "one layer's backward (transient)",
+    "optimizer_step_bytes": "optimizer step temporaries (transient)",
+}
+
+
+def _checkpointed(floor: dict) -> bool:
+    """Whether the floor was predicted with gradient checkpointing. The floor does not record the setting, but
+    ``activation_terms`` chose its saved activations by it, and the two choices never coincide (without
+    checkpointing every layer saves at least its two norms' fp32 inputs, more than the h e bytes a token the
+    checkpoints keep)."""
+    return floor["saved_activations_bytes"] == floor["saved_activations_checkpointing_bytes"]
+
+
+def phase_components(floor: dict, phase: str) -> dict[str, int]:
+    """The predicted bytes of one phase of ``floor["phase_peak_bytes"]`` split into ``PHASE_COMPONENTS``
+    (every key, 0 where the phase holds none of it); they sum to that phase's bytes exactly.
+
+    Mirrors ``step_phases``: every phase holds the weights as stored, the upcasts, the adapters and the optimizer
+    state; the loss adds every saved activation (the head's too) and the logits; a layer's backward adds the
+    saved activations, its working set and, under checkpointing, the layer's recomputed activations; the
+    optimizer step adds the adapters' gradients and AdamW's temporaries.
+    """
+    parts = dict.fromkeys(PHASE_COMPONENTS, 0)
+    for key in ("quantized_bytes", "quant_constants_bytes", "unquantized_bytes", "upcast_bytes"):
+        parts[key] = floor[key]
+    parts["lora_bytes"] = floor["lora_param_bytes"] + floor["optimizer_state_bytes"]
+    if phase == "loss":
+        parts["saved_activations_bytes"] = floor["saved_activations_bytes"] + floor["head_saved_bytes"]
+        parts["logits_loss_bytes"] = floor["logits_phase_bytes"]
+    elif phase == "layer_backward":
+        recompute = floor["layer_activation_bytes"] if _checkpointed(floor) else 0
+        parts["saved_activations_bytes"] = floor["saved_activations_bytes"]
+        parts["layer_backward_bytes"] = floor["layer_backward_transient_bytes"] + recompute
+    elif phase == "optimizer_step":
+        parts["lora_bytes"] += floor["lora_grad_bytes"]
+        parts["optimizer_step_bytes"] = optimizer_transient(floor["lora_params"])
+    else:
+        raise ValueError(f"unknown phase {phase!r}; phases: {', '.join(floor['phase_peak_bytes'])}")
+    return parts
