@@ -343,17 +343,67 @@ def loss_terms(config, tokens: int, path: str, head_cast: int) -> dict:
     }
 
 
-def step_phases(static: int, terms: dict, gradient_checkpointing: bool, layer_transient: int) -> dict:
-    """Predicted bytes at the three candidate peaks of a step after the first (optimizer state allocated):
-    the loss, with every saved activation alive and no gradient yet (zeroed to None); the top layer's backward
-    (recomputed under checkpointing); the optimizer step with every adapter gradient and AdamW's temporaries."""
-    saved = terms["saved_activations_bytes"]
-    recompute = terms["layer_activation_bytes"] if gradient_checkpointing else 0
-    return {
-        "loss": static + saved + terms["head_saved_bytes"] + terms["logits_phase_bytes"],
-        "layer_backward": static + saved + layer_transient + recompute,
-        "optimizer_step": static + terms["lora_grad_bytes"] + optimizer_transient(terms["lora_params"]),
-    }
+#: The parts a step phase's predicted bytes are made of, bottom to top of a stacked bar, with their labels.
+PHASE_COMPONENTS = {
+    "quantized_bytes": "quantized weights (data)",
+    "quant_constants_bytes": "quantization constants",
+    "unquantized_bytes": "unquantized weights (all of them in bf16/fp16)",
+    "upcast_bytes": "fp32 upcasts (reference path)",
+    "lora_bytes": "LoRA adapters + gradients + optimizer state",
+    "saved_activations_bytes": "saved activations",
+    "logits_loss_bytes": "logits and loss (transient)",
+    "layer_backward_bytes": "one layer's backward (transient)",
+    "optimizer_step_bytes": "optimizer step temporaries (transient)",
+}
+#: The candidate peaks of a step after the first (optimizer state allocated).
+STEP_PHASES = ("loss", "layer_backward", "optimizer_step")
+
+
+def _phase_parts(terms: dict, phase: str, gradient_checkpointing: bool, layer_transient: int) -> dict[str, int]:
+    """The predicted bytes of one step phase by ``PHASE_COMPONENTS`` (every key, 0 where the phase holds none).
+
+    Every phase holds the weights as stored, the upcasts, the adapters and the optimizer state; the loss adds
+    every saved activation (the head's too) and the logits, with no gradient yet (zeroed to None); the top
+    layer's backward adds the saved activations, its working set and, under checkpointing, the layer's
+    recomputed activations; the optimizer step adds the adapters' gradients and AdamW's temporaries.
+    """
+    parts = dict.fromkeys(PHASE_COMPONENTS, 0)
+    for key in ("quantized_bytes", "quant_constants_bytes", "unquantized_bytes", "upcast_bytes"):
+        parts[key] = terms[key]
+    parts["lora_bytes"] = terms["lora_param_bytes"] + terms["optimizer_state_bytes"]
+    if phase == "loss":
+        parts["saved_activations_bytes"] = terms["saved_activations_bytes"] + terms["head_saved_bytes"]
+        parts["logits_loss_bytes"] = terms["logits_phase_bytes"]
+    elif phase == "layer_backward":
+        recompute = terms["layer_activation_bytes"] if gradient_checkpointing else 0
+        parts["saved_activations_bytes"] = terms["saved_activations_bytes"]
+        parts["layer_backward_bytes"] = layer_transient + recompute
+    elif phase == "optimizer_step":
+        parts["lora_bytes"] += terms["lora_grad_bytes"]
+        parts["optimizer_step_bytes"] = optimizer_transient(terms["lora_params"])
+    else:
+        raise ValueError(f"unknown phase {phase!r}; phases: {', '.join(STEP_PHASES)}")
+    return parts
+
+
+def step_phases(terms: dict, gradient_checkpointing: bool, layer_transient: int) -> dict:
+    """Predicted bytes at each of ``STEP_PHASES``: the sum of its ``_phase_parts``."""
+    return {phase: sum(_phase_parts(terms, phase, gradient_checkpointing, layer_transient).values())
+            for phase in STEP_PHASES}
+
+
+def _checkpointed(floor: dict) -> bool:
+    """Whether the floor was predicted with gradient checkpointing. The floor does not record the setting, but
+    ``activation_terms`` chose its saved activations by it, and the two choices never coincide (without
+    checkpointing every layer saves at least its two norms' fp32 inputs, more than the h e bytes a token the
+    checkpoints keep)."""
+    return floor["saved_activations_bytes"] == floor["saved_activations_checkpointing_bytes"]
+
+
+def phase_components(floor: dict, phase: str) -> dict[str, int]:
+    """The predicted bytes of one phase of a floor (``memory_floor``'s result, as saved with a cell) split into
+    ``PHASE_COMPONENTS``; they sum to ``floor["phase_peak_bytes"][phase]`` exactly, as ``step_phases`` made it."""
+    return _phase_parts(floor, phase, _checkpointed(floor), floor["layer_backward_transient_bytes"])
 
 
 def memory_floor(config, mode: Mode, lora, seq_len: int, batch_size: int, gradient_checkpointing: bool,
@@ -381,7 +431,7 @@ def memory_floor(config, mode: Mode, lora, seq_len: int, batch_size: int, gradie
     largest = max(quantized, key=lambda layer: layer.in_features * layer.out_features, default=None)
     layer_transient = layer_backward_transient(config, tokens, p, largest)
     setup = weights["weights_bytes"] + upcast + terms["lora_param_bytes"]
-    phases = step_phases(setup + terms["optimizer_state_bytes"], terms, gradient_checkpointing, layer_transient)
+    phases = step_phases(terms, gradient_checkpointing, layer_transient)
     peak_phase = max(phases, key=phases.get)
     return {
         "path": path,
@@ -478,54 +528,3 @@ def path_gap(reference: dict, lean: dict) -> dict:
     gap = {key: reference[key] - lean[key] for key in SUMMARY_COMPONENTS}
     gap["peak_bytes"] = reference["peak_bytes"] - lean["peak_bytes"]
     return gap
-
-
-#: The parts ``phase_components`` splits a phase's predicted bytes into, bottom to top of a stacked bar, with
-#: their labels.
-PHASE_COMPONENTS = {
-    "quantized_bytes": "quantized weights (data)",
-    "quant_constants_bytes": "quantization constants",
-    "unquantized_bytes": "unquantized weights (all of them in bf16/fp16)",
-    "upcast_bytes": "fp32 upcasts (reference path)",
-    "lora_bytes": "LoRA adapters + gradients + optimizer state",
-    "saved_activations_bytes": "saved activations",
-    "logits_loss_bytes": "logits and loss (transient)",
-    "layer_backward_bytes": "one layer's backward (transient)",
-    "optimizer_step_bytes": "optimizer step temporaries (transient)",
-}
-
-
-def _checkpointed(floor: dict) -> bool:
-    """Whether the floor was predicted with gradient checkpointing. The floor does not record the setting, but
-    ``activation_terms`` chose its saved activations by it, and the two choices never coincide (without
-    checkpointing every layer saves at least its two norms' fp32 inputs, more than the h e bytes a token the
-    checkpoints keep)."""
-    return floor["saved_activations_bytes"] == floor["saved_activations_checkpointing_bytes"]
-
-
-def phase_components(floor: dict, phase: str) -> dict[str, int]:
-    """The predicted bytes of one phase of ``floor["phase_peak_bytes"]`` split into ``PHASE_COMPONENTS``
-    (every key, 0 where the phase holds none of it); they sum to that phase's bytes exactly.
-
-    Mirrors ``step_phases``: every phase holds the weights as stored, the upcasts, the adapters and the optimizer
-    state; the loss adds every saved activation (the head's too) and the logits; a layer's backward adds the
-    saved activations, its working set and, under checkpointing, the layer's recomputed activations; the
-    optimizer step adds the adapters' gradients and AdamW's temporaries.
-    """
-    parts = dict.fromkeys(PHASE_COMPONENTS, 0)
-    for key in ("quantized_bytes", "quant_constants_bytes", "unquantized_bytes", "upcast_bytes"):
-        parts[key] = floor[key]
-    parts["lora_bytes"] = floor["lora_param_bytes"] + floor["optimizer_state_bytes"]
-    if phase == "loss":
-        parts["saved_activations_bytes"] = floor["saved_activations_bytes"] + floor["head_saved_bytes"]
-        parts["logits_loss_bytes"] = floor["logits_phase_bytes"]
-    elif phase == "layer_backward":
-        recompute = floor["layer_activation_bytes"] if _checkpointed(floor) else 0
-        parts["saved_activations_bytes"] = floor["saved_activations_bytes"]
-        parts["layer_backward_bytes"] = floor["layer_backward_transient_bytes"] + recompute
-    elif phase == "optimizer_step":
-        parts["lora_bytes"] += floor["lora_grad_bytes"]
-        parts["optimizer_step_bytes"] = optimizer_transient(floor["lora_params"])
-    else:
-        raise ValueError(f"unknown phase {phase!r}; phases: {', '.join(floor['phase_peak_bytes'])}")
-    return parts
