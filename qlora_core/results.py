@@ -480,45 +480,52 @@ def _information(value) -> int:
 SETUP_KEYS_FIRST = ("seq_len", "batch_size", "train.max_steps", "path", "lora.r")
 
 
-def _flat(settings: dict, prefix: str = "") -> dict:
+def flatten_settings(settings: dict, prefix: str = "") -> dict:
     """Nested settings as one level of dotted keys (``train.max_steps``)."""
     flat = {}
     for key, value in settings.items():
         if isinstance(value, dict):
-            flat.update(_flat(value, f"{prefix}{key}."))
+            flat.update(flatten_settings(value, f"{prefix}{key}."))
         else:
             flat[f"{prefix}{key}"] = value
     return flat
 
 
+def _setup(result: dict) -> dict:
+    """A result's settings but its mode, flattened: what makes two cells of one model comparable."""
+    return {key: value for key, value in flatten_settings(result.get("settings", {})).items() if key != "mode"}
+
+
+def _setup_suffixes(setups: dict[str, dict]) -> dict[str, str]:
+    """For several set-ups of one model (signature -> flat settings): each one's suffix naming the settings
+    that differ, at most three, ``SETUP_KEYS_FIRST`` first."""
+    first = {key: rank for rank, key in enumerate(SETUP_KEYS_FIRST)}
+    differing = sorted((key for key in set().union(*setups.values())
+                        if len({json.dumps(s.get(key), default=str) for s in setups.values()}) > 1),
+                       key=lambda key: (first.get(key, len(first)), key))
+    return {signature: ", ".join(f"{key}={setup.get(key)}" for key in differing[:3])
+            for signature, setup in setups.items()}
+
+
 def label_setups(results: list[dict]) -> list[dict]:
     """Results where one model label covers several set-ups (settings other than the mode), as when two runs
     of different profiles are read together, get labels that tell them apart: the label plus the settings
-    that differ (at most three, ``SETUP_KEYS_FIRST`` first), e.g. ``smollm2 [seq_len=512, batch_size=8]``.
-    Otherwise every row of a model would compete for one baseline and one table column. Others are returned
-    as they are; labelled ones as copies."""
+    that differ (``_setup_suffixes``), e.g. ``smollm2 [seq_len=512, batch_size=8]``. Otherwise every row of a
+    model would compete for one baseline and one table column. Others are returned as they are; labelled ones
+    as copies."""
+    setups = [_setup(result) for result in results]
+    signatures = [json.dumps(setup, sort_keys=True, default=str) for setup in setups]
     groups: dict[str, dict[str, dict]] = {}
-    for result in results:
+    for result, setup, signature in zip(results, setups, signatures):
         if "settings" in result:
-            setup = {k: v for k, v in _flat(result["settings"]).items() if k != "mode"}
-            groups.setdefault(model_label(result), {})[json.dumps(setup, sort_keys=True, default=str)] = setup
-    labels = {}
-    for label, setups in groups.items():
-        if len(setups) < 2:
-            continue
-        first = {key: rank for rank, key in enumerate(SETUP_KEYS_FIRST)}
-        differing = sorted((k for k in set().union(*setups.values())
-                            if len({json.dumps(s.get(k), default=str) for s in setups.values()}) > 1),
-                           key=lambda k: (first.get(k, len(first)), k))
-        for signature, setup in setups.items():
-            labels[label, signature] = f"{label} [{', '.join(f'{k}={setup.get(k)}' for k in differing[:3])}]"
-    if not labels:
-        return results
+            groups.setdefault(model_label(result), {})[signature] = setup
+    suffixes = {label: _setup_suffixes(group) for label, group in groups.items() if len(group) > 1}
     labelled = []
-    for result in results:
-        setup = {k: v for k, v in _flat(result.get("settings", {})).items() if k != "mode"}
-        new = labels.get((model_label(result), json.dumps(setup, sort_keys=True, default=str)))
-        labelled.append(result if new is None else {**result, "model": {**(result.get("model") or {}), "label": new}})
+    for result, signature in zip(results, signatures):
+        suffix = suffixes.get(model_label(result), {}).get(signature)
+        if suffix is not None:
+            result = {**result, "model": {**(result.get("model") or {}), "label": f"{model_label(result)} [{suffix}]"}}
+        labelled.append(result)
     return labelled
 
 

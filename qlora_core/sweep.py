@@ -17,7 +17,7 @@ from pathlib import Path
 from qlora_core.cell import CellInputs, CellSettings, failure_result
 from qlora_core.manifest import RunManifest
 from qlora_core.modes import Mode
-from qlora_core.results import write_json_atomic
+from qlora_core.results import flatten_settings, write_json_atomic
 from qlora_core.worker import CellError, WorkerPool, serialize_inputs
 
 
@@ -36,12 +36,11 @@ def finished(path: Path) -> bool:
     return json.loads(path.read_text()).get("status") == "ok"
 
 
-def _differences(old, new, key: str = "") -> list[str]:
+def _differences(old: dict, new: dict) -> list[str]:
     """Dotted keys where two settings trees differ, as ``"key: old -> new"``."""
-    if isinstance(old, dict) and isinstance(new, dict):
-        return [line for name in sorted(old.keys() | new.keys())
-                for line in _differences(old.get(name), new.get(name), f"{key}.{name}" if key else name)]
-    return [] if old == new else [f"{key}: {old!r} -> {new!r}"]
+    old, new = flatten_settings(old), flatten_settings(new)
+    return [f"{key}: {old.get(key)!r} -> {new.get(key)!r}" for key in sorted(old.keys() | new.keys())
+            if old.get(key) != new.get(key)]
 
 
 def reusable(path: Path, settings: CellSettings) -> bool:
