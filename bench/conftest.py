@@ -27,8 +27,8 @@ import torch
 from qlora_core.cell import CellSettings, does_not_fit_result, failure_result, prepare_inputs
 from qlora_core.lora import LoraSettings
 from qlora_core.manifest import MANIFEST_NAME, RunManifest
-from qlora_core.modes import parse_modes
-from qlora_core.paths import check_path
+from qlora_core.modes import BASELINE_MODE, parse_modes
+from qlora_core.paths import PATHS, check_path
 from qlora_core.profiles import PROFILES
 from qlora_core.shapes import check_shape
 from qlora_core.results import environment, write_json_atomic
@@ -203,7 +203,7 @@ class BenchRun:
     def inputs_for(self, settings: CellSettings) -> bytes:
         """The cell's serialized inputs; mode and path do not change them, so cells that differ only there share
         one tokenization."""
-        key = json.dumps(dataclasses.replace(settings, mode="bf16", path="reference").describe(), sort_keys=True)
+        key = json.dumps(dataclasses.replace(settings, mode=BASELINE_MODE, path=PATHS[0]).describe(), sort_keys=True)
         if key not in self._inputs:
             self._inputs[key] = serialize_inputs(prepare_inputs(settings))
         return self._inputs[key]
@@ -229,7 +229,7 @@ class BenchCell:
         self.run = run
         self.failure: CellError | None = None
         self.steps_taken = 0
-        self.phases_done: set[str] = set()
+        self.phases_done: set[tuple] = set()
         self.start = run.manifest.started(key.stem, key.mode)
         try:
             inputs = run.inputs_for(settings)
@@ -262,7 +262,7 @@ class BenchCell:
         except CellError as error:
             self._fail(error)
             return None
-        self.phases_done.add(" ".join((method, *map(str, args))))
+        self.phases_done.add((method, *args))
         return value
 
     def check(self, benchmark=None) -> None:
@@ -277,7 +277,7 @@ class BenchCell:
         """Whatever of load, evaluation before training and LoRA set-up has not run yet (a deselected test's
         part), in that order."""
         for method, *args in (("load",), ("evaluate", "before"), ("setup_training",)):
-            if " ".join((method, *args)) not in self.phases_done:
+            if (method, *args) not in self.phases_done:
                 self.call(method, *args)
 
     def step(self) -> float | None:
