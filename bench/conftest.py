@@ -2,7 +2,7 @@
 
 Every (model or shape, mode, path) cell runs in its own spawned process (qlora_core.worker); pytest groups the
 tests of one cell together, so one model is on the GPU at a time. The data is tokenized once in this process,
-and the next cell's process is started (its imports done) while the current cell evaluates. Each cell's full
+and the next cell's process is started (its imports done) while the current cell runs. Each cell's full
 result is written atomically to --bench-out as soon as the cell finishes, so an interrupted run keeps what
 finished and --bench-resume skips it; --bench-out/run.json, the run's manifest, says how the run was made and
 where its wall time went.
@@ -17,7 +17,6 @@ import dataclasses
 import importlib.metadata
 import json
 import os
-import time
 from pathlib import Path
 from typing import NamedTuple
 
@@ -26,7 +25,7 @@ import torch
 
 from qlora_core.cell import CellSettings, does_not_fit_result, failure_result, prepare_inputs
 from qlora_core.lora import LoraSettings
-from qlora_core.manifest import MANIFEST_NAME, RunManifest
+from qlora_core.manifest import MANIFEST_NAME, RunManifest, process_start
 from qlora_core.modes import BASELINE_MODE, parse_modes
 from qlora_core.paths import PATHS, check_path
 from qlora_core.profiles import PROFILES
@@ -37,8 +36,7 @@ from qlora_core.trainer import TrainSettings
 from qlora_core.worker import CellError, WorkerPool, serialize_inputs
 
 GPU = PROFILES["gpu"]
-#: Where the session's start (time.perf_counter()) and its cells, in run order, are kept on the config.
-SESSION_START = pytest.StashKey[float]()
+#: The session's cells in run order, kept on the config.
 CELL_KEYS = pytest.StashKey[list]()
 #: pytest-benchmark 5.2.x opens --benchmark-json while parsing the command line and hands hooks a file object.
 MIN_PYTEST_BENCHMARK = (5, 3, 1)
@@ -87,7 +85,6 @@ def pytest_configure(config):
     """Refuse a pytest-benchmark too old for --benchmark-json paths, and create --benchmark-json's folder now:
     pytest-benchmark opens the file only at the end of the session and loses every measurement of the run when
     its folder is missing."""
-    config.stash[SESSION_START] = time.perf_counter()
     version = importlib.metadata.version("pytest-benchmark")
     if tuple(int(part) for part in version.split(".")[:3]) < MIN_PYTEST_BENCHMARK:
         raise pytest.UsageError(f"pytest-benchmark {version} is too old for bench/ (needs >= 5.3.1, which takes "
@@ -187,7 +184,7 @@ def cell_settings(config, key: CellKey) -> CellSettings:
 
 class BenchRun:
     """What the cells of one pytest session share: the worker pool (the next cell's process starts while the
-    current one evaluates), the tokenized inputs (prepared once per model and data, not once per cell) and the
+    current one runs), the tokenized inputs (prepared once per model and data, not once per cell) and the
     run's manifest (``run.json`` in --bench-out). Made when the first cell is, so a session that runs no cell
     writes nothing."""
 
@@ -198,7 +195,7 @@ class BenchRun:
         self.remaining = list(keys)
         self._inputs: dict[str, bytes] = {}
         command = ["pytest", *config.invocation_params.args]
-        self.manifest = RunManifest(Path(config.option.bench_out), command, start=config.stash[SESSION_START])
+        self.manifest = RunManifest(Path(config.option.bench_out), command, start=process_start())
 
     def inputs_for(self, settings: CellSettings) -> bytes:
         """The cell's serialized inputs; mode and path do not change them, so cells that differ only there share
@@ -233,7 +230,8 @@ class BenchCell:
         self.start = run.manifest.started(key.stem, key.mode)
         try:
             inputs = run.inputs_for(settings)
-            self.worker = run.pool.take(settings, log=path.with_suffix(".log"), inputs=inputs)
+            self.worker = run.pool.take(settings, log=path.with_suffix(".log"), inputs=inputs,
+                                        more_to_come=len(run.remaining) > 1)
         except (CellError, ValueError, FileNotFoundError, RuntimeError) as error:
             self.worker = None
             self._fail(error if isinstance(error, CellError) else CellError("error", f"{type(error).__name__}: "
@@ -285,12 +283,8 @@ class BenchCell:
         return self.attempt("step")
 
     def end_training(self) -> None:
-        """Read the training peak; then start the next cell's process, whose imports now overlap this cell's
-        evaluations rather than its timed steps."""
+        """Read the training peak."""
         self.call("end_training")
-        self.run.cell_done(self.key)
-        if self.run.remaining:
-            self.run.pool.prepare_next()
 
     def train_to_end(self) -> None:
         """Take the remaining steps untimed (when the step-time test was deselected) and read the peak."""

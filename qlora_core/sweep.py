@@ -61,29 +61,18 @@ def reusable(path: Path, settings: CellSettings) -> bool:
 
 
 def run_cell_process(settings: CellSettings, path: Path, on_event: Callable[[dict], None], log: Path,
-                     pool: WorkerPool, inputs: bytes | None = None) -> dict:
+                     pool: WorkerPool, inputs: bytes | None = None, more_to_come: bool = False) -> dict:
     """Run one cell in a fresh worker process from ``pool`` and write its result to ``path`` atomically; a
     failure (out of memory, an exception, a dead worker) becomes that cell's result rather than the sweep's end.
-    ``inputs``: the cell's serialized inputs (``worker.serialize_inputs``), or None."""
+    ``inputs``: the cell's serialized inputs (``worker.serialize_inputs``), or None; ``more_to_come``: spawn the
+    next cell's process while this one runs."""
     try:
-        with pool.take(settings, log=log, on_event=on_event, inputs=inputs) as worker:
+        with pool.take(settings, log=log, on_event=on_event, inputs=inputs, more_to_come=more_to_come) as worker:
             result = worker.call("run_all")
     except CellError as error:
         result = failure_result(settings, error.status, f"{error} (log: {log})")
     write_json_atomic(result, path)
     return result
-
-
-def _prepare_next_after_training(pool: WorkerPool, on_event: Callable[[dict], None]) -> Callable[[dict], None]:
-    """``on_event`` that also spawns the next cell's process once this cell's last training step is done:
-    its start-up then overlaps this cell's evaluations, never its timed steps."""
-
-    def handle(event: dict) -> None:
-        if "step" in event and event["step"] == event["of"]:
-            pool.prepare_next()
-        on_event(event)
-
-    return handle
 
 
 def run_sweep(
@@ -121,11 +110,10 @@ def run_sweep(
                 continue
             settings = dataclasses.replace(base, mode=mode.name)
             events = lambda event, mode=mode: on_event(mode, event)  # noqa: E731
-            if index + 1 < len(modes):
-                events = _prepare_next_after_training(pool, events)
             start = manifest.started(mode.name, mode.name)
             log = out_dir / f"{mode.name}.log"
-            results.append(run_cell_process(settings, path, events, log, pool, payload))
+            more_to_come = any(later.name not in reused for later in modes[index + 1:])
+            results.append(run_cell_process(settings, path, events, log, pool, payload, more_to_come))
             manifest.finished(mode.name, mode.name, results[-1], path, start)
     manifest.close()
     return results

@@ -3,8 +3,8 @@ process while the current cell finishes.
 
 Each (model, mode) cell gets a new Python process, so CUDA allocator state, cached kernels or a crash in one
 mode cannot touch the next one's figures. A process is spawned *unbound*: it imports torch, transformers, peft
-and bitsandbytes (seconds of start-up) and waits; ``WorkerPool`` spawns the next one while the current cell
-evaluates, after its timed steps, so a sweep pays that start-up once instead of once per cell. Binding sends the
+and bitsandbytes (seconds of start-up) and waits; ``WorkerPool`` spawns the next one as the current cell starts,
+so a sweep pays that start-up once instead of once per cell. Binding sends the
 cell's settings and its already tokenized inputs; only then does the process touch the GPU. The child's stderr
 (library warnings, load bars) goes to the cell's log file; progress events come back through the pipe.
 """
@@ -174,20 +174,25 @@ class WorkerPool:
         self.spare: CellWorker | None = None
 
     def prepare_next(self) -> None:
-        """Spawn the next cell's process now (its imports overlap the current cell's remaining work). Call it
-        after the current cell's timed steps, so the imports never compete with them for the CPU."""
+        """Spawn the next cell's process now, its imports overlapping the current cell's work. Call it as the
+        current cell starts: an unbound process touches no GPU memory, and on a GPU-bound step its imports (on
+        another core) leave the step time alone (H200: step-time IQR within the profile's, see profiles.py)."""
         if self.spare is None:
             self.spare = CellWorker()
 
     def take(self, settings: CellSettings, *, log: Path | None = None, on_event=None,
-             inputs: bytes | None = None) -> CellWorker:
-        """A fresh process bound to this cell: the spare if one was prepared, else a new one."""
+             inputs: bytes | None = None, more_to_come: bool = False) -> CellWorker:
+        """A fresh process bound to this cell: the spare if one was prepared, else a new one. With
+        ``more_to_come``, the next cell's process is spawned as soon as this one is bound."""
         worker, self.spare = self.spare or CellWorker(), None
         try:
-            return worker.bind(settings, log=log, on_event=on_event, inputs=inputs)
+            worker.bind(settings, log=log, on_event=on_event, inputs=inputs)
         except BaseException:
             worker.close(wait=False)  # a failed or interrupted bind leaves a process no cell can use
             raise
+        if more_to_come:
+            self.prepare_next()
+        return worker
 
     def close(self) -> None:
         if self.spare is not None:  # an unbound spare waits for its bind message: killing it loses nothing

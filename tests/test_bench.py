@@ -3,6 +3,7 @@ that does not exist yet, two modes of the tiny model, every suite."""
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import shutil
@@ -32,16 +33,17 @@ def run_bench(model_dir: Path, eval_text: Path, out: Path, *options: str) -> sub
 
 @pytest.fixture(scope="module")
 def bench_run(tiny_model_dir, eval_text_file, tmp_path_factory):
-    """(completed process, --bench-out folder, --benchmark-json path) of one bench/ session."""
+    """(completed process, --bench-out folder, --benchmark-json path, launch time) of one bench/ session."""
     root = tmp_path_factory.mktemp("bench")
     bench_json = root / "not-yet-made" / "bench.json"
     out = root / "cells"
+    launched = datetime.datetime.now(datetime.timezone.utc)
     run = run_bench(tiny_model_dir, eval_text_file, out, "--bench-steps", "3", "--benchmark-json", str(bench_json))
-    return run, out, bench_json
+    return run, out, bench_json, launched
 
 
 def test_every_suite_passes_and_the_json_lands_in_a_new_folder(bench_run):
-    run, _, bench_json = bench_run
+    run, _, bench_json, _ = bench_run
     assert run.returncode == 0, run.stdout + run.stderr
     assert "6 passed" in run.stdout
     benchmarks = json.loads(bench_json.read_text())["benchmarks"]
@@ -50,7 +52,7 @@ def test_every_suite_passes_and_the_json_lands_in_a_new_folder(bench_run):
 
 
 def test_one_process_per_cell_gives_memory_time_and_perplexity(bench_run):
-    _, out, bench_json = bench_run
+    _, out, bench_json, _ = bench_run
     cells = read_results([bench_json])
     assert [c["mode"]["name"] for c in cells] == list(MODES)
     for cell in cells:
@@ -67,8 +69,10 @@ def test_one_process_per_cell_gives_memory_time_and_perplexity(bench_run):
 
 
 def test_the_manifest_accounts_for_the_run(bench_run):
-    _, out, _ = bench_run
+    _, out, _, launched = bench_run
     manifest = json.loads((out / MANIFEST_NAME).read_text())
+    started = datetime.datetime.fromisoformat(manifest["started"])
+    assert abs((started - launched).total_seconds()) < 0.5  # the clock starts with the process, imports counted
     assert manifest["command"][:2] == ["pytest", "bench/"] and "--bench-out" in manifest["command"]
     assert [(c["name"], c["status"]) for c in manifest["cells"]] == [(f"tiny-llama-{m}", "ok") for m in MODES]
     for cell in manifest["cells"]:
@@ -80,7 +84,7 @@ def test_the_manifest_accounts_for_the_run(bench_run):
 
 def test_resume_reuses_cells_with_the_same_settings_and_refuses_others(bench_run, tiny_model_dir,
                                                                      eval_text_file, tmp_path):
-    _, measured, _ = bench_run
+    _, measured, _, _ = bench_run
     out = tmp_path / "cells"
     shutil.copytree(measured, out)
     again = run_bench(tiny_model_dir, eval_text_file, out, "--bench-steps", "3", "--bench-resume")

@@ -43,8 +43,8 @@ class ZeroLogits(torch.nn.Module):
         self.vocab = vocab
         self.unused = torch.nn.Parameter(torch.zeros(1))  # perplexity() reads the device from a parameter
 
-    def forward(self, input_ids):
-        return SimpleNamespace(logits=torch.zeros(*input_ids.shape, self.vocab))
+    def forward(self, input_ids, logits_to_keep):
+        return SimpleNamespace(logits=torch.zeros(input_ids.shape[0], logits_to_keep, self.vocab))
 
 
 @pytest.mark.parametrize("window, stride, batch_size", [(16, 15, 1), (16, 5, 3), (200, 100, 1)])

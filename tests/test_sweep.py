@@ -14,6 +14,7 @@ from qlora_core.manifest import MANIFEST_NAME
 from qlora_core.modes import parse_modes
 from qlora_core.results import RUN_SCHEMA, SCHEMA
 from qlora_core.sweep import ResumeMismatchError, finished, result_path, reusable, run_sweep
+from qlora_core.worker import WorkerPool
 
 MODES = parse_modes("bf16,nf4")
 
@@ -191,3 +192,17 @@ def test_an_int8_cell_counts_its_repeated_cast_warning_and_states_its_matmul_dty
     for text, n in casts.items():  # the first occurrence, then its count at the end
         assert log.count(text.split(": ", 1)[1]) == 2 and f"occurred {n} times" in log
     assert "ResourceWarning" not in log
+
+
+def test_the_pool_starts_the_next_cells_process_while_a_cell_runs(tiny_model_dir):
+    """``more_to_come`` spawns the next process as soon as a cell is bound (its imports overlap the cell's
+    work); the last cell leaves no spare behind, and every cell gets a process of its own."""
+    settings = tiny_cell_settings(tiny_model_dir, "bf16")
+    with WorkerPool() as pool:
+        with pool.take(settings, more_to_come=True) as first:
+            assert pool.spare is not None and pool.spare.process.is_alive()
+            spare_pid = pool.spare.process.pid
+            assert spare_pid != first.process.pid
+        with pool.take(settings) as last:
+            assert last.process.pid == spare_pid
+            assert pool.spare is None

@@ -49,8 +49,11 @@ def _same_shape_batches(spans: list[tuple[int, int, int]], batch_size: int):
 
 
 def _window_nll(model, inputs: torch.Tensor, n_scored: int) -> torch.Tensor:
-    """Summed NLL (float64) of the last ``n_scored`` tokens of each row of ``inputs`` [batch, length]."""
-    logits = model(input_ids=inputs).logits[:, -n_scored - 1 : -1].float()
+    """Summed NLL (float64) of the last ``n_scored`` tokens of each row of ``inputs`` [batch, length].
+
+    Only the positions that predict a scored token go through the output head (``logits_to_keep``, which every
+    transformers causal LM takes): at stride = window / 2 that halves the head's work and its logits."""
+    logits = model(input_ids=inputs, logits_to_keep=n_scored + 1).logits[:, :-1].float()
     targets = inputs[:, -n_scored:]
     log_probs = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     return -log_probs.double().sum()
