@@ -13,10 +13,12 @@ says ``does_not_fit`` with the prediction, and its tests skip (--bench-attempt-u
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.metadata
 import json
 import os
+import time
 from pathlib import Path
 from typing import NamedTuple
 
@@ -230,12 +232,22 @@ class BenchCell:
         self.start = run.manifest.started(key.stem, key.mode)
         try:
             inputs = run.inputs_for(settings)
-            self.worker = run.pool.take(settings, log=path.with_suffix(".log"), inputs=inputs,
-                                        more_to_come=len(run.remaining) > 1)
+            with self.timed("taking a process"):
+                self.worker = run.pool.take(settings, log=path.with_suffix(".log"), inputs=inputs,
+                                            more_to_come=len(run.remaining) > 1)
         except (CellError, ValueError, FileNotFoundError, RuntimeError) as error:
             self.worker = None
             self._fail(error if isinstance(error, CellError) else CellError("error", f"{type(error).__name__}: "
                                                                                      f"{error}"))
+
+    @contextlib.contextmanager
+    def timed(self, activity: str):
+        """Count the block's wall seconds towards ``activity`` in the run's manifest."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.run.manifest.spent(self.key.stem, activity, time.perf_counter() - start)
 
     def _fail(self, error: CellError) -> None:
         self.failure = error
@@ -256,7 +268,8 @@ class BenchCell:
         if self.failure:
             return None
         try:
-            value = self.worker.call(method, *args)
+            with self.timed(method):
+                value = self.worker.call(method, *args)
         except CellError as error:
             self._fail(error)
             return None
@@ -295,16 +308,18 @@ class BenchCell:
         self.end_training()
 
     def finish(self) -> dict | None:
-        """Write the full result (if the cell got that far), enter it in the manifest and stop the worker."""
+        """Stop the worker, then write the full result (if the cell got that far) and enter it in the manifest,
+        so the cell's wall time includes its process's end."""
         result = None
         self.run.cell_done(self.key)
         if not self.failure and self.steps_taken:
             result = self.attempt("result")
+        if self.worker is not None:
+            with self.timed("ending the process"):
+                self.worker.close()
         if result is not None:
             write_json_atomic(result, self.path)
             self.run.manifest.finished(self.key.stem, self.key.mode, result, self.path, self.start)
-        if self.worker is not None:
-            self.worker.close()
         return result
 
 

@@ -81,7 +81,8 @@ class RunManifest:
     def _entry(self, name: str, mode: str) -> dict:
         if name not in self._cells:
             self._cells[name] = {"name": name, "mode": mode, "status": "pending", "result": None,
-                                 "resumed": False, "wall_seconds": None, "measured_seconds": None}
+                                 "resumed": False, "wall_seconds": None, "measured_seconds": None,
+                                 "seconds_in": {}}
             self.data["cells"].append(self._cells[name])
         return self._cells[name]
 
@@ -90,6 +91,13 @@ class RunManifest:
         self._entry(name, mode)["status"] = "running"
         self._write()
         return time.perf_counter()
+
+    def spent(self, name: str, activity: str, seconds: float) -> None:
+        """Add ``seconds`` of a cell's wall time to ``activity`` (a call into its process, as seen from this one,
+        or waiting for the process): with the measured seconds it says where a cell's time went. Written with
+        the cell's outcome."""
+        seconds_in = self._entry(name, "")["seconds_in"]
+        seconds_in[activity] = seconds_in.get(activity, 0.0) + seconds
 
     def finished(self, name: str, mode: str, result: dict, result_path: Path | None, start: float | None,
                  *, resumed: bool = False) -> None:

@@ -382,7 +382,21 @@ def run_lines(runs: list[dict]) -> list[str]:
         ended = f"ended {run['ended']}" if run.get("ended") else "NOT FINISHED (no end time)"
         lines.append(f"  started {run['started']}, {ended}; wall {_seconds(run.get('wall_seconds'))}, {measured}")
         lines.append(f"  cells: {_cell_statuses(run['cells'])}")
+        activities = _seconds_by_activity(run["cells"])
+        if activities:
+            lines.append("  cells' wall by activity: " + ", ".join(
+                f"{activity} {_seconds(seconds)}" for activity, seconds in activities.items()))
     return lines
+
+
+def _seconds_by_activity(cells: list[dict]) -> dict[str, float]:
+    """The cells' ``seconds_in`` (worker calls as the run's process saw them, waiting for processes) summed over
+    cells, largest first."""
+    totals: dict[str, float] = {}
+    for cell in cells:
+        for activity, seconds in (cell.get("seconds_in") or {}).items():
+            totals[activity] = totals.get(activity, 0.0) + seconds
+    return dict(sorted(totals.items(), key=lambda item: -item[1]))
 
 
 def floor_frame(results: list[dict]) -> pd.DataFrame:

@@ -16,6 +16,7 @@ import multiprocessing
 import os
 import signal
 import sys
+import threading
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -67,7 +68,12 @@ def _serve(conn) -> None:
     # Ctrl-C reaches the whole process group: the parent decides what it means and ends this process itself
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     import torch
+    import tqdm
 
+    # progress bars lock with a thread lock: tqdm's default also makes a multiprocessing semaphore, which this
+    # process, killed once its cell is done (CellWorker.close), could not unregister, and the parent's resource
+    # tracker would warn about it at exit
+    tqdm.tqdm.set_lock(threading.RLock())
     _import_libraries()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
     report = lambda event: conn.send(("event", event))  # noqa: E731
@@ -88,6 +94,8 @@ def _serve(conn) -> None:
     for text, count in warning_counts().items():
         if count > 1:
             print(f"(shown once above, occurred {count} times) {text}", file=sys.stderr)
+    sys.stderr.flush()
+    conn.send(("ok", None))  # the log is complete: the parent ends this process without waiting for its exit
 
 
 def serialize_inputs(inputs: CellInputs | None) -> bytes | None:
@@ -146,16 +154,18 @@ class CellWorker:
         return value
 
     def close(self, wait: bool = True) -> None:
-        """End the worker: ask it to stop and wait for it (up to 60 s), or with ``wait=False`` kill it at once."""
+        """End the worker. With ``wait``, ask it to stop and wait (up to 60 s) until its log is complete; then
+        kill it: the interpreter's own exit with torch and CUDA loaded takes seconds and keeps nothing."""
         if wait and self.process.is_alive():
             try:
                 self.conn.send(None)
-            except (BrokenPipeError, OSError):
+                if self.conn.poll(60):
+                    self.conn.recv()
+            except (BrokenPipeError, EOFError, OSError):
                 pass
-            self.process.join(timeout=60)
         if self.process.is_alive():
             self.process.kill()
-            self.process.join()
+        self.process.join()  # its GPU memory is released once it is reaped
         self.conn.close()
 
     def __enter__(self) -> CellWorker:

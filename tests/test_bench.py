@@ -78,6 +78,10 @@ def test_the_manifest_accounts_for_the_run(bench_run):
     for cell in manifest["cells"]:
         assert (out / cell["result"]).is_file()
         assert 0 < cell["measured_seconds"] < cell["wall_seconds"]
+        spent = cell["seconds_in"]  # where the cell's wall went, call by call
+        assert set(spent) == {"taking a process", "load", "memory_readings", "evaluate", "setup_training", "step",
+                              "end_training", "evaluate_merged", "result", "ending the process"}
+        assert cell["measured_seconds"] < sum(spent.values()) <= cell["wall_seconds"]
     assert 0 < manifest["measured_share"] < 1
     assert manifest["wall_seconds"] > sum(c["wall_seconds"] for c in manifest["cells"])  # start-up counted too
 
