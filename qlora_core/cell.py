@@ -406,6 +406,10 @@ def _check_perplexity(perplexities: dict[str, dict], when: str) -> None:
             raise NonFiniteError(f"perplexity {when} on {text} is {figures['perplexity']}: not finite")
 
 
+#: The progress phases a cell reports before its model is loaded; any later event means the load is over.
+PHASES_UNTIL_LOADED = ("data", "loading")
+
+
 def run_cell(settings: CellSettings, report=_report_nothing) -> dict:
     """Measure one (model, mode) cell in this process and return its self-describing result (plain JSON).
 
