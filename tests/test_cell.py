@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
 import importlib.metadata
 import importlib.util
 import json
@@ -275,3 +276,26 @@ def test_a_nan_training_loss_fails_at_its_step(tiny_model_dir):
     cell.step()  # the loss before the first update is finite; the infinite update poisons the next one
     with pytest.raises(NonFiniteError, match="training loss at step 2 is nan: not finite"):
         cell.step()
+
+
+def test_no_full_garbage_collection_over_the_model_lands_in_a_timed_step(tiny_model_dir):
+    """During a step what was alive before it (libraries, model, optimizer) is frozen out of collections; after
+    it, and after a failed step, it is the collector's again."""
+    cell = Cell(tiny_cell_settings(tiny_model_dir, "bf16"))
+    cell.load()
+    cell.setup_training()
+    frozen_outside = gc.get_freeze_count()
+    frozen_inside = []
+    take_step = cell.trainer.step
+    cell.trainer.step = lambda: frozen_inside.append(gc.get_freeze_count()) or take_step()
+    cell.step()
+    assert frozen_inside[0] > frozen_outside + 100_000  # torch, transformers, the model: a full collection's work
+    assert gc.get_freeze_count() == frozen_outside
+
+    def failing_step():
+        raise RuntimeError("out of memory")
+
+    cell.trainer.step = failing_step
+    with pytest.raises(RuntimeError):
+        cell.step()
+    assert gc.get_freeze_count() == frozen_outside
