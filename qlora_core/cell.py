@@ -21,6 +21,7 @@ from qlora_core.lora import LoraSettings, attach_lora, merge_into_dequantized, p
 from qlora_core.measure.floor import memory_floor, predicted_vs_measured
 from qlora_core.measure.flops import lora_training_flops_per_token, matmul_params, peak_flops
 from qlora_core.measure.memory import memory_snapshot, reset_peak, weight_footprint
+from qlora_core.measure.outliers import int8_outliers
 from qlora_core.measure.perplexity import check_protocol, perplexity
 from qlora_core.measure.quant_error import weight_quant_error
 from qlora_core.measure.timing import synchronize, timing_stats
@@ -193,15 +194,16 @@ def shape_inputs(settings: CellSettings) -> CellInputs:
     return CellInputs(shape_source(settings.shape), config, blocks, {})
 
 
-def predicted_floor(settings: CellSettings, config, device_type: str) -> dict | None:
-    """The memory floor of the cell's set-up on its path (``measure.floor``); None for an architecture the
-    floor has no activation accounting for (NotImplementedError) or that transformers cannot build from its
-    config alone (ValueError: e.g. remote code)."""
+def predicted_floor(settings: CellSettings, config, device_type: str,
+                    int8_outlier_columns: dict[str, float] | None = None) -> dict | None:
+    """The memory floor of the cell's set-up on its path (``measure.floor``), with int8's outlier columns where
+    measured; None for an architecture the floor has no activation accounting for (NotImplementedError) or that
+    transformers cannot build from its config alone (ValueError: e.g. remote code)."""
     try:
         return memory_floor(
             config, get_mode(settings.mode), settings.lora, settings.seq_len, settings.batch_size,
             settings.gradient_checkpointing, path=settings.path, optimizer=settings.train.optimizer,
-            device_type=device_type,
+            device_type=device_type, int8_outlier_columns=int8_outlier_columns,
         )
     except (NotImplementedError, ValueError):
         return None
@@ -251,7 +253,7 @@ class Cell:
         self.perplexity: dict[str, dict] = {}
         self.records = []
         self.phase_seconds: dict[str, float] = {}
-        self.model = self.trainer = self.floor = None
+        self.model = self.trainer = self.floor = self.int8_outliers = None
 
     @contextmanager
     def _phase(self, name: str):
@@ -328,8 +330,11 @@ class Cell:
         return dict(self.memory)
 
     def end_training(self) -> dict:
-        """Read the peak memory of the training steps (before evaluation allocates anything)."""
+        """Read the peak memory of the training steps (before evaluation allocates anything), and int8's
+        outlier columns as the last step found them (they decide part of its memory)."""
         self.memory["training_peak"] = memory_snapshot(self.device)
+        if self.mode.weight_format == "int8":
+            self.int8_outliers = int8_outliers(self.model)
         return self.memory["training_peak"]
 
     def evaluate_merged(self) -> dict:
@@ -358,7 +363,8 @@ class Cell:
         tokens_per_s = tokens_per_step / timing["median_s"]
         peak = peak_flops(self.device, self.mode.torch_compute_dtype)
         source = self.inputs.source
-        self.floor = self.floor or predicted_floor(settings, config, self.device.type)
+        outlier_columns = self.int8_outliers["columns"] if self.int8_outliers else None
+        self.floor = self.floor or predicted_floor(settings, config, self.device.type, outlier_columns)
         floor = self.floor
         tensors = (self.weights["weights_bytes"], self.tensors_after_setup)
         result = {
@@ -388,6 +394,7 @@ class Cell:
             "predicted_vs_measured": predicted_vs_measured(floor, self.memory, *tensors) if floor else None,
             "note": RANDOM_WEIGHTS_NOTE if settings.shape else None,
             "int8_matmul_dtype": INT8_MATMUL_DTYPE if self.mode.weight_format == "int8" else None,
+            "int8_outliers": self.int8_outliers,
             "warnings": warning_counts(),  # in a worker process, the library warnings of this cell and count
             "environment": environment(),
         }

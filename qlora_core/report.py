@@ -587,6 +587,7 @@ COMPONENT_COLORS = {
     "upcast_bytes": "#807dba",
     "lora_bytes": "#41ab5d",
     "saved_activations_bytes": "#fd8d3c",
+    "int8_held_inputs_bytes": "#d94801",
     "logits_loss_bytes": "#8c510a",
     "layer_backward_bytes": "#fee391",
     "optimizer_step_bytes": "#c7e9c0",

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass
 
 import torch
@@ -41,6 +42,8 @@ BNB_8BIT_OPTIMIZER_BLOCKSIZE = 256
 CODE_4BIT_ENTRIES = 2**4
 CODE_8BIT_ENTRIES = 2**8
 GATED_MLP_FAMILIES = ("llama", "qwen2", "mistral")
+#: A decoder layer's module path in a linear's name: Llama/Qwen2 ``model.layers.N.``, BLOOM ``transformer.h.N.``.
+DECODER_LAYER = re.compile(r"(.*\.(?:layers|h)\.\d+)\.")
 BLOOM_FAMILIES = ("bloom",)
 
 
@@ -245,6 +248,55 @@ def bloom_layer_bytes_per_token(config, seq_len: int, p: Precision) -> int:
     return norms + attention + 4 * h * p.linear_out
 
 
+#: The linears whose input is the attention output (compute dtype, from SDPA or BLOOM's attention under
+#: autocast), and those whose input is the MLP's intermediate; every other linear's input is a norm's output.
+ATTENTION_OUTPUT_LINEARS = ("o_proj", "dense")
+MLP_INTERMEDIATE_LINEARS = ("down_proj", "dense_4h_to_h")
+
+
+def _int8_input_bytes(config, name: str, p: Precision, device_type: str) -> int:
+    """Bytes of one value of the input of the int8 linear called ``name`` (its name's last component).
+
+    A norm's output keeps the residual dtype (BLOOM's LayerNorm: ``norm_stats``); the attention output is in the
+    compute dtype. The MLP's intermediate is the dtype of the int8 up-projections' output: on CUDA their kernel
+    returns its input's dtype, the norm output's; on CPU bitsandbytes' training path runs ``F.linear``, which
+    autocast casts to the compute dtype."""
+    norm_output = p.norm_stats if config.model_type in BLOOM_FAMILIES else p.residual
+    if name in ATTENTION_OUTPUT_LINEARS:
+        return p.compute
+    if name in MLP_INTERMEDIATE_LINEARS:
+        return norm_output if device_type == "cuda" else p.compute
+    return norm_output
+
+
+def int8_held_inputs_bytes_per_token(config, p: Precision, device_type: str,
+                                     outlier_columns: dict[str, float] | None = None) -> int:
+    """Per token, what one layer's LLM.int8 linears keep alive beyond autograd's saved tensors.
+
+    bitsandbytes (0.50) keeps an int8 matmul's input as a ctx attribute (``MatMul8bitLt``: ``ctx.tensors``, with
+    the input's outlier columns ``subA``; the CPU training path ``MatMul8bitFp``: ``ctx.A``), not through
+    ``save_for_backward``: non-reentrant checkpointing's saved-tensor hooks never see it, so every layer's int8
+    inputs stay alive from its forward to its backward, checkpointing or not. Linears that share an input hold
+    it once: the two norms' outputs, the attention output and the MLP's intermediate (BLOOM: 4h wide), each at
+    ``_int8_input_bytes``. ``subA`` is each linear's own copy of its input's outlier columns (|value| above the
+    threshold anywhere in the batch): ``outlier_columns`` maps a linear's name (``down_proj``) to its columns a
+    layer, as measured (``measure.outliers``); None counts none. With random weights nearly every column of the
+    MLP's intermediate is an outlier, so a shape's int8 figures hold a full extra copy of it a layer that a real
+    checkpoint need not.
+    """
+    h = config.hidden_size
+    if config.model_type in BLOOM_FAMILIES:
+        widths = {"query_key_value": h, "dense_h_to_4h": h, "dense": h, "dense_4h_to_h": 4 * h}
+    else:
+        n_h = config.num_attention_heads
+        d = getattr(config, "head_dim", None) or h // n_h
+        widths = {"q_proj": h, "gate_proj": h, "o_proj": n_h * d, "down_proj": config.intermediate_size}
+    inputs = sum(width * _int8_input_bytes(config, name, p, device_type) for name, width in widths.items())
+    outliers = sum(columns * _int8_input_bytes(config, name, p, device_type)
+                   for name, columns in (outlier_columns or {}).items())
+    return inputs + math.ceil(outliers)
+
+
 def layer_bytes_per_token(config, layer_targets, lora, seq_len: int, p: Precision) -> int:
     """Per token, everything one layer saves for backward (its adapters included)."""
     if config.model_type in GATED_MLP_FAMILIES:
@@ -306,8 +358,14 @@ def optimizer_transient(lora_params: int) -> int:
 # --- the floor ----------------------------------------------------------------------------------------------------
 
 
+def int8_layers_count(model) -> int:
+    """Decoder layers with LLM.int8 linears (every layer in the int8 mode, none in the others)."""
+    return len({match.group(1) for layer in linears(model) if layer.storage == "int8"
+                if (match := DECODER_LAYER.match(layer.name))})
+
+
 def activation_terms(config, model, lora, seq_len: int, tokens: int, gradient_checkpointing: bool, path: str,
-                     p: Precision) -> dict:
+                     p: Precision, device_type: str, int8_outlier_columns: dict[str, float] | None = None) -> dict:
     """Bytes of the activations a step keeps, by component (see the module docstring for the notation)."""
     targets = first_layer_targets(lora_targets(model, lora))
     per_layer = layer_bytes(config, targets, lora, seq_len, tokens, p)
@@ -321,8 +379,11 @@ def activation_terms(config, model, lora, seq_len: int, tokens: int, gradient_ch
     head_saved = tokens * (norm_bytes_per_token(config, p) + INT64) + rope_table_bytes(config, seq_len, p)
     if path == "lean":
         head_saved += tokens * config.hidden_size * p.compute
+    held = int8_layers_count(model) * tokens * int8_held_inputs_bytes_per_token(config, p, device_type,
+                                                                                 int8_outlier_columns)
     return {
         "layer_activation_bytes": per_layer,
+        "int8_held_inputs_bytes": held,
         "saved_activations_bytes": checkpoints if gradient_checkpointing else no_checkpoints,
         "saved_activations_checkpointing_bytes": checkpoints,
         "saved_activations_no_checkpointing_bytes": no_checkpoints,
@@ -351,6 +412,7 @@ PHASE_COMPONENTS = {
     "upcast_bytes": "fp32 upcasts (reference path)",
     "lora_bytes": "LoRA adapters + gradients + optimizer state",
     "saved_activations_bytes": "saved activations",
+    "int8_held_inputs_bytes": "int8 matmul inputs (kept by bitsandbytes)",
     "logits_loss_bytes": "logits and loss (transient)",
     "layer_backward_bytes": "one layer's backward (transient)",
     "optimizer_step_bytes": "optimizer step temporaries (transient)",
@@ -363,20 +425,24 @@ def _phase_parts(terms: dict, phase: str, gradient_checkpointing: bool, layer_tr
     """The predicted bytes of one step phase by ``PHASE_COMPONENTS`` (every key, 0 where the phase holds none).
 
     Every phase holds the weights as stored, the upcasts, the adapters and the optimizer state; the loss adds
-    every saved activation (the head's too) and the logits, with no gradient yet (zeroed to None); the top
-    layer's backward adds the saved activations, its working set and, under checkpointing, the layer's
+    every saved activation (the head's too), the int8 matmuls' held inputs and the logits, with no gradient yet (zeroed to None); the top
+    layer's backward adds the saved activations, the int8 held inputs (the top layer's are still alive), its
+    working set and, under checkpointing, the layer's
     recomputed activations; the optimizer step adds the adapters' gradients and AdamW's temporaries.
     """
     parts = dict.fromkeys(PHASE_COMPONENTS, 0)
     for key in ("quantized_bytes", "quant_constants_bytes", "unquantized_bytes", "upcast_bytes"):
         parts[key] = terms[key]
     parts["lora_bytes"] = terms["lora_param_bytes"] + terms["optimizer_state_bytes"]
+    held = terms.get("int8_held_inputs_bytes", 0)  # floors saved before the term existed predicted none
     if phase == "loss":
         parts["saved_activations_bytes"] = terms["saved_activations_bytes"] + terms["head_saved_bytes"]
+        parts["int8_held_inputs_bytes"] = held
         parts["logits_loss_bytes"] = terms["logits_phase_bytes"]
     elif phase == "layer_backward":
         recompute = terms["layer_activation_bytes"] if gradient_checkpointing else 0
         parts["saved_activations_bytes"] = terms["saved_activations_bytes"]
+        parts["int8_held_inputs_bytes"] = held
         parts["layer_backward_bytes"] = layer_transient + recompute
     elif phase == "optimizer_step":
         parts["lora_bytes"] += terms["lora_grad_bytes"]
@@ -407,8 +473,11 @@ def phase_components(floor: dict, phase: str) -> dict[str, int]:
 
 
 def memory_floor(config, mode: Mode, lora, seq_len: int, batch_size: int, gradient_checkpointing: bool,
-                 path: str = "lean", optimizer: str = "adamw", device_type: str = "cuda") -> dict:
+                 path: str = "lean", optimizer: str = "adamw", device_type: str = "cuda",
+                 int8_outlier_columns: dict[str, float] | None = None) -> dict:
     """Predicted bytes of each memory component of LoRA training on ``path``, and the resulting totals.
+    ``int8_outlier_columns``: LLM.int8's outlier columns a layer by linear name, where measured
+    (``int8_held_inputs_bytes_per_token``); recorded in the result.
 
     Totals: ``after_load_bytes`` (weights as stored), ``after_setup_bytes`` (plus the path's upcasts and the
     adapters; the optimizer state is allocated at the first step), ``peak_bytes``, the largest of
@@ -424,7 +493,8 @@ def memory_floor(config, mode: Mode, lora, seq_len: int, batch_size: int, gradie
         **weights,
         "upcast_bytes": upcast,
         **lora_bytes(lora_targets(model, lora), lora, optimizer),
-        **activation_terms(config, model, lora, seq_len, tokens, gradient_checkpointing, path, p),
+        **activation_terms(config, model, lora, seq_len, tokens, gradient_checkpointing, path, p, device_type,
+                           int8_outlier_columns),
         **loss_terms(config, tokens, path, config.vocab_size * config.hidden_size * p.compute if upcast else 0),
     }
     quantized = [layer for layer in linears(model) if layer.storage != "dense"]
@@ -438,6 +508,7 @@ def memory_floor(config, mode: Mode, lora, seq_len: int, batch_size: int, gradie
         "device_type": device_type,
         "optimizer": optimizer,
         "tokens_per_micro_batch": tokens,
+        "int8_outlier_columns": int8_outlier_columns,
         **terms,
         "layer_backward_transient_bytes": layer_transient,
         "largest_transient_bytes": max(terms["logits_phase_bytes"], layer_transient),
@@ -500,6 +571,7 @@ SUMMARY_COMPONENTS = {
     "lora_grad_bytes": "LoRA gradients (fp32)",
     "optimizer_state_bytes": "optimizer state",
     "saved_activations_bytes": "saved activations",
+    "int8_held_inputs_bytes": "int8 matmul inputs (bitsandbytes)",
     "head_saved_bytes": "final norm, labels, RoPE, lean hidden",
     "logits_phase_bytes": "loss: logits and their gradient",
     "layer_backward_transient_bytes": "one layer's backward working set",
