@@ -593,6 +593,7 @@ COMPONENT_COLORS = {
     "optimizer_step_bytes": "#c7e9c0",
 }
 MEASURED_COLOR, REMAINDER_COLOR, SLACK_COLOR, OVER_COLOR = "#525252", "#e41a1c", "#f0f0f0", "#c51b7d"
+TRUE_FLOOR_COLOR = "#006d2c"
 MEASURED_BY_ALLOCATOR = "cuda allocator"
 MEMORY_PANEL_SIZE_IN = (13.0, 5.0)  # per model: one row of (predicted, measured) pairs
 MEMORY_TOP_IN, MEMORY_BOTTOM_IN = 0.9, 0.9  # the figure's title above the panels; the last mode names below
@@ -693,6 +694,9 @@ def _memory_panel(axis, model: str, part: list[dict]) -> None:
                                          _not_measured_reason(result))
         axis.hlines(predicted_gib, index - BAR_WIDTH, index + BAR_WIDTH, colors="black", linestyles="--",
                     linewidth=0.9, zorder=3)
+        if "true_floor_bytes" in result["floor"]:  # floors saved before it existed have none
+            axis.hlines(result["floor"]["true_floor_bytes"] / GIB, index - BAR_WIDTH, index + BAR_WIDTH,
+                        colors=TRUE_FLOOR_COLOR, linestyles=":", linewidth=1.6, zorder=3)
         top_gib = max(top_gib, predicted_gib, measured_top_gib)
     _label_pairs(axis, part)
     axis.set_ylim(0, 1.18 * top_gib)  # room for the value labels above the bars
@@ -714,6 +718,9 @@ def _memory_legend(figure, groups: list[tuple[str, list[dict]]]) -> None:
     handles = [Patch(color=COMPONENT_COLORS[key], label=label) for key, label in reversed(PHASE_COMPONENTS.items())
                if key in shown]
     handles.append(Line2D([], [], color="black", linestyle="--", label="predicted peak"))
+    if any("true_floor_bytes" in r["floor"] for _, part in groups for r in part):
+        handles.append(Line2D([], [], color=TRUE_FLOOR_COLOR, linestyle=":", linewidth=1.6,
+                              label="true floor (the least any path holds)"))
     heading = None
     if any(measured_peak(r) for _, part in groups for r in part):
         heading = len(handles) + 1

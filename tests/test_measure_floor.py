@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from qlora_core.lora import LoraSettings, attach_lora, parameter_counts
-from qlora_core.measure.floor import PHASE_COMPONENTS, four_bit_bytes, memory_floor, phase_components
+from qlora_core.measure.floor import (PHASE_COMPONENTS, four_bit_bytes, memory_floor, phase_components,
+                                      predicted_vs_measured)
 from qlora_core.measure.memory import GIB, weight_footprint
 from qlora_core.models import load_config, load_model, prepare_for_training
 from qlora_core.modes import MODES, get_mode
@@ -260,3 +261,31 @@ def test_path_gap_names_where_the_reference_spends_more():
     assert gap["saved_activations_bytes"] == lean["saved_activations_bytes"]  # 4 bytes a value instead of 2
     assert gap["logits_phase_bytes"] > 5 * GIB
     assert gap["peak_bytes"] == reference["peak_bytes"] - lean["peak_bytes"] > 8 * GIB
+
+
+@pytest.mark.parametrize("mode", ["bf16", "int8", "nf4-dq", "fp4"])
+def test_the_true_floor_is_the_least_any_path_holds(mode):
+    """Both paths' predictions sit on or above one true floor; the lean path under checkpointing is that floor,
+    but for what bitsandbytes' int8 matmuls keep, which the format does not need."""
+    config = shape_config("Llama-3.1-8B")
+    floors = [memory_floor(config, get_mode(mode), LoraSettings(), 1024, 4, checkpointing, path=path)
+              for path in PATHS for checkpointing in (True, False)]
+    assert len({f["true_floor_bytes"] for f in floors}) == 1
+    for predicted in floors:
+        assert predicted["true_floor_bytes"] <= predicted["peak_bytes"]
+    lean = memory_floor(config, get_mode(mode), LoraSettings(), 1024, 4, True, path="lean")
+    held = phase_components(lean, lean["true_floor_phase"])["int8_held_inputs_bytes"]
+    assert lean["true_floor_bytes"] == lean["phase_peak_bytes"][lean["true_floor_phase"]] - held
+    assert (held > 0) == (mode == "int8")
+
+
+def test_the_peak_is_compared_with_the_true_floor_too():
+    predicted = floor("tiny-llama", "nf4-dq", "reference")
+    memory = {kind: {"kind": "cuda", "allocated_bytes": 0, "peak_allocated_bytes": 0} for kind in ("before_load",)}
+    memory |= {"after_load": {"kind": "cuda", "allocated_bytes": predicted["after_load_bytes"]},
+               "after_setup": {"kind": "cuda", "allocated_bytes": predicted["after_setup_bytes"]},
+               "training_peak": {"kind": "cuda", "peak_allocated_bytes": predicted["peak_bytes"]}}
+    rows = predicted_vs_measured(predicted, memory, 0, 0)
+    assert rows["training_peak"]["ratio"] == 1.0
+    assert rows["training_peak_vs_true_floor"]["predicted_bytes"] == predicted["true_floor_bytes"]
+    assert rows["training_peak_vs_true_floor"]["ratio"] == predicted["peak_bytes"] / predicted["true_floor_bytes"] > 1

@@ -12,8 +12,9 @@ PEFT_BASE_LAYER = ".base_layer"
 
 
 def int8_outliers(model: torch.nn.Module) -> dict | None:
-    """Outlier columns of each int8 linear as the last forward pass found them (bitsandbytes keeps them in
-    ``state.idx``), by the linear's name's last component (``down_proj``), averaged over layers: ``columns`` a
+    """Outlier columns of each int8 linear as the last forward pass through bitsandbytes' int8 kernel found them
+    (it keeps them in ``state.idx``; on CPU, training runs a dequantizing path instead, so there they are the
+    last evaluation's), by the linear's name's last component (``down_proj``), averaged over layers: ``columns`` a
     layer and their ``share`` of the linear's input features. None for a model without int8 linears or one that
     has run no forward."""
     import bitsandbytes as bnb
