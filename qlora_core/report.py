@@ -267,10 +267,18 @@ def footnotes(results: list[dict]) -> list[str]:
     for dtype in sorted({r["int8_matmul_dtype"] for r in ok if r.get("int8_matmul_dtype")}):
         notes.append(f"int8: bitsandbytes casts the int8 matmuls' inputs to {dtype} whatever the mode's compute "
                      f"dtype.")
+    notes += [_int8_outlier_note(r) for r in ok if r.get("int8_outliers")]
     notes.append(f"(xN): ratio to {BASELINE_MODE} of the same model and run.")
     notes.append(f"'~' marks a step time whose IQR exceeds {NOISY_RELATIVE_IQR:.0%} of its median: too noisy to "
                  f"rank.")
     return notes
+
+
+def _int8_outlier_note(result: dict) -> str:
+    """Which share of each int8 linear's input columns were outliers (multiplied in 16 bits and kept until
+    backward: the memory model counts them)."""
+    shares = ", ".join(f"{name} {share:.1%}" for name, share in result["int8_outliers"]["share"].items())
+    return f"{model_label(result)} int8: outlier columns (last step, share of each linear's inputs): {shares}."
 
 
 def _stacked(cell: str) -> str:

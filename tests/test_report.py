@@ -162,6 +162,15 @@ def test_footnotes_state_the_int8_matmul_dtype_only_for_int8_results():
     assert "int8: bitsandbytes casts the int8 matmuls' inputs to float16 whatever the mode's compute dtype." in notes
 
 
+def test_footnotes_give_each_int8_linears_outlier_share(results):
+    int8 = copy.deepcopy(results[0])
+    int8["int8_outliers"] = {"columns": {"o_proj": 1.0, "down_proj": 96.0}, "share": {"o_proj": 0.01, "down_proj": 0.5}}
+    (note,) = [note for note in footnotes([int8]) if "outlier columns" in note]
+    assert note.endswith("int8: outlier columns (last step, share of each linear's inputs): o_proj 1.0%, "
+                         "down_proj 50.0%.")
+    assert not any("outlier columns" in note for note in footnotes(results))
+
+
 def test_noisy_step_time_is_marked(results):
     steady = copy.deepcopy(results)
     for result in steady:
