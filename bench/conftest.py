@@ -193,7 +193,7 @@ class BenchRun:
     def __init__(self, config, keys: list[CellKey]):
         self.config = config
         self.pool = WorkerPool()
-        self.pool.prepare_next()  # its imports overlap the parent's tokenization below
+        self.pool.prepare(len(keys))  # their imports overlap the parent's tokenization below
         self.remaining = list(keys)
         self._inputs: dict[str, bytes] = {}
         command = ["pytest", *config.invocation_params.args]
@@ -234,7 +234,7 @@ class BenchCell:
             inputs = run.inputs_for(settings)
             with self.timed("taking a process"):
                 self.worker = run.pool.take(settings, log=path.with_suffix(".log"), inputs=inputs,
-                                            more_to_come=len(run.remaining) > 1)
+                                            cells_after=len(run.remaining) - 1)
         except (CellError, ValueError, FileNotFoundError, RuntimeError) as error:
             self.worker = None
             self._fail(error if isinstance(error, CellError) else CellError("error", f"{type(error).__name__}: "

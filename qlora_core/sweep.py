@@ -61,13 +61,13 @@ def reusable(path: Path, settings: CellSettings) -> bool:
 
 
 def run_cell_process(settings: CellSettings, path: Path, on_event: Callable[[dict], None], log: Path,
-                     pool: WorkerPool, inputs: bytes | None = None, more_to_come: bool = False) -> dict:
+                     pool: WorkerPool, inputs: bytes | None = None, cells_after: int = 0) -> dict:
     """Run one cell in a fresh worker process from ``pool`` and write its result to ``path`` atomically; a
     failure (out of memory, an exception, a dead worker) becomes that cell's result rather than the sweep's end.
-    ``inputs``: the cell's serialized inputs (``worker.serialize_inputs``), or None; ``more_to_come``: spawn the
-    next cell's process while this one runs."""
+    ``inputs``: the cell's serialized inputs (``worker.serialize_inputs``), or None; ``cells_after``: how many
+    cells follow, whose processes start while this one runs."""
     try:
-        with pool.take(settings, log=log, on_event=on_event, inputs=inputs, more_to_come=more_to_come) as worker:
+        with pool.take(settings, log=log, on_event=on_event, inputs=inputs, cells_after=cells_after) as worker:
             result = worker.call("run_all")
     except CellError as error:
         result = failure_result(settings, error.status, f"{error} (log: {log})")
@@ -112,8 +112,8 @@ def run_sweep(
             events = lambda event, mode=mode: on_event(mode, event)  # noqa: E731
             start = manifest.started(mode.name, mode.name)
             log = out_dir / f"{mode.name}.log"
-            more_to_come = any(later.name not in reused for later in modes[index + 1:])
-            results.append(run_cell_process(settings, path, events, log, pool, payload, more_to_come))
+            cells_after = sum(later.name not in reused for later in modes[index + 1:])
+            results.append(run_cell_process(settings, path, events, log, pool, payload, cells_after))
             manifest.finished(mode.name, mode.name, results[-1], path, start)
     manifest.close()
     return results

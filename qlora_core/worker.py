@@ -11,6 +11,7 @@ cell's settings and its already tokenized inputs; only then does the process tou
 
 from __future__ import annotations
 
+import collections
 import io
 import multiprocessing
 import os
@@ -176,48 +177,54 @@ class CellWorker:
         self.close(wait=exc_type is None)
 
 
+#: How many cells ahead the pool starts processes. On the H200 a process importing beside a running SmolLM2
+#: cell was still not ready when that cell ended (up to 2.6 s waited at 620b2db): two cells give it time.
+LOOKAHEAD = 2
+
+
 class WorkerPool:
-    """Hands out fresh worker processes, each used for one cell only; ``prepare_next`` spawns the next one
-    ahead of time. Context manager: a spare left at the end is stopped."""
+    """Hands out fresh worker processes, each used for one cell only, and starts those of the next cells ahead
+    of time. Context manager: spares left at the end are stopped."""
 
     def __init__(self):
-        self.spare: CellWorker | None = None
+        self.spares: collections.deque[CellWorker] = collections.deque()
 
-    def prepare_next(self) -> None:
-        """Spawn the next cell's process now, its imports overlapping the current cell's work."""
-        if self.spare is None:
-            self.spare = CellWorker()
+    def prepare(self, cells: int) -> None:
+        """Have processes starting for the next ``cells`` cells (at most ``LOOKAHEAD``), their imports
+        overlapping the current cell's work."""
+        while len(self.spares) < min(cells, LOOKAHEAD):
+            self.spares.append(CellWorker())
 
     def take(self, settings: CellSettings, *, log: Path | None = None, on_event=None,
-             inputs: bytes | None = None, more_to_come: bool = False) -> CellWorker:
-        """A fresh process bound to this cell: the spare if one was prepared, else a new one. With
-        ``more_to_come``, the next cell's process is spawned as soon as this cell's model is loaded: on the
-        H200 a process starting beside a model load made the load call ~10x slower (1.4 s alone, 11-15 s
+             inputs: bytes | None = None, cells_after: int = 0) -> CellWorker:
+        """A fresh process bound to this cell: the oldest spare, else a new one. With ``cells_after`` cells
+        still to run after this one, their processes are started as soon as this cell's model is loaded: on
+        the H200 a process starting beside a model load made the load call ~10x slower (1.4 s alone, 11-15 s
         beside it), while beside evaluations and training steps it changed neither measurably."""
-        worker, self.spare = self.spare or CellWorker(), None
-        if more_to_come:
-            on_event = self._spawning_next_after_load(on_event)
+        worker = self.spares.popleft() if self.spares else CellWorker()
+        if cells_after:
+            on_event = self._preparing_after_load(on_event, cells_after)
         try:
             return worker.bind(settings, log=log, on_event=on_event, inputs=inputs)
         except BaseException:
             worker.close(wait=False)  # a failed or interrupted bind leaves a process no cell can use
             raise
 
-    def _spawning_next_after_load(self, on_event):
-        """``on_event`` that also spawns the next process at the cell's first event after its model loaded."""
+    def _preparing_after_load(self, on_event, cells: int):
+        """``on_event`` that also starts the next ``cells`` cells' processes (``prepare``) at the cell's first
+        event after its model loaded."""
 
         def handle(event: dict) -> None:
             if event.get("phase") not in PHASES_UNTIL_LOADED:
-                self.prepare_next()
+                self.prepare(cells)
             if on_event is not None:
                 on_event(event)
 
         return handle
 
     def close(self) -> None:
-        if self.spare is not None:  # an unbound spare waits for its bind message: killing it loses nothing
-            self.spare.close(wait=False)
-            self.spare = None
+        while self.spares:  # an unbound spare waits for its bind message: killing it loses nothing
+            self.spares.popleft().close(wait=False)
 
     def __enter__(self) -> WorkerPool:
         return self

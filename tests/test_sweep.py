@@ -14,7 +14,7 @@ from qlora_core.manifest import MANIFEST_NAME
 from qlora_core.modes import parse_modes
 from qlora_core.results import RUN_SCHEMA, SCHEMA
 from qlora_core.sweep import ResumeMismatchError, finished, result_path, reusable, run_sweep
-from qlora_core.worker import WorkerPool
+from qlora_core.worker import LOOKAHEAD, WorkerPool
 
 MODES = parse_modes("bf16,nf4")
 
@@ -194,21 +194,22 @@ def test_an_int8_cell_counts_its_repeated_cast_warning_and_states_its_matmul_dty
     assert "ResourceWarning" not in log
 
 
-def test_the_pool_starts_the_next_cells_process_once_a_cell_has_loaded(tiny_model_dir):
-    """``more_to_come`` spawns the next process at the cell's first event after its load (a process starting
-    beside a model load slowed the load ~10x on the H200); the last cell leaves no spare behind, and every cell
-    gets a process of its own."""
+def test_the_pool_starts_the_next_cells_processes_once_a_cell_has_loaded(tiny_model_dir):
+    """With cells to follow, the pool starts their processes (up to ``LOOKAHEAD``) at the cell's first event
+    after its load (a process starting beside a model load slowed the load ~10x on the H200); each later cell
+    takes the oldest, the last leaves none behind, and every cell gets a process of its own."""
     settings = tiny_cell_settings(tiny_model_dir, "bf16")
     with WorkerPool() as pool:
-        with pool.take(settings, more_to_come=True) as first:
+        with pool.take(settings, cells_after=LOOKAHEAD + 1) as first:
             first.call("load")
-            assert pool.spare is None
+            assert not pool.spares
             first.call("evaluate", "before")
-            assert pool.spare is not None and pool.spare.process.is_alive()
-            spare_pid = pool.spare.process.pid
-            assert spare_pid != first.process.pid
-        with pool.take(settings) as last:
-            last.call("load")
-            last.call("evaluate", "before")
-            assert last.process.pid == spare_pid
-            assert pool.spare is None
+            assert len(pool.spares) == LOOKAHEAD and all(spare.process.is_alive() for spare in pool.spares)
+            oldest = pool.spares[0].process.pid
+            assert first.process.pid not in {spare.process.pid for spare in pool.spares}
+        with pool.take(settings) as second:
+            second.call("load")
+            second.call("evaluate", "before")
+            assert second.process.pid == oldest
+            assert len(pool.spares) == LOOKAHEAD - 1  # nothing started for cells that will not come
+    assert not pool.spares
