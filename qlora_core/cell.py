@@ -19,7 +19,8 @@ import torch
 from qlora_core import data as datalib
 from qlora_core.lora import LoraSettings, attach_lora, merge_into_dequantized, parameter_counts
 from qlora_core.measure.floor import memory_floor, predicted_vs_measured
-from qlora_core.measure.flops import lora_training_flops_per_token, matmul_params, peak_flops
+from qlora_core.measure.flops import (lora_training_flops_per_token, matmul_params, peak_flops,
+                                      recompute_flops_per_token)
 from qlora_core.measure.memory import memory_snapshot, reset_peak, weight_footprint
 from qlora_core.measure.outliers import int8_outliers
 from qlora_core.measure.perplexity import check_protocol, perplexity
@@ -360,6 +361,10 @@ class Cell:
         flops_per_token = lora_training_flops_per_token(
             config, self.matmul_weights, counts["trainable_params"], settings.seq_len
         )
+        hardware_flops_per_token = flops_per_token + recompute_flops_per_token(
+            config, self.matmul_weights, counts["trainable_params"], settings.seq_len,
+            gradient_checkpointing=settings.gradient_checkpointing, path=settings.path,
+        )
         tokens_per_s = tokens_per_step / timing["median_s"]
         peak = peak_flops(self.device, self.mode.torch_compute_dtype)
         source = self.inputs.source
@@ -386,7 +391,9 @@ class Cell:
                 "tokens_per_s": tokens_per_s,
                 "flops_per_token": flops_per_token,
                 "peak_flops": peak,
+                "hardware_flops_per_token": hardware_flops_per_token,
                 "mfu": tokens_per_s * flops_per_token / peak["flops_per_s"] if peak else None,
+                "hfu": tokens_per_s * hardware_flops_per_token / peak["flops_per_s"] if peak else None,
             },
             "perplexity": self.perplexity,
             "phase_seconds": self.phase_seconds,

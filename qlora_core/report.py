@@ -35,6 +35,7 @@ COLUMNS = [
     ("step_iqr_ms", "± IQR ms", "{:.0f}"),
     ("tokens_per_s", "tokens/s", "{:.0f}"),
     ("mfu", "MFU", "{:.1%}"),
+    ("hfu", "HFU", "{:.1%}"),
     ("ppl_heldout_before", "ppl quotes before", "{:.2f}"),
     ("ppl_heldout_after", "ppl quotes after", "{:.2f}"),
     ("ppl_eval_text_before", "ppl eval-text before", "{:.2f}"),
@@ -103,6 +104,7 @@ def result_row(result: dict) -> dict:
         "bench_step_iqr_ms": bench["iqr_s"] * 1e3 if bench else None,
         "tokens_per_s": training["tokens_per_s"],
         "mfu": training["mfu"],
+        "hfu": training.get("hfu"),  # results made before it existed have none
         "loss_first": training["losses"][0],
         "loss_last": training["losses"][-1],
         "ppl_heldout_before": _ppl(result, "before", "heldout"),

@@ -75,7 +75,8 @@ def test_losses_and_timing(run):
     assert training["timing"]["rounds"] == TINY_STEPS - TINY_CELL["timing_warmup"]
     assert training["tokens_per_step"] == TINY_CELL["batch_size"] * TINY_CELL["seq_len"]
     assert training["tokens_per_s"] == pytest.approx(training["tokens_per_step"] / training["timing"]["median_s"])
-    assert training["peak_flops"] is None and training["mfu"] is None  # no stated peak for a CPU
+    assert training["peak_flops"] is None and training["mfu"] is None and training["hfu"] is None  # no CPU peak
+    assert training["hardware_flops_per_token"] > training["flops_per_token"]  # checkpointing recomputes
 
 
 def test_perplexity_before_and_after_with_protocol(run):

@@ -7,7 +7,8 @@ import torch
 
 from tiny import TINY
 from qlora_core.lora import LoraSettings, attach_lora
-from qlora_core.measure.flops import lora_training_flops_per_token, matmul_params, peak_flops
+from qlora_core.measure.flops import (lora_training_flops_per_token, matmul_params, peak_flops,
+                                      recompute_flops_per_token)
 from qlora_core.models import load_model
 from qlora_core.modes import get_mode
 
@@ -62,3 +63,30 @@ def test_flops_per_token_match_torch_s_own_count(tiny_model_dir, seq_len):
 
 def test_no_peak_for_cpu():
     assert peak_flops(CPU, torch.bfloat16) is None
+
+
+def test_recompute_flops_match_torch_s_count_under_checkpointing(tiny_model_dir):
+    """With per-layer checkpointing torch counts every layer's forward twice: the hardware FLOPs of a step are
+    the model FLOPs plus ``recompute_flops_per_token`` (the reference path: the model's own loss, no chunks),
+    less what torch's early stop skips: a layer's recompute ends once its last saved tensor is recovered, before
+    the last adapter's up-projection (down_proj's lora_B, h x r weights; 1e-5 of the recompute at 8B)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation="eager")
+    matmul = matmul_params(model)
+    model.requires_grad_(False)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = attach_lora(model, LoraSettings(r=4, alpha=8, dropout=0.0)).train()
+    lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    batch_size, seq_len = 2, 32
+    ids = torch.randint(0, 256, (batch_size, seq_len), generator=torch.Generator().manual_seed(0))
+    embeddings = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+    with FlopCounterMode(display=False) as counter:
+        model(inputs_embeds=embeddings, labels=ids).loss.backward()
+    counted_per_token = counter.get_total_flops() / (batch_size * seq_len)
+    model_flops = lora_training_flops_per_token(model.config, matmul, lora, seq_len)
+    recompute = recompute_flops_per_token(model.config, matmul, lora, seq_len, gradient_checkpointing=True,
+                                          path="reference")
+    skipped = 2 * model.config.num_hidden_layers * model.config.hidden_size * 4  # r = 4
+    assert 0 < recompute < model_flops and model_flops + recompute - skipped == counted_per_token

@@ -4,7 +4,8 @@ Counts the work LoRA needs, per token: the forward pass through every matmul wei
 backward pass to the inputs of those frozen weights (2 a weight; their weight gradients are not needed), the
 adapters' forward and full backward (6 a LoRA weight), and attention's score and value products (forward 4·s·d
 per layer, backward twice that, without the causal halving: the PaLM convention). Recompute under gradient
-checkpointing is not counted: it is overhead, not model work.
+checkpointing is not counted: it is overhead, not model work. Hardware FLOPs add it
+(``recompute_flops_per_token``): what the GPU actually multiplies.
 """
 
 from __future__ import annotations
@@ -40,6 +41,20 @@ def lora_training_flops_per_token(config, matmul_weights: int, lora_weights: int
     attention_width = config.num_attention_heads * head_dim
     attention = 12 * config.num_hidden_layers * seq_len * attention_width
     return 4 * matmul_weights + 6 * lora_weights + attention
+
+
+def recompute_flops_per_token(config, matmul_weights: int, lora_weights: int, seq_len: int, *,
+                              gradient_checkpointing: bool, path: str) -> float:
+    """FLOPs recomputation adds a token: with per-layer gradient checkpointing every decoder layer's forward
+    again (its matmul weights, its adapters, attention's two products: 4 s d per layer); on the lean path each
+    loss chunk's output head as well, checkpointed whatever the setting (``paths.chunked_causal_lm_loss``).
+    ``matmul_weights`` includes the head. torch's early stop skips each layer's last adapter up-projection
+    (r x h weights), which is not subtracted: a few parts in 100,000 of the recompute at 8B."""
+    head = config.vocab_size * config.hidden_size
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    attention = 4 * config.num_hidden_layers * seq_len * config.num_attention_heads * head_dim
+    layers = 2 * (matmul_weights - head) + 2 * lora_weights + attention
+    return (layers if gradient_checkpointing else 0) + (2 * head if path == "lean" else 0)
 
 
 def peak_flops(device: torch.device, dtype: torch.dtype) -> dict | None:
