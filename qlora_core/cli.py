@@ -7,6 +7,7 @@
     qlora-bench finetune --mode nf4-dq --out runs/ft   the classic bitsandbytes + LoRA fine-tuning workflow
     qlora-bench generate --mode nf4-dq --adapter runs/ft/adapter          reload base + adapter, generate
     qlora-bench merge --mode nf4-dq --adapter runs/ft/adapter --out merged  standalone bf16 model, checked
+    qlora-bench frontier --shapes Llama-3.1-8B --capacity-gib 24,48,80   predicted longest trainable sequence
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from qlora_core.report import DEFAULT_THRESHOLD
 from qlora_core.shapes import SHAPES
 from qlora_core.trainer import OPTIMIZERS, TrainSettings
 
-SUBCOMMANDS = ("sweep", "report", "compare", "finetune", "generate", "merge")
+SUBCOMMANDS = ("sweep", "report", "compare", "finetune", "generate", "merge", "frontier")
 
 
 def default_modes(profile: str) -> list:
@@ -147,7 +148,30 @@ def build_parser() -> argparse.ArgumentParser:
                          help="compare runs whose device, model, modes, tokens a step or protocol differ (refused "
                               "otherwise), with a warning per difference")
     _add_workflow_commands(commands)
+    _add_frontier_command(commands)
     return parser
+
+
+def _capacities(text: str) -> list[float]:
+    return [_positive_float(part) for part in text.split(",")]
+
+
+def _add_frontier_command(commands) -> None:
+    frontier = commands.add_parser(
+        "frontier", help="predict the longest sequence a training step can take (batch 1) under memory capacities",
+        description="For each shape, mode and path, the longest sequence (batch 1, gradient checkpointing, LoRA on "
+                    "all linears) whose peak the memory floor predicts to fit each capacity, and what one more "
+                    "token costs there. Predictions of allocated bytes: the allocator's slack comes on top. Nothing "
+                    "is loaded; no GPU is needed.")
+    frontier.add_argument("--shapes", required=True, type=lambda text: text.split(","),
+                          help=f"comma-separated named shapes: {', '.join(SHAPES)}")
+    frontier.add_argument("--modes", default="all", help="comma-separated modes, or 'all'")
+    frontier.add_argument("--paths", default=",".join(PATHS), type=lambda text: text.split(","),
+                          help="comma-separated training paths (default: both)")
+    frontier.add_argument("--capacity-gib", default="24,48,80", type=_capacities,
+                          help="comma-separated memory capacities in GiB (default 24,48,80)")
+    frontier.add_argument("--lora-r", type=_positive, default=16, help="LoRA rank (alpha = 2 r; default 16)")
+    frontier.add_argument("--out", type=Path, help="also write frontier.json here")
 
 
 def _add_workflow_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -454,8 +478,46 @@ def command_merge(args: argparse.Namespace) -> int:
     return 0 if report["tolerance"]["within"] else 1
 
 
+def command_frontier(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from qlora_core.measure.frontier import predicted_frontier
+    from qlora_core.paths import check_path
+    from qlora_core.results import FRONTIER_SCHEMA, check_writable, environment, write_json_atomic
+    from qlora_core.shapes import check_shape, shape_config
+
+    if args.out:
+        check_writable(args.out)
+    modes, paths = parse_modes(args.modes), [check_path(path) for path in args.paths]
+    lora = LoraSettings(r=args.lora_r, alpha=2 * args.lora_r)
+    table = Table(title="predicted context frontier (batch 1; allocated bytes, allocator slack not included)")
+    for header in ("shape", "mode", "path", "cap GiB", "tokens", "peak GiB", "MiB/token"):
+        table.add_column(header, justify="left" if header in ("shape", "mode", "path") else "right", no_wrap=True)
+    frontiers = []
+    for shape in args.shapes:
+        config = shape_config(check_shape(shape))
+        for mode in modes:
+            for path in paths:
+                for gib in args.capacity_gib:
+                    found = {"shape": shape, **predicted_frontier(config, mode, lora, int(gib * 2**30), path)}
+                    frontiers.append(found)
+                    slope = found["bytes_per_token"]
+                    table.add_row(shape, mode.name, path, f"{gib:g}", f"{found['tokens']:,}",
+                                  f"{found['peak_bytes'] / 2**30:.2f}", "-" if slope is None else f"{slope / 2**20:.3f}")
+    Console().print(table)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        document = {"schema": FRONTIER_SCHEMA, "kind": "prediction (measure.floor), not a measurement",
+                    "command": args.command_line, "lora": lora.describe(), "frontiers": frontiers,
+                    "environment": environment()}
+        print(f"wrote {write_json_atomic(document, args.out / 'frontier.json')}")
+    return 0
+
+
 COMMANDS = {"sweep": command_sweep, "report": command_report, "compare": command_compare,
-            "finetune": command_finetune, "generate": command_generate, "merge": command_merge}
+            "finetune": command_finetune, "generate": command_generate, "merge": command_merge,
+            "frontier": command_frontier}
 
 
 def main(argv: list[str] | None = None) -> int:

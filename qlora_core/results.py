@@ -25,6 +25,8 @@ SCHEMA = "qlora-bench/cell/1"
 CELL_SCHEMA_PREFIX = "qlora-bench/cell/"
 #: The manifest a sweep or bench/ run writes as ``run.json`` in its folder.
 RUN_SCHEMA = "qlora-bench/run/1"
+#: ``qlora-bench frontier``'s predictions.
+FRONTIER_SCHEMA = "qlora-bench/frontier/1"
 #: bench/'s memory suite; in runs before 2026-12 a separate process, whose record joins its cell's result.
 MEMORY_PASS_TEST = "test_memory"
 LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets", "qlora-bench")

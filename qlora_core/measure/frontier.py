@@ -1,0 +1,72 @@
+"""The context frontier: the longest sequence one training step can take (batch 1) under a memory capacity, as
+the memory floor predicts it, with the memory each extra token costs there.
+
+Predicted peaks grow with the tokens of a step (linearly for models with SDPA attention: saved activations,
+int8's held inputs and transients all scale with the token count), so the frontier is found by doubling and
+bisection over whole multiples of ``TOKEN_GRANULARITY``. It is a prediction of allocated bytes: the CUDA
+allocator's slack (reserved beyond allocated) comes on top, so a run under a hard cap at the predicted frontier
+is the check, and one a step above it should fail.
+"""
+
+from __future__ import annotations
+
+from qlora_core.measure.floor import memory_floor
+from qlora_core.modes import Mode
+
+#: Frontiers are whole multiples of this many tokens (the lean path's loss chunk is 512).
+TOKEN_GRANULARITY = 256
+#: The search stops here (2**22 tokens, 4 M): beyond any context a single GPU trains today.
+MAX_TOKENS = 2**22
+
+
+def predicted_peak_bytes(config, mode: Mode, lora, tokens: int, path: str, optimizer: str = "adamw") -> int:
+    """The predicted training peak of one sequence of ``tokens`` tokens (batch 1, gradient checkpointing)."""
+    return memory_floor(config, mode, lora, tokens, 1, True, path=path, optimizer=optimizer)["peak_bytes"]
+
+
+def _affine_guess(config, mode: Mode, lora, capacity_bytes: int, path: str, optimizer: str) -> int:
+    """Where the frontier lies if every phase's predicted bytes are affine in the tokens (true for attention
+    without a score matrix, beyond the lean loss's first chunk), in whole steps of ``TOKEN_GRANULARITY``: each
+    phase's line through two lengths, solved for the capacity, the tightest phase deciding."""
+    short, long = 4 * TOKEN_GRANULARITY, 8 * TOKEN_GRANULARITY
+    at = lambda tokens: memory_floor(config, mode, lora, tokens, 1, True, path=path,  # noqa: E731
+                                     optimizer=optimizer)["phase_peak_bytes"]
+    low, high = at(short), at(long)
+    limits = []
+    for phase, bytes_short in low.items():
+        slope = (high[phase] - bytes_short) / (long - short)
+        if slope > 0:
+            limits.append(short + (capacity_bytes - bytes_short) / slope)
+        elif bytes_short > capacity_bytes:
+            limits.append(0)
+    return max(0, int(min(limits, default=MAX_TOKENS) // TOKEN_GRANULARITY))
+
+
+def predicted_frontier(config, mode: Mode, lora, capacity_bytes: int, path: str, optimizer: str = "adamw") -> dict:
+    """The largest sequence (a multiple of ``TOKEN_GRANULARITY``, batch 1) whose predicted peak fits
+    ``capacity_bytes``, as plain JSON: ``tokens`` (0 when not even the smallest fits; at most ``MAX_TOKENS``),
+    its ``peak_bytes``, and ``bytes_per_token``: what one more token costs there.
+
+    The affine guess (``_affine_guess``) is confirmed by two predictions, one at it and one a step above;
+    where it does not hold (BLOOM's quadratic attention) the answer comes from bisection."""
+    peak = lambda steps: predicted_peak_bytes(config, mode, lora, steps * TOKEN_GRANULARITY, path,  # noqa: E731
+                                              optimizer)
+    fits = lambda steps: steps == 0 or peak(steps) <= capacity_bytes  # noqa: E731
+    limit = MAX_TOKENS // TOKEN_GRANULARITY
+    steps = min(_affine_guess(config, mode, lora, capacity_bytes, path, optimizer), limit)
+    if not (fits(steps) and (steps == limit or not fits(steps + 1))):
+        low, high = 0, limit + 1  # fits(low); high: beyond the search, or the first that fails
+        while high - low > 1:
+            middle = (low + high) // 2
+            low, high = (middle, high) if fits(middle) else (low, middle)
+        steps = low
+    if steps == 0:
+        return _frontier(0, peak(1), None, capacity_bytes, path, mode)
+    slope = (peak(steps + 1) - peak(steps)) / TOKEN_GRANULARITY
+    return _frontier(steps * TOKEN_GRANULARITY, peak(steps), slope, capacity_bytes, path, mode)
+
+
+def _frontier(tokens: int, peak_bytes: int, bytes_per_token: float | None, capacity_bytes: int, path: str,
+              mode: Mode) -> dict:
+    return {"mode": mode.name, "path": path, "capacity_bytes": capacity_bytes, "tokens": tokens,
+            "peak_bytes": peak_bytes, "bytes_per_token": bytes_per_token}

@@ -1,0 +1,66 @@
+"""The predicted context frontier: the longest sequence whose predicted peak fits a capacity, one step longer
+does not, for affine models (the solved answer) and BLOOM (its attention is quadratic: bisection)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from qlora_core.lora import LoraSettings
+from qlora_core.measure.frontier import TOKEN_GRANULARITY, predicted_frontier, predicted_peak_bytes
+from qlora_core.measure.memory import GIB
+from qlora_core.modes import get_mode
+from qlora_core.shapes import shape_config
+
+LORA = LoraSettings(r=16, alpha=32)
+
+
+@pytest.mark.parametrize("shape, mode, path, capacity_gib", [
+    ("Llama-3.1-8B", "nf4-dq", "lean", 24), ("Llama-3.1-8B", "int8", "reference", 48),
+    ("tiny-bloom", "bf16", "reference", 0.01),
+])
+def test_the_frontier_fits_and_one_step_more_does_not(shape, mode, path, capacity_gib):
+    config, capacity = shape_config(shape), int(capacity_gib * GIB)
+    found = predicted_frontier(config, get_mode(mode), LORA, capacity, path)
+    tokens = found["tokens"]
+    assert tokens > 0 and tokens % TOKEN_GRANULARITY == 0
+    assert found["peak_bytes"] == predicted_peak_bytes(config, get_mode(mode), LORA, tokens, path) <= capacity
+    assert predicted_peak_bytes(config, get_mode(mode), LORA, tokens + TOKEN_GRANULARITY, path) > capacity
+    assert found["bytes_per_token"] > 0
+
+
+def test_more_memory_buys_more_tokens_and_the_lean_path_most():
+    config, mode = shape_config("Llama-3.1-8B"), get_mode("nf4-dq")
+    lean = [predicted_frontier(config, mode, LORA, gib * GIB, "lean")["tokens"] for gib in (24, 48, 80)]
+    reference = [predicted_frontier(config, mode, LORA, gib * GIB, "reference")["tokens"] for gib in (24, 48, 80)]
+    assert lean == sorted(lean) and reference == sorted(reference)
+    assert all(l > r for l, r in zip(lean, reference))
+
+
+def test_a_capacity_below_the_weights_fits_nothing():
+    found = predicted_frontier(shape_config("Llama-3.1-8B"), get_mode("bf16"), LORA, 10 * GIB, "lean")
+    assert found["tokens"] == 0 and found["bytes_per_token"] is None and found["peak_bytes"] > 10 * GIB
+
+
+def test_the_command_prints_the_table_and_writes_json(tmp_path):
+    run = subprocess.run([sys.executable, "-m", "qlora_core.cli", "frontier", "--shapes", "tiny-llama", "--modes",
+                          "bf16,nf4", "--paths", "lean", "--capacity-gib", "0.01,0.02", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "predicted context frontier" in run.stdout
+    document = json.loads((tmp_path / "frontier.json").read_text())
+    assert document["schema"] == "qlora-bench/frontier/1" and "prediction" in document["kind"]
+    assert [(f["mode"], f["capacity_bytes"]) for f in document["frontiers"]] == [
+        (mode, int(gib * GIB)) for mode in ("bf16", "nf4") for gib in (0.01, 0.02)]
+
+
+@pytest.mark.parametrize("option, value, says", [("--shapes", "no-such-shape", "no-such-shape"),
+                                                  ("--capacity-gib", "24,-1", "must be a finite number > 0")])
+def test_the_command_refuses_bad_input_in_one_line(option, value, says):
+    args = {"--shapes": "tiny-llama", "--capacity-gib": "1", option: value}
+    run = subprocess.run([sys.executable, "-m", "qlora_core.cli", "frontier", *[x for kv in args.items() for x in kv]],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2 and says in run.stderr and "Traceback" not in run.stderr
