@@ -54,7 +54,9 @@ def pytest_addoption(parser):
                          "random weights, memory and time only")
     group.addoption("--bench-paths", default="reference", help="comma-separated training paths: reference, lean")
     group.addoption("--bench-capacity-gib", type=float, default=None,
-                    help="device memory a shape cell may use (default: the GPU's total memory)")
+                    help="device memory a cell may use, enforced on its CUDA allocator (a smaller GPU measured on "
+                         "a larger one; beyond it a cell ends as oom); shape cells predicted not to fit it are not "
+                         "attempted (default: the GPU's total memory)")
     group.addoption("--bench-attempt-unfit", action="store_true",
                     help="run shape cells predicted not to fit anyway (they end as oom)")
     group.addoption("--bench-gguf", default=os.environ.get("QLORA_BENCH_GGUF"),
@@ -181,6 +183,7 @@ def cell_settings(config, key: CellKey) -> CellSettings:
         device=option.bench_device,
         lora=LoraSettings(r=option.bench_lora_r, alpha=2 * option.bench_lora_r),
         train=TrainSettings(max_steps=steps),
+        memory_cap_bytes=None if option.bench_capacity_gib is None else int(option.bench_capacity_gib * 2**30),
     )
 
 

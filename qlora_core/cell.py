@@ -21,7 +21,7 @@ from qlora_core.lora import LoraSettings, attach_lora, merge_into_dequantized, p
 from qlora_core.measure.floor import memory_floor, predicted_vs_measured
 from qlora_core.measure.flops import (lora_training_flops_per_token, matmul_params, peak_flops,
                                       recompute_flops_per_token)
-from qlora_core.measure.memory import memory_snapshot, reset_peak, weight_footprint
+from qlora_core.measure.memory import cap_memory, memory_snapshot, reset_peak, weight_footprint
 from qlora_core.measure.outliers import int8_outliers
 from qlora_core.measure.perplexity import check_protocol, perplexity
 from qlora_core.measure.quant_error import weight_quant_error
@@ -75,6 +75,8 @@ class CellSettings:
         device: ``"auto"`` (CUDA when available), ``"cuda"`` or ``"cpu"``.
         shape: a named shape (``qlora_core.shapes``) built with random weights instead of ``model``: memory and
             time only, no perplexity. path: ``"reference"`` or ``"lean"`` (``qlora_core.paths``).
+        memory_cap_bytes: a hard cap on this cell's CUDA allocator (``measure.memory.cap_memory``), to measure a
+            smaller GPU on a larger one; None: the device's own memory.
     """
 
     mode: str
@@ -99,9 +101,12 @@ class CellSettings:
     train: TrainSettings = field(default_factory=TrainSettings)
     shape: str | None = None
     path: str = "reference"
+    memory_cap_bytes: int | None = None
 
     def __post_init__(self) -> None:
         check_path(self.path)
+        if self.memory_cap_bytes is not None and self.memory_cap_bytes < 1:
+            raise ValueError(f"memory_cap_bytes must be >= 1 (or None: no cap), got {self.memory_cap_bytes}")
         if self.shape is not None:
             check_shape(self.shape)
         check_protocol(self.eval_window, self.eval_stride)
@@ -269,6 +274,7 @@ class Cell:
     def load(self) -> dict:
         """Load the base in the mode; returns the weight footprint (bytes as stored)."""
         with self._phase("loading"):
+            cap_memory(self.device, self.settings.memory_cap_bytes)
             reset_peak(self.device)
             # what the process held before this model (a CUDA context, or an earlier test's leftovers in a
             # shared process): the floor is compared with the growth from here

@@ -85,6 +85,18 @@ def reset_peak(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
+def cap_memory(device: torch.device, cap_bytes: int | None) -> None:
+    """Hold this process's CUDA caching allocator to ``cap_bytes`` (``torch.cuda.set_per_process_memory_fraction``),
+    so a larger GPU measures a smaller one: an allocation beyond it raises ``OutOfMemoryError`` as it would
+    there. The cap counts what the allocator reserves, not the CUDA context (a few hundred MiB on the smaller GPU
+    too). It holds for the whole process, so every cell on CUDA sets it, None lifting an earlier cell's; nothing
+    off CUDA."""
+    if device.type != "cuda":
+        return
+    total = torch.cuda.get_device_properties(device).total_memory
+    torch.cuda.set_per_process_memory_fraction(1.0 if cap_bytes is None else min(1.0, cap_bytes / total), device)
+
+
 def memory_snapshot(device: torch.device) -> dict:
     """What the device holds now and at peak (since ``reset_peak``), in bytes. Reads; never resets.
 
