@@ -1,4 +1,5 @@
-"""Run cells for several modes, each in a fresh Python process, writing each result as it finishes.
+"""Run cells (a model in several modes, or any named set of cells), each in a fresh Python process, writing each
+result as it finishes.
 
 A fresh process per cell keeps one mode's CUDA allocator state (and any crash or out-of-memory) out of the
 next mode's figures; the data is tokenized once, in the parent, and the next cell's process is started while
@@ -75,6 +76,48 @@ def run_cell_process(settings: CellSettings, path: Path, on_event: Callable[[dic
     return result
 
 
+def run_cells(
+    cells: dict[str, CellSettings],
+    out_dir: Path,
+    *,
+    resume: bool = False,
+    on_event: Callable[[str, dict], None] = lambda name, event: None,
+    inputs: CellInputs | None = None,
+    command: list[str] | None = None,
+) -> list[dict]:
+    """Measure each named cell in its own process; results go to ``out_dir/<name>.json`` (logs beside them),
+    the run's manifest to ``out_dir/run.json``, in the order given.
+
+    ``inputs``: the tokenized data every cell shares, prepared once here rather than once per cell process
+    (None: each cell prepares its own, as cells of different sequence lengths must); ``command``: the command
+    line the manifest records. With ``resume``, finished cells measured with the same settings are kept; one
+    measured with other settings raises ``ResumeMismatchError`` before any cell runs.
+    """
+    # every cell checked before the first one runs, so a mismatch costs no measurement
+    reused = {name for name, settings in cells.items() if resume and reusable(out_dir / f"{name}.json", settings)}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    manifest = RunManifest(out_dir, command)
+    payload = serialize_inputs(inputs)
+    to_run = [name for name in cells if name not in reused]
+    results = []
+    with WorkerPool() as pool:
+        for name, settings in cells.items():
+            path = out_dir / f"{name}.json"
+            if name in reused:
+                on_event(name, {"phase": "done (resumed)"})
+                results.append(json.loads(path.read_text()))
+                manifest.finished(name, settings.mode, results[-1], path, None, resumed=True)
+                continue
+            events = lambda event, name=name: on_event(name, event)  # noqa: E731
+            start = manifest.started(name, settings.mode)
+            cells_after = len(to_run) - to_run.index(name) - 1
+            results.append(run_cell_process(settings, path, events, out_dir / f"{name}.log", pool, payload,
+                                            cells_after))
+            manifest.finished(name, settings.mode, results[-1], path, start)
+    manifest.close()
+    return results
+
+
 def run_sweep(
     base: CellSettings,
     modes: list[Mode],
@@ -85,35 +128,9 @@ def run_sweep(
     inputs: CellInputs | None = None,
     command: list[str] | None = None,
 ) -> list[dict]:
-    """Measure ``base`` in each mode; results go to ``out_dir/<mode>.json`` (logs beside them), the run's
-    manifest to ``out_dir/run.json``.
-
-    ``inputs``: the tokenized data every cell shares (``cell.prepare_inputs(base)``), prepared once here
-    rather than once per cell process; ``command``: the command line the manifest records. With ``resume``,
-    finished cells measured with the same settings are kept; one measured with other settings raises
-    ``ResumeMismatchError`` before any cell runs.
-    """
-    # every mode checked before the first cell runs, so a mismatch costs no measurement
-    reused = {mode.name for mode in modes
-              if resume and reusable(result_path(out_dir, mode), dataclasses.replace(base, mode=mode.name))}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    manifest = RunManifest(out_dir, command)
-    payload = serialize_inputs(inputs)
-    results = []
-    with WorkerPool() as pool:
-        for index, mode in enumerate(modes):
-            path = result_path(out_dir, mode)
-            if mode.name in reused:
-                on_event(mode, {"phase": "done (resumed)"})
-                results.append(json.loads(path.read_text()))
-                manifest.finished(mode.name, mode.name, results[-1], path, None, resumed=True)
-                continue
-            settings = dataclasses.replace(base, mode=mode.name)
-            events = lambda event, mode=mode: on_event(mode, event)  # noqa: E731
-            start = manifest.started(mode.name, mode.name)
-            log = out_dir / f"{mode.name}.log"
-            cells_after = sum(later.name not in reused for later in modes[index + 1:])
-            results.append(run_cell_process(settings, path, events, log, pool, payload, cells_after))
-            manifest.finished(mode.name, mode.name, results[-1], path, start)
-    manifest.close()
-    return results
+    """``run_cells`` of ``base`` in each mode, named by mode: ``out_dir/<mode>.json``. ``inputs``: the data
+    every cell shares (``cell.prepare_inputs(base)``)."""
+    by_name = {mode.name: mode for mode in modes}
+    cells = {mode.name: dataclasses.replace(base, mode=mode.name) for mode in modes}
+    return run_cells(cells, out_dir, resume=resume, on_event=lambda name, event: on_event(by_name[name], event),
+                     inputs=inputs, command=command)
