@@ -172,6 +172,14 @@ def _add_frontier_command(commands) -> None:
                           help="comma-separated memory capacities in GiB (default 24,48,80)")
     frontier.add_argument("--lora-r", type=_positive, default=16, help="LoRA rank (alpha = 2 r; default 16)")
     frontier.add_argument("--out", type=Path, help="also write frontier.json here")
+    frontier.add_argument("--measure", action="store_true",
+                          help="check each frontier on the device: shape cells at batch 1 under the capacity as a "
+                               "hard cap on the CUDA allocator, at the predicted length (should run), one step "
+                               "above (should run out of memory) and at half (for the measured cost of a token); "
+                               "needs --out, where the cells go to probes/")
+    frontier.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
+                          help="where --measure runs its cells ('cpu' dry-runs them: no cap is enforced there)")
+    frontier.add_argument("--resume", action="store_true", help="with --measure: keep probe cells that finished")
 
 
 def _add_workflow_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -492,7 +500,7 @@ def command_frontier(args: argparse.Namespace) -> int:
     modes, paths = parse_modes(args.modes), [check_path(path) for path in args.paths]
     lora = LoraSettings(r=args.lora_r, alpha=2 * args.lora_r)
     table = Table(title="predicted context frontier (batch 1; allocated bytes, allocator slack not included)")
-    for header in ("shape", "mode", "path", "cap GiB", "tokens", "peak GiB", "MiB/token"):
+    for header in ("shape", "mode", "path", "cap GiB", "tokens", "bound", "peak GiB", "MiB/token"):
         table.add_column(header, justify="left" if header in ("shape", "mode", "path") else "right", no_wrap=True)
     frontiers = []
     for shape in args.shapes:
@@ -503,16 +511,41 @@ def command_frontier(args: argparse.Namespace) -> int:
                     found = {"shape": shape, **predicted_frontier(config, mode, lora, int(gib * 2**30), path)}
                     frontiers.append(found)
                     slope = found["bytes_per_token"]
-                    table.add_row(shape, mode.name, path, f"{gib:g}", f"{found['tokens']:,}",
+                    table.add_row(shape, mode.name, path, f"{gib:g}", f"{found['tokens']:,}", found["limited_by"],
                                   f"{found['peak_bytes'] / 2**30:.2f}", "-" if slope is None else f"{slope / 2**20:.3f}")
     Console().print(table)
+    kind = "prediction (measure.floor), not a measurement"
+    if args.measure:
+        frontiers = _measure_frontiers(frontiers, lora, args)
+        kind = "prediction (measure.floor), each checked by probe cells on the device (probes/)"
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
-        document = {"schema": FRONTIER_SCHEMA, "kind": "prediction (measure.floor), not a measurement",
-                    "command": args.command_line, "lora": lora.describe(), "frontiers": frontiers,
-                    "environment": environment()}
+        document = {"schema": FRONTIER_SCHEMA, "kind": kind, "command": args.command_line, "lora": lora.describe(),
+                    "frontiers": frontiers, "environment": environment()}
         print(f"wrote {write_json_atomic(document, args.out / 'frontier.json')}")
     return 0
+
+
+def _measure_frontiers(frontiers: list[dict], lora: LoraSettings, args: argparse.Namespace) -> list[dict]:
+    """Run every frontier's probe cells (``frontier_probes``) into ``--out/probes`` and return the frontiers
+    with what they measured, printed one line each."""
+    from qlora_core.frontier_probes import probe_cells, with_probes
+    from qlora_core.sweep import run_cells
+
+    if not args.out:
+        raise ValueError("--measure needs --out: its probe cells and frontier.json go there")
+    cells = {name: settings for found in frontiers for name, settings in probe_cells(found, lora, args.device).items()}
+    done = run_cells(cells, args.out / "probes", resume=args.resume, command=args.command_line,
+                     on_event=lambda name, event: None)
+    results = dict(zip(cells, done))
+    measured = [with_probes(found, results) for found in frontiers]
+    for found in measured:
+        statuses = ", ".join(f"{probe} {p['tokens']:,}: {p['status']}" for probe, p in found["probes"].items())
+        slope = found["measured_bytes_per_token"]
+        cost = "not measured" if slope is None else f"{slope / 2**20:.3f} MiB/token measured"
+        print(f"{found['shape']} {found['mode']} {found['path']} {found['capacity_bytes'] / 2**30:g} GiB: "
+              f"{'confirmed' if found['confirmed'] else 'NOT confirmed'} ({statuses}; {cost})")
+    return measured
 
 
 COMMANDS = {"sweep": command_sweep, "report": command_report, "compare": command_compare,

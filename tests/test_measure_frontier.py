@@ -64,3 +64,11 @@ def test_the_command_refuses_bad_input_in_one_line(option, value, says):
     run = subprocess.run([sys.executable, "-m", "qlora_core.cli", "frontier", *[x for kv in args.items() for x in kv]],
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 2 and says in run.stderr and "Traceback" not in run.stderr
+
+
+def test_a_model_s_positions_bound_the_frontier_before_memory_does():
+    found = predicted_frontier(shape_config("tiny-llama"), get_mode("bf16"), LORA, 1 * GIB, "lean")
+    assert found["tokens"] == shape_config("tiny-llama").max_position_embeddings
+    assert found["limited_by"] == "positions"
+    assert predicted_frontier(shape_config("Llama-3.1-8B"), get_mode("bf16"), LORA, 24 * GIB, "lean")["limited_by"] \
+        == "memory"

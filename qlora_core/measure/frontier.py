@@ -44,15 +44,16 @@ def _affine_guess(config, mode: Mode, lora, capacity_bytes: int, path: str, opti
 
 def predicted_frontier(config, mode: Mode, lora, capacity_bytes: int, path: str, optimizer: str = "adamw") -> dict:
     """The largest sequence (a multiple of ``TOKEN_GRANULARITY``, batch 1) whose predicted peak fits
-    ``capacity_bytes``, as plain JSON: ``tokens`` (0 when not even the smallest fits; at most ``MAX_TOKENS``),
-    its ``peak_bytes``, and ``bytes_per_token``: what one more token costs there.
+    ``capacity_bytes``, as plain JSON: ``tokens`` (0 when not even the smallest fits; at most the model's
+    positions and ``MAX_TOKENS``, ``limited_by`` saying which bound held: ``memory`` or ``positions``), its
+    ``peak_bytes``, and ``bytes_per_token``: what one more token costs there.
 
     The affine guess (``_affine_guess``) is confirmed by two predictions, one at it and one a step above;
     where it does not hold (BLOOM's quadratic attention) the answer comes from bisection."""
     peak = lambda steps: predicted_peak_bytes(config, mode, lora, steps * TOKEN_GRANULARITY, path,  # noqa: E731
                                               optimizer)
     fits = lambda steps: steps == 0 or peak(steps) <= capacity_bytes  # noqa: E731
-    limit = MAX_TOKENS // TOKEN_GRANULARITY
+    limit = min(MAX_TOKENS, getattr(config, "max_position_embeddings", None) or MAX_TOKENS) // TOKEN_GRANULARITY
     steps = min(_affine_guess(config, mode, lora, capacity_bytes, path, optimizer), limit)
     if not (fits(steps) and (steps == limit or not fits(steps + 1))):
         low, high = 0, limit + 1  # fits(low); high: beyond the search, or the first that fails
@@ -61,12 +62,13 @@ def predicted_frontier(config, mode: Mode, lora, capacity_bytes: int, path: str,
             low, high = (middle, high) if fits(middle) else (low, middle)
         steps = low
     if steps == 0:
-        return _frontier(0, peak(1), None, capacity_bytes, path, mode)
+        return _frontier(0, peak(1), None, capacity_bytes, path, mode, "memory")
     slope = (peak(steps + 1) - peak(steps)) / TOKEN_GRANULARITY
-    return _frontier(steps * TOKEN_GRANULARITY, peak(steps), slope, capacity_bytes, path, mode)
+    limited_by = "positions" if steps == limit and fits(limit + 1) else "memory"
+    return _frontier(steps * TOKEN_GRANULARITY, peak(steps), slope, capacity_bytes, path, mode, limited_by)
 
 
 def _frontier(tokens: int, peak_bytes: int, bytes_per_token: float | None, capacity_bytes: int, path: str,
-              mode: Mode) -> dict:
+              mode: Mode, limited_by: str) -> dict:
     return {"mode": mode.name, "path": path, "capacity_bytes": capacity_bytes, "tokens": tokens,
-            "peak_bytes": peak_bytes, "bytes_per_token": bytes_per_token}
+            "peak_bytes": peak_bytes, "bytes_per_token": bytes_per_token, "limited_by": limited_by}

@@ -1,0 +1,66 @@
+"""Probe cells that check a predicted context frontier (``measure.frontier``) on the device.
+
+Each frontier gets three cells of the shape at batch 1 under the frontier's memory cap: at the predicted
+length (it should run), one ``TOKEN_GRANULARITY`` step above it (it should run out of memory) and at half the
+length, whose peak with the first one's gives the memory one more token costs, measured. Two training steps
+each: the first allocates the optimizer state, so only the second holds everything a step holds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from qlora_core.cell import CellSettings
+from qlora_core.measure.frontier import TOKEN_GRANULARITY
+from qlora_core.trainer import TrainSettings
+
+#: The probes of one frontier, each with the sequence length it runs at.
+PROBES = {
+    "half": lambda tokens: max(TOKEN_GRANULARITY, tokens // 2 // TOKEN_GRANULARITY * TOKEN_GRANULARITY),
+    "at": lambda tokens: tokens,
+    "above": lambda tokens: tokens + TOKEN_GRANULARITY,
+}
+
+
+def probe_name(frontier: dict, probe: str) -> str:
+    """``<shape>-<mode>-<path>-<capacity>gib-<probe>``: the probe cell's result file stem."""
+    gib = frontier["capacity_bytes"] / 2**30
+    return f"{frontier['shape']}-{frontier['mode']}-{frontier['path']}-{gib:g}gib-{probe}"
+
+
+def probe_cells(frontier: dict, lora, device: str = "cuda") -> dict[str, CellSettings]:
+    """The named probe cells of one predicted frontier; none for a frontier of 0 tokens (nothing fits), no
+    ``above`` probe where the model's positions, not memory, bound it."""
+    if not frontier["tokens"]:
+        return {}
+    base = CellSettings(mode=frontier["mode"], shape=frontier["shape"], path=frontier["path"], batch_size=1,
+                        timing_warmup=1, train=TrainSettings(max_steps=2), lora=lora, device=device,
+                        memory_cap_bytes=frontier["capacity_bytes"])
+    return {probe_name(frontier, probe): dataclasses.replace(base, seq_len=length(frontier["tokens"]))
+            for probe, length in PROBES.items() if probe != "above" or frontier["limited_by"] == "memory"}
+
+
+def _measured_peak(result: dict | None) -> int | None:
+    """The training peak the CUDA allocator measured for a probe (growth since its load began), or None: not
+    run, failed, or run where the allocator is not read."""
+    row = ((result or {}).get("predicted_vs_measured") or {}).get("training_peak") or {}
+    return row.get("measured_bytes")
+
+
+def with_probes(frontier: dict, results: dict[str, dict]) -> dict:
+    """The frontier with what its probes measured (``results`` by cell name): each probe's tokens, status and
+    peak allocated bytes; ``measured_bytes_per_token`` between the half and the at probe; ``confirmed`` when the
+    at probe ran and the above probe ran out of memory (or, bound by positions, the at probe ran)."""
+    probes = {}
+    for probe, length in PROBES.items():
+        result = results.get(probe_name(frontier, probe))
+        probes[probe] = {"tokens": length(frontier["tokens"]),
+                         "status": result["status"] if result else "not run",
+                         "peak_bytes": _measured_peak(result)}
+    half, at = probes["half"], probes["at"]
+    slope = None
+    if half["peak_bytes"] is not None and at["peak_bytes"] is not None and at["tokens"] > half["tokens"]:
+        slope = (at["peak_bytes"] - half["peak_bytes"]) / (at["tokens"] - half["tokens"])
+    above_failed = probes["above"]["status"] == "oom" or frontier["limited_by"] == "positions"
+    confirmed = at["status"] == "ok" and above_failed
+    return {**frontier, "probes": probes, "measured_bytes_per_token": slope, "confirmed": confirmed}

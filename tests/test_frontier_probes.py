@@ -1,0 +1,63 @@
+"""Probe cells that check a predicted frontier: which cells, and what their results say."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from qlora_core.frontier_probes import probe_cells, probe_name, with_probes
+from qlora_core.lora import LoraSettings
+from qlora_core.measure.frontier import TOKEN_GRANULARITY
+
+LORA = LoraSettings(r=4, alpha=8)
+FRONTIER = {"shape": "Llama-3.1-8B", "mode": "nf4-dq", "path": "lean", "capacity_bytes": 24 * 2**30,
+            "tokens": 31232, "peak_bytes": 0, "bytes_per_token": 0.0, "limited_by": "memory"}
+
+
+def test_three_probes_at_batch_one_under_the_cap():
+    cells = probe_cells(FRONTIER, LORA)
+    assert list(cells) == [f"Llama-3.1-8B-nf4-dq-lean-24gib-{probe}" for probe in ("half", "at", "above")]
+    assert [c.seq_len for c in cells.values()] == [15616, 31232, 31232 + TOKEN_GRANULARITY]
+    for settings in cells.values():
+        assert settings.batch_size == 1 and settings.memory_cap_bytes == 24 * 2**30 and settings.device == "cuda"
+        assert settings.train.max_steps == 2 and settings.timing_warmup == 1  # the second step holds it all
+        assert (settings.shape, settings.mode, settings.path, settings.lora) == ("Llama-3.1-8B", "nf4-dq", "lean", LORA)
+
+
+def test_no_probes_where_nothing_fits_and_none_above_a_positions_bound():
+    assert probe_cells({**FRONTIER, "tokens": 0}, LORA) == {}
+    assert not any(name.endswith("-above") for name in probe_cells({**FRONTIER, "limited_by": "positions"}, LORA))
+
+
+def result(status: str, peak: int | None = None) -> dict:
+    rows = {"training_peak": {"measured_bytes": peak}} if peak is not None else None
+    return {"status": status, "predicted_vs_measured": rows}
+
+
+def test_confirmed_when_the_at_probe_runs_and_the_one_above_runs_out_of_memory():
+    results = {probe_name(FRONTIER, "half"): result("ok", 10 * 2**30), probe_name(FRONTIER, "at"): result("ok", 19 * 2**30),
+               probe_name(FRONTIER, "above"): result("oom")}
+    checked = with_probes(FRONTIER, results)
+    assert checked["confirmed"] and checked["probes"]["above"] == {"tokens": 31488, "status": "oom", "peak_bytes": None}
+    assert checked["measured_bytes_per_token"] == 9 * 2**30 / (31232 - 15616)
+    results[probe_name(FRONTIER, "above")] = result("ok", 20 * 2**30)
+    assert not with_probes(FRONTIER, results)["confirmed"]  # the prediction was short of the real frontier
+    assert with_probes(FRONTIER, {})["probes"]["at"]["status"] == "not run"
+
+
+def test_measure_dry_runs_the_probes_on_cpu_and_records_them(tmp_path):
+    run = subprocess.run([sys.executable, "-m", "qlora_core.cli", "frontier", "--shapes", "tiny-llama", "--modes",
+                          "nf4", "--paths", "lean", "--capacity-gib", "0.0018", "--lora-r", "4", "--measure",
+                          "--device", "cpu", "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    (found,) = json.loads((tmp_path / "frontier.json").read_text())["frontiers"]
+    assert found["probes"]["at"]["status"] == "ok" and not found["confirmed"]  # no cap on a CPU: nothing fails
+    manifest = json.loads((tmp_path / "probes" / "run.json").read_text())
+    assert [cell["name"] for cell in manifest["cells"]] == [probe_name(found, p) for p in ("half", "at", "above")]
+
+
+def test_measure_needs_an_out_folder():
+    run = subprocess.run([sys.executable, "-m", "qlora_core.cli", "frontier", "--shapes", "tiny-llama", "--measure"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2 and "--measure needs --out" in run.stderr
