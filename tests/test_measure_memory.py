@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tiny import make_model_folder
-from qlora_core.measure.memory import memory_snapshot, reset_peak, tensor_bytes, weight_footprint
+from qlora_core.measure.memory import cap_memory, memory_snapshot, reset_peak, tensor_bytes, weight_footprint
 from qlora_core.models import load_model, resolve_model
 from qlora_core.modes import BNB_4BIT_BLOCKSIZE, BNB_DOUBLE_QUANT_BLOCKSIZE, get_mode
 
@@ -164,3 +164,24 @@ def test_memory_snapshot_on_cuda():
     assert snapshot["peak_allocated_bytes"] >= snapshot["allocated_bytes"]
     assert snapshot["reserved_bytes"] >= snapshot["allocated_bytes"]
     del block
+
+
+@pytest.mark.parametrize("device, index", [(torch.device("cuda"), 0), (torch.device("cuda:1"), 1)])
+@pytest.mark.parametrize("cap, fraction", [(25, 0.25), (None, 1.0), (400, 1.0)])
+def test_cap_memory_sets_the_fraction_of_the_numbered_device(monkeypatch, device, index, cap, fraction):
+    """torch's memory fraction takes a numbered device (``cuda`` alone is refused), so the cap names it; no cap,
+    or one beyond the device, lifts it. The CUDA calls are stood in for, with torch's own device check."""
+    from types import SimpleNamespace
+
+    from torch.cuda._utils import _get_device_index
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda device: SimpleNamespace(total_memory=100 * (1 + _get_device_index(device))))
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction",
+                        lambda share, device: calls.append((share, _get_device_index(device))))
+    cap_memory(device, None if cap is None else cap * (1 + index))
+    assert calls == [(fraction, index)]
+    cap_memory(torch.device("cpu"), 25)
+    assert len(calls) == 1  # nothing to cap off CUDA

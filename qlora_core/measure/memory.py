@@ -93,8 +93,9 @@ def cap_memory(device: torch.device, cap_bytes: int | None) -> None:
     off CUDA."""
     if device.type != "cuda":
         return
-    total = torch.cuda.get_device_properties(device).total_memory
-    torch.cuda.set_per_process_memory_fraction(1.0 if cap_bytes is None else min(1.0, cap_bytes / total), device)
+    index = torch.cuda.current_device() if device.index is None else device.index  # torch wants it numbered
+    total = torch.cuda.get_device_properties(index).total_memory
+    torch.cuda.set_per_process_memory_fraction(1.0 if cap_bytes is None else min(1.0, cap_bytes / total), index)
 
 
 def memory_snapshot(device: torch.device) -> dict:
