@@ -35,11 +35,12 @@ from qlora_core.shapes import check_shape
 from qlora_core.results import environment, write_json_atomic
 from qlora_core.sweep import reusable
 from qlora_core.trainer import TrainSettings
-from qlora_core.worker import CellError, WorkerPool, serialize_inputs
+from qlora_core.worker import LOOKAHEAD, CellError, WorkerPool, serialize_inputs
 
 GPU = PROFILES["gpu"]
-#: The session's cells in run order, kept on the config.
+#: The session's cells in run order, and its worker pool, kept on the config.
 CELL_KEYS = pytest.StashKey[list]()
+POOL = pytest.StashKey[WorkerPool]()
 #: pytest-benchmark 5.2.x opens --benchmark-json while parsing the command line and hands hooks a file object.
 MIN_PYTEST_BENCHMARK = (5, 3, 1)
 
@@ -99,6 +100,14 @@ def pytest_configure(config):
                                 f"name it otherwise, e.g. {Path(json_path).with_name('pytest-benchmark.json')}")
     if json_path:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+    config.stash[POOL] = pool = WorkerPool()
+    if config.option.bench_device == "cpu" or torch.cuda.is_available():
+        pool.prepare(LOOKAHEAD)  # the first cells' processes import while pytest collects and tokenizes
+
+
+def pytest_unconfigure(config):
+    if POOL in config.stash:
+        config.stash[POOL].close()
 
 
 def pytest_collection_finish(session):
@@ -188,15 +197,14 @@ def cell_settings(config, key: CellKey) -> CellSettings:
 
 
 class BenchRun:
-    """What the cells of one pytest session share: the worker pool (the next cell's process starts while the
-    current one runs), the tokenized inputs (prepared once per model and data, not once per cell) and the
+    """What the cells of one pytest session share: the worker pool (made at configure time; the next cells'
+    processes start while the current one runs), the tokenized inputs (prepared once per model and data, not once per cell) and the
     run's manifest (``run.json`` in --bench-out). Made when the first cell is, so a session that runs no cell
     writes nothing."""
 
     def __init__(self, config, keys: list[CellKey]):
         self.config = config
-        self.pool = WorkerPool()
-        self.pool.prepare(len(keys))  # their imports overlap the parent's tokenization below
+        self.pool = config.stash[POOL]  # started at configure time, closed at unconfigure
         self.remaining = list(keys)
         self._inputs: dict[str, bytes] = {}
         command = ["pytest", *config.invocation_params.args]
@@ -215,7 +223,7 @@ class BenchRun:
             self.remaining.remove(key)
 
     def close(self) -> None:
-        self.pool.close()
+        self.pool.close()  # no spare outlives the last cell: the manifest's end is the run's
         self.manifest.close()
 
 
