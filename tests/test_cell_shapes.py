@@ -23,7 +23,7 @@ from qlora_core.trainer import TrainSettings
 REPO = Path(__file__).resolve().parents[1]
 SHAPE_CELL = dict(seq_len=32, batch_size=2, timing_warmup=1, device="cpu", lora=LoraSettings(r=4, alpha=8),
                   train=TrainSettings(max_steps=2, learning_rate=1e-2))
-COMPARED = ("weights_after_load", "after_setup", "training_peak", "training_peak_vs_true_floor")
+COMPARED = ("weights_after_load", "after_setup", "training_peak", "true_floor")
 
 
 def shape_settings(mode: str = "nf4-dq", path: str = "reference", shape: str = "tiny-llama") -> CellSettings:
@@ -68,7 +68,7 @@ def test_floor_beside_the_measurements(shape_run):
     assert comparison["weights_after_load"]["measured_bytes"] == result["weights"]["weights_bytes"]
     assert comparison["training_peak"]["measured_bytes"] is None
     assert comparison["training_peak"]["predicted_bytes"] == floor["peak_bytes"] > floor["after_setup_bytes"]
-    assert comparison["training_peak_vs_true_floor"]["predicted_bytes"] == floor["true_floor_bytes"]
+    assert comparison["true_floor"]["predicted_bytes"] == floor["true_floor_bytes"]
 
 
 def test_lean_and_reference_cells_train_the_same(shape_run):

@@ -587,7 +587,7 @@ def predicted_vs_measured(floor: dict, memory: dict, tensors_after_load: int, te
         "training_peak": compare(floor["peak_bytes"], peak, by),
     }
     if "true_floor_bytes" in floor:  # floors saved before it existed have none
-        rows["training_peak_vs_true_floor"] = compare(floor["true_floor_bytes"], peak, by)
+        rows["true_floor"] = compare(floor["true_floor_bytes"], peak, by)
     return rows
 
 
