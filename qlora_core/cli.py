@@ -171,7 +171,8 @@ def _add_frontier_command(commands) -> None:
     frontier.add_argument("--capacity-gib", default="24,48,80", type=_capacities,
                           help="comma-separated memory capacities in GiB (default 24,48,80)")
     frontier.add_argument("--lora-r", type=_positive, default=16, help="LoRA rank (alpha = 2 r; default 16)")
-    frontier.add_argument("--out", type=Path, help="also write frontier.json here")
+    frontier.add_argument("--out", type=Path, help="also write frontier.json and frontier.png (tokens by capacity, "
+                                                   "with others' published figures marked as claims) here")
     frontier.add_argument("--measure", action="store_true",
                           help="check each frontier on the device: shape cells at batch 1 under the capacity as a "
                                "hard cap on the CUDA allocator, at the predicted length (should run), one step "
@@ -492,6 +493,7 @@ def command_frontier(args: argparse.Namespace) -> int:
 
     from qlora_core.measure.frontier import predicted_frontier
     from qlora_core.paths import check_path
+    from qlora_core.report import frontier_plot
     from qlora_core.results import FRONTIER_SCHEMA, check_writable, environment, write_json_atomic
     from qlora_core.shapes import check_shape, shape_config
 
@@ -522,7 +524,8 @@ def command_frontier(args: argparse.Namespace) -> int:
         args.out.mkdir(parents=True, exist_ok=True)
         document = {"schema": FRONTIER_SCHEMA, "kind": kind, "command": args.command_line, "lora": lora.describe(),
                     "frontiers": frontiers, "environment": environment()}
-        print(f"wrote {write_json_atomic(document, args.out / 'frontier.json')}")
+        print(f"wrote {write_json_atomic(document, args.out / 'frontier.json')}, "
+              f"{frontier_plot(frontiers, args.out / 'frontier.png')}")
     return 0
 
 

@@ -778,6 +778,62 @@ def memory_plot(results: list[dict], path: str | Path) -> Path | None:
     return path
 
 
+# --- the context frontier ---------------------------------------------------------------------------------------
+
+#: Published context lengths of others, drawn as claims, not measurements: (shape, capacity GiB, tokens, label).
+#: Unsloth's figures for QLoRA at batch 1 in an 80 GB GPU (theirs, and Hugging Face + FlashAttention 2 as they
+#: measured it), Llama-3.3-70B standing for the Llama-3.1-70B shape (the same architecture).
+CONTEXT_CLAIMS = [
+    ("Llama-3.1-8B", 80, 342_733, "Unsloth (claim)"),
+    ("Llama-3.1-8B", 80, 28_454, "HF + FA2 (Unsloth's figure)"),
+    ("Llama-3.1-70B", 80, 89_389, "Unsloth (claim)"),
+    ("Llama-3.1-70B", 80, 6_916, "HF + FA2 (Unsloth's figure)"),
+]
+CLAIM_MARKERS = {"Unsloth (claim)": "*", "HF + FA2 (Unsloth's figure)": "X"}
+
+
+def frontier_plot(frontiers: list[dict], path: str | Path) -> Path:
+    """One PNG per ``qlora-bench frontier`` document's ``frontiers``: per shape a panel of the longest sequence
+    (tokens, log scale) by memory capacity (GiB), a line per mode and path (lean solid, reference dashed); a
+    frontier checked on the device is a filled marker where confirmed and a cross where not; others' published
+    figures (``CONTEXT_CLAIMS``) are marked as claims."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shapes = list(dict.fromkeys(f["shape"] for f in frontiers))
+    figure, axes = plt.subplots(1, len(shapes), figsize=(6.5 * len(shapes), 5.0), squeeze=False)
+    colors = {name: plt.get_cmap("tab10")(index) for index, name in enumerate(MODES)}
+    for axis, shape in zip(axes[0], shapes):
+        lines = {}
+        for found in (f for f in frontiers if f["shape"] == shape and f["tokens"]):
+            lines.setdefault((found["mode"], found["path"]), []).append(found)
+        for (mode, path_name), points in lines.items():
+            points.sort(key=lambda f: f["capacity_bytes"])
+            gib = [f["capacity_bytes"] / GIB for f in points]
+            axis.plot(gib, [f["tokens"] for f in points], color=colors.get(mode), marker="o", markersize=4,
+                      linestyle="-" if path_name == "lean" else "--", label=f"{mode}, {path_name}")
+            for f in (f for f in points if "confirmed" in f):
+                axis.plot(f["capacity_bytes"] / GIB, f["tokens"], marker="o" if f["confirmed"] else "x",
+                          markersize=9, color=colors.get(mode), fillstyle="full" if f["confirmed"] else "none")
+        for claim_shape, gib, tokens, label in CONTEXT_CLAIMS:
+            if claim_shape == shape:
+                axis.plot(gib, tokens, marker=CLAIM_MARKERS[label], markersize=11, color="black", linestyle="none",
+                          label=label)
+        axis.set_yscale("log")
+        axis.set_xlabel("memory capacity, GiB")
+        axis.set_ylabel("longest trainable sequence, tokens (batch 1)")
+        axis.set_title(f"{shape}: predicted context frontier", fontsize=10, loc="left")
+        axis.grid(alpha=0.3, which="both")
+        axis.legend(fontsize=7, loc="upper left")
+    figure.tight_layout()
+    path = Path(path)
+    figure.savefig(path, dpi=PLOT_DPI)
+    plt.close(figure)
+    return path
+
+
 # --- comparison of two runs ------------------------------------------------------------------------------------
 
 #: Relative change beyond which a figure counts as changed (``compare --threshold``).

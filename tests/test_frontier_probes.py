@@ -53,6 +53,7 @@ def test_measure_dry_runs_the_probes_on_cpu_and_records_them(tmp_path):
     assert run.returncode == 0, run.stderr
     (found,) = json.loads((tmp_path / "frontier.json").read_text())["frontiers"]
     assert found["probes"]["at"]["status"] == "ok" and not found["confirmed"]  # no cap on a CPU: nothing fails
+    assert (tmp_path / "frontier.png").stat().st_size > 0  # the checked frontier marked on its line
     manifest = json.loads((tmp_path / "probes" / "run.json").read_text())
     assert [cell["name"] for cell in manifest["cells"]] == [probe_name(found, p) for p in ("half", "at", "above")]
 

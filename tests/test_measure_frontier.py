@@ -51,6 +51,7 @@ def test_the_command_prints_the_table_and_writes_json(tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     assert "predicted context frontier" in run.stdout
+    assert (tmp_path / "frontier.png").stat().st_size > 0
     document = json.loads((tmp_path / "frontier.json").read_text())
     assert document["schema"] == "qlora-bench/frontier/1" and "prediction" in document["kind"]
     assert [(f["mode"], f["capacity_bytes"]) for f in document["frontiers"]] == [

@@ -549,3 +549,21 @@ def test_compare_refuses_another_model_or_mode_set(tmp_path, capsys):
     assert capsys.readouterr().err.splitlines()[0] == (
         "qlora-bench: error: mode set differs: baseline fp16, bf16, int8, fp4, fp4-dq, nf4, nf4-dq, candidate "
         "bf16, int8, fp4, fp4-dq, nf4, nf4-dq")
+
+
+def test_the_frontier_picture_marks_others_claims_only_on_their_shapes(tmp_path, monkeypatch):
+    """One panel per shape; Unsloth's published figures appear where their shape is drawn, as claims."""
+    import matplotlib.axes
+
+    from qlora_core.report import CLAIM_MARKERS, CONTEXT_CLAIMS, frontier_plot
+
+    found = {"mode": "nf4-dq", "path": "lean", "tokens": 1024, "capacity_bytes": 24 * 2**30, "peak_bytes": 1,
+             "bytes_per_token": 1.0, "limited_by": "memory"}
+    labels = []
+    plot_line = matplotlib.axes.Axes.plot
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot",
+                        lambda self, *args, **kw: labels.append(kw.get("label")) or plot_line(self, *args, **kw))
+    frontier_plot([{**found, "shape": "Llama-3.1-8B"}, {**found, "shape": "tiny-llama"}], tmp_path / "f.png")
+    assert (tmp_path / "f.png").stat().st_size > 0
+    claims = [label for shape, _, _, label in CONTEXT_CLAIMS if shape == "Llama-3.1-8B"]
+    assert [label for label in labels if label in CLAIM_MARKERS] == claims
