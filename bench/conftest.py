@@ -198,9 +198,9 @@ def cell_settings(config, key: CellKey) -> CellSettings:
 
 class BenchRun:
     """What the cells of one pytest session share: the worker pool (made at configure time; the next cells'
-    processes start while the current one runs), the tokenized inputs (prepared once per model and data, not once per cell) and the
-    run's manifest (``run.json`` in --bench-out). Made when the first cell is, so a session that runs no cell
-    writes nothing."""
+    processes start while the current one runs), the tokenized inputs (prepared once per model and data, not
+    once per cell) and the run's manifest (``run.json`` in --bench-out). Made when the first cell is, so a
+    session that runs no cell writes nothing."""
 
     def __init__(self, config, keys: list[CellKey]):
         self.config = config

@@ -513,8 +513,9 @@ def command_frontier(args: argparse.Namespace) -> int:
                     found = {"shape": shape, **predicted_frontier(config, mode, lora, int(gib * 2**30), path)}
                     frontiers.append(found)
                     slope = found["bytes_per_token"]
+                    cost = "-" if slope is None else f"{slope / 2**20:.3f}"
                     table.add_row(shape, mode.name, path, f"{gib:g}", f"{found['tokens']:,}", found["limited_by"],
-                                  f"{found['peak_bytes'] / 2**30:.2f}", "-" if slope is None else f"{slope / 2**20:.3f}")
+                                  f"{found['peak_bytes'] / 2**30:.2f}", cost)
     Console().print(table)
     kind = "prediction (measure.floor), not a measurement"
     if args.measure:

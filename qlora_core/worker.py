@@ -23,7 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from qlora_core.cell import PHASES_UNTIL_LOADED, Cell, CellInputs, CellSettings
-from qlora_core.modes import MODES, Mode, get_mode, register
+from qlora_core.modes import MODES, get_mode, register
 from qlora_core.noise import count_repeats, warning_counts
 
 

@@ -36,7 +36,8 @@ def result(status: str, peak: int | None = None) -> dict:
 
 
 def test_confirmed_when_the_at_probe_runs_and_the_one_above_runs_out_of_memory():
-    results = {probe_name(FRONTIER, "half"): result("ok", 10 * 2**30), probe_name(FRONTIER, "at"): result("ok", 19 * 2**30),
+    results = {probe_name(FRONTIER, "half"): result("ok", 10 * 2**30),
+               probe_name(FRONTIER, "at"): result("ok", 19 * 2**30),
                probe_name(FRONTIER, "above"): result("oom")}
     checked = with_probes(FRONTIER, results)
     assert checked["confirmed"] and checked["probes"]["above"] == {"tokens": 31488, "status": "oom", "peak_bytes": None}

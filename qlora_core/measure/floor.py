@@ -425,10 +425,10 @@ def _phase_parts(terms: dict, phase: str, gradient_checkpointing: bool, layer_tr
     """The predicted bytes of one step phase by ``PHASE_COMPONENTS`` (every key, 0 where the phase holds none).
 
     Every phase holds the weights as stored, the upcasts, the adapters and the optimizer state; the loss adds
-    every saved activation (the head's too), the int8 matmuls' held inputs and the logits, with no gradient yet (zeroed to None); the top
-    layer's backward adds the saved activations, the int8 held inputs (the top layer's are still alive), its
-    working set and, under checkpointing, the layer's
-    recomputed activations; the optimizer step adds the adapters' gradients and AdamW's temporaries.
+    every saved activation (the head's too), the int8 matmuls' held inputs and the logits, with no gradient yet
+    (zeroed to None); the top layer's backward adds the saved activations, the int8 held inputs (the top
+    layer's are still alive), its working set and, under checkpointing, the layer's recomputed activations; the
+    optimizer step adds the adapters' gradients and AdamW's temporaries.
     """
     parts = dict.fromkeys(PHASE_COMPONENTS, 0)
     for key in ("quantized_bytes", "quant_constants_bytes", "unquantized_bytes", "upcast_bytes"):
@@ -496,8 +496,8 @@ def memory_floor(config, mode: Mode, lora, seq_len: int, batch_size: int, gradie
     Totals: ``after_load_bytes`` (weights as stored), ``after_setup_bytes`` (plus the path's upcasts and the
     adapters; the optimizer state is allocated at the first step), ``peak_bytes``, the largest of
     ``phase_peak_bytes`` (``step_phases``), and ``peak_phase``: the prediction for ``path``. Beside it
-    ``true_floor_bytes`` and ``true_floor_phase``: the least any path could hold (``true_floor``). ``device_type`` selects autocast's behaviour
-    ("cuda" or "cpu"). Plain JSON.
+    ``true_floor_bytes`` and ``true_floor_phase``: the least any path could hold (``true_floor``).
+    ``device_type`` selects autocast's behaviour ("cuda" or "cpu"). Plain JSON.
     """
     model = skeleton(config, mode)
     tokens = batch_size * seq_len
