@@ -28,6 +28,7 @@ import torch
 from qlora_core.cell import CellSettings, does_not_fit_result, failure_result, prepare_inputs
 from qlora_core.lora import LoraSettings
 from qlora_core.manifest import MANIFEST_NAME, RunManifest, process_start
+from qlora_core.measure.memory import GIB
 from qlora_core.modes import BASELINE_MODE, parse_modes
 from qlora_core.paths import PATHS, check_path
 from qlora_core.profiles import PROFILES
@@ -192,7 +193,7 @@ def cell_settings(config, key: CellKey) -> CellSettings:
         device=option.bench_device,
         lora=LoraSettings(r=option.bench_lora_r, alpha=2 * option.bench_lora_r),
         train=TrainSettings(max_steps=steps),
-        memory_cap_bytes=None if option.bench_capacity_gib is None else int(option.bench_capacity_gib * 2**30),
+        memory_cap_bytes=capacity_cap_bytes(config),
     )
 
 
@@ -347,10 +348,16 @@ def _skip_if_resumed(config, settings: CellSettings, path: Path, run: BenchRun, 
         pytest.skip(f"already measured: {path} (--bench-resume)")
 
 
+def capacity_cap_bytes(config) -> int | None:
+    """--bench-capacity-gib in bytes, or None when not given."""
+    gib = config.option.bench_capacity_gib
+    return None if gib is None else int(gib * GIB)
+
+
 def device_capacity_bytes(config) -> int | None:
     """The memory a cell may use: --bench-capacity-gib, else the CUDA device's total; None on a CPU run."""
-    if config.option.bench_capacity_gib is not None:
-        return int(config.option.bench_capacity_gib * 2**30)
+    if (cap := capacity_cap_bytes(config)) is not None:
+        return cap
     if config.option.bench_device == "cuda" and torch.cuda.is_available():
         return torch.cuda.get_device_properties(0).total_memory
     return None

@@ -492,11 +492,14 @@ def command_frontier(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from qlora_core.measure.frontier import predicted_frontier
+    from qlora_core.measure.memory import GIB
     from qlora_core.paths import check_path
-    from qlora_core.report import frontier_plot
+    from qlora_core.report import MIB, frontier_plot
     from qlora_core.results import FRONTIER_SCHEMA, check_writable, environment, write_json_atomic
     from qlora_core.shapes import check_shape, shape_config
 
+    if args.measure and not args.out:
+        raise ValueError("--measure needs --out: its probe cells and frontier.json go there")
     if args.out:
         check_writable(args.out)
     modes, paths = parse_modes(args.modes), [check_path(path) for path in args.paths]
@@ -510,12 +513,12 @@ def command_frontier(args: argparse.Namespace) -> int:
         for mode in modes:
             for path in paths:
                 for gib in args.capacity_gib:
-                    found = {"shape": shape, **predicted_frontier(config, mode, lora, int(gib * 2**30), path)}
+                    found = {"shape": shape, **predicted_frontier(config, mode, lora, int(gib * GIB), path)}
                     frontiers.append(found)
                     slope = found["bytes_per_token"]
-                    cost = "-" if slope is None else f"{slope / 2**20:.3f}"
+                    cost = "-" if slope is None else f"{slope / MIB:.3f}"
                     table.add_row(shape, mode.name, path, f"{gib:g}", f"{found['tokens']:,}", found["limited_by"],
-                                  f"{found['peak_bytes'] / 2**30:.2f}", cost)
+                                  f"{found['peak_bytes'] / GIB:.2f}", cost)
     Console().print(table)
     kind = "prediction (measure.floor), not a measurement"
     if args.measure:
@@ -531,23 +534,22 @@ def command_frontier(args: argparse.Namespace) -> int:
 
 
 def _measure_frontiers(frontiers: list[dict], lora: LoraSettings, args: argparse.Namespace) -> list[dict]:
-    """Run every frontier's probe cells (``frontier_probes``) into ``--out/probes`` and return the frontiers
-    with what they measured, printed one line each."""
+    """Run every frontier's probe cells (``frontier_probes``) into ``--out/probes`` (checked to be given) and
+    return the frontiers with what they measured, printed one line each."""
     from qlora_core.frontier_probes import probe_cells, with_probes
+    from qlora_core.measure.memory import GIB
+    from qlora_core.report import MIB
     from qlora_core.sweep import run_cells
 
-    if not args.out:
-        raise ValueError("--measure needs --out: its probe cells and frontier.json go there")
     cells = {name: settings for found in frontiers for name, settings in probe_cells(found, lora, args.device).items()}
-    done = run_cells(cells, args.out / "probes", resume=args.resume, command=args.command_line,
-                     on_event=lambda name, event: None)
+    done = run_cells(cells, args.out / "probes", resume=args.resume, command=args.command_line)
     results = dict(zip(cells, done))
     measured = [with_probes(found, results) for found in frontiers]
     for found in measured:
         statuses = ", ".join(f"{probe} {p['tokens']:,}: {p['status']}" for probe, p in found["probes"].items())
         slope = found["measured_bytes_per_token"]
-        cost = "not measured" if slope is None else f"{slope / 2**20:.3f} MiB/token measured"
-        print(f"{found['shape']} {found['mode']} {found['path']} {found['capacity_bytes'] / 2**30:g} GiB: "
+        cost = "not measured" if slope is None else f"{slope / MIB:.3f} MiB/token measured"
+        print(f"{found['shape']} {found['mode']} {found['path']} {found['capacity_bytes'] / GIB:g} GiB: "
               f"{'confirmed' if found['confirmed'] else 'NOT confirmed'} ({statuses}; {cost})")
     return measured
 

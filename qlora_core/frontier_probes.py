@@ -12,6 +12,7 @@ import dataclasses
 
 from qlora_core.cell import CellSettings
 from qlora_core.measure.frontier import TOKEN_GRANULARITY
+from qlora_core.measure.memory import GIB
 from qlora_core.trainer import TrainSettings
 
 #: The probes of one frontier, each with the sequence length it runs at.
@@ -24,7 +25,7 @@ PROBES = {
 
 def probe_name(frontier: dict, probe: str) -> str:
     """``<shape>-<mode>-<path>-<capacity>gib-<probe>``: the probe cell's result file stem."""
-    gib = frontier["capacity_bytes"] / 2**30
+    gib = frontier["capacity_bytes"] / GIB
     return f"{frontier['shape']}-{frontier['mode']}-{frontier['path']}-{gib:g}gib-{probe}"
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from qlora_core.measure.floor import PHASE_COMPONENTS, phase_components
+from qlora_core.measure.floor import MEASURED_BY_ALLOCATOR, PHASE_COMPONENTS, phase_components
 from qlora_core.measure.memory import GIB
 from qlora_core.measure.timing import NOISY_RELATIVE_IQR
 from qlora_core.modes import BASELINE_MODE, MODES
@@ -604,7 +604,6 @@ COMPONENT_COLORS = {
 }
 MEASURED_COLOR, REMAINDER_COLOR, SLACK_COLOR, OVER_COLOR = "#525252", "#e41a1c", "#f0f0f0", "#c51b7d"
 TRUE_FLOOR_COLOR = "#006d2c"
-MEASURED_BY_ALLOCATOR = "cuda allocator"
 MEMORY_PANEL_SIZE_IN = (13.0, 5.0)  # per model: one row of (predicted, measured) pairs
 MEMORY_TOP_IN, MEMORY_BOTTOM_IN = 0.9, 0.9  # the figure's title above the panels; the last mode names below
 BAR_WIDTH = 0.38

@@ -22,8 +22,14 @@ from qlora_core.results import flatten_settings, write_json_atomic
 from qlora_core.worker import CellError, WorkerPool, serialize_inputs
 
 
+def cell_path(out_dir: Path, name: str, suffix: str = ".json") -> Path:
+    """Where the cell called ``name`` writes its result (``.json``) or its log (``.log``)."""
+    return out_dir / f"{name}{suffix}"
+
+
 def result_path(out_dir: Path, mode: Mode) -> Path:
-    return out_dir / f"{mode.name}.json"
+    """A sweep's result file for ``mode``: its cells are named by mode."""
+    return cell_path(out_dir, mode.name)
 
 
 class ResumeMismatchError(ValueError):
@@ -94,7 +100,7 @@ def run_cells(
     measured with other settings raises ``ResumeMismatchError`` before any cell runs.
     """
     # every cell checked before the first one runs, so a mismatch costs no measurement
-    reused = {name for name, settings in cells.items() if resume and reusable(out_dir / f"{name}.json", settings)}
+    reused = {name for name, settings in cells.items() if resume and reusable(cell_path(out_dir, name), settings)}
     out_dir.mkdir(parents=True, exist_ok=True)
     manifest = RunManifest(out_dir, command)
     payload = serialize_inputs(inputs)
@@ -102,7 +108,7 @@ def run_cells(
     results = []
     with WorkerPool() as pool:
         for name, settings in cells.items():
-            path = out_dir / f"{name}.json"
+            path = cell_path(out_dir, name)
             if name in reused:
                 on_event(name, {"phase": "done (resumed)"})
                 results.append(json.loads(path.read_text()))
@@ -111,8 +117,8 @@ def run_cells(
             events = lambda event, name=name: on_event(name, event)  # noqa: E731
             start = manifest.started(name, settings.mode)
             cells_after = len(to_run) - to_run.index(name) - 1
-            results.append(run_cell_process(settings, path, events, out_dir / f"{name}.log", pool, payload,
-                                            cells_after))
+            results.append(run_cell_process(settings, path, events, cell_path(out_dir, name, ".log"), pool,
+                                            payload, cells_after))
             manifest.finished(name, settings.mode, results[-1], path, start)
     manifest.close()
     return results

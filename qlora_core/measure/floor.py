@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
+from qlora_core.measure.flops import head_dim
 from qlora_core.modes import BNB_4BIT_BLOCKSIZE, BNB_DOUBLE_QUANT_BLOCKSIZE, Mode
 from qlora_core.paths import LOSS_CHUNK_TOKENS, check_path
 
@@ -226,9 +227,9 @@ def gated_layer_bytes_per_token(config, p: Precision) -> int:
     - the MLP: gate and up projections' outputs and the activation silu(gate) (f each, o bytes).
     Frozen linears save nothing for themselves (their input gradient needs only the weight).
     """
-    h, f = config.hidden_size, config.intermediate_size
+    f = config.intermediate_size
     n_h, n_kv = config.num_attention_heads, config.num_key_value_heads
-    d = getattr(config, "head_dim", None) or h // n_h
+    d = head_dim(config)
     norms = 2 * norm_bytes_per_token(config, p)
     attention = p.compute * (2 * n_h * d + 2 * n_kv * d) + FLOAT32 * n_h
     return norms + attention + 3 * f * p.linear_out
@@ -288,9 +289,8 @@ def int8_held_inputs_bytes_per_token(config, p: Precision, device_type: str,
     if config.model_type in BLOOM_FAMILIES:
         widths = {"query_key_value": h, "dense_h_to_4h": h, "dense": h, "dense_4h_to_h": 4 * h}
     else:
-        n_h = config.num_attention_heads
-        d = getattr(config, "head_dim", None) or h // n_h
-        widths = {"q_proj": h, "gate_proj": h, "o_proj": n_h * d, "down_proj": config.intermediate_size}
+        attention_output = config.num_attention_heads * head_dim(config)
+        widths = {"q_proj": h, "gate_proj": h, "o_proj": attention_output, "down_proj": config.intermediate_size}
     inputs = sum(width * _int8_input_bytes(config, name, p, device_type) for name, width in widths.items())
     outliers = sum(columns * _int8_input_bytes(config, name, p, device_type)
                    for name, columns in (outlier_columns or {}).items())
@@ -319,8 +319,7 @@ def rope_table_bytes(config, seq_len: int, p: Precision) -> int:
     """RoPE's cos and sin [seq_len, head_dim] in the residual dtype, computed once and saved by every layer."""
     if config.model_type not in GATED_MLP_FAMILIES:
         return 0
-    d = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return 2 * seq_len * d * p.residual
+    return 2 * seq_len * head_dim(config) * p.residual
 
 
 def first_layer_targets(targets: list[Linear]) -> list[Linear]:
@@ -466,8 +465,8 @@ def true_floor(terms: dict, layer_transient: int) -> tuple[str, int]:
     path's under checkpointing, whose phases hold just that; what bitsandbytes' int8 matmuls keep is left out,
     since the int8 format does not need it. It shares the lean path's transient accounting, which issue 10's
     Llama-3.1-8B runs measured up to 5 % above the real peak: until that is refined it is an upper estimate."""
-    phases = {phase: sum(_phase_parts(terms, phase, True, layer_transient).values())
-              - _phase_parts(terms, phase, True, layer_transient)["int8_held_inputs_bytes"] for phase in STEP_PHASES}
+    parts = {phase: _phase_parts(terms, phase, True, layer_transient) for phase in STEP_PHASES}
+    phases = {phase: sum(part.values()) - part["int8_held_inputs_bytes"] for phase, part in parts.items()}
     phase = max(phases, key=phases.get)
     return phase, phases[phase]
 
@@ -486,6 +485,28 @@ def phase_components(floor: dict, phase: str) -> dict[str, int]:
     return _phase_parts(floor, phase, _checkpointed(floor), floor["layer_backward_transient_bytes"])
 
 
+def _path_terms(config, model, mode: Mode, lora, seq_len: int, batch_size: int, gradient_checkpointing: bool,
+                path: str, optimizer: str, device_type: str,
+                int8_outlier_columns: dict[str, float] | None) -> tuple[Precision, dict, int]:
+    """(precision, bytes by component, one layer's backward transient) of training the skeleton ``model`` on
+    ``path``: what ``memory_floor`` composes into phases, for its own path and for the true floor's."""
+    tokens = batch_size * seq_len
+    p = Precision.of(mode, check_path(path), device_type)
+    weights = weight_bytes(model, mode)
+    upcast = upcast_bytes(model, mode, path)
+    terms = {
+        **weights,
+        "upcast_bytes": upcast,
+        **lora_bytes(lora_targets(model, lora), lora, optimizer),
+        **activation_terms(config, model, lora, seq_len, tokens, gradient_checkpointing, path, p, device_type,
+                           int8_outlier_columns),
+        **loss_terms(config, tokens, path, config.vocab_size * config.hidden_size * p.compute if upcast else 0),
+    }
+    quantized = [layer for layer in linears(model) if layer.storage != "dense"]
+    largest = max(quantized, key=lambda layer: layer.in_features * layer.out_features, default=None)
+    return p, terms, layer_backward_transient(config, tokens, p, largest)
+
+
 def memory_floor(config, mode: Mode, lora, seq_len: int, batch_size: int, gradient_checkpointing: bool,
                  path: str = "lean", optimizer: str = "adamw", device_type: str = "cuda",
                  int8_outlier_columns: dict[str, float] | None = None) -> dict:
@@ -499,43 +520,27 @@ def memory_floor(config, mode: Mode, lora, seq_len: int, batch_size: int, gradie
     ``true_floor_bytes`` and ``true_floor_phase``: the least any path could hold (``true_floor``).
     ``device_type`` selects autocast's behaviour ("cuda" or "cpu"). Plain JSON.
     """
-    model = skeleton(config, mode)
-    tokens = batch_size * seq_len
-    p = Precision.of(mode, check_path(path), device_type)
-    if path == "lean" and gradient_checkpointing:
-        lean = None  # this prediction is the true floor's own path
-    else:
-        lean = memory_floor(config, mode, lora, seq_len, batch_size, True, path="lean", optimizer=optimizer,
-                            device_type=device_type)
-    weights = weight_bytes(model, mode)
-    upcast = upcast_bytes(model, mode, path)
-    terms = {
-        **weights,
-        "upcast_bytes": upcast,
-        **lora_bytes(lora_targets(model, lora), lora, optimizer),
-        **activation_terms(config, model, lora, seq_len, tokens, gradient_checkpointing, path, p, device_type,
-                           int8_outlier_columns),
-        **loss_terms(config, tokens, path, config.vocab_size * config.hidden_size * p.compute if upcast else 0),
-    }
-    quantized = [layer for layer in linears(model) if layer.storage != "dense"]
-    largest = max(quantized, key=lambda layer: layer.in_features * layer.out_features, default=None)
-    layer_transient = layer_backward_transient(config, tokens, p, largest)
-    setup = weights["weights_bytes"] + upcast + terms["lora_param_bytes"]
+    model = skeleton(config, mode)  # built once: the true floor's lean terms read the same skeleton
+    set_up = (config, model, mode, lora, seq_len, batch_size)
+    p, terms, layer_transient = _path_terms(*set_up, gradient_checkpointing, path, optimizer, device_type,
+                                            int8_outlier_columns)
+    lean_terms, lean_transient = terms, layer_transient
+    if path != "lean" or not gradient_checkpointing:
+        _, lean_terms, lean_transient = _path_terms(*set_up, True, "lean", optimizer, device_type, None)
+    floor_phase, floor_bytes = true_floor(lean_terms, lean_transient)
     phases = step_phases(terms, gradient_checkpointing, layer_transient)
     peak_phase = max(phases, key=phases.get)
-    floor_phase, floor_bytes = (true_floor(terms, layer_transient) if lean is None
-                                else (lean["true_floor_phase"], lean["true_floor_bytes"]))
     return {
         "path": path,
         "device_type": device_type,
         "optimizer": optimizer,
-        "tokens_per_micro_batch": tokens,
+        "tokens_per_micro_batch": batch_size * seq_len,
         "int8_outlier_columns": int8_outlier_columns,
         **terms,
         "layer_backward_transient_bytes": layer_transient,
         "largest_transient_bytes": max(terms["logits_phase_bytes"], layer_transient),
-        "after_load_bytes": weights["weights_bytes"],
-        "after_setup_bytes": setup,
+        "after_load_bytes": terms["weights_bytes"],
+        "after_setup_bytes": terms["weights_bytes"] + terms["upcast_bytes"] + terms["lora_param_bytes"],
         "phase_peak_bytes": phases,
         "peak_bytes": phases[peak_phase],
         "peak_phase": peak_phase,
@@ -561,6 +566,10 @@ def compare(predicted_bytes: int, measured_bytes: int | None, measured_by: str) 
     }
 
 
+#: How a predicted-vs-measured row was measured: the CUDA allocator's bytes, or the model's tensors' bytes.
+MEASURED_BY_ALLOCATOR, MEASURED_BY_TENSORS = "cuda allocator", "tensor bytes"
+
+
 def predicted_vs_measured(floor: dict, memory: dict, tensors_after_load: int, tensors_after_setup: int) -> dict:
     """The floor beside what was observed after load, after set-up and at the training peak, and the training
     peak beside the true floor.
@@ -580,7 +589,7 @@ def predicted_vs_measured(floor: dict, memory: dict, tensors_after_load: int, te
         peak = grown(memory.get("training_peak", {}).get("peak_allocated_bytes"))
     else:
         load, setup, peak = tensors_after_load, tensors_after_setup, None
-    by = "cuda allocator" if cuda else "tensor bytes"
+    by = MEASURED_BY_ALLOCATOR if cuda else MEASURED_BY_TENSORS
     rows = {
         "weights_after_load": compare(floor["after_load_bytes"], load, by),
         "after_setup": compare(floor["after_setup_bytes"], setup, by),

@@ -35,11 +35,14 @@ def matmul_params(model: torch.nn.Module) -> int:
     return total
 
 
+def head_dim(config) -> int:
+    """Width of one attention head: the config's ``head_dim`` where it has one, else hidden size / heads."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
 def lora_training_flops_per_token(config, matmul_weights: int, lora_weights: int, seq_len: int) -> float:
     """Model FLOPs one token costs in a LoRA training step (see the module docstring for what counts)."""
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    attention_width = config.num_attention_heads * head_dim
-    attention = 12 * config.num_hidden_layers * seq_len * attention_width
+    attention = 12 * config.num_hidden_layers * seq_len * config.num_attention_heads * head_dim(config)
     return 4 * matmul_weights + 6 * lora_weights + attention
 
 
@@ -51,8 +54,7 @@ def recompute_flops_per_token(config, matmul_weights: int, lora_weights: int, se
     ``matmul_weights`` includes the head. torch's early stop skips each layer's last adapter up-projection
     (r x h weights), which is not subtracted: a few parts in 100,000 of the recompute at 8B."""
     head = config.vocab_size * config.hidden_size
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    attention = 4 * config.num_hidden_layers * seq_len * config.num_attention_heads * head_dim
+    attention = 4 * config.num_hidden_layers * seq_len * config.num_attention_heads * head_dim(config)
     layers = 2 * (matmul_weights - head) + 2 * lora_weights + attention
     return (layers if gradient_checkpointing else 0) + (2 * head if path == "lean" else 0)
 

@@ -10,6 +10,8 @@ is the check, and one a step above it should fail.
 
 from __future__ import annotations
 
+import functools
+
 from qlora_core.measure.floor import memory_floor
 from qlora_core.modes import Mode
 
@@ -50,8 +52,10 @@ def predicted_frontier(config, mode: Mode, lora, capacity_bytes: int, path: str,
 
     The affine guess (``_affine_guess``) is confirmed by two predictions, one at it and one a step above;
     where it does not hold (BLOOM's quadratic attention) the answer comes from bisection."""
-    peak = lambda steps: predicted_peak_bytes(config, mode, lora, steps * TOKEN_GRANULARITY, path,  # noqa: E731
-                                              optimizer)
+    @functools.cache  # the search, the answer and its slope revisit lengths: each is predicted once
+    def peak(steps: int) -> int:
+        return predicted_peak_bytes(config, mode, lora, steps * TOKEN_GRANULARITY, path, optimizer)
+
     fits = lambda steps: steps == 0 or peak(steps) <= capacity_bytes  # noqa: E731
     limit = min(MAX_TOKENS, getattr(config, "max_position_embeddings", None) or MAX_TOKENS) // TOKEN_GRANULARITY
     steps = min(_affine_guess(config, mode, lora, capacity_bytes, path, optimizer), limit)
