@@ -16,6 +16,7 @@ import torch
 
 from qlora_core.cell import CellSettings, does_not_fit_result, run_cell
 from qlora_core.lora import LoraSettings
+from qlora_core.measure.memory import cap_memory
 from qlora_core.results import read_results
 from qlora_core.shapes import RANDOM_WEIGHTS_NOTE, UnknownShapeError
 from qlora_core.trainer import TrainSettings
@@ -192,17 +193,21 @@ def test_report_keeps_the_two_paths_apart_and_says_the_weights_are_random(both_p
 def test_a_memory_cap_makes_a_smaller_gpu_of_the_h200():
     """A cell capped below its need ends in the allocator's OutOfMemoryError (a result: oom), one capped above it
     runs and reserves no more than the cap, and the next uncapped cell has the whole device again."""
-    needed = run_cell(dataclasses.replace(shape_settings("nf4-dq", "lean"), device="cuda"))
-    peak_reserved = needed["memory"]["training_peak"]["peak_reserved_bytes"]
-    with pytest.raises(torch.cuda.OutOfMemoryError):
-        run_cell(dataclasses.replace(shape_settings("nf4-dq", "lean"), device="cuda",
-                                     memory_cap_bytes=peak_reserved // 4))
-    capped = run_cell(dataclasses.replace(shape_settings("nf4-dq", "lean"), device="cuda",
-                                          memory_cap_bytes=2 * peak_reserved))
-    assert capped["memory"]["training_peak"]["peak_reserved_bytes"] <= 2 * peak_reserved
-    assert run_cell(dataclasses.replace(shape_settings("nf4-dq", "lean"), device="cuda"))["status"] == "ok"
-    beyond_the_last_cap = torch.empty(4 * peak_reserved, dtype=torch.uint8, device="cuda")  # lifted: it fits
-    del beyond_the_last_cap
+    cuda = torch.device("cuda")
+    try:
+        needed = run_cell(dataclasses.replace(shape_settings("nf4-dq", "lean"), device="cuda"))
+        peak_reserved = needed["memory"]["training_peak"]["peak_reserved_bytes"]
+        with pytest.raises(torch.cuda.OutOfMemoryError):
+            run_cell(dataclasses.replace(shape_settings("nf4-dq", "lean"), device="cuda",
+                                         memory_cap_bytes=peak_reserved // 4))
+        capped = run_cell(dataclasses.replace(shape_settings("nf4-dq", "lean"), device="cuda",
+                                              memory_cap_bytes=2 * peak_reserved))
+        assert capped["memory"]["training_peak"]["peak_reserved_bytes"] <= 2 * peak_reserved
+        assert run_cell(dataclasses.replace(shape_settings("nf4-dq", "lean"), device="cuda"))["status"] == "ok"
+        beyond_the_last_cap = torch.empty(4 * peak_reserved, dtype=torch.uint8, device="cuda")  # lifted: it fits
+        del beyond_the_last_cap
+    finally:
+        cap_memory(cuda, None)  # a failure above must not leave later tests of this process a capped device
 
 
 def test_a_memory_cap_must_be_positive():

@@ -181,7 +181,9 @@ def test_cap_memory_sets_the_fraction_of_the_numbered_device(monkeypatch, device
                         lambda device: SimpleNamespace(total_memory=100 * (1 + _get_device_index(device))))
     monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction",
                         lambda share, device: calls.append((share, _get_device_index(device))))
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: calls.append("empty_cache"))
     cap_memory(device, None if cap is None else cap * (1 + index))
-    assert calls == [(fraction, index)]
+    # the cache is emptied before the cap is set: cached blocks would otherwise serve allocations beyond it
+    assert calls == ["empty_cache", (fraction, index)]
     cap_memory(torch.device("cpu"), 25)
-    assert len(calls) == 1  # nothing to cap off CUDA
+    assert len(calls) == 2  # nothing to cap off CUDA

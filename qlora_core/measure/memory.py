@@ -7,6 +7,7 @@ caching allocator, or on a CPU-only machine the process RSS, labelled as such.
 
 from __future__ import annotations
 
+import gc
 import resource
 
 import torch
@@ -90,11 +91,17 @@ def cap_memory(device: torch.device, cap_bytes: int | None) -> None:
     so a larger GPU measures a smaller one: an allocation beyond it raises ``OutOfMemoryError`` as it would
     there. The cap counts what the allocator reserves, not the CUDA context (a few hundred MiB on the smaller GPU
     too). It holds for the whole process, so every cell on CUDA sets it, None lifting an earlier cell's; nothing
-    off CUDA."""
+    off CUDA.
+
+    The fraction only refuses *new* reservations: blocks an earlier cell of the same process left in the
+    allocator's cache would serve allocations beyond the cap unchecked (a cell capped at a quarter of its need
+    ran to the end on the H200 that way), so the cache is emptied first."""
     if device.type != "cuda":
         return
     index = torch.cuda.current_device() if device.index is None else device.index  # torch wants it numbered
     total = torch.cuda.get_device_properties(index).total_memory
+    gc.collect()  # an earlier model still in a reference cycle holds its blocks until collected
+    torch.cuda.empty_cache()
     torch.cuda.set_per_process_memory_fraction(1.0 if cap_bytes is None else min(1.0, cap_bytes / total), index)
 
 
