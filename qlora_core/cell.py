@@ -339,6 +339,7 @@ class Cell:
     def end_training(self) -> dict:
         """Read the peak memory of the training steps (before evaluation allocates anything), and int8's
         outlier columns as the last step found them (they decide part of its memory)."""
+        self.report({"phase": "training done"})
         self.memory["training_peak"] = memory_snapshot(self.device)
         if self.mode.weight_format == "int8":
             self.int8_outliers = int8_outliers(self.model)
@@ -436,8 +437,12 @@ def _check_perplexity(perplexities: dict[str, dict], when: str) -> None:
             raise NonFiniteError(f"perplexity {when} on {text} is {figures['perplexity']}: not finite")
 
 
-#: The progress phases a cell reports before its model is loaded; any later event means the load is over.
-PHASES_UNTIL_LOADED = ("data", "loading")
+#: The progress phases beside which another process may start without disturbing a measurement: evaluations
+#: (their wall time is not a reported figure) and the end of the timed steps. Not the load (a process starting
+#: beside it made a SmolLM2 load ~10x slower on the H200), nor the steps: a shape, which has no evaluation, had
+#: its next cells' processes importing through its first timed steps, and at 4 x 1,024 tokens a Llama-3.1-8B
+#: step, still host-bound, took up to 1.5x its median there.
+PHASES_TO_START_PROCESSES_IN = ("evaluating before", "training done", "evaluating after", "evaluating merged")
 
 
 def run_cell(settings: CellSettings, report=_report_nothing) -> dict:

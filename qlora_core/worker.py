@@ -3,9 +3,9 @@ process while the current cell finishes.
 
 Each (model, mode) cell gets a new Python process, so CUDA allocator state, cached kernels or a crash in one
 mode cannot touch the next one's figures. A process is spawned *unbound*: it imports torch, transformers, peft
-and bitsandbytes (seconds of start-up) and waits; ``WorkerPool`` spawns the next one once the current cell has
-loaded its model, so a sweep pays that start-up once instead of once per cell. Binding sends the
-cell's settings and its already tokenized inputs; only then does the process touch the GPU. The child's stderr
+and bitsandbytes (seconds of start-up) and waits; ``WorkerPool`` spawns the next ones while the current cell
+evaluates or after its timed steps, so a sweep pays that start-up once instead of once per cell. Binding sends
+the cell's settings and its already tokenized inputs; only then does the process touch the GPU. The child's stderr
 (library warnings, load bars) goes to the cell's log file; progress events come back through the pipe.
 """
 
@@ -22,7 +22,7 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from qlora_core.cell import PHASES_UNTIL_LOADED, Cell, CellInputs, CellSettings
+from qlora_core.cell import PHASES_TO_START_PROCESSES_IN, Cell, CellInputs, CellSettings
 from qlora_core.modes import MODES, get_mode, register
 from qlora_core.noise import count_repeats, warning_counts
 
@@ -198,24 +198,24 @@ class WorkerPool:
     def take(self, settings: CellSettings, *, log: Path | None = None, on_event=None,
              inputs: bytes | None = None, cells_after: int = 0) -> CellWorker:
         """A fresh process bound to this cell: the oldest spare, else a new one. With ``cells_after`` cells
-        still to run after this one, their processes are started as soon as this cell's model is loaded: on
-        the H200 a process starting beside a model load made the load call ~10x slower (1.4 s alone, 11-15 s
-        beside it), while beside evaluations and training steps it changed neither measurably."""
+        still to run after this one, their processes are started at the cell's first phase that nothing
+        measured runs beside (``cell.PHASES_TO_START_PROCESSES_IN``: its first evaluation, else the end of its
+        timed steps)."""
         worker = self.spares.popleft() if self.spares else CellWorker()
         if cells_after:
-            on_event = self._preparing_after_load(on_event, cells_after)
+            on_event = self._preparing_when_quiet(on_event, cells_after)
         try:
             return worker.bind(settings, log=log, on_event=on_event, inputs=inputs)
         except BaseException:
             worker.close(wait=False)  # a failed or interrupted bind leaves a process no cell can use
             raise
 
-    def _preparing_after_load(self, on_event, cells: int):
-        """``on_event`` that also starts the next ``cells`` cells' processes (``prepare``) at the cell's first
-        event after its model loaded."""
+    def _preparing_when_quiet(self, on_event, cells: int):
+        """``on_event`` that also starts the next ``cells`` cells' processes (``prepare``) once the cell reaches a
+        phase that a process starting beside cannot disturb."""
 
         def handle(event: dict) -> None:
-            if event.get("phase") not in PHASES_UNTIL_LOADED:
+            if event.get("phase") in PHASES_TO_START_PROCESSES_IN:
                 self.prepare(cells)
             if on_event is not None:
                 on_event(event)
