@@ -390,16 +390,21 @@ def model_label(result: dict) -> str:
     """The short model name tables use: the result's own label, else the one its settings imply (a shape's
     name, a folder's name), with the training path when it is not the reference one, so the two paths of one
     model and mode stay two rows."""
+    label = _base_label(result)
+    path = result.get("settings", {}).get("path", "reference")
+    return label if path == "reference" else f"{label} ({path} path)"
+
+
+def _base_label(result: dict) -> str:
+    """``model_label`` without the training path."""
     from qlora_core.default_model import DEFAULT_MODEL
 
     settings = result.get("settings", {})
-    label = (
+    return (
         (result.get("model") or {}).get("label")
         or settings.get("shape")
         or Path(settings.get("model") or DEFAULT_MODEL).name
     )
-    path = settings.get("path", "reference")
-    return label if path == "reference" else f"{label} ({path} path)"
 
 
 def is_benchmark_json(data) -> bool:
@@ -526,7 +531,8 @@ def label_setups(results: list[dict]) -> list[dict]:
     for result, signature in zip(results, signatures):
         suffix = suffixes.get(model_label(result), {}).get(signature)
         if suffix is not None:
-            result = {**result, "model": {**(result.get("model") or {}), "label": f"{model_label(result)} [{suffix}]"}}
+            label = f"{_base_label(result)} [{suffix}]"  # model_label adds the path after the set-up
+            result = {**result, "model": {**(result.get("model") or {}), "label": label}}
         labelled.append(result)
     return labelled
 

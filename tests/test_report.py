@@ -115,6 +115,21 @@ def test_one_model_in_two_set_ups_reads_as_two_models(results, tmp_path):
     assert "tiny-llama [seq_len=" in markdown_report(read_results([tmp_path]))
 
 
+def test_two_set_ups_on_the_lean_path_name_the_path_once(results, tmp_path):
+    from qlora_core.results import write_json_atomic
+
+    lean = copy.deepcopy(results)
+    for result in lean:
+        result["settings"]["path"] = "lean"
+    longer = copy.deepcopy(lean)
+    for result in longer:
+        result["settings"]["seq_len"] *= 2
+    for index, result in enumerate(lean + longer):
+        write_json_atomic(result, tmp_path / f"run-{index // len(lean)}" / f"{result['mode']['name']}.json")
+    seq_len = TINY_CELL["seq_len"]
+    assert sorted(set(results_frame(read_results([tmp_path]))["model"])) == [
+        f"tiny-llama [seq_len={seq_len}] (lean path)", f"tiny-llama [seq_len={2 * seq_len}] (lean path)"]
+
 def test_failed_cell_is_a_row_with_its_error(results):
     failed = {
         "schema": results[0]["schema"], "status": "error", "mode": MODES["fp4"].describe(),
