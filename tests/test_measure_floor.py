@@ -143,12 +143,13 @@ def int8_held_input_bytes(model, path: str) -> int:
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("shape", FLOOR_SHAPES)
 def test_int8_held_inputs_match_what_bitsandbytes_keeps(shape, path):
-    """The int8 matmuls keep their inputs outside autograd's saved tensors, so checkpointing cannot drop them:
-    under checkpointing, after one forward, what they hold is the prediction, byte for byte (no outliers on
-    CPU, whose training path has none)."""
+    """bitsandbytes' int8 matmuls keep their inputs outside autograd's saved tensors, so checkpointing cannot drop
+    them: under checkpointing, after one forward, what they hold is the prediction, byte for byte (no outliers
+    on CPU, whose training path has none). The lean path's int8 linears keep none (``paths.FrozenInt8Matmul``)."""
     predicted = floor(shape, "int8", path, checkpointing=True, device_type="cpu")
     held = int8_held_input_bytes(adapted(shape, "int8", path, checkpointing=True), path)
-    assert held > 0 and predicted["int8_held_inputs_bytes"] == held
+    assert predicted["int8_held_inputs_bytes"] == held
+    assert (held > 0) == (path == "reference")
     assert floor(shape, "nf4-dq", path, device_type="cpu")["int8_held_inputs_bytes"] == 0
 
 
@@ -266,7 +267,7 @@ def test_path_gap_names_where_the_reference_spends_more():
 @pytest.mark.parametrize("mode", ["bf16", "int8", "nf4-dq", "fp4"])
 def test_the_true_floor_is_the_least_any_path_holds(mode):
     """Both paths' predictions sit on or above one true floor; the lean path under checkpointing is that floor,
-    but for what bitsandbytes' int8 matmuls keep, which the format does not need."""
+    int8 included (its int8 linears keep no inputs)."""
     config = shape_config("Llama-3.1-8B")
     floors = [memory_floor(config, get_mode(mode), LoraSettings(), 1024, 4, checkpointing, path=path)
               for path in PATHS for checkpointing in (True, False)]
@@ -274,9 +275,9 @@ def test_the_true_floor_is_the_least_any_path_holds(mode):
     for predicted in floors:
         assert predicted["true_floor_bytes"] <= predicted["peak_bytes"]
     lean = memory_floor(config, get_mode(mode), LoraSettings(), 1024, 4, True, path="lean")
-    held = phase_components(lean, lean["true_floor_phase"])["int8_held_inputs_bytes"]
-    assert lean["true_floor_bytes"] == lean["phase_peak_bytes"][lean["true_floor_phase"]] - held
-    assert (held > 0) == (mode == "int8")
+    assert lean["true_floor_bytes"] == lean["peak_bytes"]
+    reference = memory_floor(config, get_mode(mode), LoraSettings(), 1024, 4, True, path="reference")
+    assert (reference["int8_held_inputs_bytes"] > 0) == (mode == "int8")
 
 
 def test_the_peak_is_compared_with_the_true_floor_too():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bitsandbytes as bnb
 import pytest
 import torch
 
@@ -13,6 +14,7 @@ from qlora_core.paths import (
     causal_lm_loss,
     check_path,
     chunked_causal_lm_loss,
+    keep_no_int8_inputs,
     loss_function,
     next_token_labels,
 )
@@ -106,3 +108,25 @@ def test_lean_and_reference_train_the_same(shape, mode):
     cosine = torch.nn.functional.cosine_similarity(lean_gradient, reference_gradient, dim=0).item()
     assert cosine >= MIN_GRADIENT_COSINE
     assert lean_gradient.norm().item() == pytest.approx(reference_gradient.norm().item(), rel=GRADIENT_NORM_REL_TOL)
+
+
+@pytest.mark.parametrize("shape", ["tiny-llama", "tiny-bloom"])
+def test_int8_linears_that_keep_no_inputs_give_bitsandbytes_own_loss_and_gradients(shape):
+    """``FrozenInt8Matmul`` changes what is kept, not what is computed: the lean path's int8 loss and adapter
+    gradients equal those of bitsandbytes' own matmul on the same model, and every int8 linear is routed."""
+    ids = batch(320)
+    lean = adapted(shape, "int8", "lean")
+    int8_linears = [m for m in lean.modules() if isinstance(m, bnb.nn.Linear8bitLt)]
+    routed = [m for m in int8_linears if "forward" in vars(m)]
+    assert routed and routed == int8_linears
+    lean_loss, lean_gradient = loss_and_gradient(lean, chunked_causal_lm_loss, ids)
+    own = adapted(shape, "int8", "lean")
+    for layer in routed:
+        own.get_submodule(next(n for n, m in lean.named_modules() if m is layer)).__dict__.pop("forward")
+    own_loss, own_gradient = loss_and_gradient(own, chunked_causal_lm_loss, ids)
+    assert lean_loss == own_loss
+    torch.testing.assert_close(lean_gradient, own_gradient, rtol=0, atol=0)
+
+
+def test_no_int8_linear_no_routing():
+    assert keep_no_int8_inputs(adapted("tiny-llama", "nf4-dq", "lean")) == 0

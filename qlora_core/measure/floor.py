@@ -378,8 +378,9 @@ def activation_terms(config, model, lora, seq_len: int, tokens: int, gradient_ch
     head_saved = tokens * (norm_bytes_per_token(config, p) + INT64) + rope_table_bytes(config, seq_len, p)
     if path == "lean":
         head_saved += tokens * config.hidden_size * p.compute
-    held = int8_layers_count(model) * tokens * int8_held_inputs_bytes_per_token(config, p, device_type,
-                                                                                 int8_outlier_columns)
+    # the lean path's int8 linears keep no inputs (paths.FrozenInt8Matmul)
+    held = 0 if path == "lean" else int8_layers_count(model) * tokens * int8_held_inputs_bytes_per_token(
+        config, p, device_type, int8_outlier_columns)
     return {
         "layer_activation_bytes": per_layer,
         "int8_held_inputs_bytes": held,
@@ -462,11 +463,10 @@ def true_floor(terms: dict, layer_transient: int) -> tuple[str, int]:
     the weights as stored with their constants, the adapters with their gradients and optimizer state, one
     checkpointed boundary a layer, and the largest unavoidable transient (one layer recomputed with its backward
     working set, one loss chunk, or the optimizer's temporaries). ``terms`` and ``layer_transient`` are the lean
-    path's under checkpointing, whose phases hold just that; what bitsandbytes' int8 matmuls keep is left out,
-    since the int8 format does not need it. It shares the lean path's transient accounting, which issue 10's
-    Llama-3.1-8B runs measured up to 5 % above the real peak: until that is refined it is an upper estimate."""
-    parts = {phase: _phase_parts(terms, phase, True, layer_transient) for phase in STEP_PHASES}
-    phases = {phase: sum(part.values()) - part["int8_held_inputs_bytes"] for phase, part in parts.items()}
+    path's under checkpointing, whose phases hold just that (its int8 linears keep no inputs). It shares the lean
+    path's transient accounting, which issue 10's Llama-3.1-8B runs measured up to 5 % above the real peak: until
+    that is refined it is an upper estimate."""
+    phases = step_phases(terms, True, layer_transient)
     phase = max(phases, key=phases.get)
     return phase, phases[phase]
 
