@@ -24,18 +24,19 @@ import json
 import os
 import re
 import shutil
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from transformers import TrainerCallback
+from transformers import Trainer, TrainerCallback
 
 from qlora_core import data as datalib
 from qlora_core.lora import LoraSettings, attach_lora, parameter_counts
 from qlora_core.measure.memory import memory_snapshot, reset_peak
 from qlora_core.measure.perplexity import perplexity
-from qlora_core.measure.timing import timed
+from qlora_core.measure.timing import synchronize, timed, timing_stats
 from qlora_core.models import ModelSource, load_dequantized, load_model, prepare_for_training, resolve_model
 from qlora_core.modes import BASELINE_MODE, Mode, get_mode
 from qlora_core.results import environment, publish_folder, share_as_umask_allows, write_json_atomic
@@ -277,6 +278,40 @@ class AdapterOnlyCheckpointCallback(TrainerCallback):
 # ---- training ----
 
 
+class StepTimer(TrainerCallback):
+    """Wall time of each optimizer step (s), the device synchronized before each reading.
+
+    A step runs from the end of the previous one (the start of training for the first) to its own end, so it
+    includes loading its micro-batches, logging, and the checkpoint saved after the previous step.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.seconds: list[float] = []
+        self._last: float | None = None
+
+    def _now(self) -> float:
+        synchronize(self.device)  # queued kernels belong to the step that launched them
+        return time.perf_counter()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._last = self._now()
+        return control
+
+    def on_step_end(self, args, state, control, **kwargs):
+        now = self._now()
+        self.seconds.append(now - self._last)
+        self._last = now
+        return control
+
+    def stats(self) -> dict | None:
+        """``timing_stats`` of the steps (``median_s`` etc.), the first dropped as warm-up when there are
+        others; None when no step ran."""
+        if not self.seconds:
+            return None
+        return timing_stats(self.seconds, warmup=min(1, len(self.seconds) - 1))
+
+
 @dataclass
 class FinetuneRun:
     """What ``finetune`` leaves: the self-describing summary (also saved as ``summary.json``), and the trained
@@ -356,11 +391,12 @@ def finetune(
     run that already reached ``settings.max_steps`` raises ``RunAlreadyFinished`` and is left as it is.
     ``callbacks`` are extra ``TrainerCallback`` objects (progress, early stop).
 
-    The summary holds the per-step losses, the training wall time (s, synchronized), memory after loading and at
-    the training peak (``memory_snapshot``), parameter counts, mode and model descriptions with provenance, the
-    settings, the environment, and a greedy sample from ``prompt``.
+    The summary holds the per-step losses, the training wall time (s, synchronized), each optimizer step's wall
+    time (``step_seconds``, s, synchronized; ``step_time``: their median and spread, see ``StepTimer``), memory
+    after loading and at the training peak (``memory_snapshot``), parameter counts, mode and model descriptions
+    with provenance, the settings, the environment, and a greedy sample from ``prompt``.
     """
-    from transformers import DataCollatorForLanguageModeling, Trainer, set_seed
+    from transformers import DataCollatorForLanguageModeling, set_seed
 
     output_dir = Path(output_dir)
     start_from = _start_checkpoint(output_dir, resume, settings.max_steps)
@@ -375,13 +411,13 @@ def finetune(
     model = attach_lora(model, lora)
     counts = parameter_counts(model)
 
-    checkpointing = AdapterOnlyCheckpointCallback()
+    checkpointing, step_timer = AdapterOnlyCheckpointCallback(), StepTimer(device)
     trainer = Trainer(
         model=model,
         args=settings.training_arguments(output_dir, mode, device),
         train_dataset=rows,
         data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
-        callbacks=[checkpointing, *callbacks],
+        callbacks=[checkpointing, step_timer, *callbacks],
     )
     reset_peak(device)
     _, wall_s = timed(lambda: trainer.train(resume_from_checkpoint=str(start_from) if start_from else None), device)
@@ -408,6 +444,8 @@ def finetune(
             "global_step": trainer.state.global_step,
             "resumed_from": start_from.name if start_from else None,
             "wall_s": wall_s,
+            "step_seconds": step_timer.seconds,
+            "step_time": step_timer.stats(),
         },
         "memory": memory,
         "checkpoints": [folder.name for folder in list_checkpoints(output_dir) if checkpoint_is_complete(folder)],

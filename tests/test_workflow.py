@@ -74,6 +74,9 @@ def test_summary_describes_the_run(trained, mode):
     assert [s["step"] for s in summary["training"]["steps"]] == [1, 2, 3, 4]
     assert all(loss > 0 for loss in summary["training"]["losses"])
     assert summary["training"]["wall_s"] > 0
+    assert len(summary["training"]["step_seconds"]) == TINY_SETTINGS.max_steps
+    assert summary["training"]["step_time"]["rounds"] == TINY_SETTINGS.max_steps - 1  # the first is warm-up
+    assert 0 < summary["training"]["step_time"]["median_s"] <= summary["training"]["wall_s"]
     assert summary["memory"]["training_peak"]["kind"] == "cpu_rss"
     assert 0 < summary["parameters"]["trainable_params"] < summary["parameters"]["total_params"]
     assert summary["environment"]["libraries"]["peft"]
@@ -103,6 +106,22 @@ def test_adapter_and_checkpoints_are_readable_as_the_umask_allows(trained):
         assert stat.S_IMODE(folder.stat().st_mode) == 0o777 & ~mask, folder
         for path in folder.iterdir():
             assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask, path
+
+
+def test_step_timer_synchronizes_once_a_step(monkeypatch):
+    """Each optimizer step's time is read after the device has finished that step's kernels."""
+    from types import SimpleNamespace
+
+    synced = []
+    monkeypatch.setattr(workflow, "synchronize", synced.append)
+    timer = workflow.StepTimer(CPU)
+    timer.on_train_begin(None, SimpleNamespace(), None)
+    for _ in range(3):
+        timer.on_step_end(None, SimpleNamespace(), None)
+    assert synced == [CPU] * 4  # the start, then one per step
+    assert len(timer.seconds) == 3 and all(seconds >= 0 for seconds in timer.seconds)
+    assert timer.stats()["rounds"] == 2
+    assert workflow.StepTimer(CPU).stats() is None
 
 
 def test_callback_removes_full_weights_and_marks_complete(tmp_path):
