@@ -278,6 +278,26 @@ class AdapterOnlyCheckpointCallback(TrainerCallback):
 # ---- training ----
 
 
+class WorkflowTrainer(Trainer):
+    """transformers' ``Trainer``, counting FLOPs (``trainer_state.json``'s ``total_flos``) as it does, with the
+    model's parameter count taken once.
+
+    The base class recounts the parameters every micro-batch by walking every module (18 ms on SmolLM2-135M with
+    LoRA on all linears, measured on one CPU core: 70 ms of each 4-micro-batch step); the count never changes.
+    """
+
+    _non_embedding_parameters: int | None = None
+
+    def floating_point_ops(self, inputs: dict) -> int:
+        """6 FLOPs per non-embedding parameter per input token, as the base class counts them."""
+        main_input = getattr(self.model, "main_input_name", "input_ids")
+        if main_input not in inputs or not hasattr(self.model, "num_parameters"):
+            return super().floating_point_ops(inputs)
+        if self._non_embedding_parameters is None:
+            self._non_embedding_parameters = self.model.num_parameters(exclude_embeddings=True)
+        return 6 * inputs[main_input].numel() * self._non_embedding_parameters
+
+
 class StepTimer(TrainerCallback):
     """Wall time of each optimizer step (s), the device synchronized before each reading.
 
@@ -412,7 +432,7 @@ def finetune(
     counts = parameter_counts(model)
 
     checkpointing, step_timer = AdapterOnlyCheckpointCallback(), StepTimer(device)
-    trainer = Trainer(
+    trainer = WorkflowTrainer(
         model=model,
         args=settings.training_arguments(output_dir, mode, device),
         train_dataset=rows,

@@ -124,6 +124,24 @@ def test_step_timer_synchronizes_once_a_step(monkeypatch):
     assert workflow.StepTimer(CPU).stats() is None
 
 
+def test_flops_count_the_parameters_once(trained, tmp_path, monkeypatch):
+    """The base Trainer walked every module to count parameters for each micro-batch's FLOPs; the count is the
+    same, taken once."""
+    from transformers import Trainer, TrainingArguments
+
+    run, _ = trained
+    trainer = workflow.WorkflowTrainer(model=run.model, args=TrainingArguments(
+        output_dir=str(tmp_path), use_cpu=True, report_to="none"))
+    batch = {"input_ids": PROBE.repeat(2, 1)}
+    expected = Trainer.floating_point_ops(trainer, batch)
+    counts = []
+    count_parameters = type(run.model.base_model.model).num_parameters
+    monkeypatch.setattr(type(run.model.base_model.model), "num_parameters",
+                        lambda model, **kwargs: counts.append(kwargs) or count_parameters(model, **kwargs))
+    assert [trainer.floating_point_ops(batch) for _ in range(3)] == [expected] * 3
+    assert counts == [{"exclude_embeddings": True}]
+
+
 def test_callback_removes_full_weights_and_marks_complete(tmp_path):
     from types import SimpleNamespace
 
