@@ -138,6 +138,9 @@ class FinetuneSettings:
             fp16=on_cuda and mode.torch_compute_dtype == torch.float16,
             use_cpu=not on_cuda,
             remove_unused_columns=False,
+            # The filter tests every micro-batch's loss for NaN/inf on the host: two device syncs a micro-batch, and
+            # a non-finite loss logged as the running mean instead of as what it is.
+            logging_nan_inf_filter=False,
             report_to="none",
         )
 

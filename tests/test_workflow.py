@@ -142,6 +142,12 @@ def test_flops_count_the_parameters_once(trained, tmp_path, monkeypatch):
     assert counts == [{"exclude_embeddings": True}]
 
 
+def test_training_arguments_do_not_filter_the_loss(mode, tmp_path):
+    """The NaN/inf filter read every micro-batch's loss on the host (a device sync each) and hid a non-finite
+    loss behind the running mean."""
+    assert TINY_SETTINGS.training_arguments(tmp_path, mode, CPU).logging_nan_inf_filter is False
+
+
 def test_callback_removes_full_weights_and_marks_complete(tmp_path):
     from types import SimpleNamespace
 
