@@ -16,13 +16,13 @@ from dataclasses import dataclass, field
 
 import torch
 
+from qlora_core import backends
 from qlora_core import data as datalib
 from qlora_core.lora import LoraSettings, attach_lora, merge_into_dequantized, parameter_counts
 from qlora_core.measure.floor import memory_floor, predicted_vs_measured
 from qlora_core.measure.flops import (lora_training_flops_per_token, matmul_params, peak_flops,
                                       recompute_flops_per_token)
 from qlora_core.measure.memory import cap_memory, memory_snapshot, reset_peak, weight_footprint
-from qlora_core.measure.outliers import int8_outliers
 from qlora_core.measure.perplexity import check_protocol, perplexity
 from qlora_core.measure.quant_error import weight_quant_error
 from qlora_core.measure.timing import synchronize, timing_stats
@@ -31,7 +31,6 @@ from qlora_core.models import (
     load_config,
     load_model,
     prepare_for_training,
-    require_backend,
     resolve_model,
 )
 from qlora_core.modes import get_mode
@@ -234,7 +233,7 @@ def preflight(settings: CellSettings, modes) -> CellInputs:
     inputs every cell shares; the default model is fetched and converted here so the cells never race to do
     it."""
     for mode in modes:
-        require_backend(mode)
+        backends.require(mode)
     return prepare_inputs(settings)
 
 
@@ -341,8 +340,7 @@ class Cell:
         outlier columns as the last step found them (they decide part of its memory)."""
         self.report({"phase": "training done"})
         self.memory["training_peak"] = memory_snapshot(self.device)
-        if self.mode.weight_format == "int8":
-            self.int8_outliers = int8_outliers(self.model)
+        self.int8_outliers = backends.outliers(self.model)
         return self.memory["training_peak"]
 
     def evaluate_merged(self) -> dict:

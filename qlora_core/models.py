@@ -7,23 +7,19 @@ the same loading path as real models.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from qlora_core import backends
 from qlora_core.default_model import DEFAULT_MODEL, PROVENANCE, ensure_default_model
 from qlora_core.modes import Mode
 
 
 class ModelSourceError(ValueError):
     """A model that cannot be found or loaded, or that cannot serve the requested set-up."""
-
-
-class ModeUnavailableError(RuntimeError):
-    """A mode this installation cannot run (bitsandbytes missing)."""
 
 
 @dataclass(frozen=True)
@@ -90,27 +86,6 @@ def check_sequence_length(config, seq_len: int) -> None:
         raise ValueError(f"sequence length {seq_len} exceeds the model's limit of {limit} positions")
 
 
-def require_backend(mode: Mode) -> None:
-    """Raise a clear error when a quantized mode is asked for and bitsandbytes is not installed."""
-    if mode.is_quantized and importlib.util.find_spec("bitsandbytes") is None:
-        raise ModeUnavailableError(f"mode {mode.name!r} needs bitsandbytes: pip install bitsandbytes")
-
-
-def disable_cpu_4bit_repacking(model: torch.nn.Module) -> None:
-    """Stop bitsandbytes from repacking 4-bit weights for AVX512-BF16 CPUs.
-
-    On such CPUs the first no-grad eval forward of a ``Linear4bit`` permanently repacks its weight; afterwards
-    gradients through it are wrong and merging yields garbage (shared/notes/stack-facts.md). Harmless on GPU.
-    """
-    if not any(type(m).__name__ == "Linear4bit" for m in model.modules()):
-        return
-    import bitsandbytes as bnb
-
-    for module in model.modules():
-        if isinstance(module, bnb.nn.Linear4bit):
-            module.support_avx512bf16_for_cpu = False
-
-
 def load_model(source: ModelSource, mode: Mode, device: torch.device):
     """Load the causal LM with its frozen base weights stored as ``mode`` says, on ``device``.
 
@@ -118,18 +93,18 @@ def load_model(source: ModelSource, mode: Mode, device: torch.device):
     """
     from transformers import AutoModelForCausalLM
 
-    require_backend(mode)
+    backends.require(mode)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             source.name_or_path,
-            quantization_config=mode.bnb_config(),
+            quantization_config=mode.quantization_config(),
             dtype=mode.load_dtype,
             device_map={"": device},
             trust_remote_code=source.trust_remote_code,
         )
     except (OSError, ValueError) as error:
         raise ModelSourceError(f"cannot load {source.name_or_path} in mode {mode.name}: {error}") from error
-    disable_cpu_4bit_repacking(model)
+    backends.after_build(model)
     return model
 
 

@@ -17,12 +17,10 @@ from typing import Literal
 
 import torch
 
-WeightFormat = Literal["fp16", "bf16", "int8", "fp4", "nf4"]
+from qlora_core.backends import BACKENDS
 
-#: bitsandbytes' fixed block sizes (elements per absmax constant) for 4-bit weights and for the second-level
-#: quantization of those constants under double quantization. Recorded, not configurable: bnb hard-codes them.
-BNB_4BIT_BLOCKSIZE = 64
-BNB_DOUBLE_QUANT_BLOCKSIZE = 256
+WeightFormat = Literal["fp16", "bf16", "int8", "fp4", "nf4"]
+HALF_PRECISION_FORMATS = ("fp16", "bf16")
 
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "uint8": torch.uint8}
 
@@ -37,17 +35,19 @@ class Mode:
 
     Attributes:
         name: registry key, e.g. ``"nf4-dq"``.
-        weight_format: how linear-layer weights are stored: a half-precision dtype or a bitsandbytes format.
+        weight_format: how linear-layer weights are stored: a half-precision dtype or a quantized format.
         compute_dtype: dtype of matmuls and of autocast during training (name of a torch dtype).
+        backend: the library storing a quantized format (a key of ``backends.BACKENDS``); None for half precision.
         double_quant: 4-bit only: quantize the per-block absmax constants again (8-bit, blocks of 256).
         int8_threshold: int8 only: activation magnitude above which LLM.int8 keeps a feature in 16-bit.
-        quant_storage: 4-bit only: dtype that packs two 4-bit values (bnb's ``bnb_4bit_quant_storage``).
+        quant_storage: 4-bit only: dtype that packs two 4-bit values (bitsandbytes' ``bnb_4bit_quant_storage``).
         skip_modules: module names left unquantized (the output head: its logits need full precision).
     """
 
     name: str
     weight_format: WeightFormat
     compute_dtype: str
+    backend: str | None = None
     double_quant: bool = False
     int8_threshold: float | None = None
     quant_storage: str | None = None
@@ -60,6 +60,10 @@ class Mode:
             raise ValueError(f"mode {self.name!r}: double quantization applies to 4-bit formats only")
         if self.weight_format == "int8" and self.int8_threshold is None:
             raise ValueError(f"mode {self.name!r}: int8 needs an outlier threshold")
+        if (self.backend is None) != (self.weight_format in HALF_PRECISION_FORMATS):
+            raise ValueError(f"mode {self.name!r}: a quantized format needs a backend, half precision none")
+        if self.backend is not None and self.backend not in BACKENDS:
+            raise ValueError(f"mode {self.name!r}: unknown backend {self.backend!r}; backends: {', '.join(BACKENDS)}")
 
     @property
     def is_4bit(self) -> bool:
@@ -67,48 +71,36 @@ class Mode:
 
     @property
     def is_quantized(self) -> bool:
-        """True when bitsandbytes stores the weights (and peft's k-bit preparation applies)."""
-        return self.is_4bit or self.weight_format == "int8"
+        """True when a backend stores the weights (and peft's k-bit preparation applies)."""
+        return self.backend is not None
 
     @property
     def torch_compute_dtype(self) -> torch.dtype:
         return _DTYPES[self.compute_dtype]
 
     @property
+    def torch_quant_storage(self) -> torch.dtype:
+        return _DTYPES[self.quant_storage or "uint8"]
+
+    @property
     def load_dtype(self) -> torch.dtype:
-        """dtype of every weight bitsandbytes does not store: the half-precision format, else compute dtype."""
-        if self.weight_format in ("fp16", "bf16"):
+        """dtype of every weight the backend does not store: the half-precision format, else compute dtype."""
+        if self.weight_format in HALF_PRECISION_FORMATS:
             return _DTYPES["float16" if self.weight_format == "fp16" else "bfloat16"]
         return self.torch_compute_dtype
 
-    def bnb_config(self):
-        """A fully explicit ``BitsAndBytesConfig`` (transformers' defaults are fp4 and fp32 compute), or None."""
-        if not self.is_quantized:
-            return None
-        from transformers import BitsAndBytesConfig
-
-        skip = list(self.skip_modules)
-        if self.weight_format == "int8":
-            return BitsAndBytesConfig(
-                load_in_8bit=True, llm_int8_threshold=float(self.int8_threshold), llm_int8_skip_modules=skip
-            )
-        return BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type=self.weight_format,
-            bnb_4bit_use_double_quant=self.double_quant,
-            bnb_4bit_compute_dtype=self.torch_compute_dtype,
-            bnb_4bit_quant_storage=_DTYPES[self.quant_storage or "uint8"],
-            llm_int8_skip_modules=skip,
-        )
+    def quantization_config(self):
+        """The transformers quantization config that loads or builds the model in this mode (its backend's,
+        fully explicit), or None for half precision."""
+        return None if self.backend is None else BACKENDS[self.backend].quantization_config(self)
 
     def describe(self) -> dict:
-        """Plain-JSON description saved with every result, including bnb's fixed block sizes."""
+        """Plain-JSON description saved with every result, including what the backend fixes (block sizes)."""
         description = dataclasses.asdict(self)
         description["skip_modules"] = list(self.skip_modules)
         description["quantized"] = self.is_quantized
-        if self.is_4bit:
-            description["blocksize"] = BNB_4BIT_BLOCKSIZE
-            description["double_quant_blocksize"] = BNB_DOUBLE_QUANT_BLOCKSIZE if self.double_quant else None
+        if self.backend is not None:
+            description |= BACKENDS[self.backend].describe(self)
         return description
 
 
@@ -117,6 +109,7 @@ def _four_bit(name: str, fmt: WeightFormat, double_quant: bool) -> Mode:
         name=name,
         weight_format=fmt,
         compute_dtype="bfloat16",
+        backend="bitsandbytes",
         double_quant=double_quant,
         quant_storage="uint8",
         skip_modules=("lm_head",),
@@ -138,7 +131,8 @@ for _mode in (
     Mode("fp16", "fp16", compute_dtype="float16"),
     Mode("bf16", "bf16", compute_dtype="bfloat16"),
     # LLM.int8 in bf16 compute, like the 4-bit modes, so the modes differ in weight storage alone.
-    Mode("int8", "int8", compute_dtype="bfloat16", int8_threshold=6.0, skip_modules=("lm_head",)),
+    Mode("int8", "int8", compute_dtype="bfloat16", backend="bitsandbytes", int8_threshold=6.0,
+         skip_modules=("lm_head",)),
     _four_bit("fp4", "fp4", double_quant=False),
     _four_bit("fp4-dq", "fp4", double_quant=True),
     _four_bit("nf4", "nf4", double_quant=False),

@@ -4,9 +4,9 @@ floor (``qlora_core.measure.floor``) says is needed.
 - ``reference``: peft's ``prepare_model_for_kbit_training`` for quantized modes (it upcasts embeddings, norms and
   the head to fp32), and the model's own loss, which materializes full-vocabulary logits and their fp32 copy.
 - ``lean``: the base frozen as loaded (no upcast), non-reentrant gradient checkpointing, LLM.int8 linears that
-  keep nothing for backward but their weights (``FrozenInt8Matmul``), and the loss computed in chunks of tokens,
-  each chunk's head and cross-entropy under checkpointing, so only one chunk's logits exist at a time, in
-  forward and in backward. Mathematically the same loss (a mean token NLL in fp32) and the same gradients.
+  keep nothing for backward but their weights (``backends.bitsandbytes.FrozenInt8Matmul``), and the loss computed
+  in chunks of tokens, each chunk's head and cross-entropy under checkpointing, so only one chunk's logits exist
+  at a time, in forward and in backward. Mathematically the same loss (a mean token NLL in fp32) and the same gradients.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ import functools
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+from qlora_core import backends
 
 PATHS = ("reference", "lean")
 IGNORE_INDEX = -100
@@ -30,54 +32,11 @@ def check_path(path: str) -> str:
     return path
 
 
-class FrozenInt8Matmul(torch.autograd.Function):
-    """An LLM.int8 linear whose weight is frozen, keeping nothing for backward but the weight itself.
-
-    bitsandbytes' own matmul keeps its input (and the input's outlier columns) as attributes of its autograd
-    context, where gradient checkpointing cannot drop them: every int8 layer's inputs stay alive from its
-    forward to its backward (``measure.floor.int8_held_inputs_bytes_per_token``), which put int8's lean peak at
-    twice its floor on the H200. Those inputs serve only the weight's gradient, which a frozen base never needs.
-    Forward runs bitsandbytes' kernel outside autograd; backward is bitsandbytes' own input gradient, from the
-    int8 weight and its row scales (``state.CB``, ``state.SCB``).
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, layer: torch.nn.Module) -> torch.Tensor:
-        ctx.layer = layer
-        ctx.input_dtype = x.dtype
-        with torch.no_grad():
-            return type(layer).forward(layer, x)
-
-    @staticmethod
-    def backward(ctx, grad_output: torch.Tensor):
-        state = ctx.layer.state
-        # bitsandbytes' MatMul8bitLt.backward for the input: dequantize the rows, one weight-sized transient
-        weight = state.CB.to(ctx.input_dtype, copy=True).mul_(state.SCB.unsqueeze(1).mul(1.0 / 127.0))
-        return torch.matmul(grad_output.to(ctx.input_dtype), weight), None
-
-
-def _frozen_int8_forward(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return FrozenInt8Matmul.apply(x, layer)
-
-
-def keep_no_int8_inputs(model) -> int:
-    """Route every LLM.int8 linear of ``model`` through ``FrozenInt8Matmul``; returns how many. Its weight must
-    stay frozen: the weight's gradient is never computed."""
-    try:
-        from bitsandbytes.nn import Linear8bitLt
-    except ImportError:  # no bitsandbytes, no int8 linears
-        return 0
-    layers = [module for module in model.modules() if isinstance(module, Linear8bitLt)]
-    for layer in layers:
-        layer.forward = functools.partial(_frozen_int8_forward, layer)
-    return len(layers)
-
-
 def prepare_lean(model, *, gradient_checkpointing: bool):
-    """Freeze the base without changing any dtype, its int8 linears keeping no inputs (``keep_no_int8_inputs``);
-    non-reentrant checkpointing needs no input gradients."""
+    """Freeze the base without changing any dtype, with each backend's lean changes (``backends.prepare_lean``:
+    int8 linears that keep no inputs); non-reentrant checkpointing needs no input gradients."""
     model.requires_grad_(False)
-    keep_no_int8_inputs(model)
+    backends.prepare_lean(model)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False

@@ -1,13 +1,13 @@
 """Named model shapes: real architectures built with random weights, quantized directly into a mode.
 
 Memory and step time do not depend on the weights' values (with one caveat: LLM.int8's outlier path depends on
-activation magnitudes, which random weights keep small), so a shape measures what a 1B-70B model costs without
-downloading it. Perplexity means nothing here: every result of a shape says ``RANDOM_WEIGHTS_NOTE``.
+activation magnitudes, and random weights make every input column of the MLP's down projection an outlier), so a
+shape measures what a 1B-70B model costs without downloading it. Perplexity means nothing here: every result of a shape says ``RANDOM_WEIGHTS_NOTE``.
 
-``build_shape_model`` builds the skeleton on the meta device, lets transformers' own bitsandbytes quantizer swap
-the linear layers for the mode's bnb layers (so the modules are exactly those ``from_pretrained`` makes), then
+``build_shape_model`` builds the skeleton on the meta device, lets transformers' own quantizer for the mode swap
+the linear layers for its backend's layers (so the modules are exactly those ``from_pretrained`` makes), then
 materializes one parameter at a time: a linear weight is drawn in the load dtype on the target device and
-quantized there at once, so at most one layer's bf16 weights exist beside the stored model. A 70B shape in
+quantized there at once by its backend, so at most one layer's bf16 weights exist beside the stored model. A 70B shape in
 4-bit therefore needs about 40 GB, where its bf16 weights alone (141 GB) would not fit one H200.
 """
 
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from qlora_core import backends
 from qlora_core.modes import Mode
 
 RANDOM_WEIGHTS_NOTE = "random weights: memory and time only"
@@ -128,11 +129,12 @@ def empty_model(config, dtype: torch.dtype):
     return model
 
 
-def bnb_quantizer(mode: Mode):
-    """transformers' own bitsandbytes quantizer for ``mode``, as ``from_pretrained`` would create it."""
+def quantizer(mode: Mode):
+    """transformers' own quantizer for ``mode``, as ``from_pretrained`` would create it (None: half precision)."""
     from transformers.quantizers import AutoHfQuantizer
 
-    return AutoHfQuantizer.from_config(mode.bnb_config(), pre_quantized=False)
+    config = mode.quantization_config()
+    return None if config is None else AutoHfQuantizer.from_config(config, pre_quantized=False)
 
 
 def _random_value(name: str, shape: torch.Size, dtype: torch.dtype, device, generator, std: float):
@@ -146,18 +148,11 @@ def _random_value(name: str, shape: torch.Size, dtype: torch.dtype, device, gene
 
 
 def _stored_parameter(old: torch.nn.Parameter, value: torch.Tensor, device: torch.device) -> torch.nn.Parameter:
-    """``value`` stored as ``old`` (a meta placeholder) says: quantized at once on ``device`` for bnb parameters,
-    exactly as transformers' bitsandbytes conversion ops do it; a plain frozen parameter otherwise."""
-    kind = type(old).__name__
-    if kind == "Params4bit":
-        import bitsandbytes as bnb
-
-        return bnb.nn.Params4bit(value, requires_grad=False, **old.__dict__).to(device)
-    if kind == "Int8Params":
-        import bitsandbytes as bnb
-
-        # bnb quantizes int8 when moved off the CPU; transformers passes through the CPU the same way.
-        return bnb.nn.Int8Params(value.to("cpu"), requires_grad=False, has_fp16_weights=old.has_fp16_weights).to(device)
+    """``value`` stored as ``old`` (a meta placeholder) says: quantized by its backend where it is a backend's
+    parameter, a plain frozen parameter otherwise."""
+    for backend in backends.BACKENDS.values():
+        if (stored := backend.stored_parameter(old, value, device)) is not None:
+            return stored
     return torch.nn.Parameter(value, requires_grad=False)
 
 
@@ -183,24 +178,22 @@ def _materialize(model, dtype: torch.dtype, device: torch.device, seed: int) -> 
 def build_shape_model(name_or_config, mode: Mode, device: torch.device | str, seed: int = 0):
     """A causal LM of the named shape (or a config) with random weights stored as ``mode`` says, on ``device``.
 
-    The result is what ``from_pretrained(..., quantization_config=mode.bnb_config(), dtype=mode.load_dtype)``
+    The result is what ``from_pretrained(..., quantization_config=mode.quantization_config(), dtype=mode.load_dtype)``
     returns for the same config: the same modules, dtypes and bytes as stored, the quantizer attributes peft
     reads (``is_loaded_in_4bit``/``is_loaded_in_8bit``, ``quantization_method``, ``config.quantization_config``),
     eval mode. Peak memory while building: the stored model plus one layer's weights in the load dtype.
     """
-    from qlora_core.models import disable_cpu_4bit_repacking, require_backend
-
-    require_backend(mode)
+    backends.require(mode)
     device = torch.device(device)
     config = _as_config(name_or_config)
     model = empty_model(config, mode.load_dtype)
-    quantizer = bnb_quantizer(mode) if mode.is_quantized else None
-    if quantizer is not None:  # swap nn.Linear for the mode's bnb layers, still on meta
-        quantizer.preprocess_model(model=model, dtype=mode.load_dtype, device_map={"": device})
+    mode_quantizer = quantizer(mode)
+    if mode_quantizer is not None:  # swap nn.Linear for the mode's quantized layers, still on meta
+        mode_quantizer.preprocess_model(model=model, dtype=mode.load_dtype, device_map={"": device})
     _materialize(model, mode.load_dtype, device, seed)
-    if quantizer is not None:
-        model.hf_quantizer = quantizer
-        quantizer.postprocess_model(model)
+    if mode_quantizer is not None:
+        model.hf_quantizer = mode_quantizer
+        mode_quantizer.postprocess_model(model)
     model.config.name_or_path = getattr(config, "name_or_path", "") or "shape"
-    disable_cpu_4bit_repacking(model)
+    backends.after_build(model)
     return model.eval()

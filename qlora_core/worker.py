@@ -38,14 +38,19 @@ class CellError(RuntimeError):
 def _import_libraries() -> None:
     """What every cell needs, imported before the process is bound: the seconds a new process spends here are
     spent while the previous cell is still evaluating."""
+    import importlib
+
     import peft  # noqa: F401
     import transformers  # noqa: F401
     import transformers.modeling_utils  # noqa: F401
 
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError:  # a mode that needs it is refused with its own message (models.require_backend)
-        pass
+    from qlora_core.backends import BACKENDS
+
+    for backend in BACKENDS.values():
+        try:
+            importlib.import_module(backend.package)
+        except ImportError:  # a mode that needs it is refused with its own message (backends.require)
+            pass
 
 
 def _bind(message: tuple, report) -> Cell:

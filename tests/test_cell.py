@@ -17,7 +17,7 @@ from tiny import CELL_MODES, TINY_CELL, TINY_STEPS, tiny_cell_settings
 from qlora_core.cell import Cell, CellSettings, NonFiniteError, preflight, prepare_inputs, resolve_device, run_cell
 from qlora_core.data import DatasetError
 from qlora_core.measure.perplexity import windows
-from qlora_core.models import ModeUnavailableError
+from qlora_core.backends import ModeUnavailableError
 from qlora_core.modes import get_mode, parse_modes
 from qlora_core.results import SCHEMA
 
@@ -216,7 +216,7 @@ def test_run_cell_on_cuda_reads_the_allocator(tiny_model_dir, mode):
 def test_embedded_smollm2_in_nf4_dq():
     """End to end on the default model (SmolLM2-135M, fetched from PyPI and converted once into the cache:
     $QLORA_BENCH_CACHE or ~/.cache/qlora-bench), in the tutorial's mode."""
-    from qlora_core.modes import BNB_4BIT_BLOCKSIZE, BNB_DOUBLE_QUANT_BLOCKSIZE
+    from qlora_core.backends.bitsandbytes import BNB_4BIT_BLOCKSIZE, BNB_DOUBLE_QUANT_BLOCKSIZE
     from qlora_core.trainer import TrainSettings
 
     settings = CellSettings(mode="nf4-dq", model=None, seq_len=64, batch_size=2, timing_warmup=1, eval_window=128,

@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from qlora_core.backends.bitsandbytes import four_bit_bytes
 from qlora_core.lora import LoraSettings, attach_lora, parameter_counts
-from qlora_core.measure.floor import (PHASE_COMPONENTS, four_bit_bytes, memory_floor, phase_components,
+from qlora_core.measure.floor import (PHASE_COMPONENTS, memory_floor, phase_components,
                                       predicted_vs_measured)
 from qlora_core.measure.memory import GIB, weight_footprint
 from qlora_core.models import load_config, load_model, prepare_for_training

@@ -11,7 +11,8 @@ import torch
 from tiny import make_model_folder
 from qlora_core.measure.memory import cap_memory, memory_snapshot, reset_peak, tensor_bytes, weight_footprint
 from qlora_core.models import load_model, resolve_model
-from qlora_core.modes import BNB_4BIT_BLOCKSIZE, BNB_DOUBLE_QUANT_BLOCKSIZE, get_mode
+from qlora_core.backends.bitsandbytes import BNB_4BIT_BLOCKSIZE, BNB_DOUBLE_QUANT_BLOCKSIZE
+from qlora_core.modes import get_mode
 
 CPU = torch.device("cpu")
 FLOAT32_BYTES = 4

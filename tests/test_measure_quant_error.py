@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qlora_core.measure.quant_error import dequantized_weight, weight_quant_error
+from qlora_core.backends import dequantized_weight
+from qlora_core.measure.quant_error import weight_quant_error
 from qlora_core.models import load_model
 from qlora_core.modes import get_mode
 

@@ -9,17 +9,16 @@ import pytest
 import torch
 
 from tiny import tiny_cell_settings
+from qlora_core.backends import ModeUnavailableError, require
+from qlora_core.backends.bitsandbytes import disable_cpu_4bit_repacking
 from qlora_core.lora import LoraSettings, attach_lora
 from qlora_core.models import (
     ModelSourceError,
-    ModeUnavailableError,
     check_sequence_length,
-    disable_cpu_4bit_repacking,
     load_config,
     load_model,
     max_sequence_length,
     prepare_for_training,
-    require_backend,
     resolve_model,
 )
 from qlora_core.modes import MODES, get_mode
@@ -110,7 +109,7 @@ def without_bitsandbytes(monkeypatch):
 @pytest.mark.parametrize("mode", QUANTIZED, ids=[m.name for m in QUANTIZED])
 def test_quantized_mode_without_bitsandbytes_is_unavailable(without_bitsandbytes, tiny_source, mode):
     with pytest.raises(ModeUnavailableError, match="needs bitsandbytes"):
-        require_backend(mode)
+        require(mode)
     with pytest.raises(ModeUnavailableError):
         load_model(tiny_source, mode, CPU)
 
@@ -119,7 +118,7 @@ def test_quantized_mode_without_bitsandbytes_is_unavailable(without_bitsandbytes
 def test_half_precision_modes_load_without_bitsandbytes(without_bitsandbytes, tiny_source, name):
     """With bitsandbytes missing, the unquantized modes still load, every weight in the mode's dtype."""
     mode = get_mode(name)
-    assert require_backend(mode) is None
+    assert require(mode) is None
     model = load_model(tiny_source, mode, CPU)
     assert {p.dtype for p in model.parameters()} == {mode.torch_compute_dtype}
 

@@ -1,4 +1,4 @@
-"""The mode registry: lookup errors, self-description, explicit bitsandbytes configs, registering variants."""
+"""The mode registry: lookup errors, self-description, explicit backend configs, registering variants."""
 
 from __future__ import annotations
 
@@ -8,10 +8,9 @@ import json
 import pytest
 import torch
 
+from qlora_core.backends.bitsandbytes import BNB_4BIT_BLOCKSIZE, BNB_DOUBLE_QUANT_BLOCKSIZE
 from qlora_core.modes import (
     BASELINE_MODE,
-    BNB_4BIT_BLOCKSIZE,
-    BNB_DOUBLE_QUANT_BLOCKSIZE,
     MODES,
     Mode,
     UnknownModeError,
@@ -84,8 +83,8 @@ def test_describe_is_complete_json(mode):
 
 
 @pytest.mark.parametrize("mode", FOUR_BIT, ids=[m.name for m in FOUR_BIT])
-def test_4bit_bnb_config_is_explicit(mode):
-    config = mode.bnb_config()
+def test_4bit_quantization_config_is_explicit(mode):
+    config = mode.quantization_config()
     assert config.load_in_4bit and not config.load_in_8bit
     assert config.bnb_4bit_quant_type == mode.weight_format
     assert config.bnb_4bit_use_double_quant is mode.double_quant
@@ -94,9 +93,9 @@ def test_4bit_bnb_config_is_explicit(mode):
     assert "lm_head" in config.llm_int8_skip_modules
 
 
-def test_int8_bnb_config_is_explicit():
+def test_int8_quantization_config_is_explicit():
     mode = get_mode("int8")
-    config = mode.bnb_config()
+    config = mode.quantization_config()
     assert config.load_in_8bit and not config.load_in_4bit
     assert config.llm_int8_threshold == mode.int8_threshold == 6.0
     assert isinstance(config.llm_int8_threshold, float)
@@ -105,9 +104,9 @@ def test_int8_bnb_config_is_explicit():
 
 
 @pytest.mark.parametrize("name, dtype", [("fp16", torch.float16), ("bf16", torch.bfloat16)])
-def test_half_precision_modes_have_no_bnb_config(name, dtype):
+def test_half_precision_modes_have_no_quantization_config(name, dtype):
     mode = get_mode(name)
-    assert mode.bnb_config() is None
+    assert mode.quantization_config() is None
     assert mode.load_dtype == dtype == mode.torch_compute_dtype
 
 
@@ -122,7 +121,10 @@ def test_the_4bit_pairs_differ_only_in_double_quant():
     [
         (dict(weight_format="nf4", compute_dtype="float8"), "compute dtype"),
         (dict(weight_format="bf16", compute_dtype="bfloat16", double_quant=True), "double quantization"),
-        (dict(weight_format="int8", compute_dtype="bfloat16"), "threshold"),
+        (dict(weight_format="int8", compute_dtype="bfloat16", backend="bitsandbytes"), "threshold"),
+        (dict(weight_format="nf4", compute_dtype="bfloat16"), "needs a backend"),
+        (dict(weight_format="bf16", compute_dtype="bfloat16", backend="bitsandbytes"), "needs a backend"),
+        (dict(weight_format="nf4", compute_dtype="bfloat16", backend="gptq"), "unknown backend 'gptq'"),
     ],
 )
 def test_invalid_mode_definitions_are_refused(kwargs, match):
@@ -134,7 +136,7 @@ def test_register_variant_with_replace(restore_registry):
     variant = register(dataclasses.replace(get_mode("nf4"), name="nf4-fp16", compute_dtype="float16"))
     assert get_mode("nf4-fp16") is variant
     assert parse_modes("all")[-1] is variant  # CLI choices derive from the registry
-    config = variant.bnb_config()
+    config = variant.quantization_config()
     assert config.bnb_4bit_compute_dtype == torch.float16
     assert config.bnb_4bit_quant_type == "nf4"
     assert variant.describe()["compute_dtype"] == "float16"

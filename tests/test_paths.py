@@ -6,6 +6,7 @@ import bitsandbytes as bnb
 import pytest
 import torch
 
+from qlora_core.backends.bitsandbytes import keep_no_int8_inputs
 from qlora_core.lora import LoraSettings, attach_lora
 from qlora_core.models import prepare_for_training
 from qlora_core.modes import get_mode
@@ -14,7 +15,6 @@ from qlora_core.paths import (
     causal_lm_loss,
     check_path,
     chunked_causal_lm_loss,
-    keep_no_int8_inputs,
     loss_function,
     next_token_labels,
 )

@@ -27,8 +27,9 @@ from dataclasses import dataclass
 
 import torch
 
+from qlora_core import backends
 from qlora_core.measure.flops import head_dim
-from qlora_core.modes import BNB_4BIT_BLOCKSIZE, BNB_DOUBLE_QUANT_BLOCKSIZE, Mode
+from qlora_core.modes import Mode
 from qlora_core.paths import LOSS_CHUNK_TOKENS, check_path
 
 FLOAT32 = 4
@@ -39,9 +40,6 @@ INT64 = 8
 OPTIMIZER_STATE_BYTES = {"adamw": 8, "paged_adamw32bit": 8, "adamw8bit": 2, "paged_adamw8bit": 2}
 BNB_8BIT_OPTIMIZER_MIN_SIZE = 4096
 BNB_8BIT_OPTIMIZER_BLOCKSIZE = 256
-#: entries of bitsandbytes' float32 code tables: the 4-bit code (16) and the 8-bit code of nested absmax (256).
-CODE_4BIT_ENTRIES = 2**4
-CODE_8BIT_ENTRIES = 2**8
 GATED_MLP_FAMILIES = ("llama", "qwen2", "mistral")
 #: A decoder layer's module path in a linear's name: Llama/Qwen2 ``model.layers.N.``, BLOOM ``transformer.h.N.``.
 DECODER_LAYER = re.compile(r"(.*\.(?:layers|h)\.\d+)\.")
@@ -55,44 +53,21 @@ class Linear:
     name: str
     in_features: int
     out_features: int
-    storage: str  # "4bit", "int8" or "dense"
+    storage: str  # "dense" or a backend's storage ("4bit", "int8": backends.layer_storage)
     has_bias: bool
 
 
 # --- weights ------------------------------------------------------------------------------------------------------
 
 
-def four_bit_bytes(numel: int, double_quant: bool) -> tuple[int, int]:
-    """(packed data, constants) bytes of one 4-bit weight of ``numel`` values.
-
-    Data: two values a byte. Constants: one absmax per block of 64 values, float32 (4.5 bits a weight in all);
-    with double quantization the absmax are stored as uint8 and quantized again in blocks of 256 with a float32
-    absmax each plus one float32 offset and the 256-entry float32 code of that second level (4.127 bits). Every
-    layer also keeps the 16-entry float32 code of its 4-bit format.
-    """
-    blocks = math.ceil(numel / BNB_4BIT_BLOCKSIZE)
-    constants = CODE_4BIT_ENTRIES * FLOAT32
-    if double_quant:
-        constants += blocks + math.ceil(blocks / BNB_DOUBLE_QUANT_BLOCKSIZE) * FLOAT32 + FLOAT32
-        constants += CODE_8BIT_ENTRIES * FLOAT32
-    else:
-        constants += blocks * FLOAT32
-    return math.ceil(numel / 2), constants
-
-
-def int8_bytes(in_features: int, out_features: int) -> tuple[int, int]:
-    """(data, constants) bytes of an LLM.int8 weight: one byte a weight and a float32 scale per output row."""
-    return in_features * out_features, out_features * FLOAT32
-
-
 def skeleton(config, mode: Mode):
-    """The model of ``config`` on the meta device with the mode's bnb layers swapped in (no memory used):
+    """The model of ``config`` on the meta device with the mode's quantized layers swapped in (no memory used):
     the same modules ``from_pretrained`` and ``build_shape_model`` make."""
-    from qlora_core.shapes import bnb_quantizer, empty_model
+    from qlora_core.shapes import empty_model, quantizer
 
     model = empty_model(config, mode.load_dtype)
-    if mode.is_quantized:
-        bnb_quantizer(mode).preprocess_model(model=model, dtype=mode.load_dtype, device_map={"": "cpu"})
+    if (mode_quantizer := quantizer(mode)) is not None:
+        mode_quantizer.preprocess_model(model=model, dtype=mode.load_dtype, device_map={"": "cpu"})
     return model
 
 
@@ -102,8 +77,7 @@ def linears(model) -> list[Linear]:
     for name, module in model.named_modules():
         if not isinstance(module, torch.nn.Linear):
             continue
-        kind = type(module).__name__
-        storage = "4bit" if kind == "Linear4bit" else "int8" if kind == "Linear8bitLt" else "dense"
+        storage = backends.layer_storage(module)
         found.append(Linear(name, module.in_features, module.out_features, storage, module.bias is not None))
     return found
 
@@ -119,10 +93,8 @@ def weight_bytes(model, mode: Mode) -> dict:
         if layer is None:
             counts["unquantized_bytes"] += param.numel() * load_bytes
             continue
-        if layer.storage == "4bit":
-            data, constants = four_bit_bytes(layer.in_features * layer.out_features, mode.double_quant)
-        else:
-            data, constants = int8_bytes(layer.in_features, layer.out_features)
+        data, constants = backends.backend_of(mode).stored_bytes(layer.storage, layer.in_features,
+                                                                 layer.out_features, mode)
         counts["quantized_bytes"] += data
         counts["quant_constants_bytes"] += constants
     counts["unquantized_bytes"] += sum(b.numel() * b.element_size() for b in model.buffers())
@@ -281,7 +253,7 @@ def int8_held_inputs_bytes_per_token(config, p: Precision, device_type: str,
     it once: the two norms' outputs, the attention output and the MLP's intermediate (BLOOM: 4h wide), each at
     ``_int8_input_bytes``. ``subA`` is each linear's own copy of its input's outlier columns (|value| above the
     threshold anywhere in the batch): ``outlier_columns`` maps a linear's name (``down_proj``) to its columns a
-    layer, as measured (``measure.outliers``); None counts none. With random weights nearly every column of the
+    layer, as measured (``backends.outliers``); None counts none. With random weights nearly every column of the
     MLP's intermediate is an outlier, so a shape's int8 figures hold a full extra copy of it a layer that a real
     checkpoint need not.
     """
@@ -378,7 +350,7 @@ def activation_terms(config, model, lora, seq_len: int, tokens: int, gradient_ch
     head_saved = tokens * (norm_bytes_per_token(config, p) + INT64) + rope_table_bytes(config, seq_len, p)
     if path == "lean":
         head_saved += tokens * config.hidden_size * p.compute
-    # the lean path's int8 linears keep no inputs (paths.FrozenInt8Matmul)
+    # the lean path's int8 linears keep no inputs (backends.bitsandbytes.FrozenInt8Matmul)
     held = 0 if path == "lean" else int8_layers_count(model) * tokens * int8_held_inputs_bytes_per_token(
         config, p, device_type, int8_outlier_columns)
     return {

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from qlora_core.backends import logical_numel
+
 #: Dense (no sparsity) tensor-core peaks from the vendors' data sheets, in FLOP/s, by GPU name fragment.
 PEAK_FLOPS = {
     "H200": {"bfloat16": 989.4e12, "float16": 989.4e12},
@@ -30,8 +32,7 @@ def matmul_params(model: torch.nn.Module) -> int:
         weight = getattr(module, "weight", None)
         if isinstance(module, torch.nn.Embedding) or weight is None or not hasattr(module, "in_features"):
             continue
-        state = getattr(weight, "quant_state", None)
-        total += state.shape.numel() if state is not None else weight.numel()
+        total += logical_numel(weight)
     return total
 
 

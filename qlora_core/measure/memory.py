@@ -12,29 +12,13 @@ import resource
 
 import torch
 
+from qlora_core.backends import logical_numel, quant_constants
+
 GIB = 2**30
 
 
 def tensor_bytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
-
-
-def _quant_constants(param) -> list[torch.Tensor]:
-    """bitsandbytes' per-block or per-row constants that live beside a quantized weight."""
-    state = getattr(param, "quant_state", None)
-    if state is not None:  # 4-bit: absmax (uint8 when nested), code book, and the nested level's own constants
-        tensors = [state.absmax, state.code, state.offset]
-        if state.state2 is not None:
-            tensors += [state.state2.absmax, state.state2.code]
-        return [t for t in tensors if isinstance(t, torch.Tensor)]
-    scb = getattr(param, "SCB", None)  # int8: one float32 scale per output row
-    return [scb] if isinstance(scb, torch.Tensor) else []
-
-
-def _logical_numel(param) -> int:
-    """Number of weights a parameter represents (a packed 4-bit tensor holds two per byte)."""
-    state = getattr(param, "quant_state", None)
-    return state.shape.numel() if state is not None else param.numel()
 
 
 def weight_footprint(model: torch.nn.Module) -> dict:
@@ -56,12 +40,12 @@ def weight_footprint(model: torch.nn.Module) -> dict:
         return True
 
     for param in model.parameters():
-        constants = _quant_constants(param)
+        constants = quant_constants(param)
         if not add(param, "quantized_bytes" if constants else "unquantized_bytes"):
             continue
-        total_params += _logical_numel(param)
+        total_params += logical_numel(param)
         if constants:
-            quantized_params += _logical_numel(param)
+            quantized_params += logical_numel(param)
             for constant in constants:
                 add(constant, "quant_constants_bytes")
     for buffer in model.buffers():

@@ -1,6 +1,6 @@
 """How far each mode's stored weights are from the checkpoint's: relative L2 error of the dequantized weights.
 
-Compares what the loaded model actually holds (dequantized with bitsandbytes' own routine) with the tensors in
+Compares what the loaded model actually holds (dequantized with its backend's own routine) with the tensors in
 the checkpoint folder, over every linear layer but the output head (kept unquantized by every 8-/4-bit mode),
 so all modes are measured over the same weights.
 """
@@ -12,19 +12,7 @@ from pathlib import Path
 
 import torch
 
-
-def dequantized_weight(module: torch.nn.Module) -> torch.Tensor:
-    """A linear layer's weight as float32 [out, in], whatever format it is stored in."""
-    weight = module.weight
-    state = getattr(weight, "quant_state", None)
-    if state is not None:
-        import bitsandbytes.functional as bnbf
-
-        return bnbf.dequantize_4bit(weight.data, state).float()
-    scb = getattr(weight, "SCB", None)
-    if scb is not None:  # LLM.int8: int8 rows scaled by their absmax / 127
-        return weight.data.float() * (scb.float().unsqueeze(1) / 127.0)
-    return weight.data.float()
+from qlora_core.backends import dequantized_weight
 
 
 def _checkpoint_files(folder: Path) -> dict[str, Path]:
