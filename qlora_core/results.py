@@ -196,6 +196,8 @@ class Reading:
             or manifest with fields missing): the caller warns about each.
         others: JSON files of other tools or other qlora-bench records (workflow summaries, adapter configs):
             not cells, not an error.
+        repeated: cells measured again with the same model, mode and settings (another run), of which only one
+            is kept: the caller says so.
     """
 
     results: list[dict] = field(default_factory=list)
@@ -203,6 +205,7 @@ class Reading:
     sources: list[Path] = field(default_factory=list)
     skipped: list[tuple[Path, str]] = field(default_factory=list)
     others: list[Path] = field(default_factory=list)
+    repeated: int = 0
 
 
 def _json_files(path: Path) -> list[Path]:
@@ -236,7 +239,8 @@ def read_paths(paths: list[str | os.PathLike]) -> Reading:
             reading.runs += runs
             if found or runs:
                 reading.sources.append(file)
-    reading.results = label_setups(_dedupe(cells))
+    unique, reading.repeated = _dedupe(cells)
+    reading.results = label_setups(unique)
     return reading
 
 
@@ -361,6 +365,9 @@ def describe_reading(reading: Reading, paths: list[str | os.PathLike]) -> str:
         line += f"; skipped {len(reading.skipped)} unusable (warnings above)"
     if reading.others:
         line += f"; {len(reading.others)} other JSON not cells ({_short_list(reading.others, paths)})"
+    if reading.repeated:
+        line += (f"; {_count(reading.repeated, 'cell')} measured again with the same model, mode and settings, "
+                 f"shown once: report each run apart to see both")
     return line
 
 
@@ -537,16 +544,40 @@ def label_setups(results: list[dict]) -> list[dict]:
     return labelled
 
 
-def _dedupe(results: list[dict]) -> list[dict]:
-    """One result per cell, at the place of its first file, the fullest one where several describe it."""
+#: Seconds between the timestamps of two results of one cell that make them two measurements: a cell's own
+#: files (its JSON, the pytest-benchmark entry built from it) are stamped within a second or two of each other,
+#: and no measurement of a cell, process start included, takes less than this.
+SAME_MEASUREMENT_S = 10
+
+
+def _measured_at(result: dict) -> float | None:
+    """When the result was stamped (``environment.timestamp``), in seconds since the epoch; None if unstamped."""
+    stamp = (result.get("environment") or {}).get("timestamp")
+    return None if stamp is None else datetime.datetime.fromisoformat(stamp).timestamp()
+
+
+def _measurements(times: list[float]) -> int:
+    """How many measurements a cell's timestamps come from: groups of stamps within ``SAME_MEASUREMENT_S``."""
+    times = sorted(times)
+    return sum(1 for earlier, later in zip([None, *times], times)
+               if earlier is None or later - earlier > SAME_MEASUREMENT_S)
+
+
+def _dedupe(results: list[dict]) -> tuple[list[dict], int]:
+    """One result per cell, at the place of its first file, the fullest one where several describe it; and how
+    many other measurements of those cells were left out (``_measurements``), files of the same measurement (a
+    ``bench/`` run's cell JSON and its pytest-benchmark JSON) not counted."""
     kept: list[dict] = []
     index: dict[tuple, int] = {}
+    measured_at: dict[tuple, list[float]] = {}
     for result in results:
         key = _cell_key(result)
+        if key is not None and _measured_at(result) is not None:
+            measured_at.setdefault(key, []).append(_measured_at(result))
         if key is None or key not in index:
             if key is not None:
                 index[key] = len(kept)
             kept.append(result)
         elif _information(result) > _information(kept[index[key]]):
             kept[index[key]] = result
-    return kept
+    return kept, sum(_measurements(times) - 1 for times in measured_at.values())

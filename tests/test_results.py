@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from qlora_core.results import (RUN_SCHEMA, SCHEMA, environment, git_commit, missing_cell_fields, non_finite,
-                                read_paths, read_results, read_runs, write_json_atomic)
+from qlora_core.results import (RUN_SCHEMA, SCHEMA, describe_reading, environment, git_commit, missing_cell_fields,
+                                non_finite, read_paths, read_results, read_runs, write_json_atomic)
 
 
 def test_write_json_atomic_replaces_whole_file(tmp_path):
@@ -57,6 +57,22 @@ def test_read_results_skips_other_files(tmp_path):
     reading = read_paths([tmp_path])
     assert reading.others == [tmp_path / "c.json", tmp_path / "d.json"] and reading.skipped == []
 
+
+def test_a_cell_measured_again_is_shown_once_and_said(tmp_path):
+    """Two runs of the same set-up read together keep one result per cell, and the reading says how many
+    measurements were left out; another file of the same measurement is no repeat."""
+    first = {**cell("bf16"), "environment": {"timestamp": "2026-12-02T09:50:17+00:00"}}
+    again = {**first, "environment": {"timestamp": "2026-12-02T09:53:40+00:00"}}
+    write_json_atomic(first, tmp_path / "run-1" / "bf16.json")
+    # the same measurement's other file, stamped a second later (as a bench run's pytest-benchmark entry can be)
+    write_json_atomic({**first, "environment": {"timestamp": "2026-12-02T09:50:18+00:00"}},
+                      tmp_path / "run-1" / "copy-of-bf16.json")
+    write_json_atomic(again, tmp_path / "run-2" / "bf16.json")
+    reading = read_paths([tmp_path])
+    assert len(reading.results) == 1 and reading.repeated == 1
+    assert "1 cell measured again with the same model, mode and settings, shown once" in describe_reading(
+        reading, [tmp_path])
+    assert read_paths([tmp_path / "run-1"]).repeated == 0
 
 def test_environment_is_plain_json():
     env = environment()
