@@ -191,7 +191,7 @@ def cell_settings(config, key: CellKey) -> CellSettings:
         eval_max_tokens=option.bench_eval_max_tokens,
         eval_batch_size=option.bench_eval_batch_size,
         device=option.bench_device,
-        lora=LoraSettings(r=option.bench_lora_r, alpha=2 * option.bench_lora_r),
+        lora=LoraSettings(r=option.bench_lora_r),
         train=TrainSettings(max_steps=steps),
         memory_cap_bytes=capacity_cap_bytes(config),
     )

@@ -100,7 +100,7 @@ def _add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--optimizer", default="adamw", choices=sorted(OPTIMIZERS))
     train.add_argument("--grad-accum", type=_positive, default=1, help="micro-batches per step")
     train.add_argument("--lora-r", type=_positive, default=16, help="LoRA rank (default 16)")
-    train.add_argument("--lora-alpha", type=_positive, default=32, help="LoRA alpha (default 32)")
+    train.add_argument("--lora-alpha", type=_positive, help="LoRA alpha (default 2 r: 32 at r=16)")
     train.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false",
                        help="keep all activations (faster, more memory)")
     train.add_argument("--seed", type=int, default=0)
@@ -223,7 +223,8 @@ def _add_workflow_commands(commands) -> None:
     train.add_argument("--seed", type=int, help="data order, dropout and initialisation (default 0)")
     lora = finetune.add_argument_group("LoRA (default: r=16, alpha=32, dropout 0.05, every linear layer)")
     lora.add_argument("--lora-r", dest="r", type=_positive, help="adapter rank")
-    lora.add_argument("--lora-alpha", dest="alpha", type=_positive, help="adapter scale numerator (scale = alpha/r)")
+    lora.add_argument("--lora-alpha", dest="alpha", type=_positive,
+                      help="adapter scale numerator (scale = alpha/r; default 2 r)")
     lora.add_argument("--lora-dropout", dest="dropout", type=float, help="dropout on the adapter input")
     lora.add_argument("--target-modules", help="comma-separated module names (BLOOM's tutorial: query_key_value) "
                                                "or 'all-linear'")
@@ -503,7 +504,7 @@ def command_frontier(args: argparse.Namespace) -> int:
     if args.out:
         check_writable(args.out)
     modes, paths = parse_modes(args.modes), [check_path(path) for path in args.paths]
-    lora = LoraSettings(r=args.lora_r, alpha=2 * args.lora_r)
+    lora = LoraSettings(r=args.lora_r)
     table = Table(title="predicted context frontier (batch 1; allocated bytes, allocator slack not included)")
     for header in ("shape", "mode", "path", "cap GiB", "tokens", "bound", "peak GiB", "MiB/token"):
         table.add_column(header, justify="left" if header in ("shape", "mode", "path") else "right", no_wrap=True)

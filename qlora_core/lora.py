@@ -9,17 +9,21 @@ from dataclasses import asdict, dataclass
 class LoraSettings:
     """LoRA hyper-parameters (defaults: the classic QLoRA tutorial's r=16, alpha=32, dropout 0.05).
 
-    ``target_modules="all-linear"`` adapts every linear layer but the output head, the QLoRA paper's choice.
+    ``alpha`` left out is ``2 r`` (the tutorial's ratio, so the adapters' scale alpha/r stays 2 whatever the
+    rank): every command and the bench suites share this one default. ``target_modules="all-linear"`` adapts
+    every linear layer but the output head, the QLoRA paper's choice.
     """
 
     r: int = 16
-    alpha: int = 32
+    alpha: int | None = None
     dropout: float = 0.05
     target_modules: str | tuple[str, ...] = "all-linear"
 
     def __post_init__(self) -> None:
         if self.r < 1:
             raise ValueError(f"LoRA rank must be >= 1, got {self.r}")
+        if self.alpha is None:
+            object.__setattr__(self, "alpha", 2 * self.r)  # frozen: set once, here
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
 
@@ -52,18 +56,23 @@ def parameter_counts(model) -> dict:
     return {"trainable_params": trainable, "total_params": total}
 
 
+def merge_adapter(base, adapter_dir):
+    """``base`` (a plain, unquantized model) with the adapter saved in ``adapter_dir`` merged into its weights:
+    the one merge every command uses. Returns the merged model in eval mode."""
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload().eval()
+
+
 def merge_into_dequantized(peft_model, source, mode, device):
     """A standalone bf16 model: the base as ``mode`` stores it, dequantized (``models.load_dequantized``),
-    with ``peft_model``'s adapters merged in."""
+    with ``peft_model``'s adapters merged in (``merge_adapter``)."""
     import tempfile
     from pathlib import Path
-
-    from peft import PeftModel
 
     from qlora_core.models import load_dequantized
     from qlora_core.trainer import save_adapter
 
     with tempfile.TemporaryDirectory(prefix="qlora-merge-") as tmp:
         adapter = save_adapter(peft_model, Path(tmp) / "adapter")
-        base = load_dequantized(source, mode, device)
-        return PeftModel.from_pretrained(base, str(adapter)).merge_and_unload().eval()
+        return merge_adapter(load_dequantized(source, mode, device), adapter)

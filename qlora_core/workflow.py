@@ -33,7 +33,7 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from qlora_core import data as datalib
-from qlora_core.lora import LoraSettings, attach_lora, parameter_counts
+from qlora_core.lora import LoraSettings, attach_lora, merge_adapter, parameter_counts
 from qlora_core.measure.memory import memory_snapshot, reset_peak
 from qlora_core.measure.perplexity import perplexity
 from qlora_core.measure.timing import synchronize, timed, timing_stats
@@ -555,9 +555,7 @@ def merge_to_bf16(
     ``base`` is ``"dequantized"`` (default: the mode's weights dequantized, what the adapter was trained on) or
     ``"original"`` (the source checkpoint's own weights); see ``_merge_base``.
     """
-    from peft import PeftModel
-
-    merged = PeftModel.from_pretrained(_merge_base(source, mode, base, device), str(adapter_dir)).merge_and_unload()
+    merged = merge_adapter(_merge_base(source, mode, base, device), adapter_dir)
     tokenizer = load_tokenizer(source)
     provenance = {
         **source.provenance,

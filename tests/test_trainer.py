@@ -161,6 +161,13 @@ def test_lora_settings_describe_is_json():
     assert LoraSettings(target_modules=("q_proj", "v_proj")).describe()["target_modules"] == ["q_proj", "v_proj"]
 
 
+def test_lora_alpha_left_out_is_twice_the_rank_everywhere():
+    """One default for every command and the bench suites: the tutorial's r=16, alpha=32, and the same scale at
+    any other rank; an alpha given is kept."""
+    assert LoraSettings().alpha == 32
+    assert LoraSettings(r=64).alpha == 128 and LoraSettings(r=64).describe()["alpha"] == 128
+    assert LoraSettings(r=64, alpha=16).alpha == 16
+
 def test_save_adapter_replaces_atomically(tiny_source, tmp_path):
     model = lora_model(tiny_source, get_mode("bf16"))
     target = tmp_path / "out" / "adapter"
