@@ -217,7 +217,8 @@ def _add_workflow_commands(commands) -> None:
     train.add_argument("--logging-steps", type=_positive, help="record the loss every N steps (tutorial: 1)")
     train.add_argument("--save-steps", type=_positive, help="checkpoint every N steps (tutorial: 10)")
     train.add_argument("--max-length", type=_positive, help="truncate each row to N tokens (default 256)")
-    train.add_argument("--optim", help="a transformers optimizer name, e.g. adamw_torch (default) or paged_adamw_8bit")
+    train.add_argument("--optim", choices=sorted(OPTIMIZERS),
+                       help="optimizer, the sweep's names (default adamw; the tutorial's paged_adamw8bit)")
     train.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false",
                        default=None, help="keep all activations (faster, more memory)")
     train.add_argument("--seed", type=int, help="data order, dropout and initialisation (default 0)")

@@ -15,13 +15,22 @@ import torch
 
 from qlora_core.measure.timing import timed
 
-#: Optimizer name -> (module, class). bitsandbytes' paged optimizers fall back to non-paged on CPU.
+#: The one optimizer vocabulary of every command and suite: name -> (module, class, the same optimizer's name
+#: in transformers' ``TrainingArguments.optim``, which the classic workflow's Trainer takes). bitsandbytes' paged
+#: optimizers fall back to non-paged on CPU.
 OPTIMIZERS = {
-    "adamw": ("torch.optim", "AdamW"),
-    "adamw8bit": ("bitsandbytes.optim", "AdamW8bit"),
-    "paged_adamw8bit": ("bitsandbytes.optim", "PagedAdamW8bit"),
-    "paged_adamw32bit": ("bitsandbytes.optim", "PagedAdamW32bit"),
+    "adamw": ("torch.optim", "AdamW", "adamw_torch"),
+    "adamw8bit": ("bitsandbytes.optim", "AdamW8bit", "adamw_bnb_8bit"),
+    "paged_adamw8bit": ("bitsandbytes.optim", "PagedAdamW8bit", "paged_adamw_8bit"),
+    "paged_adamw32bit": ("bitsandbytes.optim", "PagedAdamW32bit", "paged_adamw_32bit"),
 }
+
+
+def check_optimizer(name: str) -> str:
+    """``name`` itself when it is in ``OPTIMIZERS``; otherwise a ValueError listing them."""
+    if name not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}")
+    return name
 SCHEDULES = ("constant", "linear", "cosine")
 
 
@@ -40,8 +49,7 @@ class TrainSettings:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"unknown optimizer {self.optimizer!r}; choose from {', '.join(OPTIMIZERS)}")
+        check_optimizer(self.optimizer)
         if self.schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {self.schedule!r}; choose from {', '.join(SCHEDULES)}")
         if self.grad_accum < 1 or self.max_steps < 1:
@@ -64,7 +72,7 @@ class StepRecord:
 def build_optimizer(params: list[torch.nn.Parameter], settings: TrainSettings) -> torch.optim.Optimizer:
     import importlib
 
-    module_name, class_name = OPTIMIZERS[settings.optimizer]
+    module_name, class_name, _ = OPTIMIZERS[settings.optimizer]
     optimizer_class = getattr(importlib.import_module(module_name), class_name)
     return optimizer_class(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
 

@@ -40,7 +40,7 @@ from qlora_core.measure.timing import synchronize, timed, timing_stats
 from qlora_core.models import ModelSource, load_dequantized, load_model, prepare_for_training, resolve_model
 from qlora_core.modes import BASELINE_MODE, Mode, get_mode
 from qlora_core.results import environment, publish_folder, share_as_umask_allows, write_json_atomic
-from qlora_core.trainer import save_adapter
+from qlora_core.trainer import OPTIMIZERS, check_optimizer, save_adapter
 
 SCHEMA = "qlora-bench/finetune/1"
 MERGE_SCHEMA = "qlora-bench/merge/1"
@@ -82,7 +82,8 @@ class FinetuneSettings:
         warmup_steps / max_steps: optimizer steps. learning_rate: peak of the linear schedule.
         logging_steps: log (and record) the loss every this many steps. save_steps: checkpoint interval (steps).
         max_length: tokens per row; longer rows are truncated (the tutorial tokenizes each quote whole).
-        optim: a ``TrainingArguments.optim`` name, e.g. ``adamw_torch`` or ``paged_adamw_8bit``.
+        optim: a name of ``trainer.OPTIMIZERS`` (the sweep's vocabulary: ``adamw``, ``paged_adamw8bit``...),
+            given to the Trainer as transformers' name for the same optimizer.
         gradient_checkpointing: recompute activations in the backward pass (the tutorial's k-bit recipe).
         seed: model init, data order and dropout.
     """
@@ -95,7 +96,7 @@ class FinetuneSettings:
     logging_steps: int = 1
     save_steps: int = 10
     max_length: int = 256
-    optim: str = "adamw_torch"
+    optim: str = "adamw"
     gradient_checkpointing: bool = True
     seed: int = 0
 
@@ -110,6 +111,7 @@ class FinetuneSettings:
                              f"and trains nothing), got {self.max_length}")
         if self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        check_optimizer(self.optim)
 
     def describe(self) -> dict:
         return asdict(self)
@@ -131,7 +133,7 @@ class FinetuneSettings:
             logging_steps=self.logging_steps,
             save_strategy="steps",
             save_steps=self.save_steps,
-            optim=self.optim,
+            optim=OPTIMIZERS[self.optim][2],
             seed=self.seed,
             data_seed=self.seed,
             bf16=on_cuda and mode.torch_compute_dtype == torch.bfloat16,

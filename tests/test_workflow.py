@@ -148,6 +148,15 @@ def test_training_arguments_do_not_filter_the_loss(mode, tmp_path):
     assert TINY_SETTINGS.training_arguments(tmp_path, mode, CPU).logging_nan_inf_filter is False
 
 
+@pytest.mark.parametrize("name, transformers_name", [("adamw", "adamw_torch"), ("paged_adamw8bit", "paged_adamw_8bit")])
+def test_the_workflow_takes_the_sweeps_optimizer_names(mode, tmp_path, name, transformers_name):
+    """One vocabulary: finetune names its optimizer as the sweep does, and hands the Trainer transformers' name."""
+    settings = replace(TINY_SETTINGS, optim=name)
+    assert settings.training_arguments(tmp_path, mode, CPU).optim == transformers_name
+    with pytest.raises(ValueError, match="unknown optimizer 'paged_adamw_8bit'"):
+        replace(TINY_SETTINGS, optim="paged_adamw_8bit")
+
+
 def test_callback_removes_full_weights_and_marks_complete(tmp_path):
     from types import SimpleNamespace
 
