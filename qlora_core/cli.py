@@ -18,6 +18,7 @@ import datetime
 import math
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from qlora_core.cell import CellSettings
@@ -287,6 +288,25 @@ def check_profile(profile_name: str, device) -> None:
                          f"tokens of the cpu profile (hours instead of minutes); use --profile cpu")
 
 
+#: A compute dtype this many times slower than float32 on the CPU makes the CPU profile's minutes far longer.
+SLOW_DTYPE_FACTOR = 10
+
+
+def slow_compute_warning(device, modes, slowdown: Callable[[torch.dtype], float]) -> str | None:
+    """A warning when the sweep runs on a CPU that emulates a compute dtype of its modes (``slowdown``: times
+    slower than float32, ``measure.timing.cpu_matmul_slowdown``); None otherwise."""
+    import torch
+
+    if device.type != "cpu":
+        return None
+    for dtype in sorted({mode.torch_compute_dtype for mode in modes}, key=str):
+        if dtype != torch.float32 and (factor := slowdown(dtype)) > SLOW_DTYPE_FACTOR:
+            return (f"this CPU runs {str(dtype).removeprefix('torch.')} matmuls {factor:.0f}x slower than float32 "
+                    f"(no native instructions for it): the modes computing in it will take far longer than the "
+                    f"cpu profile's few minutes")
+    return None
+
+
 def failure_lines(results: list[dict]) -> list[str]:
     """One line per cell that did not finish: its mode, status and full reason (line breaks made spaces)."""
     return [f"{r['mode']['name']}: {r['status']}: {' '.join(str(r.get('error')).split())}"
@@ -306,6 +326,7 @@ def command_sweep(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from qlora_core.cell import preflight, resolve_device
+    from qlora_core.measure.timing import cpu_matmul_slowdown
     from qlora_core.progress import SweepProgress
     from qlora_core.report import floor_rich_table, rich_table
     from qlora_core.results import check_writable
@@ -322,6 +343,8 @@ def command_sweep(args: argparse.Namespace) -> int:
     with console.status("checking model, data and settings"):
         inputs = preflight(base, modes)
     console.print(f"[bold]qlora-bench[/] profile [cyan]{profile_name}[/], {len(modes)} modes, results in {out}")
+    if warning := slow_compute_warning(device, modes, cpu_matmul_slowdown):
+        console.print(f"[yellow]warning:[/] {warning}")
     try:
         with SweepProgress(console, modes, base.train.max_steps) as progress:
             results = run_sweep(base, modes, out, resume=args.resume, on_event=progress.update, inputs=inputs,

@@ -13,6 +13,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from qlora_core.cli import main
 from qlora_core.modes import MODES
@@ -326,3 +327,17 @@ def test_ctrl_c_ends_the_worker_and_says_how_to_resume(tiny_model_dir, tmp_path)
     assert "Traceback" not in error
     assert error.strip().splitlines()[-1] == f"interrupted: 1 of 2 cells finished in {out}; rerun with --resume"
     assert _wait_for(lambda: not any(os.path.exists(f"/proc/{pid}") for pid in workers), 10)  # no orphan
+
+
+def test_a_cpu_that_emulates_a_modes_compute_dtype_is_warned_about():
+    """On a CPU without bf16 instructions the cpu profile's minutes become the better part of an hour: say so
+    before the sweep starts, naming the dtype and the factor; not on CUDA, nor for a fast dtype."""
+    from qlora_core.cli import slow_compute_warning
+    from qlora_core.modes import get_mode
+
+    modes = [get_mode("bf16"), get_mode("nf4")]
+    slow = slow_compute_warning(torch.device("cpu"), modes, lambda dtype: 60.0)
+    assert "bfloat16 matmuls 60x slower than float32" in slow
+    assert slow_compute_warning(torch.device("cpu"), modes, lambda dtype: 1.5) is None
+    assert slow_compute_warning(torch.device("cuda"), modes, lambda dtype: 60.0) is None
+

@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from qlora_core.measure.timing import NOISY_RELATIVE_IQR, timed, timing_stats
+from qlora_core.measure.timing import NOISY_RELATIVE_IQR, cpu_matmul_slowdown, timed, timing_stats
 
 CPU = torch.device("cpu")
 
@@ -72,3 +72,8 @@ def test_timed_returns_result_and_duration():
 def test_timed_measures_the_call():
     _, seconds = timed(lambda: time.sleep(0.05), CPU)
     assert 0.05 <= seconds < 1.0
+
+
+def test_cpu_matmul_slowdown_is_a_finite_ratio():
+    for dtype in (torch.float32, torch.bfloat16):
+        assert 0 < cpu_matmul_slowdown(dtype, size=64) < float("inf")

@@ -53,3 +53,13 @@ def timing_stats(seconds: list[float], warmup: int) -> dict:
         "warmup": warmup,
         "noisy": iqr > NOISY_RELATIVE_IQR * median,
     }
+
+
+def cpu_matmul_slowdown(dtype: torch.dtype, size: int = 256, repeats: int = 3) -> float:
+    """How many times longer a ``size`` x ``size`` matmul takes on this CPU in ``dtype`` than in float32 (best of
+    ``repeats`` each). CPUs without bf16 instructions (AVX2 only) emulate it: ~60x on a 2-core AMD EPYC here."""
+    def best(tensor_dtype: torch.dtype) -> float:
+        a = torch.randn(size, size).to(tensor_dtype)
+        return min(timed(lambda: a @ a, torch.device("cpu"))[1] for _ in range(repeats))
+
+    return best(dtype) / best(torch.float32)
