@@ -47,6 +47,18 @@ def int8_bytes(in_features: int, out_features: int) -> tuple[int, int]:
     return in_features * out_features, out_features * FLOAT32
 
 
+def _layers(model: torch.nn.Module, class_name: str) -> list[tuple[str, torch.nn.Module]]:
+    """(name, module) of every bitsandbytes ``class_name`` layer of ``model`` (``Linear4bit``, ``Linear8bitLt``).
+    bitsandbytes is imported only when a module of that name is there, so a model without them needs no
+    bitsandbytes; peft's adapted wrappers share the names, so the class itself decides."""
+    if not any(type(module).__name__ == class_name for module in model.modules()):
+        return []
+    import bitsandbytes as bnb
+
+    layer_class = getattr(bnb.nn, class_name)
+    return [(name, module) for name, module in model.named_modules() if isinstance(module, layer_class)]
+
+
 class FrozenInt8Matmul(torch.autograd.Function):
     """An LLM.int8 linear whose weight is frozen, keeping nothing for backward but the weight itself.
 
@@ -80,12 +92,8 @@ def _frozen_int8_forward(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tenso
 def keep_no_int8_inputs(model: torch.nn.Module) -> int:
     """Route every LLM.int8 linear of ``model`` through ``FrozenInt8Matmul``; returns how many. Its weight must
     stay frozen: the weight's gradient is never computed."""
-    if not any(type(module).__name__ == "Linear8bitLt" for module in model.modules()):
-        return 0  # nothing to route, and bitsandbytes need not be installed
-    from bitsandbytes.nn import Linear8bitLt
-
-    layers = [module for module in model.modules() if isinstance(module, Linear8bitLt)]
-    for layer in layers:
+    layers = _layers(model, "Linear8bitLt")
+    for _, layer in layers:
         layer.forward = functools.partial(_frozen_int8_forward, layer)
     return len(layers)
 
@@ -100,14 +108,10 @@ def int8_outliers(model: torch.nn.Module) -> dict | None:
     last evaluation's), by the linear's name's last component (``down_proj``), averaged over layers: ``columns`` a
     layer and their ``share`` of the linear's input features. None for a model without int8 linears or one that
     has run no forward."""
-    if not any(type(module).__name__ == "Linear8bitLt" for module in model.modules()):
-        return None  # and bitsandbytes need not be installed
-    import bitsandbytes as bnb
-
     counts: dict[str, list[int]] = {}
     widths: dict[str, int] = {}
-    for name, module in model.named_modules():
-        if not isinstance(module, bnb.nn.Linear8bitLt) or module.state.idx is None:
+    for name, module in _layers(model, "Linear8bitLt"):
+        if module.state.idx is None:
             continue
         name = name.removesuffix(PEFT_BASE_LAYER).rsplit(".", 1)[-1]
         counts.setdefault(name, []).append(module.state.idx.numel())
@@ -124,13 +128,8 @@ def disable_cpu_4bit_repacking(model: torch.nn.Module) -> None:
     On such CPUs the first no-grad eval forward of a ``Linear4bit`` permanently repacks its weight; afterwards
     gradients through it are wrong and merging yields garbage. Harmless on GPU.
     """
-    if not any(type(m).__name__ == "Linear4bit" for m in model.modules()):
-        return
-    import bitsandbytes as bnb
-
-    for module in model.modules():
-        if isinstance(module, bnb.nn.Linear4bit):
-            module.support_avx512bf16_for_cpu = False
+    for _, module in _layers(model, "Linear4bit"):
+        module.support_avx512bf16_for_cpu = False
 
 
 class BitsAndBytes(Backend):
