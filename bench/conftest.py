@@ -36,7 +36,7 @@ from qlora_core.shapes import check_shape
 from qlora_core.results import environment, write_json_atomic
 from qlora_core.sweep import reusable
 from qlora_core.trainer import TrainSettings
-from qlora_core.worker import LOOKAHEAD, CellError, WorkerPool, serialize_inputs
+from qlora_core.worker import CellError, WorkerPool, serialize_inputs
 
 GPU = PROFILES["gpu"]
 #: The session's cells in run order, and its worker pool, kept on the config.
@@ -88,9 +88,9 @@ def pytest_addoption(parser):
 
 
 def pytest_configure(config):
-    """Refuse a pytest-benchmark too old for --benchmark-json paths, and create --benchmark-json's folder now:
-    pytest-benchmark opens the file only at the end of the session and loses every measurement of the run when
-    its folder is missing."""
+    """Refuse a pytest-benchmark too old for --benchmark-json paths and options naming no known mode, path or
+    shape; create --benchmark-json's folder now (pytest-benchmark opens the file only at the end of the session
+    and loses every measurement of the run when its folder is missing); start the cells' processes."""
     version = importlib.metadata.version("pytest-benchmark")
     if tuple(int(part) for part in version.split(".")[:3]) < MIN_PYTEST_BENCHMARK:
         raise pytest.UsageError(f"pytest-benchmark {version} is too old for bench/ (needs >= 5.3.1, which takes "
@@ -101,9 +101,13 @@ def pytest_configure(config):
                                 f"name it otherwise, e.g. {Path(json_path).with_name('pytest-benchmark.json')}")
     if json_path:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        cells = cell_keys(config.option)
+    except ValueError as error:  # an unknown mode, path or shape: refused before any process starts
+        raise pytest.UsageError(str(error)) from None
     config.stash[POOL] = pool = WorkerPool()
     if config.option.bench_device == "cpu" or torch.cuda.is_available():
-        pool.prepare(LOOKAHEAD)  # the first cells' processes import while pytest collects and tokenizes
+        pool.start(len(cells))  # their imports run while pytest collects and tokenizes
 
 
 def pytest_unconfigure(config):

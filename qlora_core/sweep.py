@@ -107,6 +107,7 @@ def run_cells(
     to_run = [name for name in cells if name not in reused]
     results = []
     with WorkerPool() as pool:
+        pool.start(len(to_run))
         for name, settings in cells.items():
             path = cell_path(out_dir, name)
             if name in reused:

@@ -3,10 +3,11 @@ process while the current cell finishes.
 
 Each (model, mode) cell gets a new Python process, so CUDA allocator state, cached kernels or a crash in one
 mode cannot touch the next one's figures. A process is spawned *unbound*: it imports torch, transformers, peft
-and bitsandbytes (seconds of start-up) and waits; ``WorkerPool`` spawns the next ones while the current cell
-evaluates or after its timed steps, so a sweep pays that start-up once instead of once per cell. Binding sends
-the cell's settings and its already tokenized inputs; only then does the process touch the GPU. The child's stderr
-(library warnings, load bars) goes to the cell's log file; progress events come back through the pipe.
+and bitsandbytes (seconds of start-up) and waits; ``WorkerPool`` spawns the first ones together before the first
+cell and the next ones while a cell evaluates or after its timed steps, so a sweep pays that start-up once instead
+of once per cell. Binding sends the cell's settings and its already tokenized inputs; only then does the process
+touch the GPU. The child's stderr (library warnings, load bars) goes to the cell's log file; progress events come
+back through the pipe.
 """
 
 from __future__ import annotations
@@ -182,9 +183,25 @@ class CellWorker:
         self.close(wait=exc_type is None)
 
 
-#: How many cells ahead the pool starts processes. On the H200 a process importing beside a running SmolLM2
-#: cell was still not ready when that cell ended (up to 2.6 s waited at 620b2db): two cells give it time.
+#: How many cells ahead the pool keeps processes starting once cells run. On the H200 a process importing beside a
+#: running SmolLM2 cell was still not ready when that cell ended (up to 2.6 s waited at 620b2db): two cells give
+#: it time.
 LOOKAHEAD = 2
+#: At most this many processes start together before the first cell (``WorkerPool.start``).
+MAX_STARTED_AT_ONCE = 8
+
+
+def processes_to_start_first(cells: int) -> int:
+    """How many of ``cells`` get their process before the first cell runs: one per spare core (half the host's,
+    the rest left to the parent and the running cell), at least ``LOOKAHEAD``, at most ``MAX_STARTED_AT_ONCE``.
+
+    A process spends its start-up importing on one core (17 s on the H200 host, where the parent also compiled
+    1,607 modules from source, 3.6 s: the image keeps no bytecode for them), longer than any quiet phase of a SmolLM2 cell (~20 s a cell):
+    started during a cell, its import ran on beside the next cell's load and made it 2-4x slower (2026-12-02
+    pair). Started together before the first cell, they import while pytest collects and the parent tokenizes,
+    and none imports beside a measured phase of a run of up to this many cells."""
+    spare_cores = (os.cpu_count() or 1) // 2
+    return min(cells, MAX_STARTED_AT_ONCE, max(LOOKAHEAD, spare_cores))
 
 
 class WorkerPool:
@@ -194,10 +211,18 @@ class WorkerPool:
     def __init__(self):
         self.spares: collections.deque[CellWorker] = collections.deque()
 
+    def start(self, cells: int) -> None:
+        """Before the first of ``cells`` cells: start the processes of as many as the host can import at once
+        (``processes_to_start_first``)."""
+        self._start_up_to(processes_to_start_first(cells))
+
     def prepare(self, cells: int) -> None:
         """Have processes starting for the next ``cells`` cells (at most ``LOOKAHEAD``), their imports
         overlapping the current cell's work."""
-        while len(self.spares) < min(cells, LOOKAHEAD):
+        self._start_up_to(min(cells, LOOKAHEAD))
+
+    def _start_up_to(self, count: int) -> None:
+        while len(self.spares) < count:
             self.spares.append(CellWorker())
 
     def take(self, settings: CellSettings, *, log: Path | None = None, on_event=None,

@@ -118,3 +118,14 @@ def test_benchmark_json_may_not_overwrite_the_manifest(tmp_path):
     run = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert run.returncode == 4  # pytest's usage error, before anything runs
     assert "is the run's manifest" in run.stderr and not out.exists()
+
+
+@pytest.mark.parametrize("option, message", [("--bench-modes=nf4,nf5", "unknown mode 'nf5'"),
+                                             ("--bench-shapes=Llama-9B", "unknown shape 'Llama-9B'")])
+def test_an_unknown_cell_option_is_refused_before_anything_runs(tmp_path, option, message):
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "pytest", "bench/", "--benchmark-only", "-q", "-p", "no:cacheprovider",
+               "--bench-device", "cpu", "--bench-out", str(out), option]
+    run = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 4, run.stdout + run.stderr  # pytest's usage error
+    assert message in run.stderr and not out.exists()

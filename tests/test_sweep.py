@@ -14,7 +14,7 @@ from qlora_core.manifest import MANIFEST_NAME
 from qlora_core.modes import parse_modes
 from qlora_core.results import RUN_SCHEMA, SCHEMA
 from qlora_core.sweep import ResumeMismatchError, finished, result_path, reusable, run_sweep
-from qlora_core.worker import LOOKAHEAD, WorkerPool
+from qlora_core.worker import LOOKAHEAD, MAX_STARTED_AT_ONCE, WorkerPool, processes_to_start_first
 
 MODES = parse_modes("bf16,nf4")
 
@@ -228,3 +228,30 @@ def test_a_cell_without_evaluation_starts_the_next_processes_after_its_timed_ste
             cell.call("end_training")
             assert len(pool.spares) == 1
 
+
+
+@pytest.mark.parametrize("cells, cores, started", [
+    (7, 16, 7),  # the H200 host: every cell of a 7-mode run before the first
+    (20, 64, MAX_STARTED_AT_ONCE),
+    (7, 2, LOOKAHEAD),  # a 2-core CI machine: no more than it can import beside the parent
+    (1, 16, 1),  # nothing for cells that will not come
+])
+def test_processes_started_before_the_first_cell_follow_the_spare_cores(monkeypatch, cells, cores, started):
+    monkeypatch.setattr("os.cpu_count", lambda: cores)
+    assert processes_to_start_first(cells) == started
+
+
+def test_processes_started_before_the_first_cell_serve_the_cells_in_order(tiny_model_dir, monkeypatch):
+    """Started together before the first cell, the processes are taken oldest first, and while they last the pool
+    starts no other beside a cell."""
+    monkeypatch.setattr("os.cpu_count", lambda: 2 * (LOOKAHEAD + 1))
+    settings = tiny_cell_settings(tiny_model_dir, "bf16")
+    with WorkerPool() as pool:
+        pool.start(LOOKAHEAD + 1)
+        started = [spare.process.pid for spare in pool.spares]
+        assert len(started) == LOOKAHEAD + 1
+        with pool.take(settings, cells_after=LOOKAHEAD) as first:
+            first.call("load")
+            first.call("evaluate", "before")
+            assert first.process.pid == started[0]
+            assert [spare.process.pid for spare in pool.spares] == started[1:]
