@@ -79,7 +79,8 @@ def cap_memory(device: torch.device, cap_bytes: int | None) -> None:
 
     The fraction only refuses *new* reservations: blocks an earlier cell of the same process left in the
     allocator's cache would serve allocations beyond the cap unchecked (a cell capped at a quarter of its need
-    ran to the end on the H200 that way), so the cache is emptied first."""
+    ran to the end on the H200 that way), so the cache is emptied first. Segments still partly in use cannot be
+    emptied, so the cap is exact only in a fresh process, which is what every cell of a run gets."""
     if device.type != "cuda":
         return
     index = torch.cuda.current_device() if device.index is None else device.index  # torch wants it numbered
