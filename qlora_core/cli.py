@@ -23,7 +23,7 @@ from pathlib import Path
 
 from qlora_core.cell import CellSettings
 from qlora_core.lora import LoraSettings
-from qlora_core.modes import MODES, UnknownModeError, parse_modes
+from qlora_core.modes import MODES, UnknownModeError, installed_modes, parse_modes
 from qlora_core.paths import PATHS
 from qlora_core.profiles import PROFILES
 from qlora_core.report import DEFAULT_THRESHOLD
@@ -34,11 +34,25 @@ SUBCOMMANDS = ("sweep", "report", "compare", "finetune", "generate", "merge", "f
 
 
 def default_modes(profile: str) -> list:
-    """Every registered mode, but fp16-compute ones in the CPU profile (a CPU step took 44 s vs 3 s in bf16)."""
+    """Every mode this installation can run (``installed_modes``), but fp16-compute ones in the CPU profile (a CPU
+    step took 44 s vs 3 s in bf16)."""
     import torch
 
-    modes = list(MODES.values())
+    modes = installed_modes()
     return modes if profile == "gpu" else [m for m in modes if m.torch_compute_dtype != torch.float16]
+
+
+def not_installed_line() -> str | None:
+    """One line naming the registered modes that 'all' and the default leave out because their backend's package
+    is missing, and what installs it; None when every mode can run."""
+    from qlora_core import backends
+
+    missing = [mode for mode in MODES.values() if not backends.installed(mode)]
+    if not missing:
+        return None
+    packages = sorted({backends.backend_of(mode).package for mode in missing})
+    return (f"left out (not installed: {', '.join(packages)}): {', '.join(m.name for m in missing)}; "
+            f"README.md says how to install them")
 
 
 def _positive(text: str) -> int:
@@ -84,8 +98,9 @@ def _add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
                        help="training path: 'reference' (the common recipe: fp32 upcasts, full logits) or 'lean' "
                             "(no upcasts, loss in token chunks); default reference")
     model.add_argument("--modes", default=None,
-                       help=f"comma-separated modes, or 'all' ({mode_list}); default: all on a GPU, all but "
-                            "fp16-compute modes on a CPU (CPUs have no fast fp16 matmul: a step took 15x longer)")
+                       help=f"comma-separated modes, or 'all' ({mode_list}: those whose backend is installed); "
+                            "default: all on a GPU, all but fp16-compute modes on a CPU (CPUs have no fast fp16 "
+                            "matmul: a step took 15x longer)")
     model.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
     model.add_argument("--profile", choices=sorted(PROFILES),
                        help="defaults for the options below: 'gpu' (full) or 'cpu' (short); "
@@ -166,7 +181,8 @@ def _add_frontier_command(commands) -> None:
                     "is loaded; no GPU is needed.")
     frontier.add_argument("--shapes", required=True, type=lambda text: text.split(","),
                           help=f"comma-separated named shapes: {', '.join(SHAPES)}")
-    frontier.add_argument("--modes", default="all", help="comma-separated modes, or 'all'")
+    frontier.add_argument("--modes", default="all",
+                          help="comma-separated modes, or 'all' (those whose backend is installed)")
     frontier.add_argument("--paths", default=",".join(PATHS), type=lambda text: text.split(","),
                           help="comma-separated training paths (default: both)")
     frontier.add_argument("--capacity-gib", default="24,48,80", type=_capacities,
@@ -343,6 +359,8 @@ def command_sweep(args: argparse.Namespace) -> int:
     with console.status("checking model, data and settings"):
         inputs = preflight(base, modes)
     console.print(f"[bold]qlora-bench[/] profile [cyan]{profile_name}[/], {len(modes)} modes, results in {out}")
+    if args.modes in (None, "all") and (line := not_installed_line()):
+        console.print(line)
     if warning := slow_compute_warning(device, modes, cpu_matmul_slowdown):
         console.print(f"[yellow]warning:[/] {warning}")
     try:

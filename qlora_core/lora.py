@@ -4,6 +4,13 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+import torch
+
+from qlora_core import backends
+
+#: peft's shorthand for every linear layer but the output head.
+ALL_LINEAR = "all-linear"
+
 
 @dataclass(frozen=True)
 class LoraSettings:
@@ -17,7 +24,7 @@ class LoraSettings:
     r: int = 16
     alpha: int | None = None
     dropout: float = 0.05
-    target_modules: str | tuple[str, ...] = "all-linear"
+    target_modules: str | tuple[str, ...] = ALL_LINEAR
 
     def __post_init__(self) -> None:
         if self.r < 1:
@@ -34,11 +41,32 @@ class LoraSettings:
         return description
 
 
+def _is_linear(module: torch.nn.Module) -> bool:
+    """A ``torch.nn.Linear`` or a layer a backend stores in its place."""
+    return isinstance(module, torch.nn.Linear) or backends.layer_storage(module) != "dense"
+
+
+def peft_target_modules(model, target_modules: str | tuple[str, ...]) -> str | list[str]:
+    """What peft's ``LoraConfig`` is given for ``target_modules`` on ``model``.
+
+    peft resolves ``"all-linear"`` to the ``torch.nn.Linear`` layers but the output head, so a backend whose
+    layers are not ``torch.nn.Linear`` subclasses (HQQ's) would get no adapters; on such a model it is resolved
+    here to the same layers, by the last component of their names (peft matches a listed name against it).
+    """
+    if not isinstance(target_modules, str):
+        return list(target_modules)
+    linears = {name: module for name, module in model.named_modules() if _is_linear(module)}
+    if target_modules.lower() != ALL_LINEAR or all(isinstance(m, torch.nn.Linear) for m in linears.values()):
+        return target_modules
+    head = model.get_output_embeddings()
+    return sorted({name.rsplit(".", 1)[-1] for name, module in linears.items() if module is not head})
+
+
 def attach_lora(model, settings: LoraSettings):
     """Wrap a prepared base model in a peft ``PeftModel`` with fresh adapters (the base stays frozen)."""
     from peft import LoraConfig, get_peft_model
 
-    target = settings.target_modules if isinstance(settings.target_modules, str) else list(settings.target_modules)
+    target = peft_target_modules(model, settings.target_modules)
     config = LoraConfig(
         r=settings.r,
         lora_alpha=settings.alpha,

@@ -89,7 +89,9 @@ def check_sequence_length(config, seq_len: int) -> None:
 def load_model(source: ModelSource, mode: Mode, device: torch.device):
     """Load the causal LM with its frozen base weights stored as ``mode`` says, on ``device``.
 
-    The model is returned as loaded (before any training preparation), so its memory can be measured.
+    The model is returned as loaded (before any training preparation), so its memory can be measured. A backend
+    that transformers cannot load with (HQQ) quantizes the loaded linears one by one afterwards
+    (``backends.quantize_after_load``): its load holds the whole model in the compute dtype first.
     """
     from transformers import AutoModelForCausalLM
 
@@ -104,7 +106,28 @@ def load_model(source: ModelSource, mode: Mode, device: torch.device):
         )
     except (OSError, ValueError) as error:
         raise ModelSourceError(f"cannot load {source.name_or_path} in mode {mode.name}: {error}") from error
+    backends.quantize_after_load(model, mode, device)
     backends.after_build(model)
+    return model
+
+
+def dequantize_linears(model, dtype: torch.dtype):
+    """``model`` with every linear a backend stores replaced by a ``torch.nn.Linear`` of its dequantized weight
+    (``backends.dequantized_weight``) in ``dtype``. transformers undoes its own quantization (``dequantize``, which
+    also drops the quantizer's state); a backend that quantized after loading has no quantizer there."""
+    if getattr(model, "hf_quantizer", None) is not None:
+        return model.dequantize(dtype=dtype)
+    for name, module in list(model.named_modules()):
+        if backends.layer_storage(module) == "dense":
+            continue
+        weight = backends.dequantized_weight(module)
+        linear = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                                 device=weight.device, dtype=dtype)
+        with torch.no_grad():
+            linear.weight.copy_(weight)
+            if module.bias is not None:
+                linear.bias.copy_(module.bias)
+        model.set_submodule(name, linear)
     return model
 
 
@@ -116,7 +139,7 @@ def load_dequantized(source: ModelSource, mode: Mode, device: torch.device):
     """
     model = load_model(source, mode, device)
     if mode.is_quantized:
-        model = model.dequantize(dtype=torch.bfloat16)
+        model = dequantize_linears(model, torch.bfloat16)
     return model.to(torch.bfloat16)
 
 
@@ -124,8 +147,9 @@ def prepare_for_training(model, mode: Mode, *, gradient_checkpointing: bool, pat
     """Freeze the base and make it trainable through adapters, as ``path`` says (``qlora_core.paths``).
 
     ``reference``, the common recipe: quantized modes go through peft's ``prepare_model_for_kbit_training``
-    (non-quantized modules upcast to fp32 for stability, input gradients on). It is not called for fp16/bf16:
-    there it would upcast the whole model. ``lean``: frozen as loaded, no upcast.
+    (non-quantized modules upcast to fp32 for stability, except where peft leaves a backend's models in their
+    dtypes, as it does HQQ's: ``Backend.kbit_preparation_upcasts``; input gradients on). It is not called for
+    fp16/bf16: there it would upcast the whole model. ``lean``: frozen as loaded, no upcast.
     """
     from peft import prepare_model_for_kbit_training
 

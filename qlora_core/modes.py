@@ -17,10 +17,13 @@ from typing import Literal
 
 import torch
 
+from qlora_core import backends
 from qlora_core.backends import BACKENDS
 
-WeightFormat = Literal["fp16", "bf16", "int8", "fp4", "nf4"]
+WeightFormat = Literal["fp16", "bf16", "int8", "fp4", "nf4", "hqq4", "hqq8"]
 HALF_PRECISION_FORMATS = ("fp16", "bf16")
+#: Formats stored in groups of ``Mode.group_size`` weights with a scale and a zero point each (HQQ).
+GROUPED_FORMATS = ("hqq4", "hqq8")
 
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "uint8": torch.uint8}
 
@@ -41,6 +44,7 @@ class Mode:
         double_quant: 4-bit only: quantize the per-block absmax constants again (8-bit, blocks of 256).
         int8_threshold: int8 only: activation magnitude above which LLM.int8 keeps a feature in 16-bit.
         quant_storage: 4-bit only: dtype that packs two 4-bit values (bitsandbytes' ``bnb_4bit_quant_storage``).
+        group_size: HQQ only: consecutive weights of a row that share one scale and one zero point.
         skip_modules: module names left unquantized (the output head: its logits need full precision).
     """
 
@@ -51,6 +55,7 @@ class Mode:
     double_quant: bool = False
     int8_threshold: float | None = None
     quant_storage: str | None = None
+    group_size: int | None = None
     skip_modules: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
@@ -60,6 +65,10 @@ class Mode:
             raise ValueError(f"mode {self.name!r}: double quantization applies to 4-bit formats only")
         if self.weight_format == "int8" and self.int8_threshold is None:
             raise ValueError(f"mode {self.name!r}: int8 needs an outlier threshold")
+        if (self.group_size is None) == (self.weight_format in GROUPED_FORMATS):
+            raise ValueError(f"mode {self.name!r}: a group size is needed by HQQ formats and taken by no other")
+        if self.group_size is not None and self.group_size < 1:
+            raise ValueError(f"mode {self.name!r}: group size must be >= 1, got {self.group_size}")
         if (self.backend is None) != (self.weight_format in HALF_PRECISION_FORMATS):
             raise ValueError(f"mode {self.name!r}: a quantized format needs a backend, half precision none")
         if self.backend is not None and self.backend not in BACKENDS:
@@ -67,6 +76,7 @@ class Mode:
 
     @property
     def is_4bit(self) -> bool:
+        """bitsandbytes' 4-bit formats (FP4, NF4)."""
         return self.weight_format in ("fp4", "nf4")
 
     @property
@@ -104,6 +114,11 @@ class Mode:
         return description
 
 
+def _hqq(fmt: WeightFormat) -> Mode:
+    return Mode(name=fmt, weight_format=fmt, compute_dtype="bfloat16", backend="hqq", group_size=64,
+                skip_modules=("lm_head",))
+
+
 def _four_bit(name: str, fmt: WeightFormat, double_quant: bool) -> Mode:
     return Mode(
         name=name,
@@ -137,6 +152,9 @@ for _mode in (
     _four_bit("fp4-dq", "fp4", double_quant=True),
     _four_bit("nf4", "nf4", double_quant=False),
     _four_bit("nf4-dq", "nf4", double_quant=True),
+    # HQQ, calibration-free, at bitsandbytes' 4-bit block size: 4.5 bits a weight in hqq4, as in nf4.
+    _hqq("hqq4"),
+    _hqq("hqq8"),
 ):
     register(_mode)
 
@@ -152,8 +170,15 @@ def get_mode(name: str) -> Mode:
         raise UnknownModeError(f"unknown mode {name!r}; valid modes: {', '.join(MODES)}") from None
 
 
+def installed_modes() -> list[Mode]:
+    """The registered modes this installation can run (their backend's package is importable)."""
+    return [mode for mode in MODES.values() if backends.installed(mode)]
+
+
 def parse_modes(names: str | list[str]) -> list[Mode]:
-    """Modes from a comma-separated string or a list; ``"all"`` means every registered mode.
+    """Modes from a comma-separated string or a list; ``"all"`` means every registered mode this installation
+    can run (``installed_modes``: e.g. the HQQ modes only where the optional ``hqq`` package is installed); a mode
+    named explicitly is returned even when it cannot run, so that running it says what it needs.
 
     Raises ``ValueError`` for no names at all (a sweep of nothing would look like success) and for a name given
     twice (a mode measured twice would overwrite its own result); ``UnknownModeError`` for an unknown name.
@@ -166,5 +191,5 @@ def parse_modes(names: str | list[str]) -> list[Mode]:
     if duplicates := sorted({n for n in names if names.count(n) > 1}):
         raise ValueError(f"mode given twice: {', '.join(duplicates)}")
     if names == ["all"]:
-        return list(MODES.values())
+        return installed_modes()
     return [get_mode(n) for n in names]

@@ -7,7 +7,8 @@ shape measures what a 1B-70B model costs without downloading it. Perplexity mean
 ``build_shape_model`` builds the skeleton on the meta device, lets transformers' own quantizer for the mode swap
 the linear layers for its backend's layers (so the modules are exactly those ``from_pretrained`` makes), then
 materializes one parameter at a time: a linear weight is drawn in the load dtype on the target device and
-quantized there at once by its backend, so at most one layer's bf16 weights exist beside the stored model. A 70B shape in
+quantized there at once by its backend (a backend that quantizes after loading, HQQ, replaces the linear as soon
+as its weight is drawn), so at most one layer's bf16 weights exist beside the stored model. A 70B shape in
 4-bit therefore needs about 40 GB, where its bf16 weights alone (141 GB) would not fit one H200.
 """
 
@@ -156,12 +157,14 @@ def _stored_parameter(old: torch.nn.Parameter, value: torch.Tensor, device: torc
     return torch.nn.Parameter(value, requires_grad=False)
 
 
-def _materialize(model, dtype: torch.dtype, device: torch.device, seed: int) -> None:
-    """Replace every meta parameter by a random one on ``device``, one at a time (tied parameters once)."""
+def _materialize(model, mode: Mode, device: torch.device, seed: int) -> None:
+    """Replace every meta parameter by a random one on ``device``, one at a time (tied parameters once); a linear
+    whose backend quantizes after loading is quantized as soon as its weight is drawn."""
+    dtype = mode.load_dtype
     generator = torch.Generator(device=device).manual_seed(seed)
     std = getattr(model.config, "initializer_range", 0.02)
     done: dict[int, torch.nn.Parameter] = {}
-    for module in model.modules():
+    for module_name, module in model.named_modules():
         for name, old in list(module._parameters.items()):
             if old is None or not old.is_meta:
                 continue
@@ -173,6 +176,8 @@ def _materialize(model, dtype: torch.dtype, device: torch.device, seed: int) -> 
         for name, buffer in list(module._buffers.items()):
             if buffer is not None:
                 module._buffers[name] = buffer.to(device)
+        if (layer := backends.quantized_layer(module_name, module, mode, device)) is not None:
+            model.set_submodule(module_name, layer)
 
 
 def build_shape_model(name_or_config, mode: Mode, device: torch.device | str, seed: int = 0):
@@ -190,7 +195,7 @@ def build_shape_model(name_or_config, mode: Mode, device: torch.device | str, se
     mode_quantizer = quantizer(mode)
     if mode_quantizer is not None:  # swap nn.Linear for the mode's quantized layers, still on meta
         mode_quantizer.preprocess_model(model=model, dtype=mode.load_dtype, device_map={"": device})
-    _materialize(model, mode.load_dtype, device, seed)
+    _materialize(model, mode, device, seed)
     if mode_quantizer is not None:
         model.hf_quantizer = mode_quantizer
         mode_quantizer.postprocess_model(model)

@@ -1,7 +1,8 @@
 """Shared fixtures: an offline byte-level tokenizer, tiny random Llama folders, one ``run_cell`` result per mode.
 
 Everything here runs on CPU without the Hugging Face Hub. Tests marked ``gpu`` skip (with a reason) where CUDA
-is missing; tests marked ``slow`` run the real embedded model and are part of the default run.
+is missing, tests marked ``hqq`` where the optional hqq package is; tests marked ``slow`` run the real embedded
+model and are part of the default run.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import importlib.util  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -25,13 +27,17 @@ from tiny import CELL_MODES, make_model_folder, make_tokenizer, tiny_cell_settin
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 def pytest_collection_modifyitems(config, items):
-    """Skip ``gpu`` tests where CUDA is missing: declared once here, never inferred from an exception."""
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
+    """Skip ``gpu`` tests where CUDA is missing and ``hqq`` tests where the optional hqq package is: declared once
+    here, never inferred from an exception."""
+    skips = {}
+    if not torch.cuda.is_available():
+        skips["gpu"] = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
+    if importlib.util.find_spec("hqq") is None:
+        skips["hqq"] = pytest.mark.skip(reason="needs the optional hqq package (README: pip install the [hqq] extra)")
     for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+        for marker, skip in skips.items():
+            if item.get_closest_marker(marker) is not None:
+                item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

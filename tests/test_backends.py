@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tiny import mode_params
 from qlora_core import backends
 from qlora_core.backends.base import Backend
 from qlora_core.models import load_model
@@ -14,6 +15,8 @@ from qlora_core.shapes import build_shape_model
 
 CPU = torch.device("cpu")
 QUANTIZED = [mode for mode in MODES.values() if mode.is_quantized]
+#: How the memory model names each quantized format's storage (``backends.layer_storage``).
+STORAGE = {"int8": "int8", "fp4": "4bit", "nf4": "4bit", "hqq4": "hqq4", "hqq8": "hqq8"}
 
 
 def test_every_quantized_mode_names_a_registered_backend_and_half_precision_none():
@@ -24,22 +27,25 @@ def test_every_quantized_mode_names_a_registered_backend_and_half_precision_none
     assert {mode.backend for mode in QUANTIZED} <= set(backends.BACKENDS)
 
 
-@pytest.mark.parametrize("mode", QUANTIZED, ids=[m.name for m in QUANTIZED])
-def test_a_built_layer_answers_for_its_storage(mode):
-    """The storage the memory model names, its constants and its dequantized weight, for one quantized linear;
-    the plain output head is nobody's."""
+@pytest.mark.parametrize("name", mode_params(m.name for m in QUANTIZED))
+def test_a_built_layer_answers_for_its_storage(name):
+    """The storage the memory model names, its constants and its dequantized weight, for one quantized linear
+    (its one parameter with constants: bitsandbytes' ``weight``, HQQ's ``W_q``); the plain output head is
+    nobody's."""
+    mode = get_mode(name)
     model = build_shape_model("tiny-llama", mode, CPU)
     layer, head = model.model.layers[0].mlp.down_proj, model.lm_head
-    assert backends.layer_storage(layer) == ("int8" if mode.weight_format == "int8" else "4bit")
+    assert backends.layer_storage(layer) == STORAGE[mode.weight_format]
     assert backends.layer_storage(head) == "dense"
-    assert backends.quant_constants(layer.weight) and not backends.quant_constants(head.weight)
-    assert backends.logical_numel(layer.weight) == layer.in_features * layer.out_features
+    (stored,) = [p for p in layer.parameters() if backends.quant_constants(p)]
+    assert not backends.quant_constants(head.weight)
+    assert backends.logical_numel(stored) == layer.in_features * layer.out_features
     weight = backends.dequantized_weight(layer)
     assert weight.shape == (layer.out_features, layer.in_features) and weight.dtype == torch.float32
     data, constants = backends.backend_of(mode).stored_bytes(backends.layer_storage(layer), layer.in_features,
                                                              layer.out_features, mode)
-    assert data == layer.weight.numel() * layer.weight.element_size()
-    assert constants == sum(t.numel() * t.element_size() for t in backends.quant_constants(layer.weight))
+    assert data == stored.numel() * stored.element_size()
+    assert constants == sum(t.numel() * t.element_size() for t in backends.quant_constants(stored))
 
 
 def test_int8_outliers_after_an_eval_forward(tiny_source):

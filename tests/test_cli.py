@@ -136,13 +136,13 @@ def test_report_without_results_exits_2(tmp_path, capsys):
 
 def test_cpu_profile_leaves_fp16_compute_modes_out_by_default():
     from qlora_core.cli import default_modes
-    from qlora_core.modes import MODES
+    from qlora_core.modes import installed_modes
 
     cpu = default_modes("cpu")
-    assert [m.name for m in default_modes("gpu")] == list(MODES)
+    assert default_modes("gpu") == installed_modes()  # test_modes.py: without hqq, all but the HQQ modes
     assert cpu and all(m.compute_dtype != "float16" for m in cpu)
-    assert {m.name for m in MODES.values()} - {m.name for m in cpu} == {
-        m.name for m in MODES.values() if m.compute_dtype == "float16"
+    assert {m.name for m in installed_modes()} - {m.name for m in cpu} == {
+        m.name for m in installed_modes() if m.compute_dtype == "float16"
     }
 
 

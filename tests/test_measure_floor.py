@@ -6,6 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tiny import mode_params
+
 from qlora_core.backends.bitsandbytes import four_bit_bytes
 from qlora_core.lora import LoraSettings, attach_lora, parameter_counts
 from qlora_core.measure.floor import (PHASE_COMPONENTS, memory_floor, phase_components,
@@ -54,7 +56,7 @@ def saved_tensor_bytes(model, path: str) -> int:
 # --- weights and adapters: exact ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mode", list(MODES), ids=list(MODES))
+@pytest.mark.parametrize("mode", mode_params(MODES))
 @pytest.mark.parametrize("shape", ["tiny-llama", "tiny-qwen2", "tiny-bloom"])
 def test_weights_prediction_equals_the_built_models_footprint(shape, mode):
     predicted = floor(shape, mode, "lean")
@@ -80,11 +82,11 @@ def test_four_bit_bytes_headline_rates():
 
 
 @pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("mode", ["bf16", "int8", "nf4-dq", "fp4"])
+@pytest.mark.parametrize("mode", mode_params(["bf16", "int8", "nf4-dq", "fp4", "hqq4"]))
 @pytest.mark.parametrize("shape", FLOOR_SHAPES)
 def test_setup_adapters_and_optimizer_state_are_exact(shape, mode, path):
-    """After set-up the tensors are the stored weights, the path's fp32 upcasts and the fp32 adapters; one AdamW
-    step adds two fp32 moments a trainable value."""
+    """After set-up the tensors are the stored weights, the path's fp32 upcasts (none for HQQ, which peft leaves
+    in its dtypes) and the fp32 adapters; one AdamW step adds two fp32 moments a trainable value."""
     predicted = floor(shape, mode, path)
     model = adapted(shape, mode, path, checkpointing=True)
     assert weight_footprint(model)["weights_bytes"] == predicted["after_setup_bytes"]
@@ -92,7 +94,8 @@ def test_setup_adapters_and_optimizer_state_are_exact(shape, mode, path):
     trainable = [p for p in model.parameters() if p.requires_grad]
     assert sum(p.numel() * p.element_size() for p in trainable) == predicted["lora_param_bytes"]
     assert {p.dtype for p in trainable} == {torch.float32}
-    assert (predicted["upcast_bytes"] > 0) is (path == "reference" and get_mode(mode).is_quantized)
+    upcasts = path == "reference" and get_mode(mode).is_quantized and get_mode(mode).backend != "hqq"
+    assert (predicted["upcast_bytes"] > 0) is upcasts
 
     batches = iter(lambda: torch.zeros(BATCH, SEQ, dtype=torch.long), None)
     trainer = LoraTrainer(model, batches, TrainSettings(max_steps=1), get_mode(mode).torch_compute_dtype)
@@ -105,13 +108,13 @@ def test_setup_adapters_and_optimizer_state_are_exact(shape, mode, path):
 
 
 @pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("mode", ["bf16", "int8", "nf4-dq"])
+@pytest.mark.parametrize("mode", mode_params(["bf16", "int8", "nf4-dq", "hqq4"]))
 @pytest.mark.parametrize("shape", FLOOR_SHAPES)
 def test_saved_activations_match_autograds_saved_tensors(shape, mode, path):
     """Without checkpointing, the per-layer accounting, the head's and the loss's saved tensors add up to what
-    autograd saves, tensor for tensor. The prediction may exceed it by the first layer's attention-input adapters'
-    weight casts (autograd skips them: their input, from the frozen embeddings, needs no gradient) and is never
-    below it."""
+    autograd saves, tensor for tensor (HQQ's own matmul's inputs on the reference path included). The prediction
+    may exceed it by the first layer's attention-input adapters' weight casts (autograd skips them: their input,
+    from the frozen embeddings, needs no gradient) and is never below it."""
     predicted = floor(shape, mode, path, checkpointing=False, device_type="cpu")
     measured = saved_tensor_bytes(adapted(shape, mode, path, checkpointing=False), path)
     total = predicted["saved_activations_bytes"] + predicted["head_saved_bytes"] + predicted["loss_saved_bytes"]

@@ -24,7 +24,8 @@ from qlora_core.models import (
 from qlora_core.modes import MODES, get_mode
 
 CPU = torch.device("cpu")
-QUANTIZED = [m for m in MODES.values() if m.is_quantized]
+#: The modes of the bitsandbytes backend, a dependency of the package (the optional ones: test_backend_hqq.py).
+BITSANDBYTES = [m for m in MODES.values() if m.backend == "bitsandbytes"]
 
 
 def linear4bit_layers(model):
@@ -106,7 +107,7 @@ def without_bitsandbytes(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", find_spec)
 
 
-@pytest.mark.parametrize("mode", QUANTIZED, ids=[m.name for m in QUANTIZED])
+@pytest.mark.parametrize("mode", BITSANDBYTES, ids=[m.name for m in BITSANDBYTES])
 def test_quantized_mode_without_bitsandbytes_is_unavailable(without_bitsandbytes, tiny_source, mode):
     with pytest.raises(ModeUnavailableError, match="needs bitsandbytes"):
         require(mode)

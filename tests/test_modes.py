@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 
 import pytest
 import torch
 
+from qlora_core import backends
+from qlora_core.backends import ModeUnavailableError
 from qlora_core.backends.bitsandbytes import BNB_4BIT_BLOCKSIZE, BNB_DOUBLE_QUANT_BLOCKSIZE
 from qlora_core.modes import (
     BASELINE_MODE,
@@ -15,6 +18,7 @@ from qlora_core.modes import (
     Mode,
     UnknownModeError,
     get_mode,
+    installed_modes,
     parse_modes,
     register,
 )
@@ -46,9 +50,36 @@ def test_unknown_mode_lists_valid_modes():
 def test_parse_modes():
     assert [m.name for m in parse_modes("bf16, nf4-dq")] == ["bf16", "nf4-dq"]
     assert [m.name for m in parse_modes(["int8"])] == ["int8"]
-    assert parse_modes("all") == list(MODES.values())
+    assert parse_modes("all") == installed_modes() == [m for m in MODES.values() if backends.installed(m)]
     with pytest.raises(UnknownModeError):
         parse_modes("bf16,bogus")
+
+
+@pytest.fixture
+def without_hqq(monkeypatch):
+    """An installation without the optional hqq package."""
+    real_find_spec = importlib.util.find_spec
+
+    def find_spec(name, *args, **kwargs):
+        return None if name == "hqq" else real_find_spec(name, *args, **kwargs)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+
+
+def test_all_means_the_modes_this_installation_can_run(without_hqq):
+    """Without hqq, 'all' (and the sweep's default) is every other mode, and the sweep names what it left out; a
+    mode named explicitly is still taken, and refused with what it needs when it is run."""
+    from qlora_core.cli import default_modes, not_installed_line
+
+    hqq_modes = [m.name for m in MODES.values() if m.backend == "hqq"]
+    assert hqq_modes == ["hqq4", "hqq8"]
+    assert [m.name for m in parse_modes("all")] == [name for name in MODES if name not in hqq_modes]
+    assert [m.name for m in default_modes("gpu")] == [m.name for m in parse_modes("all")]
+    assert not_installed_line() == ("left out (not installed: hqq): hqq4, hqq8; README.md says how to install "
+                                    "them")
+    (hqq4,) = parse_modes("hqq4")
+    with pytest.raises(ModeUnavailableError, match="mode 'hqq4' needs hqq: pip install hqq"):
+        backends.require(hqq4)
 
 
 @pytest.mark.parametrize("names", ["", ",", " ", " , ", []])
@@ -110,6 +141,19 @@ def test_half_precision_modes_have_no_quantization_config(name, dtype):
     assert mode.load_dtype == dtype == mode.torch_compute_dtype
 
 
+@pytest.mark.parametrize("name, nbits", [("hqq4", 4), ("hqq8", 8)])
+def test_hqq_modes_quantize_after_loading_and_describe_their_groups(name, nbits):
+    """transformers loads an HQQ mode unquantized (its HqqConfig path is unusable in transformers 5): no config;
+    the description says the bits, the group size and axis, bf16 compute, the head left unquantized."""
+    mode = get_mode(name)
+    assert mode.quantization_config() is None and mode.is_quantized and not mode.is_4bit
+    description = mode.describe()
+    assert (description["nbits"], description["group_size"], description["axis"]) == (nbits, 64, 1)
+    assert description["quantized_after_load"] is True
+    assert mode.torch_compute_dtype == mode.load_dtype == torch.bfloat16
+    assert mode.skip_modules == ("lm_head",)
+
+
 def test_the_4bit_pairs_differ_only_in_double_quant():
     for fmt in ("fp4", "nf4"):
         plain, nested = get_mode(fmt), get_mode(f"{fmt}-dq")
@@ -125,6 +169,9 @@ def test_the_4bit_pairs_differ_only_in_double_quant():
         (dict(weight_format="nf4", compute_dtype="bfloat16"), "needs a backend"),
         (dict(weight_format="bf16", compute_dtype="bfloat16", backend="bitsandbytes"), "needs a backend"),
         (dict(weight_format="nf4", compute_dtype="bfloat16", backend="gptq"), "unknown backend 'gptq'"),
+        (dict(weight_format="hqq4", compute_dtype="bfloat16", backend="hqq"), "group size"),
+        (dict(weight_format="nf4", compute_dtype="bfloat16", backend="bitsandbytes", group_size=64), "group size"),
+        (dict(weight_format="hqq4", compute_dtype="bfloat16", backend="hqq", group_size=0), "group size"),
     ],
 )
 def test_invalid_mode_definitions_are_refused(kwargs, match):
@@ -176,4 +223,4 @@ def test_registry_cleanup_fixture_restored_the_registry():
     # the registry is back as this module found it, in order, and the CLI's '--modes all' offers exactly that
     assert list(MODES) == list(BUILT_IN_MODES)
     assert all(MODES[name] is mode for name, mode in BUILT_IN_MODES.items())
-    assert [m.name for m in parse_modes("all")] == list(BUILT_IN_MODES)
+    assert [m.name for m in parse_modes("all")] == [n for n, m in BUILT_IN_MODES.items() if backends.installed(m)]

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from tiny import make_tokenizer
+from tiny import make_tokenizer, mode_params
 from qlora_core.lora import LoraSettings, attach_lora
 from qlora_core.measure.memory import weight_footprint
 from qlora_core.models import load_model, prepare_for_training, resolve_model, save_random_model
@@ -28,8 +28,10 @@ TINY_SHAPES = [name for name in SHAPES if name.startswith("tiny-")]
 ISSUE_SHAPES = ("Llama-3.2-1B", "Llama-3.1-8B", "Llama-2-13B", "Llama-3.1-70B", "Qwen2.5-7B", "BLOOM-3B")
 #: Published counts are rounded to four significant figures.
 PUBLISHED_REL_TOL = 1e-3
-#: Attributes transformers' quantizer sets and peft's prepare_model_for_kbit_training / LoRA dispatch read.
-QUANTIZER_ATTRIBUTES = ("is_loaded_in_4bit", "is_loaded_in_8bit", "quantization_method", "is_quantized")
+#: Attributes transformers' quantizer (or a backend quantizing after loading: ``hqq_quantized``) sets and peft's
+#: prepare_model_for_kbit_training / LoRA dispatch read.
+QUANTIZER_ATTRIBUTES = ("is_loaded_in_4bit", "is_loaded_in_8bit", "quantization_method", "is_quantized",
+                        "hqq_quantized")
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +73,7 @@ def test_unknown_shape_lists_the_valid_ones():
         shape_config("Llama-4-1T")
 
 
-@pytest.mark.parametrize("mode", list(MODES), ids=list(MODES))
+@pytest.mark.parametrize("mode", mode_params(MODES))
 @pytest.mark.parametrize("name", TINY_SHAPES)
 def test_build_equals_from_pretrained(saved_shapes, name, mode):
     """The same modules, dtypes and bytes as stored, and the quantizer's attributes, as loading the same config
@@ -83,7 +85,7 @@ def test_build_equals_from_pretrained(saved_shapes, name, mode):
     assert weight_footprint(built) == weight_footprint(loaded)
     for attribute in QUANTIZER_ATTRIBUTES:
         assert getattr(built, attribute, None) == getattr(loaded, attribute, None), attribute
-    if mode.is_quantized:
+    if mode.quantization_config() is not None:  # quantized by transformers while loading
         assert built.config.quantization_config.to_dict() == loaded.config.quantization_config.to_dict()
         assert type(built.hf_quantizer) is type(loaded.hf_quantizer)
     assert not built.training and not any(p.requires_grad for p in built.parameters())

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from tiny import mode_params
 from qlora_core.lora import LoraSettings, attach_lora, parameter_counts
 from qlora_core.measure.perplexity import perplexity
 from qlora_core.models import load_model, prepare_for_training
@@ -37,10 +38,12 @@ def logits(model, batch, mode) -> torch.Tensor:
         return model(input_ids=batch).logits.float()
 
 
-@pytest.mark.parametrize("mode", MODES.values(), ids=list(MODES))
-def test_mode_trains_evaluates_and_round_trips_its_adapter(tiny_source, mode, tmp_path):
+@pytest.mark.parametrize("name", mode_params(MODES))
+def test_mode_trains_evaluates_and_round_trips_its_adapter(tiny_source, name, tmp_path):
     from peft import PeftModel
     from peft.utils import get_peft_model_state_dict
+
+    mode = get_mode(name)
 
     batch = fixed_batch()
     model = lora_model(tiny_source, mode)

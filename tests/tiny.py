@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 #: Sizes of the tiny model every CPU test loads: 64 wide keeps 4-bit blocks (64 weights) whole.
 TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             intermediate_size=128, max_position_embeddings=256)
@@ -60,3 +62,12 @@ def tiny_cell_settings(model_dir: Path, mode: str, **overrides):
 
 #: Modes whose run_cell results the cell and report tests share (the baseline plus 4-bit with/without dq).
 CELL_MODES = ("bf16", "nf4", "nf4-dq")
+
+
+def mode_params(names) -> list:
+    """pytest parameters of the registered modes called ``names``, the HQQ ones marked ``hqq`` (skipped where the
+    optional package is missing: conftest.py)."""
+    from qlora_core.modes import get_mode
+
+    return [pytest.param(name, id=name, marks=[pytest.mark.hqq] if get_mode(name).backend == "hqq" else [])
+            for name in names]

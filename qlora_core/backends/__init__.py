@@ -2,9 +2,9 @@
 
 Each backend is one module here implementing ``Backend``; a mode names its backend (``Mode.backend``), and
 ``BACKENDS`` is the one list of them. Everything outside this package asks through the functions below and never
-imports a backend's library or reads its attributes: how a model is loaded or built in a mode, how stored bytes
-and constants are counted, how a weight is dequantized, what a layer's storage costs in the memory model, and
-what the lean path changes.
+imports a backend's library or reads its attributes: how a model is loaded or built in a mode (quantized while
+transformers loads it, or after), how stored bytes and constants are counted, how a weight is dequantized, what a
+layer's storage costs in the memory model, and what the lean path changes.
 
 Adding a backend: a module with a ``Backend`` subclass, and its line in ``BACKENDS``.
 """
@@ -17,9 +17,10 @@ import torch
 
 from qlora_core.backends.base import Backend
 from qlora_core.backends.bitsandbytes import BitsAndBytes
+from qlora_core.backends.hqq import Hqq
 
 #: Every backend, by the name a mode gives (``Mode.backend``).
-BACKENDS: dict[str, Backend] = {backend.name: backend for backend in (BitsAndBytes(),)}
+BACKENDS: dict[str, Backend] = {backend.name: backend for backend in (BitsAndBytes(), Hqq())}
 
 
 class ModeUnavailableError(RuntimeError):
@@ -31,11 +32,32 @@ def backend_of(mode) -> Backend | None:
     return None if mode.backend is None else BACKENDS[mode.backend]
 
 
+def installed(mode) -> bool:
+    """Whether this installation can run ``mode``: its backend's package is importable (or it needs none)."""
+    backend = backend_of(mode)
+    return backend is None or importlib.util.find_spec(backend.package) is not None
+
+
 def require(mode) -> None:
     """Raise ``ModeUnavailableError`` naming the package when ``mode``'s backend is not installed."""
+    if not installed(mode):
+        package = backend_of(mode).package
+        raise ModeUnavailableError(f"mode {mode.name!r} needs {package}: pip install {package}")
+
+
+def quantized_layer(name: str, module: torch.nn.Module, mode, device: torch.device) -> torch.nn.Module | None:
+    """The layer replacing the module called ``name`` where ``mode``'s backend quantizes after loading
+    (``Backend.quantize_linear``); None where it keeps the module."""
     backend = backend_of(mode)
-    if backend is not None and importlib.util.find_spec(backend.package) is None:
-        raise ModeUnavailableError(f"mode {mode.name!r} needs {backend.package}: pip install {backend.package}")
+    return None if backend is None else backend.quantize_linear(name, module, mode, device)
+
+
+def quantize_after_load(model: torch.nn.Module, mode, device: torch.device) -> None:
+    """Quantize the linears of a model loaded in ``mode.load_dtype`` where its backend does so after loading,
+    one layer at a time, each layer's unquantized weight released as it is replaced; nothing for the others."""
+    for name, module in list(model.named_modules()):
+        if (layer := quantized_layer(name, module, mode, device)) is not None:
+            model.set_submodule(name, layer)
 
 
 def after_build(model: torch.nn.Module) -> None:

@@ -16,6 +16,12 @@ class Backend:
     name: str
     #: The package that must be importable for its modes to run.
     package: str
+    #: Whether peft's ``prepare_model_for_kbit_training`` (the reference path) casts this backend's models'
+    #: unquantized fp16/bf16 weights to fp32. peft skips the cast for libraries it lists (HQQ among them).
+    kbit_preparation_upcasts: bool = True
+    #: Whether the backend's own matmul saves each linear's input for backward (as autograd saved tensors, which
+    #: checkpointing drops) although the frozen weight needs no gradient; ``prepare_lean`` routes around it.
+    matmul_saves_inputs: bool = False
 
     def quantization_config(self, mode):
         """The transformers quantization config that loads or builds a model in ``mode``."""
@@ -24,6 +30,14 @@ class Backend:
     def describe(self, mode) -> dict:
         """Plain-JSON facts of ``mode`` the library fixes rather than the mode (block sizes), saved with results."""
         return {}
+
+    def quantize_linear(self, name: str, module: torch.nn.Module, mode,
+                        device: torch.device) -> torch.nn.Module | None:
+        """For a backend that quantizes after loading (transformers cannot load its format): the layer that
+        replaces the module called ``name`` when it is a linear ``mode`` stores, its weight quantized on ``device``
+        (on the meta device: a placeholder that answers ``storage`` and has the features); else None. None for
+        every module by default: transformers quantizes while loading (``quantization_config``)."""
+        return None
 
     def after_build(self, model: torch.nn.Module) -> None:
         """Whatever a model loaded or built with this backend needs before use."""

@@ -7,15 +7,17 @@ after set-up, peak of the training steps) with the unexplained remainder. Notati
     T = batch_size * seq_len tokens, L layers, h hidden size, f MLP width, V vocabulary, r LoRA rank,
     n_h / n_kv attention / key-value heads of width d, c = 2 bytes (bf16/fp16 compute),
     e = bytes of the residual stream (2; 4 on the reference path of a quantized mode, whose fp32-upcast
-    embeddings make every residual add fp32), o = bytes of a 4-bit linear's output (bitsandbytes casts it back
-    to its input's dtype, so e; autocast gives c for every other linear).
+    embeddings make every residual add fp32, but for a backend peft does not upcast: HQQ), o = bytes of a 4-bit
+    linear's output (bitsandbytes casts it back to its input's dtype, so e; autocast gives c for every other
+    linear, HQQ's too).
 
 Two paths are predicted (``qlora_core.paths``): ``reference`` (peft's ``prepare_model_for_kbit_training`` with its
-fp32 upcasts of embeddings, norms and head, and the model's own loss over full-vocabulary logits) and ``lean``
-(no upcasts, loss in chunks of ``LOSS_CHUNK_TOKENS`` tokens under checkpointing). The lean prediction is the
-floor proper: it keeps only what backward needs. The per-layer accounting was checked tensor by tensor against
-autograd's saved tensors on tiny models (tests/test_measure_floor.py); terms that depend on the device's autocast
-(BLOOM's LayerNorm runs in fp32 under CUDA autocast, in its input dtype under CPU autocast) take ``device_type``.
+fp32 upcasts of embeddings, norms and head where it makes them, and the model's own loss over full-vocabulary
+logits) and ``lean`` (no upcasts, loss in chunks of ``LOSS_CHUNK_TOKENS`` tokens under checkpointing). The lean
+prediction is the floor proper: it keeps only what backward needs. The per-layer accounting was checked tensor by
+tensor against autograd's saved tensors on tiny models (tests/test_measure_floor.py); terms that depend on the
+device's autocast (BLOOM's LayerNorm runs in fp32 under CUDA autocast, in its input dtype under CPU autocast) take
+``device_type``.
 """
 
 from __future__ import annotations
@@ -60,24 +62,33 @@ class Linear:
 # --- weights ------------------------------------------------------------------------------------------------------
 
 
+def reference_upcasts(mode: Mode, path: str) -> bool:
+    """Whether ``path`` casts the mode's unquantized weights to fp32: peft's k-bit preparation on the reference
+    path, for a quantized mode whose backend it does not exempt."""
+    return path == "reference" and mode.is_quantized and backends.backend_of(mode).kbit_preparation_upcasts
+
+
 def skeleton(config, mode: Mode):
     """The model of ``config`` on the meta device with the mode's quantized layers swapped in (no memory used):
-    the same modules ``from_pretrained`` and ``build_shape_model`` make."""
+    the same modules ``from_pretrained`` and ``build_shape_model`` make (for a backend that quantizes after
+    loading, its meta placeholders: ``Backend.quantize_linear``)."""
     from qlora_core.shapes import empty_model, quantizer
 
     model = empty_model(config, mode.load_dtype)
     if (mode_quantizer := quantizer(mode)) is not None:
         mode_quantizer.preprocess_model(model=model, dtype=mode.load_dtype, device_map={"": "cpu"})
+    backends.quantize_after_load(model, mode, torch.device("meta"))
     return model
 
 
 def linears(model) -> list[Linear]:
-    """Every linear layer of a (skeleton) model with how it is stored."""
+    """Every linear layer of a (skeleton) model with how it is stored: ``torch.nn.Linear`` and its subclasses, and
+    a backend's layers that replace it without subclassing it (HQQ's)."""
     found = []
     for name, module in model.named_modules():
-        if not isinstance(module, torch.nn.Linear):
-            continue
         storage = backends.layer_storage(module)
+        if storage == "dense" and not isinstance(module, torch.nn.Linear):
+            continue
         found.append(Linear(name, module.in_features, module.out_features, storage, module.bias is not None))
     return found
 
@@ -86,25 +97,28 @@ def weight_bytes(model, mode: Mode) -> dict:
     """Bytes of the weights as stored after loading, split like ``weight_footprint``: quantized data, their
     constants, and everything else (embeddings, norms, head, biases in the load dtype; buffers as they are)."""
     counts = {"quantized_bytes": 0, "quant_constants_bytes": 0, "unquantized_bytes": 0}
-    quantized = {f"{layer.name}.weight": layer for layer in linears(model) if layer.storage != "dense"}
-    load_bytes = mode.load_dtype.itemsize
-    for name, param in model.named_parameters():  # a tied parameter is yielded once
-        layer = quantized.get(name)
-        if layer is None:
-            counts["unquantized_bytes"] += param.numel() * load_bytes
-            continue
+    quantized = [layer for layer in linears(model) if layer.storage != "dense"]
+    for layer in quantized:
         data, constants = backends.backend_of(mode).stored_bytes(layer.storage, layer.in_features,
                                                                  layer.out_features, mode)
         counts["quantized_bytes"] += data
         counts["quant_constants_bytes"] += constants
+    # Every other parameter (a tied one is yielded once) in the load dtype. A quantized layer transformers made
+    # has its data as a parameter named ``weight``, counted above; a placeholder of a backend that quantizes
+    # after loading has none (its bias, where it has one, is counted here).
+    quantized_weights = {f"{layer.name}.weight" for layer in quantized}
+    load_bytes = mode.load_dtype.itemsize
+    counts["unquantized_bytes"] += sum(param.numel() * load_bytes for name, param in model.named_parameters()
+                                       if name not in quantized_weights)
     counts["unquantized_bytes"] += sum(b.numel() * b.element_size() for b in model.buffers())
     return {"weights_bytes": sum(counts.values()), **counts}
 
 
 def upcast_bytes(model, mode: Mode, path: str) -> int:
     """Bytes the path's preparation adds to the weights: on the reference path of a quantized mode, peft casts
-    every fp16/bf16 parameter that is not 4-bit data (embeddings, norms, head, biases) to fp32."""
-    if path != "reference" or not mode.is_quantized:
+    every fp16/bf16 parameter that is not 4-bit data (embeddings, norms, head, biases) to fp32, where it does so
+    for the mode's backend (``Backend.kbit_preparation_upcasts``)."""
+    if not reference_upcasts(mode, path):
         return 0
     quantized = {f"{layer.name}.weight" for layer in linears(model) if layer.storage != "dense"}
     load_bytes = mode.load_dtype.itemsize
@@ -168,7 +182,7 @@ class Precision:
     @classmethod
     def of(cls, mode: Mode, path: str, device_type: str) -> Precision:
         compute = mode.torch_compute_dtype.itemsize
-        residual = FLOAT32 if (path == "reference" and mode.is_quantized) else 2
+        residual = FLOAT32 if reference_upcasts(mode, path) else 2
         linear_out = residual if mode.is_4bit else compute
         norm_stats = FLOAT32 if device_type == "cuda" else residual
         return cls(compute, residual, linear_out, norm_stats)
@@ -227,6 +241,25 @@ ATTENTION_OUTPUT_LINEARS = ("o_proj", "dense")
 MLP_INTERMEDIATE_LINEARS = ("down_proj", "dense_4h_to_h")
 
 
+def _norm_output_bytes(config, p: Precision) -> int:
+    """Bytes of one value of a norm's output: the residual dtype (BLOOM's LayerNorm: ``norm_stats``)."""
+    return p.norm_stats if config.model_type in BLOOM_FAMILIES else p.residual
+
+
+def saved_linear_inputs_bytes_per_token(config, p: Precision) -> int:
+    """Per token, the inputs one layer's quantized linears save for backward where their backend's own matmul
+    saves them (``saves_linear_inputs``; hqq 0.2.8's ``HQQMatmulNoCacheMul``, for a weight gradient it never
+    computes). They are autograd's saved tensors, so checkpointing drops them with the rest of the layer. Linears
+    that share an input save it once: the attention's and the MLP's input (norm outputs, h each), and the MLP's
+    intermediate (compute dtype: f, BLOOM 4h); BLOOM's attention output too (h, compute dtype), where the Llama
+    family's is SDPA's own saved output, already counted in ``gated_layer_bytes_per_token``."""
+    h, c = config.hidden_size, p.compute
+    norm_outputs = 2 * h * _norm_output_bytes(config, p)
+    if config.model_type in BLOOM_FAMILIES:
+        return norm_outputs + h * c + 4 * h * c
+    return norm_outputs + config.intermediate_size * c
+
+
 def _int8_input_bytes(config, name: str, p: Precision, device_type: str) -> int:
     """Bytes of one value of the input of the int8 linear called ``name`` (its name's last component).
 
@@ -234,7 +267,7 @@ def _int8_input_bytes(config, name: str, p: Precision, device_type: str) -> int:
     compute dtype. The MLP's intermediate is the dtype of the int8 up-projections' output: on CUDA their kernel
     returns its input's dtype, the norm output's; on CPU bitsandbytes' training path runs ``F.linear``, which
     autocast casts to the compute dtype."""
-    norm_output = p.norm_stats if config.model_type in BLOOM_FAMILIES else p.residual
+    norm_output = _norm_output_bytes(config, p)
     if name in ATTENTION_OUTPUT_LINEARS:
         return p.compute
     if name in MLP_INTERMEDIATE_LINEARS:
@@ -314,7 +347,9 @@ def layer_backward_transient(config, tokens: int, p: Precision, largest: Linear 
     """Working set of one layer's backward beyond its saved tensors: the residual gradient coming in and the one
     going out (h each, e bytes), three MLP-wide gradients (f each, o bytes: the down projection's input, then the
     gate's and the up's), and the largest quantized weight dequantized to the compute dtype (bitsandbytes does so
-    for each 4-bit matmul and for int8's backward)."""
+    for each 4-bit matmul and for int8's backward; HQQ for each matmul too, where hqq 0.2.8's dequantization holds
+    up to three such tensors at once, the unpacked values, less the zero point, times the scale: counted as one
+    until measured on a GPU)."""
     f = getattr(config, "intermediate_size", None) or 4 * config.hidden_size
     gradients = tokens * (2 * config.hidden_size * p.residual + 3 * f * p.linear_out)
     dequantized = largest.in_features * largest.out_features * p.compute if largest else 0
@@ -335,16 +370,29 @@ def int8_layers_count(model) -> int:
                 if (match := DECODER_LAYER.match(layer.name))})
 
 
+def saves_linear_inputs(mode: Mode, path: str) -> bool:
+    """Whether the mode's quantized linears save their inputs for backward: those of a backend whose own matmul
+    does (``Backend.matmul_saves_inputs``: HQQ's), on the reference path; the lean path routes them through one
+    that saves none (``Backend.prepare_lean``)."""
+    return path == "reference" and mode.is_quantized and backends.backend_of(mode).matmul_saves_inputs
+
+
 def activation_terms(config, model, lora, seq_len: int, tokens: int, gradient_checkpointing: bool, path: str,
-                     p: Precision, device_type: str, int8_outlier_columns: dict[str, float] | None = None) -> dict:
-    """Bytes of the activations a step keeps, by component (see the module docstring for the notation)."""
+                     p: Precision, device_type: str, int8_outlier_columns: dict[str, float] | None = None,
+                     linear_inputs_saved: bool = False) -> dict:
+    """Bytes of the activations a step keeps, by component (see the module docstring for the notation).
+    ``linear_inputs_saved``: the quantized linears save their inputs (``saves_linear_inputs``)."""
     targets = first_layer_targets(lora_targets(model, lora))
-    per_layer = layer_bytes(config, targets, lora, seq_len, tokens, p)
+    linear_inputs = saved_linear_inputs_bytes_per_token(config, p) if linear_inputs_saved else 0
+    per_layer = layer_bytes(config, targets, lora, seq_len, tokens, p) + tokens * linear_inputs
     layers = config.num_hidden_layers
     # Non-reentrant checkpointing keeps each layer's input: T h e bytes a layer. Without it every layer keeps all,
-    # but the first layer's first norm keeps nothing: its input (the frozen embeddings' output) needs no gradient.
+    # but the first layer's first norm keeps nothing: its input (the frozen embeddings' output) needs no gradient;
+    # nor do the linears it feeds, which then save no input either.
     checkpoints = layers * tokens * config.hidden_size * p.residual
-    no_checkpoints = layers * per_layer - tokens * norm_bytes_per_token(config, p)
+    first_layer_input = norm_bytes_per_token(config, p) + (
+        config.hidden_size * _norm_output_bytes(config, p) if linear_inputs_saved else 0)
+    no_checkpoints = layers * per_layer - tokens * first_layer_input
     # The final norm saves like any norm; the loss keeps its labels; RoPE tables are shared by the layers; the
     # lean loss's checkpoints keep the final hidden states (compute dtype).
     head_saved = tokens * (norm_bytes_per_token(config, p) + INT64) + rope_table_bytes(config, seq_len, p)
@@ -471,7 +519,7 @@ def _path_terms(config, model, mode: Mode, lora, seq_len: int, batch_size: int, 
         "upcast_bytes": upcast,
         **lora_bytes(lora_targets(model, lora), lora, optimizer),
         **activation_terms(config, model, lora, seq_len, tokens, gradient_checkpointing, path, p, device_type,
-                           int8_outlier_columns),
+                           int8_outlier_columns, saves_linear_inputs(mode, path)),
         **loss_terms(config, tokens, path, config.vocab_size * config.hidden_size * p.compute if upcast else 0),
     }
     quantized = [layer for layer in linears(model) if layer.storage != "dense"]

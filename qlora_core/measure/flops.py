@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from qlora_core.backends import logical_numel
+from qlora_core.backends import layer_storage
 
 #: Dense (no sparsity) tensor-core peaks from the vendors' data sheets, in FLOP/s, by GPU name fragment.
 PEAK_FLOPS = {
@@ -23,17 +23,14 @@ PEAK_FLOPS = {
 
 
 def matmul_params(model: torch.nn.Module) -> int:
-    """Weights used in matmuls: every 2-D linear weight (the output head included, embeddings excluded).
+    """Weights used in matmuls: every linear layer's in x out (the output head included, embeddings excluded),
+    whatever its storage: packed 4-bit weights count unpacked, and a backend's layer that replaces a linear
+    without being a ``torch.nn.Linear`` (HQQ's: no ``weight`` attribute) counts too.
 
-    Call on the base model before adapters are attached. Packed 4-bit weights are counted unpacked.
+    Call on the base model before adapters are attached.
     """
-    total = 0
-    for module in model.modules():
-        weight = getattr(module, "weight", None)
-        if isinstance(module, torch.nn.Embedding) or weight is None or not hasattr(module, "in_features"):
-            continue
-        total += logical_numel(weight)
-    return total
+    return sum(module.in_features * module.out_features for module in model.modules()
+               if isinstance(module, torch.nn.Linear) or layer_storage(module) != "dense")
 
 
 def head_dim(config) -> int:
