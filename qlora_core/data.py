@@ -149,6 +149,21 @@ def _shuffled_batches(blocks: torch.Tensor, batch_size: int, seed: int) -> Itera
             yield blocks[order[start : start + batch_size]]
 
 
+def rank_rows(batch: torch.Tensor, rank: int, num_processes: int) -> torch.Tensor:
+    """Rank ``rank``'s share of a global batch [batch, seq_len] when ``num_processes`` processes train together:
+    its contiguous block of ``batch / num_processes`` rows (rank 0 the first), as accelerate's ``split_batches``
+    divides a batch, so the ranks together see exactly the batch one process would, and ``batch_size`` keeps
+    meaning the global batch. One process gets the whole batch.
+
+    Raises ``ValueError`` when the rows do not divide evenly: unequal shares would weigh the ranks' tokens
+    unequally in the averaged gradient, which would no longer be the global batch's.
+    """
+    if batch.shape[0] % num_processes:
+        raise ValueError(f"a batch of {batch.shape[0]} rows does not split evenly over {num_processes} processes")
+    rows = batch.shape[0] // num_processes
+    return batch[rank * rows : (rank + 1) * rows]
+
+
 def load_eval_text(source: str) -> str:
     """Evaluation text: ``wikitext`` (WikiText-2 raw test through ``datasets``) or a plain-text file's path.
 

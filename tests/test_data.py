@@ -15,6 +15,7 @@ from qlora_core.data import (
     load_eval_text,
     load_texts,
     pack,
+    rank_rows,
     split_heldout,
     token_stream,
 )
@@ -220,3 +221,14 @@ def test_an_unreachable_hub_is_one_line(read, source):
     with pytest.raises(DatasetError, match="Hugging Face Hub is unreachable") as error:
         read(source)
     assert "pass a local file" in str(error.value) and "\n" not in str(error.value)
+
+
+def test_rank_rows_split_a_global_batch_into_contiguous_equal_shares():
+    """Rank r of n takes rows r*b/n up to (r+1)*b/n: together the ranks hold the batch, in order."""
+    batch = torch.arange(8).view(4, 2)
+    shares = [rank_rows(batch, rank, 2) for rank in range(2)]
+    assert torch.equal(torch.cat(shares), batch)
+    assert all(share.shape == (2, 2) for share in shares)
+    assert torch.equal(rank_rows(batch, 0, 1), batch)
+    with pytest.raises(ValueError, match="does not split evenly"):
+        rank_rows(batch, 0, 3)
