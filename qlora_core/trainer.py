@@ -1,11 +1,15 @@
 """One LoRA trainer for every mode, driven step by step so a benchmark can time each step.
 
 The mode enters only through ``compute_dtype`` (autocast) and the model it was loaded into; nothing here
-branches on a mode's name.
+branches on a mode's name. The step runs through ``accelerate.Accelerator`` (``distributed.make_accelerator``):
+in one process that changes nothing (the same losses and weights, bit for bit); in several processes of one
+host (``distributed.launch``) each rank trains on its share of every global batch (``data.rank_rows``) with the
+adapters' gradients all-reduced (DDP).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -13,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from qlora_core.data import rank_rows
+from qlora_core.distributed import make_accelerator
 from qlora_core.measure.timing import timed
 
 #: The one optimizer vocabulary of every command and suite: name -> (module, class, the same optimizer's name
@@ -61,12 +67,17 @@ class TrainSettings:
 
 @dataclass(frozen=True)
 class StepRecord:
-    """One optimizer step: mean loss over its micro-batches, synchronized wall time (s), tokens consumed."""
+    """One optimizer step: mean loss over its micro-batches, synchronized wall time (s), tokens consumed.
+
+    With several processes: ``loss`` is the mean over the ranks (the global batch's mean loss), ``seconds`` the
+    slowest rank's time, ``rank_seconds`` every rank's own (s, by rank), ``tokens`` the global batch's.
+    """
 
     step: int
     loss: float
     seconds: float
     tokens: int
+    rank_seconds: tuple[float, ...] = ()
 
 
 def build_optimizer(params: list[torch.nn.Parameter], settings: TrainSettings) -> torch.optim.Optimizer:
@@ -83,6 +94,12 @@ class LoraTrainer:
     Labels are the inputs (the model shifts them); the loss is the mean token NLL under autocast in the mode's
     compute dtype, computed by ``loss_fn(model, input_ids)`` (default: the model's own; ``qlora_core.paths``).
     fp16 compute uses a gradient scaler (fp16 gradients underflow otherwise).
+
+    In a process started by ``distributed.launch`` every rank draws the same global batches from ``batches``
+    (the same seed) and trains on its rows of each (``data.rank_rows``); ``batch`` must divide by the number of
+    processes. Only the reference path's loss (the model's own ``forward``) runs under DDP: the lean path's
+    chunked loss reaches the decoder and head through the model's attributes, which the DDP wrapper hides
+    (AttributeError: 'DistributedDataParallel' object has no attribute 'base_model_prefix').
     """
 
     def __init__(self, model, batches: Iterator[torch.Tensor], settings: TrainSettings, compute_dtype: torch.dtype,
@@ -100,6 +117,14 @@ class LoraTrainer:
         self.trainable = [p for p in model.parameters() if p.requires_grad]
         if not self.trainable:
             raise ValueError("the model has no trainable parameters: attach LoRA adapters first")
+        self.accelerator = make_accelerator(self.device)
+        # The model as trained: in DistributedDataParallel with several processes (every rank holds the whole
+        # quantized model; the adapters' gradients are all-reduced in backward), the model itself with one.
+        # The optimizer and the schedule stay unprepared: accelerate's optimizer wrapper only adds its own
+        # scaler and gradient-accumulation bookkeeping, neither used here, and its scheduler wrapper advances
+        # the schedule once per process each step (it assumes each process saw 1/N of an epoch's batches) and
+        # not at all after a step the scaler skipped, which would change today's fp16 schedule.
+        self.training_model = self.accelerator.prepare_model(model)
         self.optimizer = build_optimizer(self.trainable, settings)
         self.scheduler = get_scheduler(
             settings.schedule, self.optimizer, num_warmup_steps=settings.warmup_steps,
@@ -109,22 +134,33 @@ class LoraTrainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=use_scaler)
         self.steps_done = 0
 
-    def _micro_step(self) -> tuple[torch.Tensor, int]:
-        batch = next(self.batches).to(self.device)
-        with torch.autocast(self.device.type, dtype=self.compute_dtype):
-            loss = self.loss_fn(self.model, batch)
-        self.scaler.scale(loss / self.settings.grad_accum).backward()
+    def _micro_step(self, sync: bool) -> tuple[torch.Tensor, int]:
+        """Forward and backward of this rank's share of the next global batch; returns its loss and the global
+        batch's token count. Only a ``sync`` micro-batch all-reduces the gradients: the earlier ones of a step
+        accumulate locally (DDP's ``no_sync``), so a step costs one all-reduce whatever ``grad_accum``."""
+        batch = next(self.batches)
+        accelerator = self.accelerator
+        shard = rank_rows(batch, accelerator.process_index, accelerator.num_processes).to(self.device)
+        # The context must hold the forward too: DDP decides at forward time whether backward will sync.
+        with contextlib.nullcontext() if sync else accelerator.no_sync(self.training_model):
+            # torch's autocast rather than accelerate's mixed precision: see distributed.make_accelerator.
+            with torch.autocast(self.device.type, dtype=self.compute_dtype):
+                loss = self.loss_fn(self.training_model, shard)
+            accelerator.backward(self.scaler.scale(loss / self.settings.grad_accum))
         return loss.detach(), batch.numel()
 
     def _optimizer_step(self) -> tuple[float, int]:
-        self.model.train()
+        self.training_model.train()
         losses, tokens = [], 0
-        for _ in range(self.settings.grad_accum):
-            loss, n = self._micro_step()
+        for index in range(self.settings.grad_accum):
+            loss, n = self._micro_step(sync=index == self.settings.grad_accum - 1)
             losses.append(loss)
             tokens += n
+        # Our own scaler, not accelerate's (mixed precision is off there): unscale before the clipping reads
+        # the norm. accelerate's clipping computes torch's norm for DDP (the same bits: tests/test_trainer.py)
+        # and is where an FSDP strategy's sharded gradients would be clipped.
         self.scaler.unscale_(self.optimizer)
-        torch.nn.utils.clip_grad_norm_(self.trainable, self.settings.max_grad_norm)
+        self.accelerator.clip_grad_norm_(self.trainable, self.settings.max_grad_norm)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
@@ -133,10 +169,27 @@ class LoraTrainer:
 
     def step(self) -> StepRecord:
         """One optimizer step, timed with the device synchronized before and after (the loss's ``.item()``
-        inside also synchronizes, so the time covers all of the step's GPU work)."""
+        inside also synchronizes, so the time covers all of the step's GPU work).
+
+        With several processes the ranks pass a barrier before their clocks start, so they start together, and
+        the step's time is the slowest rank's (max over ranks): a global step is done when its last rank is.
+        The barrier and the exchange of figures lie outside the timed window; with one process neither does
+        anything.
+        """
+        self.accelerator.wait_for_everyone()
         (loss, tokens), seconds = timed(self._optimizer_step, self.device)
         self.steps_done += 1
-        return StepRecord(self.steps_done, loss, seconds, tokens)
+        loss, rank_seconds = self._across_ranks(loss, seconds)
+        return StepRecord(self.steps_done, loss, max(rank_seconds), tokens, rank_seconds)
+
+    def _across_ranks(self, loss: float, seconds: float) -> tuple[float, tuple[float, ...]]:
+        """The mean of the ranks' losses (each the mean over an equal share of the global batch's tokens, so
+        together the global batch's mean) and every rank's step seconds, by rank; one gather."""
+        if self.accelerator.num_processes == 1:
+            return loss, (seconds,)
+        mine = torch.tensor([[loss, seconds]], dtype=torch.float64, device=self.device)
+        gathered = self.accelerator.gather(mine)  # [num_processes, 2], rank order
+        return gathered[:, 0].mean().item(), tuple(gathered[:, 1].tolist())
 
     def train(self, n_steps: int | None = None, on_step=None) -> list[StepRecord]:
         """Run ``n_steps`` (default: up to ``max_steps``) steps, calling ``on_step(record)`` after each."""
