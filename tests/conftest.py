@@ -40,6 +40,20 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(skip)
 
 
+@pytest.fixture
+def hide_package(monkeypatch):
+    """``hide_package(name)``: from then on ``importlib.util.find_spec(name)`` answers None, as on an installation
+    without that package (what ``backends.require`` and ``backends.installed`` ask)."""
+    hidden: set[str] = set()
+    real_find_spec = importlib.util.find_spec
+
+    def find_spec(name, *args, **kwargs):
+        return None if name in hidden else real_find_spec(name, *args, **kwargs)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    return hidden.add
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     return make_tokenizer()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import gc
 import importlib.metadata
-import importlib.util
 import json
 import math
 import platform
@@ -167,10 +166,8 @@ def test_bad_inputs_fail_in_prepare(tiny_model_dir, overrides, match):
         prepare_inputs(tiny_cell_settings(tiny_model_dir, "bf16", **overrides))
 
 
-def test_preflight_refuses_unavailable_mode(tiny_model_dir, monkeypatch):
-    real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a, **k: None if name == "bitsandbytes" else real_find_spec(name, *a, **k))
+def test_preflight_refuses_unavailable_mode(tiny_model_dir, hide_package):
+    hide_package("bitsandbytes")
     settings = tiny_cell_settings(tiny_model_dir, "bf16")
     assert preflight(settings, parse_modes("bf16")).train_blocks.shape[1] == settings.seq_len
     with pytest.raises(ModeUnavailableError):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 
 import pytest
 import torch
@@ -98,13 +97,8 @@ def test_prepare_inputs_refuses_too_long_sequences(tiny_model_dir, field):
 
 
 @pytest.fixture
-def without_bitsandbytes(monkeypatch):
-    real_find_spec = importlib.util.find_spec
-
-    def find_spec(name, *args, **kwargs):
-        return None if name == "bitsandbytes" else real_find_spec(name, *args, **kwargs)
-
-    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+def without_bitsandbytes(hide_package):
+    hide_package("bitsandbytes")
 
 
 @pytest.mark.parametrize("mode", BITSANDBYTES, ids=[m.name for m in BITSANDBYTES])

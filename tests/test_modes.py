@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 
 import pytest
@@ -56,14 +55,9 @@ def test_parse_modes():
 
 
 @pytest.fixture
-def without_hqq(monkeypatch):
+def without_hqq(hide_package):
     """An installation without the optional hqq package."""
-    real_find_spec = importlib.util.find_spec
-
-    def find_spec(name, *args, **kwargs):
-        return None if name == "hqq" else real_find_spec(name, *args, **kwargs)
-
-    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    hide_package("hqq")
 
 
 def test_all_means_the_modes_this_installation_can_run(without_hqq):
