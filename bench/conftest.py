@@ -39,7 +39,9 @@ from qlora_core.trainer import TrainSettings
 from qlora_core.worker import CellError, WorkerPool, serialize_inputs
 
 GPU = PROFILES["gpu"]
-#: The session's cells in run order, and its worker pool, kept on the config.
+#: Every cell the options ask for (parsed once, at configure time), the selected ones in run order, and the
+#: session's worker pool, kept on the config.
+ASKED_CELLS = pytest.StashKey[list]()
 CELL_KEYS = pytest.StashKey[list]()
 POOL = pytest.StashKey[WorkerPool]()
 #: pytest-benchmark 5.2.x opens --benchmark-json while parsing the command line and hands hooks a file object.
@@ -102,7 +104,7 @@ def pytest_configure(config):
     if json_path:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
     try:
-        cells = cell_keys(config.option)
+        config.stash[ASKED_CELLS] = cells = cell_keys(config.option)
     except ValueError as error:  # an unknown mode, path or shape: refused before any process starts
         raise pytest.UsageError(str(error)) from None
     config.stash[POOL] = pool = WorkerPool()
@@ -170,7 +172,7 @@ def cell_keys(option) -> list[CellKey]:
 def pytest_generate_tests(metafunc):
     if "cell_key" not in metafunc.fixturenames:
         return
-    keys = cell_keys(metafunc.config.option)
+    keys = metafunc.config.stash[ASKED_CELLS]
     # session scope: pytest runs all tests of one cell together and tears its worker down before the next
     metafunc.parametrize("cell_key", keys, ids=[key.stem for key in keys], scope="session")
 

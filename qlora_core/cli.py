@@ -47,7 +47,8 @@ def not_installed_line() -> str | None:
     is missing, and what installs it; None when every mode can run."""
     from qlora_core import backends
 
-    missing = [mode for mode in MODES.values() if not backends.installed(mode)]
+    installed = installed_modes()
+    missing = [mode for mode in MODES.values() if mode not in installed]
     if not missing:
         return None
     packages = sorted({backends.backend_of(mode).package for mode in missing})

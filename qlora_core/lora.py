@@ -41,11 +41,6 @@ class LoraSettings:
         return description
 
 
-def _is_linear(module: torch.nn.Module) -> bool:
-    """A ``torch.nn.Linear`` or a layer a backend stores in its place."""
-    return isinstance(module, torch.nn.Linear) or backends.layer_storage(module) != "dense"
-
-
 def peft_target_modules(model, target_modules: str | tuple[str, ...]) -> str | list[str]:
     """What peft's ``LoraConfig`` is given for ``target_modules`` on ``model``.
 
@@ -55,7 +50,7 @@ def peft_target_modules(model, target_modules: str | tuple[str, ...]) -> str | l
     """
     if not isinstance(target_modules, str):
         return list(target_modules)
-    linears = {name: module for name, module in model.named_modules() if _is_linear(module)}
+    linears = {name: module for name, module in model.named_modules() if backends.is_linear(module)}
     if target_modules.lower() != ALL_LINEAR or all(isinstance(m, torch.nn.Linear) for m in linears.values()):
         return target_modules
     head = model.get_output_embeddings()

@@ -196,9 +196,9 @@ def processes_to_start_first(cells: int) -> int:
     the rest left to the parent and the running cell), at least ``LOOKAHEAD``, at most ``MAX_STARTED_AT_ONCE``.
 
     A process spends its start-up importing on one core (17 s on the H200 host, where the parent also compiled
-    1,607 modules from source, 3.6 s: the image keeps no bytecode for them), longer than any quiet phase of a SmolLM2 cell (~20 s a cell):
-    started during a cell, its import ran on beside the next cell's load and made it 2-4x slower (2026-12-02
-    pair). Started together before the first cell, they import while pytest collects and the parent tokenizes,
+    1,607 modules from source, 3.6 s: the image keeps no bytecode for them), longer than any quiet phase of a
+    SmolLM2 cell (~20 s a cell): started during a cell, its import ran on beside the next cell's load and made it
+    2-4x slower (2026-12-02 pair). Started together before the first cell, they import while pytest collects and the parent tokenizes,
     and none imports beside a measured phase of a run of up to this many cells."""
     spare_cores = (os.cpu_count() or 1) // 2
     return min(cells, MAX_STARTED_AT_ONCE, max(LOOKAHEAD, spare_cores))

@@ -99,6 +99,12 @@ def layer_storage(module: torch.nn.Module) -> str:
     return "dense"
 
 
+def is_linear(module: torch.nn.Module) -> bool:
+    """A linear layer, however stored: a ``torch.nn.Linear`` (a backend's subclass included) or a backend's layer
+    that replaces one without subclassing it (HQQ's)."""
+    return isinstance(module, torch.nn.Linear) or layer_storage(module) != "dense"
+
+
 def prepare_lean(model: torch.nn.Module) -> None:
     """What the lean path changes in each backend's layers (``Backend.prepare_lean``)."""
     for backend in BACKENDS.values():

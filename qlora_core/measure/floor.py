@@ -86,10 +86,10 @@ def linears(model) -> list[Linear]:
     a backend's layers that replace it without subclassing it (HQQ's)."""
     found = []
     for name, module in model.named_modules():
-        storage = backends.layer_storage(module)
-        if storage == "dense" and not isinstance(module, torch.nn.Linear):
+        if not backends.is_linear(module):
             continue
-        found.append(Linear(name, module.in_features, module.out_features, storage, module.bias is not None))
+        found.append(Linear(name, module.in_features, module.out_features, backends.layer_storage(module),
+                            module.bias is not None))
     return found
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from qlora_core.backends import layer_storage
+from qlora_core.backends import is_linear
 
 #: Dense (no sparsity) tensor-core peaks from the vendors' data sheets, in FLOP/s, by GPU name fragment.
 PEAK_FLOPS = {
@@ -29,8 +29,7 @@ def matmul_params(model: torch.nn.Module) -> int:
 
     Call on the base model before adapters are attached.
     """
-    return sum(module.in_features * module.out_features for module in model.modules()
-               if isinstance(module, torch.nn.Linear) or layer_storage(module) != "dense")
+    return sum(module.in_features * module.out_features for module in model.modules() if is_linear(module))
 
 
 def head_dim(config) -> int:
