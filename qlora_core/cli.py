@@ -378,15 +378,16 @@ def command_sweep(args: argparse.Namespace) -> int:
     return 0 if all(r["status"] == "ok" for r in results) else 1
 
 
-def _read(paths: list[Path]):
+def _read(paths: list[Path], workflow_records: bool = False):
     """Everything under ``paths`` (``results.Reading``), each unusable file warned about on stderr (path and
-    reason, one line each) and a one-line summary of what was read; no cell at all is a user error."""
+    reason, one line each) and a one-line summary of what was read; no cell at all (nor, with
+    ``workflow_records``, any ``finetune`` summary) is a user error."""
     from qlora_core.results import describe_reading, read_paths
 
     reading = read_paths(paths)
     for file, reason in reading.skipped:
         print(f"qlora-bench: warning: skipped {file}: {reason}", file=sys.stderr)
-    if not reading.results:
+    if not reading.results and not (workflow_records and reading.finetunes):
         skipped = f" ({len(reading.skipped)} unusable files skipped)" if reading.skipped else ""
         raise ValueError(f"no qlora-bench results in {', '.join(map(str, paths))}{skipped}")
     print(describe_reading(reading, paths))
@@ -396,34 +397,61 @@ def _read(paths: list[Path]):
 def command_report(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from qlora_core.report import (floor_rich_table, markdown_report, memory_plot, plot, results_frame, rich_table,
-                                   run_lines)
+    from qlora_core import workflow_table
+    from qlora_core.report import floor_rich_table, rich_table, run_lines
     from qlora_core.results import check_writable
 
     if args.out:
         check_writable(args.out)
-    reading = _read(args.paths)
+    reading = _read(args.paths, workflow_records=True)
     results = reading.results
+    workflows = workflow_table.workflow_frame(reading.finetunes, reading.merges) if reading.finetunes else None
     console = Console()
-    console.print(rich_table(results))
-    if (floor := floor_rich_table(results)) is not None:
+    if results:
+        console.print(rich_table(results))
+    if results and (floor := floor_rich_table(results)) is not None:
         console.print(floor)
     for line in run_lines(reading.runs):
         print(line)  # plain print: rich would take a command's [brackets] for markup
+    if workflows is not None:
+        console.print(workflow_table.rich_table(workflows))
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
-        memory = memory_plot(results, args.out / "memory.png")  # None: no result carries a floor
-        memory_png = memory.name if memory else None
-        (args.out / "report.md").write_text(markdown_report(results, runs=reading.runs, memory_png=memory_png))
-        results_frame(results).to_csv(args.out / "report.csv", index=False)
-        written = ["report.md", "report.csv"]
-        if any(result["status"] == "ok" for result in results):  # failures alone have nothing to plot
-            plot(results, args.out / "report.png")
-            written.append("report.png")
-        if memory_png:
-            written.append(memory_png)
+        written = _write_cell_report(results, reading.runs, args.out) if results else []
+        if workflows is not None:
+            written += _write_workflow_report(workflows, args.out, after_cells=bool(results))
         print(f"wrote {', '.join(str(args.out / name) for name in written)}")
     return 0
+
+
+def _write_workflow_report(workflows, out: Path, *, after_cells: bool) -> list[str]:
+    """The classic workflow's table as a section of ``out/report.md`` (appended to the cells' report when
+    ``after_cells``, else a document of its own) and as ``out/workflow.csv``; returns the names written."""
+    from qlora_core import workflow_table
+
+    document = out / "report.md"
+    opening = document.read_text() + "\n" if after_cells else "# qlora-bench report\n\n"
+    document.write_text(opening + "## Classic workflow\n\n" + workflow_table.markdown(workflows))
+    workflows.to_csv(out / "workflow.csv", index=False)
+    return ["workflow.csv"] if after_cells else ["report.md", "workflow.csv"]
+
+
+def _write_cell_report(results: list[dict], runs: list[dict], out: Path) -> list[str]:
+    """report.md, report.csv, report.png (when a cell finished) and memory.png (when a cell carries a floor)
+    into ``out``; returns the names written."""
+    from qlora_core.report import markdown_report, memory_plot, plot, results_frame
+
+    memory = memory_plot(results, out / "memory.png")  # None: no result carries a floor
+    memory_png = memory.name if memory else None
+    (out / "report.md").write_text(markdown_report(results, runs=runs, memory_png=memory_png))
+    results_frame(results).to_csv(out / "report.csv", index=False)
+    written = ["report.md", "report.csv"]
+    if any(result["status"] == "ok" for result in results):  # failures alone have nothing to plot
+        plot(results, out / "report.png")
+        written.append("report.png")
+    if memory_png:
+        written.append(memory_png)
+    return written
 
 
 def command_compare(args: argparse.Namespace) -> int:

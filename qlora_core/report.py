@@ -317,7 +317,7 @@ def rich_table(results: list[dict], title: str = "qlora-bench"):
     return Group(*tables, Text("\n".join(footnotes(results))))
 
 
-def _markdown_rows(headers: list[str], rows: list[list[str]]) -> list[str]:
+def markdown_rows(headers: list[str], rows: list[list[str]]) -> list[str]:
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     return lines + ["| " + " | ".join(row) + " |" for row in rows]
 
@@ -329,7 +329,7 @@ def markdown_table(results: list[dict]) -> str:
     for model, part in groups:
         if len(groups) > 1:
             lines += [f"### {model}", ""]
-        lines += _markdown_rows(*table_rows(results_frame(part))) + [""]
+        lines += markdown_rows(*table_rows(results_frame(part))) + [""]
     return "\n".join(lines + [f"- {note}" for note in footnotes(results)]) + "\n"
 
 
@@ -468,7 +468,7 @@ def markdown_report(results: list[dict], title: str = "qlora-bench report", runs
         document += f"\n## Memory: predicted by component beside measured\n\n![memory by component]({memory_png})\n"
     rows = floor_rows(results)
     if rows:
-        document += "\n## Memory: analytic floor vs measured\n\n" + "\n".join(_markdown_rows(FLOOR_HEADERS, rows))
+        document += "\n## Memory: analytic floor vs measured\n\n" + "\n".join(markdown_rows(FLOOR_HEADERS, rows))
         document += "\n"
     return document
 
@@ -1025,7 +1025,7 @@ def comparison_markdown(comparison: pd.DataFrame, threshold: float, title: str =
                                   differences] + ([""] if differences else [])
     for model, part in comparison.groupby("model", sort=False):
         lines += [f"## {model}", ""]
-        lines += _markdown_rows(COMPARISON_HEADERS, [_comparison_cells(row) for _, row in part.iterrows()])
+        lines += markdown_rows(COMPARISON_HEADERS, [_comparison_cells(row) for _, row in part.iterrows()])
         lines.append("")
     verdict = "regressions flagged" if has_regression(comparison) else "no regression"
     return "\n".join(lines + [f"- {note}" for note in comparison_notes(threshold)] + [f"- Result: {verdict}."]) + "\n"

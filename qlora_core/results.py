@@ -27,6 +27,9 @@ CELL_SCHEMA_PREFIX = "qlora-bench/cell/"
 RUN_SCHEMA = "qlora-bench/run/1"
 #: ``qlora-bench frontier``'s predictions.
 FRONTIER_SCHEMA = "qlora-bench/frontier/1"
+#: The classic workflow's records: ``finetune``'s summary and ``merge``'s report (``qlora_core.workflow``).
+FINETUNE_SCHEMA = "qlora-bench/finetune/1"
+MERGE_SCHEMA = "qlora-bench/merge/1"
 #: bench/'s memory suite; in runs before 2026-12 a separate process, whose record joins its cell's result.
 MEMORY_PASS_TEST = "test_memory"
 LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets", "qlora-bench")
@@ -194,14 +197,18 @@ class Reading:
         sources: files that gave at least one cell or manifest.
         skipped: (file, reason) for files meant for qlora-bench that could not be used (invalid JSON, a cell
             or manifest with fields missing): the caller warns about each.
-        others: JSON files of other tools or other qlora-bench records (workflow summaries, adapter configs):
-            not cells, not an error.
+        finetunes: the classic workflow's ``finetune`` summaries (``FINETUNE_SCHEMA``), each with ``"path"``.
+        merges: its ``merge`` reports (``MERGE_SCHEMA``), each with ``"path"``.
+        others: JSON files of other tools or other qlora-bench records (adapter configs, frontiers): not
+            results, not an error.
         repeated: cells measured again with the same model, mode and settings (another run), of which only one
             is kept: the caller says so.
     """
 
     results: list[dict] = field(default_factory=list)
     runs: list[dict] = field(default_factory=list)
+    finetunes: list[dict] = field(default_factory=list)
+    merges: list[dict] = field(default_factory=list)
     sources: list[Path] = field(default_factory=list)
     skipped: list[tuple[Path, str]] = field(default_factory=list)
     others: list[Path] = field(default_factory=list)
@@ -220,10 +227,12 @@ def _json_files(path: Path) -> list[Path]:
 
 
 def read_paths(paths: list[str | os.PathLike]) -> Reading:
-    """Cell results and run manifests from files or folders (every ``*.json`` under a folder, at any depth).
+    """Cell results, run manifests and workflow records from files or folders (every ``*.json`` under a folder,
+    at any depth).
 
-    Three formats are read: cell results (``SCHEMA``, one per file, as the sweep and ``bench/`` write them),
-    pytest-benchmark JSON written by ``bench/`` (``cells_from_benchmark``) and run manifests (``RUN_SCHEMA``).
+    Five formats are read: cell results (``SCHEMA``, one per file, as the sweep and ``bench/`` write them),
+    pytest-benchmark JSON written by ``bench/`` (``cells_from_benchmark``), run manifests (``RUN_SCHEMA``) and the
+    classic workflow's summaries and merge reports (``FINETUNE_SCHEMA``, ``MERGE_SCHEMA``).
     A file that cannot be parsed, or a cell or manifest without the fields the report reads
     (``missing_cell_fields``, ``missing_run_fields``), is listed in ``skipped`` with the reason; other JSON is
     listed in ``others``. When several files describe the same cell (same model label, mode and settings), as
@@ -234,18 +243,49 @@ def read_paths(paths: list[str | os.PathLike]) -> Reading:
     cells = []
     for path in map(Path, paths):
         for file in _json_files(path):
+            records_before = _record_count(reading)
             found, runs = _read_file(file, reading)
             cells += found
             reading.runs += runs
-            if found or runs:
+            if found or runs or _record_count(reading) > records_before:
                 reading.sources.append(file)
     unique, reading.repeated = _dedupe(cells)
     reading.results = label_setups(unique)
     return reading
 
 
+def _record_count(reading: Reading) -> int:
+    return len(reading.finetunes) + len(reading.merges)
+
+
+#: Fields the report needs in a ``finetune`` summary (key paths; per-step times came later and are optional) and
+#: in a ``merge`` report.
+FINETUNE_FIELDS = (
+    ("status",), ("mode", "name"), ("model", "label"), ("settings",), ("training", "losses"),
+    ("training", "global_step"), ("training", "wall_s"), ("memory", "training_peak"), ("adapter_dir",),
+)
+MERGE_FIELDS = (
+    ("mode", "name"), ("adapter_dir",), ("merged", "perplexity", "perplexity"), ("merged", "relative_delta"),
+    ("base_plus_adapter", "perplexity", "perplexity"), ("tolerance", "relative_perplexity"), ("tolerance", "within"),
+)
+#: Where each workflow record goes in a ``Reading``: schema -> (attribute, required fields, what it is called).
+WORKFLOW_RECORDS = {
+    FINETUNE_SCHEMA: ("finetunes", FINETUNE_FIELDS, "finetune summary"),
+    MERGE_SCHEMA: ("merges", MERGE_FIELDS, "merge report"),
+}
+
+
+def _read_workflow_record(file: Path, data: dict, reading: Reading) -> None:
+    attribute, fields, what = WORKFLOW_RECORDS[data["schema"]]
+    if missing := _missing(data, fields):
+        reading.skipped.append((file, f"{what} without {', '.join(missing)}"))
+    else:
+        getattr(reading, attribute).append({**data, "path": str(file)})
+
+
 def _read_file(file: Path, reading: Reading) -> tuple[list[dict], list[dict]]:
-    """The valid cells and manifests in one file; what is wrong with it goes to ``reading``."""
+    """The valid cells and manifests in one file (workflow records go straight into ``reading``); what is wrong
+    with it goes to ``reading`` too."""
     try:
         data = json.loads(file.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
@@ -258,6 +298,9 @@ def _read_file(file: Path, reading: Reading) -> tuple[list[dict], list[dict]]:
             reading.skipped.append((file, f"run manifest without {', '.join(missing)}"))
             return [], []
         return [], [{**data, "path": str(file)}]
+    if schema in WORKFLOW_RECORDS:
+        _read_workflow_record(file, data, reading)
+        return [], []
     if schema == SCHEMA:
         candidates = [data]
     elif isinstance(schema, str) and schema.startswith(CELL_SCHEMA_PREFIX):
@@ -357,10 +400,15 @@ def missing_run_fields(manifest: dict) -> list[str]:
 
 
 def describe_reading(reading: Reading, paths: list[str | os.PathLike]) -> str:
-    """One line: how many cells and runs came from how many files under ``paths``, and what was left out."""
+    """One line: how many cells, runs and workflow records came from how many files under ``paths``, and what was left out."""
     where = ", ".join(map(str, paths))
-    runs = f" and {_count(len(reading.runs), 'run manifest')}" if reading.runs else ""
-    line = f"read {_count(len(reading.results), 'cell')}{runs} from {_count(len(reading.sources), 'file')} in {where}"
+    counts = [_count(len(reading.results), "cell")] + [
+        _count(n, noun, plural) for n, noun, plural in (
+            (len(reading.runs), "run manifest", None),
+            (len(reading.finetunes), "finetune summary", "finetune summaries"),
+            (len(reading.merges), "merge report", None)) if n]
+    what = counts[0] if len(counts) == 1 else ", ".join(counts[:-1]) + " and " + counts[-1]
+    line = f"read {what} from {_count(len(reading.sources), 'file')} in {where}"
     if reading.skipped:
         line += f"; skipped {len(reading.skipped)} unusable (warnings above)"
     if reading.others:
@@ -371,8 +419,8 @@ def describe_reading(reading: Reading, paths: list[str | os.PathLike]) -> str:
     return line
 
 
-def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}{'s' * (n != 1)}"
+def _count(n: int, noun: str, plural: str | None = None) -> str:
+    return f"{n} {noun if n == 1 else plural or noun + 's'}"
 
 
 #: Files named in a one-line summary before "+N more" (a workflow folder holds dozens of adapter configs).

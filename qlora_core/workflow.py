@@ -39,11 +39,10 @@ from qlora_core.measure.perplexity import perplexity
 from qlora_core.measure.timing import synchronize, timed, timing_stats
 from qlora_core.models import ModelSource, load_dequantized, load_model, prepare_for_training, resolve_model
 from qlora_core.modes import BASELINE_MODE, Mode, get_mode
-from qlora_core.results import environment, publish_folder, share_as_umask_allows, write_json_atomic
+from qlora_core.results import (FINETUNE_SCHEMA, MERGE_SCHEMA, environment, publish_folder, share_as_umask_allows,
+                                write_json_atomic)
 from qlora_core.trainer import OPTIMIZERS, check_optimizer, save_adapter
 
-SCHEMA = "qlora-bench/finetune/1"
-MERGE_SCHEMA = "qlora-bench/merge/1"
 #: The tutorial's prompt.
 TUTORIAL_PROMPT = "Two things are infinite: "
 #: Written last into a checkpoint folder; a folder without a matching one is not a checkpoint.
@@ -469,7 +468,7 @@ def finetune(
                           compute_dtype=mode.torch_compute_dtype)
     records = step_losses(trainer.state.log_history)
     summary = {
-        "schema": SCHEMA,
+        "schema": FINETUNE_SCHEMA,
         "status": "ok",
         "mode": mode.describe(),
         "model": {**source.describe(), "model_type": model.config.model_type},

@@ -342,8 +342,7 @@ def test_report_command_reads_the_whole_run_folder(capsys):
     """Given the run's folder, the report shows all seven modes, and says what it read."""
     assert main(["report", str(STORED)]) == 0
     out = capsys.readouterr().out
-    assert out.splitlines()[0] == (f"read 7 cells from 8 files in {STORED}; 1 other JSON not cells "
-                                   f"(workflow/nf4-dq-summary.json)")
+    assert out.splitlines()[0] == f"read 7 cells and 1 finetune summary from 9 files in {STORED}"
     for mode in STORED_MODES:
         assert re.search(rf"\s{re.escape(mode)}(\s|$)", out, re.M), mode
 
@@ -363,7 +362,7 @@ def test_report_command_warns_about_each_unusable_file(tmp_path, capsys):
     assert warnings[1] == (f"qlora-bench: warning: skipped {tmp_path / 'run' / 'cells' / 'smollm2-nf4.json'}: cell "
                            f"result without memory.training_peak.kind")
     # nf4 is still there: the pytest-benchmark JSON holds it too; int8 is gone
-    assert "read 6 cells from 6 files" in captured.out and "skipped 2 unusable" in captured.out
+    assert "read 6 cells and 1 finetune summary from 7 files" in captured.out and "skipped 2 unusable" in captured.out
     assert " int8 " not in captured.out and " nf4 " in captured.out
 
 
@@ -372,8 +371,8 @@ def test_report_command_on_nothing_readable_exits_2(tmp_path, capsys):
     (tmp_path / "summary.json").write_text(json.dumps({"schema": "qlora-bench/finetune/1"}))
     assert main(["report", str(tmp_path)]) == 2
     captured = capsys.readouterr()
-    assert captured.err.splitlines()[-1] == f"qlora-bench: error: no qlora-bench results in {tmp_path} (1 unusable " \
-                                           f"files skipped)"
+    assert captured.err.splitlines()[-1] == f"qlora-bench: error: no qlora-bench results in {tmp_path} (2 unusable " \
+                                           f"files skipped)"  # the summary lacks every field the report reads
     assert main(["report", str(tmp_path / "missing")]) == 2
     assert capsys.readouterr().err == f"qlora-bench: error: {tmp_path / 'missing'}: no such file or folder\n"
 

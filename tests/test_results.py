@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from qlora_core.results import (RUN_SCHEMA, SCHEMA, describe_reading, environment, git_commit, missing_cell_fields,
+from qlora_core.results import (MERGE_SCHEMA, RUN_SCHEMA, SCHEMA, describe_reading, environment, git_commit, missing_cell_fields,
                                 non_finite, read_paths, read_results, read_runs, write_json_atomic)
 
 
@@ -186,7 +186,7 @@ def test_written_results_are_readable_by_others_as_the_umask_allows(tmp_path):
 # --- reading a whole run folder ---------------------------------------------------------------------------------
 
 #: The published H200 run: cells/ (seven modes), the resumed invocation's pytest-benchmark JSON (three of them,
-#: with their memory pass) and workflow/ (a fine-tuning summary, not a cell).
+#: with their memory pass) and workflow/ (a fine-tuning summary: a workflow record, not a cell).
 STORED = Path(__file__).resolve().parents[1] / "results" / "h200-smollm2-2026-11-28"
 
 
@@ -195,8 +195,9 @@ def test_a_run_folder_is_read_whole(tmp_path):
     stored_modes = {json.loads(file.read_text())["mode"]["name"] for file in (STORED / "cells").glob("*.json")}
     reading = read_paths([STORED])
     assert sorted(r["mode"]["name"] for r in reading.results) == sorted(stored_modes) and len(stored_modes) == 7
-    assert len(reading.sources) == len(stored_modes) + 1  # the cells and the pytest-benchmark JSON
-    assert reading.others == [STORED / "workflow" / "nf4-dq-summary.json"] and reading.skipped == []
+    assert len(reading.sources) == len(stored_modes) + 2  # the cells, the pytest-benchmark JSON, the summary
+    assert [f["path"] for f in reading.finetunes] == [str(STORED / "workflow" / "nf4-dq-summary.json")]
+    assert reading.others == [] and reading.skipped == []
     with_pass = {r["mode"]["name"] for r in reading.results if "memory_pass" in r}
     assert with_pass == {"fp4-dq", "nf4", "nf4-dq"}  # the fuller record of each benchmarked cell was kept
 
@@ -300,3 +301,20 @@ def test_published_folders_are_readable_by_others_as_the_umask_allows(tmp_path):
              for path in [folder, *folder.rglob("*")]}
     assert modes == {"adapter": 0o750, "adapter/sub": 0o750, "adapter/sub/weights.bin": 0o640,
                      "adapter/run.sh": 0o750}
+
+
+def test_workflow_records_are_read_apart_from_cells_and_checked(tmp_path):
+    """A finetune summary (an old one, without per-step times, still reads) and a merge report go to their own
+    lists; one without a field the report needs is skipped with the field named."""
+    summary = json.loads((STORED / "workflow" / "nf4-dq-summary.json").read_text())
+    write_json_atomic(summary, tmp_path / "ft" / "summary.json")
+    broken = {**summary, "training": {k: v for k, v in summary["training"].items() if k != "wall_s"}}
+    write_json_atomic(broken, tmp_path / "broken" / "summary.json")
+    write_json_atomic({"schema": MERGE_SCHEMA, "mode": {"name": "nf4-dq"}}, tmp_path / "merge-report.json")
+    reading = read_paths([tmp_path])
+    assert reading.results == [] and [f["path"] for f in reading.finetunes] == [str(tmp_path / "ft" / "summary.json")]
+    assert reading.merges == [] and reading.sources == [tmp_path / "ft" / "summary.json"]
+    reasons = {file.relative_to(tmp_path).as_posix(): reason for file, reason in reading.skipped}
+    assert reasons["broken/summary.json"] == "finetune summary without training.wall_s"
+    assert reasons["merge-report.json"].startswith("merge report without adapter_dir, merged.perplexity.perplexity")
+    assert "read 0 cells and 1 finetune summary from 1 file" in describe_reading(reading, [tmp_path])

@@ -16,6 +16,7 @@ import shutil
 from dataclasses import replace
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 from transformers import TrainerCallback
@@ -69,7 +70,7 @@ def trained(tiny_source, mode, tmp_path_factory):
 def test_summary_describes_the_run(trained, mode):
     run, out = trained
     summary = json.loads((out / workflow.SUMMARY_NAME).read_text())
-    assert summary["schema"] == workflow.SCHEMA
+    assert summary["schema"] == workflow.FINETUNE_SCHEMA
     assert summary["mode"] == mode.describe()
     assert summary["model"]["provenance"] == {"source": "random weights", "seed": 0}
     assert [s["step"] for s in summary["training"]["steps"]] == [1, 2, 3, 4]
@@ -409,6 +410,17 @@ def test_cli_runs_the_workflow(tiny_model_dir, tiny_source, tmp_path, capsys):
     assert merged.keys() == base.keys()
     changed = {name.rsplit(".", 2)[-2] for name in base if not torch.equal(merged[name], base[name])}
     assert changed == {"q_proj", "v_proj"}
+    capsys.readouterr()
+    # the report finds the summary and the merge report in the folder and renders them side by side
+    assert main(["report", str(tmp_path), "--out", str(tmp_path / "report")]) == 0
+    assert "0 cells, 1 finetune summary and 1 merge report from 2 files" in capsys.readouterr().out
+    row = pd.read_csv(tmp_path / "report" / "workflow.csv").iloc[0]
+    check = json.loads((tmp_path / "merged" / workflow.MERGE_REPORT_NAME).read_text())
+    assert (row["mode"], row["steps"]) == (mode.name, 2)
+    assert row["step_s"] == pytest.approx(summary["training"]["step_time"]["median_s"])
+    assert row["ppl_merged"] == pytest.approx(check["merged"]["perplexity"]["perplexity"])
+    assert abs(row["merge_delta"]) == pytest.approx(check["merged"]["relative_delta"])
+    assert "## Classic workflow" in (tmp_path / "report" / "report.md").read_text()
 
 
 # ---- the embedded model ----
