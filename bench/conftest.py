@@ -75,6 +75,10 @@ def pytest_addoption(parser):
     group.addoption("--bench-warmup", type=int, default=GPU["timing_warmup"],
                     help=f"untimed warm-up steps before them (default {GPU['timing_warmup']})")
     group.addoption("--bench-lora-r", type=int, default=16, help="LoRA rank (alpha = 2 r)")
+    group.addoption("--bench-profile-steps", type=int, default=0,
+                    help="after the timed steps, this many more under torch.profiler, undone afterwards: the "
+                         "cell's result gains 'profile' (device-busy share, kernels and top operators a step) and "
+                         "its log the profiler's table (default 0: none)")
     group.addoption("--bench-no-gradient-checkpointing", action="store_true", help="keep all activations")
     group.addoption("--bench-eval-text", default=os.environ.get("QLORA_BENCH_EVAL_TEXT"),
                     help="extra evaluation text path, e.g. WikiText-2 wiki.test.raw (default $QLORA_BENCH_EVAL_TEXT)")
@@ -200,6 +204,7 @@ def cell_settings(config, key: CellKey) -> CellSettings:
         lora=LoraSettings(r=option.bench_lora_r),
         train=TrainSettings(max_steps=steps),
         memory_cap_bytes=capacity_cap_bytes(config),
+        profile_steps=option.bench_profile_steps,
     )
 
 

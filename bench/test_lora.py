@@ -7,7 +7,8 @@ they run for each (model, mode):
   load and after set-up go into extra_info. The training peak, the analytic floor's prediction of each point
   and the unexplained remainder are in the cell's full result (printed for a shape: run with -s to see it).
 - step time: training steps timed one by one (the worker synchronizes CUDA inside each step, and the round
-  trip is timed here); tokens/s and model FLOPs utilisation in extra_info.
+  trip is timed here); tokens/s and model FLOPs utilisation in extra_info. With --bench-profile-steps, more
+  steps under the profiler after them, undone before the evaluation.
 - perplexity: before fine-tuning, after the timed steps, and after merging into a dequantized bf16 base, with
   the protocol beside each number; the cell's full result goes into extra_info["cell"]. A shape (random
   weights: memory and time only) skips it, and its full result goes with the step time instead.
@@ -42,6 +43,8 @@ def test_step_time(benchmark, bench_cell, request):
     benchmark.pedantic(bench_cell.step, rounds=option.bench_steps, warmup_rounds=option.bench_warmup, iterations=1)
     bench_cell.check(benchmark)
     bench_cell.end_training()
+    if bench_cell.settings.profile_steps:
+        bench_cell.call("profile", bench_cell.settings.profile_steps)
     result = bench_cell.call("result")
     training = result["training"]
     if bench_cell.settings.shape:  # no perplexity test for a shape: the full result goes here

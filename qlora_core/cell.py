@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import math
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from qlora_core.measure.flops import (lora_training_flops_per_token, matmul_para
                                       recompute_flops_per_token)
 from qlora_core.measure.memory import cap_memory, memory_snapshot, reset_peak, weight_footprint
 from qlora_core.measure.perplexity import check_protocol, perplexity
+from qlora_core.measure.profile import profile_calls
 from qlora_core.measure.quant_error import weight_quant_error
 from qlora_core.measure.timing import synchronize, timing_stats
 from qlora_core.models import (
@@ -76,6 +78,9 @@ class CellSettings:
             time only, no perplexity. path: ``"reference"`` or ``"lean"`` (``qlora_core.paths``).
         memory_cap_bytes: a hard cap on this cell's CUDA allocator (``measure.memory.cap_memory``), to measure a
             smaller GPU on a larger one; None: the device's own memory.
+        profile_steps: after the timed steps (and the peak's reading), this many more steps under
+            ``torch.profiler`` (``Cell.profile``), then the adapters and optimizer put back as they were: where a
+            step's time goes, at no cost to the other figures. 0: none.
     """
 
     mode: str
@@ -101,9 +106,12 @@ class CellSettings:
     shape: str | None = None
     path: str = "reference"
     memory_cap_bytes: int | None = None
+    profile_steps: int = 0
 
     def __post_init__(self) -> None:
         check_path(self.path)
+        if self.profile_steps < 0:
+            raise ValueError(f"profile_steps must be >= 0, got {self.profile_steps}")
         if self.memory_cap_bytes is not None and self.memory_cap_bytes < 1:
             raise ValueError(f"memory_cap_bytes must be >= 1 (or None: no cap), got {self.memory_cap_bytes}")
         if self.shape is not None:
@@ -258,7 +266,7 @@ class Cell:
         self.perplexity: dict[str, dict] = {}
         self.records = []
         self.phase_seconds: dict[str, float] = {}
-        self.model = self.trainer = self.floor = self.int8_outliers = None
+        self.model = self.trainer = self.floor = self.int8_outliers = self.profile_summary = None
 
     @contextmanager
     def _phase(self, name: str):
@@ -343,6 +351,22 @@ class Cell:
         self.int8_outliers = backends.outliers(self.model)
         return self.memory["training_peak"]
 
+    def profile(self, steps: int) -> dict:
+        """``steps`` more training steps under ``torch.profiler`` (``measure.profile.profile_calls``), then the
+        trainer put back as it was (``LoraTrainer.snapshot``), so the evaluation after training sees the
+        adapters of the timed steps only. Call after ``end_training``: the peak is read before. Returns the
+        summary (also in the result as ``profile``); the profiler's table goes to stderr (the cell's log)."""
+        with self._phase("profiling"):
+            saved = self.trainer.snapshot()
+            gc.freeze()  # as in ``step``
+            try:
+                self.profile_summary, table = profile_calls(self.trainer.step, steps, self.device)
+            finally:
+                gc.unfreeze()
+                self.trainer.restore(saved)
+        print(f"profile of {steps} training steps, operators by self host time:\n{table}", file=sys.stderr)
+        return self.profile_summary
+
     def evaluate_merged(self) -> dict:
         """Perplexity after merging the adapters into a bf16 copy of the base as stored in this mode
         (dequantized for 8-/4-bit modes), i.e. the deployable model; saved under ``"merged"`` (nothing for a
@@ -402,6 +426,7 @@ class Cell:
             },
             "perplexity": self.perplexity,
             "phase_seconds": self.phase_seconds,
+            "profile": self.profile_summary,
             "floor": floor,
             "predicted_vs_measured": predicted_vs_measured(floor, self.memory, *tensors) if floor else None,
             "note": RANDOM_WEIGHTS_NOTE if settings.shape else None,
@@ -422,6 +447,8 @@ class Cell:
         for _ in range(self.settings.train.max_steps):
             self.step()
         self.end_training()
+        if self.settings.profile_steps:
+            self.profile(self.settings.profile_steps)
         self.evaluate("after")
         if self.settings.eval_merged:
             self.evaluate_merged()

@@ -121,6 +121,11 @@ def _add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false",
                        help="keep all activations (faster, more memory)")
     train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--profile-steps", type=_non_negative, default=0,
+                       help="after the timed steps, this many more under torch.profiler, undone before the "
+                            "evaluation: each result gains 'profile' (device-busy share, kernels and top operators "
+                            "a step) and each log the profiler's table (default 0: none; not --profile, which "
+                            "picks the defaults)")
 
     data = parser.add_argument_group("data and evaluation")
     data.add_argument("--data", default="quotes",
@@ -289,6 +294,7 @@ def cell_settings(args: argparse.Namespace, profile: dict) -> CellSettings:
         lora=LoraSettings(r=args.lora_r, alpha=args.lora_alpha),
         train=TrainSettings(learning_rate=args.lr, optimizer=args.optimizer, grad_accum=args.grad_accum,
                             max_steps=pick("steps"), seed=args.seed),
+        profile_steps=args.profile_steps,
     )
 
 
@@ -345,7 +351,7 @@ def command_sweep(args: argparse.Namespace) -> int:
     from qlora_core.cell import preflight, resolve_device
     from qlora_core.measure.timing import cpu_matmul_slowdown
     from qlora_core.progress import SweepProgress
-    from qlora_core.report import floor_rich_table, rich_table
+    from qlora_core.report import rich_table
     from qlora_core.results import check_writable
     from qlora_core.sweep import run_sweep
 
@@ -371,11 +377,19 @@ def command_sweep(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         return interrupted(out, modes)
     console.print(rich_table(results, title=f"qlora-bench: {out}"))
-    if (floor := floor_rich_table(results)) is not None:
-        console.print(floor)
+    _print_detail_tables(console, results)
     for line in failure_lines(results):
         print(line)  # plain print: rich would cut a long reason at the terminal's width
     return 0 if all(r["status"] == "ok" for r in results) else 1
+
+
+def _print_detail_tables(console, results: list[dict]) -> None:
+    """The memory floor against the measurements and the step profiles, where results carry them."""
+    from qlora_core.report import floor_rich_table, profile_rich_table
+
+    for table in (floor_rich_table(results), profile_rich_table(results)):
+        if table is not None:
+            console.print(table)
 
 
 def _read(paths: list[Path], workflow_records: bool = False):
@@ -398,7 +412,7 @@ def command_report(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from qlora_core import workflow_table
-    from qlora_core.report import floor_rich_table, rich_table, run_lines
+    from qlora_core.report import rich_table, run_lines
     from qlora_core.results import check_writable
 
     if args.out:
@@ -409,8 +423,7 @@ def command_report(args: argparse.Namespace) -> int:
     console = Console()
     if results:
         console.print(rich_table(results))
-    if results and (floor := floor_rich_table(results)) is not None:
-        console.print(floor)
+        _print_detail_tables(console, results)
     for line in run_lines(reading.runs):
         print(line)  # plain print: rich would take a command's [brackets] for markup
     if workflows is not None:

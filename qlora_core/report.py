@@ -454,6 +454,49 @@ def floor_rich_table(results: list[dict]):
     return table
 
 
+PROFILE_HEADERS = ["model", "mode", "steps profiled", "wall ms/step", "kernel ms/step", "device busy", "kernels/step",
+                   "host ops/step", "top host operators (self ms/step)"]
+#: How many of a profile's top host operators the table names.
+PROFILE_TOP_OPS = 3
+
+
+def profile_rows(results: list[dict]) -> list[list[str]]:
+    """One row per result carrying a profile (``measure.profile.summarize``); '-' for device figures on CPU."""
+    number = lambda value, fmt: "-" if value is None else fmt.format(value)  # noqa: E731
+    rows = []
+    for r in results:
+        if not (profile := r.get("profile")):
+            continue
+        top = ", ".join(f"{op['name']} {op['self_ms_per_call']:.1f}" for op in profile["top_host_ops"][:PROFILE_TOP_OPS])
+        rows.append([
+            model_label(r), r["mode"]["name"], str(profile["calls"]), f"{profile['wall_s_per_call'] * 1e3:.0f}",
+            number(profile["kernel_s_per_call"] and profile["kernel_s_per_call"] * 1e3, "{:.0f}"),
+            number(profile["device_busy_share"], "{:.0%}"), number(profile["kernels_per_call"], "{:,.0f}"),
+            f"{profile['host_ops_per_call']:,.0f}", top,
+        ])
+    return rows
+
+
+PROFILE_NOTE = ("Profiled steps ran after the timed ones under torch.profiler and were undone before the "
+                "evaluation; the profiler slows them, so their wall time explains and the step-time column "
+                "measures. device busy: the kernels' time over the wall time (low: the host bounds the step).")
+
+
+def profile_rich_table(results: list[dict]):
+    """The terminal table of the profiles, or None when no result carries one."""
+    from rich.table import Table
+
+    rows = profile_rows(results)
+    if not rows:
+        return None
+    table = Table(title="where a step's time goes (torch.profiler)", caption=PROFILE_NOTE)
+    for header in PROFILE_HEADERS:
+        table.add_column(header, justify="left" if header in ("model", "mode", PROFILE_HEADERS[-1]) else "right")
+    for row in rows:
+        table.add_row(*row)
+    return table
+
+
 def markdown_report(results: list[dict], title: str = "qlora-bench report", runs: list[dict] = (),
                     memory_png: str | None = None) -> str:
     """A Markdown document: title, where and how it was measured, the runs that made the results (``runs``:
@@ -470,6 +513,9 @@ def markdown_report(results: list[dict], title: str = "qlora-bench report", runs
     if rows:
         document += "\n## Memory: analytic floor vs measured\n\n" + "\n".join(markdown_rows(FLOOR_HEADERS, rows))
         document += "\n"
+    if rows := profile_rows(results):
+        document += ("\n## Where a step's time goes\n\n" + "\n".join(markdown_rows(PROFILE_HEADERS, rows))
+                     + f"\n\n{PROFILE_NOTE}\n")
     return document
 
 

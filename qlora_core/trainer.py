@@ -10,6 +10,7 @@ adapters' gradients all-reduced (DDP).
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -190,6 +191,32 @@ class LoraTrainer:
         mine = torch.tensor([[loss, seconds]], dtype=torch.float64, device=self.device)
         gathered = self.accelerator.gather(mine)  # [num_processes, 2], rank order
         return gathered[:, 0].mean().item(), tuple(gathered[:, 1].tolist())
+
+    def snapshot(self) -> dict:
+        """A copy of everything a step changes (adapters, optimizer, schedule, scaler, step count, random
+        generators), for ``restore``: steps taken in between (a profile) then leave no trace."""
+        return {
+            "trainable": [param.detach().clone() for param in self.trainable],
+            "optimizer": copy.deepcopy(self.optimizer.state_dict()),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "steps_done": self.steps_done,
+            "rng": torch.random.get_rng_state(),
+            "device_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
+        }
+
+    def restore(self, snapshot: dict) -> None:
+        """Put back the state ``snapshot`` copied (the batches drawn since are not put back)."""
+        with torch.no_grad():
+            for param, saved in zip(self.trainable, snapshot["trainable"], strict=True):
+                param.copy_(saved)
+        self.optimizer.load_state_dict(snapshot["optimizer"])
+        self.scheduler.load_state_dict(snapshot["scheduler"])
+        self.scaler.load_state_dict(snapshot["scaler"])
+        self.steps_done = snapshot["steps_done"]
+        torch.random.set_rng_state(snapshot["rng"])
+        if snapshot["device_rng"] is not None:
+            torch.cuda.set_rng_state(snapshot["device_rng"], self.device)
 
     def train(self, n_steps: int | None = None, on_step=None) -> list[StepRecord]:
         """Run ``n_steps`` (default: up to ``max_steps``) steps, calling ``on_step(record)`` after each."""

@@ -38,7 +38,8 @@ def bench_run(tiny_model_dir, eval_text_file, tmp_path_factory):
     bench_json = root / "not-yet-made" / "bench.json"
     out = root / "cells"
     launched = datetime.datetime.now(datetime.timezone.utc)
-    run = run_bench(tiny_model_dir, eval_text_file, out, "--bench-steps", "3", "--benchmark-json", str(bench_json))
+    run = run_bench(tiny_model_dir, eval_text_file, out, "--bench-steps", "3", "--bench-profile-steps", "1",
+                    "--benchmark-json", str(bench_json))
     return run, out, bench_json, launched
 
 
@@ -61,6 +62,9 @@ def test_one_process_per_cell_gives_memory_time_and_perplexity(bench_run):
         assert set(cell["memory"]) >= {"before_load", "after_load", "after_setup", "training_peak"}
         assert set(cell["perplexity"]) == {"before", "after", "merged"}
         assert len(cell["training"]["step_seconds"]) == 1 + 3  # warm-up and timed steps, in the worker
+        assert cell["profile"]["calls"] == 1 and cell["profile"]["top_host_ops"]  # one more step, profiled
+        log = (out / f"tiny-llama-{cell['mode']['name']}.log").read_text()
+        assert "profile of 1 training steps, operators by self host time" in log
     memory = [b for b in json.loads(bench_json.read_text())["benchmarks"] if b["name"].startswith("test_memory")]
     for record in memory:  # the load is what the memory suite times; its readings come with it
         assert record["stats"]["rounds"] == 1
@@ -80,7 +84,7 @@ def test_the_manifest_accounts_for_the_run(bench_run):
         assert 0 < cell["measured_seconds"] < cell["wall_seconds"]
         spent = cell["seconds_in"]  # where the cell's wall went, call by call
         assert set(spent) == {"taking a process", "load", "memory_readings", "evaluate", "setup_training", "step",
-                              "end_training", "evaluate_merged", "result", "ending the process"}
+                              "end_training", "profile", "evaluate_merged", "result", "ending the process"}
         assert cell["measured_seconds"] < sum(spent.values()) <= cell["wall_seconds"]
     assert 0 < manifest["measured_share"] < 1
     assert manifest["wall_seconds"] > sum(c["wall_seconds"] for c in manifest["cells"])  # start-up counted too
@@ -91,12 +95,14 @@ def test_resume_reuses_cells_with_the_same_settings_and_refuses_others(bench_run
     _, measured, _, _ = bench_run
     out = tmp_path / "cells"
     shutil.copytree(measured, out)
-    again = run_bench(tiny_model_dir, eval_text_file, out, "--bench-steps", "3", "--bench-resume")
+    again = run_bench(tiny_model_dir, eval_text_file, out, "--bench-steps", "3", "--bench-profile-steps", "1",
+                      "--bench-resume")
     assert again.returncode == 0, again.stdout + again.stderr
     assert "6 skipped" in again.stdout
     manifest = json.loads((out / MANIFEST_NAME).read_text())
     assert [(c["status"], c["resumed"]) for c in manifest["cells"]] == [("ok", True)] * len(MODES)
-    other = run_bench(tiny_model_dir, eval_text_file, out, "--bench-steps", "4", "--bench-resume")
+    other = run_bench(tiny_model_dir, eval_text_file, out, "--bench-steps", "4", "--bench-profile-steps", "1",
+                      "--bench-resume")
     assert other.returncode != 0
     assert "measured with other settings" in other.stdout and "train.max_steps: 4 -> 5" in other.stdout
 

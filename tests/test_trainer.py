@@ -250,3 +250,28 @@ def test_one_process_trainer_matches_the_hand_written_step_bit_for_bit(tiny_sour
     assert trained.keys() == reference.keys() and trained
     for key in trained:
         assert torch.equal(trained[key], reference[key]), key
+
+
+def test_restore_puts_the_trainer_back_as_the_snapshot_found_it(tiny_source):
+    """Steps taken between ``snapshot`` and ``restore`` (a profile) leave no trace: the next step after the
+    restore is the step that would have come without them, bit for bit."""
+    mode = get_mode("nf4")
+
+    def trainer():
+        model = lora_model(tiny_source, mode, dropout=0.1)
+        return LoraTrainer(model, itertools.repeat(fixed_batch()), TrainSettings(max_steps=4, warmup_steps=1),
+                           mode.torch_compute_dtype)
+
+    undisturbed, disturbed = trainer(), trainer()
+    torch.manual_seed(1)
+    undisturbed.train(2)
+    expected = undisturbed.step()
+    torch.manual_seed(1)  # the same dropout masks for the first two steps of both
+    disturbed.train(2)
+    saved = disturbed.snapshot()
+    disturbed.train(2)
+    assert not all(torch.equal(a, b) for a, b in zip(disturbed.trainable, undisturbed.trainable))
+    disturbed.restore(saved)
+    assert disturbed.steps_done == 2
+    assert disturbed.step().loss == expected.loss  # dropout drew the same masks: the RNG came back too
+    assert all(torch.equal(a, b) for a, b in zip(disturbed.trainable, undisturbed.trainable))
