@@ -24,6 +24,7 @@ from pathlib import Path
 from qlora_core.cell import CellSettings
 from qlora_core.lora import LoraSettings
 from qlora_core.modes import MODES, UnknownModeError, installed_modes, parse_modes
+from qlora_core.noise import each_warning_once
 from qlora_core.paths import PATHS
 from qlora_core.profiles import PROFILES
 from qlora_core.report import DEFAULT_THRESHOLD
@@ -245,6 +246,10 @@ def _add_workflow_commands(commands) -> None:
     train.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false",
                        default=None, help="keep all activations (faster, more memory)")
     train.add_argument("--seed", type=int, help="data order, dropout and initialisation (default 0)")
+    train.add_argument("--profile-steps", type=_non_negative,
+                       help="run the last N steps under torch.profiler: the summary gains training.profile "
+                            "(device-busy share, kernels and top operators a step), stderr the profiler's table, "
+                            "and the step-time statistics leave those steps out (default 0: none)")
     lora = finetune.add_argument_group("LoRA (default: r=16, alpha=32, dropout 0.05, every linear layer)")
     lora.add_argument("--lora-r", dest="r", type=_positive, help="adapter rank")
     lora.add_argument("--lora-alpha", dest="alpha", type=_positive,
@@ -651,7 +656,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.command_line = ["qlora-bench", *argv]  # what a run's manifest records
     try:
-        return COMMANDS[args.command](args)
+        with each_warning_once():
+            return COMMANDS[args.command](args)
     except (UnknownModeError, ValueError, FileNotFoundError, RuntimeError) as error:
         print(f"qlora-bench: error: {error}", file=sys.stderr)
         return 2

@@ -9,6 +9,7 @@ distinct warning is shown once and every occurrence counted; the counts go into 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import warnings
@@ -59,14 +60,36 @@ def count_repeats(stream=None) -> logging.Handler:
     handler.addFilter(COUNTER)
     logging.getLogger().addHandler(handler)
     warnings.simplefilter("always")  # count every occurrence; the counter lets only the first be shown
-    show = warnings.showwarning
+    warnings.showwarning = _show_once(warnings.showwarning, COUNTER.first)
+    return handler
+
+
+def _show_once(show, first):
+    """``warnings.showwarning`` that passes a warning to ``show`` only when ``first(its text)`` says so."""
 
     def show_once(message, category, filename, lineno, file=None, line=None):
-        if COUNTER.first(f"{category.__name__}: {message}"):
+        if first(f"{category.__name__}: {message}"):
             show(message, category, filename, lineno, file, line)
 
-    warnings.showwarning = show_once
-    return handler
+    return show_once
+
+
+@contextlib.contextmanager
+def each_warning_once():
+    """Within: each distinct Python warning is shown once, which the warnings filters alone cannot do here:
+    a library entering ``catch_warnings`` (each training step) resets their once-per-place and once registries,
+    and bitsandbytes' int8 matmul warns on every call (40,320 lines in one H200 int8 finetune log). Which
+    warnings show is left to the filters; everything is restored on exit."""
+    seen: set[str] = set()
+
+    def first(text: str) -> bool:
+        new = text not in seen
+        seen.add(text)
+        return new
+
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_once(warnings.showwarning, first)
+        yield
 
 
 def warning_counts() -> dict[str, int]:

@@ -24,6 +24,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -36,6 +37,7 @@ from qlora_core import data as datalib
 from qlora_core.lora import LoraSettings, attach_lora, merge_adapter, parameter_counts
 from qlora_core.measure.memory import memory_snapshot, reset_peak
 from qlora_core.measure.perplexity import perplexity
+from qlora_core.measure.profile import Profiling
 from qlora_core.measure.timing import synchronize, timed, timing_stats
 from qlora_core.models import ModelSource, load_dequantized, load_model, prepare_for_training, resolve_model
 from qlora_core.modes import BASELINE_MODE, Mode, get_mode
@@ -85,6 +87,8 @@ class FinetuneSettings:
             given to the Trainer as transformers' name for the same optimizer.
         gradient_checkpointing: recompute activations in the backward pass (the tutorial's k-bit recipe).
         seed: model init, data order and dropout.
+        profile_steps: run the last this many steps under ``torch.profiler`` (``ProfiledSteps``) and leave them
+            out of the step-time statistics (the profiler slows them); 0: none. Not in the tutorial.
     """
 
     batch_size: int = 2
@@ -98,6 +102,7 @@ class FinetuneSettings:
     optim: str = "adamw"
     gradient_checkpointing: bool = True
     seed: int = 0
+    profile_steps: int = 0
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "grad_accum", "max_steps", "logging_steps", "save_steps"):
@@ -110,6 +115,9 @@ class FinetuneSettings:
                              f"and trains nothing), got {self.max_length}")
         if self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if not 0 <= self.profile_steps < self.max_steps:
+            raise ValueError(f"profile_steps must be >= 0 and leave a step unprofiled (max_steps {self.max_steps}), "
+                             f"got {self.profile_steps}")
         check_optimizer(self.optim)
 
     def describe(self) -> dict:
@@ -344,12 +352,38 @@ class StepTimer(TrainerCallback):
         self._last = now
         return control
 
-    def stats(self) -> dict | None:
-        """``timing_stats`` of the steps (``median_s`` etc.), the first dropped as warm-up when there are
-        others; None when no step ran."""
-        if not self.seconds:
+    def stats(self, leave_out_last: int = 0) -> dict | None:
+        """``timing_stats`` of the steps (``median_s`` etc.) but the last ``leave_out_last`` (profiled), the first
+        dropped as warm-up when there are others; None when no step is left."""
+        seconds = self.seconds[:len(self.seconds) - leave_out_last]
+        if not seconds:
             return None
-        return timing_stats(self.seconds, warmup=min(1, len(self.seconds) - 1))
+        return timing_stats(seconds, warmup=min(1, len(seconds) - 1))
+
+
+class ProfiledSteps(TrainerCallback):
+    """Runs the optimizer steps ``first``..``last`` (global step numbers, from 1) under ``torch.profiler``
+    (``measure.profile.Profiling``); ``summary`` holds the result after ``last`` (None if those steps did not
+    run here, e.g. a resumed run past them) and the profiler's table goes to stderr."""
+
+    def __init__(self, device: torch.device, first: int, last: int) -> None:
+        self.device, self.first, self.last = device, first, last
+        self.profiling: Profiling | None = None
+        self.summary: dict | None = None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step + 1 == self.first:
+            self.profiling = Profiling(self.device)
+            self.profiling.start()
+        return control
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.profiling is not None and state.global_step == self.last:
+            self.summary, table = self.profiling.stop(self.last - self.first + 1)
+            self.profiling = None
+            print(f"profile of steps {self.first}-{self.last}, operators by self host time:\n{table}",
+                  file=sys.stderr)
+        return control
 
 
 @dataclass
@@ -452,12 +486,13 @@ def finetune(
     counts = parameter_counts(model)
 
     checkpointing, step_timer = AdapterOnlyCheckpointCallback(), StepTimer(device)
+    profiled = ProfiledSteps(device, settings.max_steps - settings.profile_steps + 1, settings.max_steps)
     trainer = WorkflowTrainer(
         model=model,
         args=settings.training_arguments(output_dir, mode, device),
         train_dataset=rows,
         data_collator=training_collator(tokenizer),
-        callbacks=[checkpointing, step_timer, *callbacks],
+        callbacks=[checkpointing, step_timer, *([profiled] if settings.profile_steps else []), *callbacks],
     )
     reset_peak(device)
     _, wall_s = timed(lambda: trainer.train(resume_from_checkpoint=str(start_from) if start_from else None), device)
@@ -485,7 +520,8 @@ def finetune(
             "resumed_from": start_from.name if start_from else None,
             "wall_s": wall_s,
             "step_seconds": step_timer.seconds,
-            "step_time": step_timer.stats(),
+            "step_time": step_timer.stats(leave_out_last=settings.profile_steps if profiled.summary else 0),
+            "profile": profiled.summary,
         },
         "memory": memory,
         "checkpoints": [folder.name for folder in list_checkpoints(output_dir) if checkpoint_is_complete(folder)],

@@ -18,6 +18,7 @@ COLUMNS = [
     ("step_s", "step s (median)", "{:.2f}"),
     ("step_iqr_s", "± IQR s", "{:.2f}"),
     ("train_wall_s", "train wall s", "{:.1f}"),
+    ("profiled_device_busy", "device busy (profiled)", "{:.0%}"),
     ("peak_gib", "peak GiB", "{:.2f}"),
     ("loss_first", "loss first", "{:.3f}"),
     ("loss_last", "loss last", "{:.3f}"),
@@ -57,6 +58,7 @@ def finetune_row(summary: dict, merge: dict | None) -> dict:
         "step_iqr_s": step_time.get("iqr_s"),
         "noisy": step_time.get("noisy"),
         "train_wall_s": training["wall_s"],
+        "profiled_device_busy": (training.get("profile") or {}).get("device_busy_share"),
         "peak_gib": _peak_gib(summary),
         "loss_first": training["losses"][0] if training["losses"] else None,
         "loss_last": training["losses"][-1] if training["losses"] else None,
@@ -114,6 +116,8 @@ def notes(frame: pd.DataFrame) -> list[str]:
         "ppl: perplexity on the held-out check text of the merge report, of the base with the adapter and of "
         "the adapter merged into a bf16 copy of the base as the mode stores it; negative: the merged model scores "
         "better.",
+        "device busy (profiled): the share of the profiled steps' wall time the device spent in kernels "
+        "(finetune --profile-steps; low: the host bounds the step).",
     ]
     if "merge_tolerance" in frame:
         tolerances = ", ".join(f"{mode} {tol:.0%}" for mode, tol in zip(frame["mode"], frame["merge_tolerance"])

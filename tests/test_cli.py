@@ -341,3 +341,22 @@ def test_a_cpu_that_emulates_a_modes_compute_dtype_is_warned_about():
     assert slow_compute_warning(torch.device("cpu"), modes, lambda dtype: 1.5) is None
     assert slow_compute_warning(torch.device("cuda"), modes, lambda dtype: 60.0) is None
 
+
+def test_a_warning_repeated_every_step_is_shown_once(monkeypatch, recwarn):
+    """bitsandbytes' int8 matmul warns on every call, and a library entering ``catch_warnings`` each step resets
+    Python's once-per-place default, so an H200 int8 finetune's log held one warning 40,320 times. A command
+    shows each distinct warning once."""
+    import warnings
+
+    from qlora_core import cli
+
+    def noisy_command(args) -> int:
+        for _ in range(3):
+            with warnings.catch_warnings():  # as a library does around a step
+                pass
+            warnings.warn("inputs will be cast", UserWarning, stacklevel=1)
+        return 0
+
+    monkeypatch.setitem(cli.COMMANDS, "report", noisy_command)
+    assert main(["report", "anything"]) == 0
+    assert sum(str(w.message) == "inputs will be cast" for w in recwarn) == 1

@@ -302,6 +302,13 @@ def test_rows_of_one_token_are_refused_before_any_model_load(tmp_path, capsys):
     assert workflow.FinetuneSettings(max_length=2).max_length == 2
 
 
+@pytest.mark.parametrize("profile_steps", [-1, 3])
+def test_profiling_every_step_or_fewer_than_none_is_refused(profile_steps):
+    """Profiled steps are left out of the step-time statistics: at least one step must stay unprofiled."""
+    with pytest.raises(ValueError, match="profile_steps must be >= 0 and leave a step unprofiled"):
+        workflow.FinetuneSettings(max_steps=3, profile_steps=profile_steps)
+
+
 # ---- reload, generate, merge ----
 
 
@@ -390,13 +397,18 @@ def test_cli_runs_the_workflow(tiny_model_dir, tiny_source, tmp_path, capsys):
     common = ["--mode", mode.name, "--model", str(tiny_model_dir), "--device", "cpu"]
     assert main(["finetune", *common, "--out", str(tmp_path / "ft"), "--max-steps", "2", "--save-steps", "1",
                  "--grad-accum", "1", "--max-length", "32", "--lora-r", "4", "--target-modules", "q_proj,v_proj",
-                 "--max-new-tokens", "4"]) == 0
+                 "--max-new-tokens", "4", "--profile-steps", "1"]) == 0
     printed = capsys.readouterr().out
     assert "trainable params:" in printed and workflow.TUTORIAL_PROMPT in printed
     summary = json.loads((tmp_path / "ft" / workflow.SUMMARY_NAME).read_text())
     assert summary["lora"]["target_modules"] == ["q_proj", "v_proj"]
     assert summary["settings"] == replace(workflow.FinetuneSettings(), max_steps=2, save_steps=1, grad_accum=1,
-                                          max_length=32).describe()
+                                          max_length=32, profile_steps=1).describe()
+    # the last step ran under the profiler, and the step-time statistics leave it out
+    training = summary["training"]
+    assert training["profile"]["calls"] == 1 and training["profile"]["top_host_ops"]
+    assert len(training["step_seconds"]) == 2 and training["step_time"]["rounds"] == 1
+    assert training["step_time"]["median_s"] == training["step_seconds"][0]
     assert main(["generate", *common, "--adapter", str(tmp_path / "ft" / "checkpoint-2"), "--prompt", "Hi",
                  "--max-new-tokens", "4"]) == 0
     expected = workflow.generate_from_adapter(tiny_source, mode, tmp_path / "ft" / "checkpoint-2", device=CPU,
@@ -446,3 +458,4 @@ def test_whole_workflow_on_smollm2(tmp_path):
                                        check_tokens=256, window=64, stride=32, into_quantized=True)
     assert report["tolerance"]["within"], report["merged"]["relative_delta"]
     assert report["merged_into_quantized"]["lossy"] is True
+

@@ -29,24 +29,48 @@ def _is_device_event(event) -> bool:
     return event.device_type != torch.autograd.DeviceType.CPU
 
 
+class Profiling:
+    """``torch.profiler`` around calls made elsewhere (a ``Trainer``'s steps): ``start``, the calls, ``stop``.
+    Device activity is recorded on CUDA; the wall time runs from after the profiler's own start to before its
+    stop, the device synchronized at both ends."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if device.type == "cuda":
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        self.profiler = torch.profiler.profile(activities=activities)
+        self.start_s: float | None = None
+
+    def start(self) -> None:
+        self.profiler.__enter__()
+        synchronize(self.device)
+        self.start_s = time.perf_counter()
+
+    def stop(self, calls: int) -> tuple[dict, str]:
+        """End the profile of ``calls`` calls; returns the summary (``summarize``) and the profiler's own table
+        of operators by self host time (for a log)."""
+        synchronize(self.device)
+        wall_s = time.perf_counter() - self.start_s
+        self.profiler.__exit__(None, None, None)
+        averages = self.profiler.key_averages()
+        table = averages.table(sort_by="self_cpu_time_total", row_limit=2 * TOP)
+        return summarize(averages, calls, wall_s, self.device), table
+
+
 def profile_calls(fn: Callable[[], object], calls: int, device: torch.device) -> tuple[dict, str]:
-    """Call ``fn`` ``calls`` times under the profiler (device activity recorded on CUDA); returns the summary
-    (``summarize``) and the profiler's own table of operators by self host time (for a log)."""
+    """Call ``fn`` ``calls`` times under the profiler (``Profiling``); returns the summary and the table."""
     if calls < 1:
         raise ValueError(f"calls must be >= 1, got {calls}")
-    activities = [torch.profiler.ProfilerActivity.CPU]
-    if device.type == "cuda":
-        activities.append(torch.profiler.ProfilerActivity.CUDA)
-    with torch.profiler.profile(activities=activities) as profiler:
-        synchronize(device)
-        start = time.perf_counter()  # inside: the profiler's own start and stop are not the calls' time
+    profiling = Profiling(device)
+    profiling.start()
+    try:
         for _ in range(calls):
             fn()
-        synchronize(device)
-        wall_s = time.perf_counter() - start
-    averages = profiler.key_averages()
-    table = averages.table(sort_by="self_cpu_time_total", row_limit=2 * TOP)
-    return summarize(averages, calls, wall_s, device), table
+    except BaseException:
+        profiling.profiler.__exit__(None, None, None)
+        raise
+    return profiling.stop(calls)
 
 
 def summarize(averages, calls: int, wall_s: float, device: torch.device) -> dict:
