@@ -27,7 +27,7 @@ from qlora_core.measure.memory import cap_memory, memory_snapshot, reset_peak, w
 from qlora_core.measure.perplexity import check_protocol, perplexity
 from qlora_core.measure.profile import profile_calls
 from qlora_core.measure.quant_error import weight_quant_error
-from qlora_core.measure.timing import synchronize, timing_stats
+from qlora_core.measure.timing import device_state, synchronize, timing_stats
 from qlora_core.models import (
     check_sequence_length,
     load_config,
@@ -265,6 +265,7 @@ class Cell:
         self.memory: dict[str, dict] = {}
         self.perplexity: dict[str, dict] = {}
         self.records = []
+        self.device_states: list[dict | None] = []
         self.phase_seconds: dict[str, float] = {}
         self.model = self.trainer = self.floor = self.int8_outliers = self.profile_summary = None
 
@@ -336,6 +337,7 @@ class Cell:
         if not math.isfinite(record.loss):  # fail now: every later step and evaluation would be wasted
             raise NonFiniteError(f"training loss at step {record.step} is {record.loss}: not finite")
         self.records.append(record)
+        self.device_states.append(device_state(self.device))  # after the step's clock stopped
         self.report({"step": record.step, "of": self.settings.train.max_steps, "loss": record.loss})
         return record.seconds
 
@@ -415,6 +417,8 @@ class Cell:
             "training": {
                 "losses": [r.loss for r in self.records],
                 "step_seconds": [r.seconds for r in self.records],
+                # the GPU as NVML saw it after each step (clock, temperature, power); None where it cannot be read
+                "device_states": self.device_states if any(self.device_states) else None,
                 "timing": timing,
                 "tokens_per_step": tokens_per_step,
                 "tokens_per_s": tokens_per_s,

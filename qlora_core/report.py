@@ -219,6 +219,25 @@ def _timing_notes(ok: list[dict]) -> list[str]:
     return [note]
 
 
+def _device_state_note(ok: list[dict]) -> str | None:
+    """The GPU's SM clock, temperature and power over each cell's timed steps (NVML, read after each step): a
+    step that slows as the clock falls was throttled, not slowed by its mode."""
+    several_models = len({model_label(r) for r in ok}) > 1
+    parts = []
+    for r in ok:
+        training = r.get("training") or {}
+        states = [s for s in (training.get("device_states") or [])[training["timing"]["warmup"]:] if s]
+        if not states:
+            continue
+        clocks, power = [s["sm_clock_mhz"] for s in states], [s["power_w"] for s in states]
+        name = f"{model_label(r)} {r['mode']['name']}" if several_models else r["mode"]["name"]
+        parts.append(f"{name} {min(clocks)}-{max(clocks)} MHz, up to {max(s['temperature_c'] for s in states)} C, "
+                     f"{min(power):.0f}-{max(power):.0f} W")
+    if not parts:
+        return None
+    return "GPU during the timed steps (NVML after each step: SM clock, temperature, power): " + "; ".join(parts) + "."
+
+
 def _text_name(result: dict, name: str) -> str:
     """'held-out quotes', or 'evaluation text (wiki.test.raw)' with the file the cell read."""
     eval_text = result.get("settings", {}).get("eval_text")
@@ -263,6 +282,8 @@ def footnotes(results: list[dict]) -> list[str]:
     if peak:
         notes.append(peak)
     notes += _timing_notes(ok)
+    if device_states := _device_state_note(ok):
+        notes.append(device_states)
     for model, note in {model_label(r): r["note"] for r in ok if r.get("note")}.items():
         notes.append(f"{model}: {note}.")
     notes += _perplexity_notes(ok)

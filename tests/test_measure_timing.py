@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from qlora_core.measure.timing import NOISY_RELATIVE_IQR, cpu_matmul_slowdown, timed, timing_stats
+from qlora_core.measure.timing import NOISY_RELATIVE_IQR, cpu_matmul_slowdown, device_state, timed, timing_stats
 
 CPU = torch.device("cpu")
 
@@ -77,3 +77,37 @@ def test_timed_measures_the_call():
 def test_cpu_matmul_slowdown_is_a_finite_ratio():
     for dtype in (torch.float32, torch.bfloat16):
         assert 0 < cpu_matmul_slowdown(dtype, size=64) < float("inf")
+
+
+def test_device_state_is_none_off_cuda_and_without_nvml(monkeypatch):
+    """The GPU's clock, temperature and power are extras: a CPU, a missing nvidia-ml-py or an NVML that does not
+    answer gives None, and any other error still surfaces."""
+    assert device_state(torch.device("cpu")) is None
+    cuda = torch.device("cuda")
+
+    def missing(device=None):
+        raise ModuleNotFoundError("nvidia-ml-py does not seem to be installed or it can't be imported.")
+
+    monkeypatch.setattr(torch.cuda, "clock_rate", missing)
+    assert device_state(cuda) is None
+    nvml_error = type("NVMLError_Unknown", (Exception,), {"__module__": "pynvml"})
+
+    def not_answering(device=None):
+        raise nvml_error("Unknown Error")
+
+    monkeypatch.setattr(torch.cuda, "clock_rate", not_answering)
+    assert device_state(cuda) is None
+
+    def broken(device=None):
+        raise ValueError("a bug")
+
+    monkeypatch.setattr(torch.cuda, "clock_rate", broken)
+    with pytest.raises(ValueError, match="a bug"):
+        device_state(cuda)
+
+
+@pytest.mark.gpu
+def test_device_state_reads_the_gpu():
+    pytest.importorskip("pynvml", reason="needs nvidia-ml-py (tools/device/stage-extras.sh stages it)")
+    state = device_state(torch.device("cuda"))
+    assert 100 <= state["sm_clock_mhz"] <= 5000 and 0 < state["temperature_c"] < 120 and 0 < state["power_w"] < 2000

@@ -179,6 +179,20 @@ def test_footnotes_state_the_int8_matmul_dtype_only_for_int8_results():
     assert "int8: bitsandbytes casts the int8 matmuls' inputs to float16 whatever the mode's compute dtype." in notes
 
 
+def test_footnotes_give_the_gpu_state_over_the_timed_steps(results):
+    """The warm-up steps are left out; cells without readings (a CPU, no NVML) are left out."""
+    read = copy.deepcopy(results[0])
+    warmup = read["training"]["timing"]["warmup"]
+    states = [{"sm_clock_mhz": 1980, "temperature_c": 70, "power_w": 700.0}] * warmup + [
+        {"sm_clock_mhz": 1980, "temperature_c": 41, "power_w": 412.4},
+        {"sm_clock_mhz": 1755, "temperature_c": 44, "power_w": 498.6}]
+    read["training"]["device_states"] = states
+    (note,) = [note for note in footnotes([read, results[1]]) if note.startswith("GPU during")]
+    assert note == ("GPU during the timed steps (NVML after each step: SM clock, temperature, power): "
+                    f"{read['mode']['name']} 1755-1980 MHz, up to 44 C, 412-499 W.")
+    assert not any(note.startswith("GPU during") for note in footnotes(results))
+
+
 def test_footnotes_give_each_int8_linears_outlier_share(results):
     int8 = copy.deepcopy(results[0])
     int8["int8_outliers"] = {"columns": {"o_proj": 1.0, "down_proj": 96.0}, "share": {"o_proj": 0.01, "down_proj": 0.5}}

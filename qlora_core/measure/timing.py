@@ -30,6 +30,26 @@ def timed(fn: Callable[[], T], device: torch.device) -> tuple[T, float]:
     return result, time.perf_counter() - start
 
 
+def device_state(device: torch.device) -> dict | None:
+    """The GPU's SM clock (MHz), temperature (deg C) and power draw (W) as NVML last sampled them (every 1/6 to
+    1 s): a step that slows down as its clock falls was throttled, not slowed by the mode. None off CUDA or
+    where NVML (the ``nvidia-ml-py`` package) is missing."""
+    if device.type != "cuda":
+        return None
+    try:
+        return {
+            "sm_clock_mhz": torch.cuda.clock_rate(device),
+            "temperature_c": torch.cuda.temperature(device),
+            "power_w": torch.cuda.power_draw(device) / 1e3,  # NVML reports milliwatts
+        }
+    except ImportError:  # nvidia-ml-py absent
+        return None
+    except Exception as error:  # pynvml.NVMLError: NVML present but not answering. A reading, not a reason to fail
+        if type(error).__module__.startswith("pynvml"):
+            return None
+        raise
+
+
 def timing_stats(seconds: list[float], warmup: int) -> dict:
     """Summary of step times with the first ``warmup`` dropped (allocator growth, kernel autotuning).
 
