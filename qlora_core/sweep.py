@@ -50,6 +50,17 @@ def _differences(old: dict, new: dict) -> list[str]:
             if old.get(key) != new.get(key)]
 
 
+def _as_saved(described: dict) -> dict:
+    """Settings as a result file holds them, with the defaults of settings added since it was written filled in
+    (a default reproduces what came before it); as they are when they no longer read as settings. The JSON round
+    trip makes tuples lists, as they are in the file."""
+    try:
+        described = CellSettings.from_dict(described).describe()
+    except (TypeError, ValueError):  # a setting since removed or renamed: compared as written
+        pass
+    return json.loads(json.dumps(described))
+
+
 def reusable(path: Path, settings: CellSettings) -> bool:
     """True when ``path`` holds a finished cell measured with ``settings``: a resumed run keeps it. False when
     there is no finished cell (it runs again).
@@ -59,8 +70,7 @@ def reusable(path: Path, settings: CellSettings) -> bool:
     """
     if not finished(path):
         return False
-    # a JSON round trip makes tuples lists, as they are in the file
-    old, new = json.loads(path.read_text())["settings"], json.loads(json.dumps(settings.describe()))
+    old, new = _as_saved(json.loads(path.read_text())["settings"]), _as_saved(settings.describe())
     if differences := _differences(old, new):
         raise ResumeMismatchError(f"{path} was measured with other settings ({'; '.join(differences)}); "
                                   f"resume with the same options or choose another --out")

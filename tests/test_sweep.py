@@ -12,7 +12,7 @@ from tiny import TINY_STEPS, tiny_cell_settings
 from qlora_core.cell import prepare_inputs
 from qlora_core.manifest import MANIFEST_NAME
 from qlora_core.modes import parse_modes
-from qlora_core.results import RUN_SCHEMA, SCHEMA
+from qlora_core.results import RUN_SCHEMA, SCHEMA, write_json_atomic
 from qlora_core.sweep import ResumeMismatchError, finished, result_path, reusable, run_sweep
 from qlora_core.worker import LOOKAHEAD, MAX_STARTED_AT_ONCE, WorkerPool, processes_to_start_first
 
@@ -131,6 +131,20 @@ def test_reusable_only_for_a_finished_cell_with_the_same_settings(swept, tiny_mo
     steps = dataclasses.replace(settings.train, max_steps=TINY_STEPS + 1)
     with pytest.raises(ResumeMismatchError, match=f"train.max_steps: {TINY_STEPS} -> {TINY_STEPS + 1}"):
         reusable(out / "nf4.json", dataclasses.replace(settings, train=steps))
+
+
+def test_a_result_written_before_a_setting_existed_is_reused_at_its_default(swept, tiny_model_dir, tmp_path):
+    """A setting added later (profile_steps, num_processes) is missing from older results: at its default it
+    is the set-up they were measured with, so they resume; at another value they are refused."""
+    out, _, _ = swept
+    older = json.loads((out / "nf4.json").read_text())
+    for added in ("profile_steps", "num_processes"):
+        del older["settings"][added]
+    write_json_atomic(older, tmp_path / "nf4.json")
+    settings = tiny_cell_settings(tiny_model_dir, "nf4")
+    assert reusable(tmp_path / "nf4.json", settings)
+    with pytest.raises(ResumeMismatchError, match="profile_steps: 0 -> 2"):
+        reusable(tmp_path / "nf4.json", dataclasses.replace(settings, profile_steps=2))
 
 
 def test_resume_reruns_unfinished_cells(swept, tiny_model_dir, tmp_path):
