@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import math
+import os
 import sys
 import time
 from contextlib import contextmanager
@@ -78,6 +79,9 @@ class CellSettings:
             time only, no perplexity. path: ``"reference"`` or ``"lean"`` (``qlora_core.paths``).
         memory_cap_bytes: a hard cap on this cell's CUDA allocator (``measure.memory.cap_memory``), to measure a
             smaller GPU on a larger one; None: the device's own memory.
+        num_processes: train on this many processes of one host (``qlora_core.cell_ranks``: DDP, every rank
+            holding the whole quantized model, ``batch_size`` rows a step shared between them; rank 0 evaluates).
+            The lean path runs in one process only: its chunked loss bypasses the DDP wrapper's forward.
         profile_steps: after the timed steps (and the peak's reading), this many more steps under
             ``torch.profiler`` (``Cell.profile``), then the adapters and optimizer put back as they were: where a
             step's time goes, at no cost to the other figures. 0: none.
@@ -106,12 +110,14 @@ class CellSettings:
     shape: str | None = None
     path: str = "reference"
     memory_cap_bytes: int | None = None
+    num_processes: int = 1
     profile_steps: int = 0
 
     def __post_init__(self) -> None:
         check_path(self.path)
         if self.profile_steps < 0:
             raise ValueError(f"profile_steps must be >= 0, got {self.profile_steps}")
+        self._check_processes()
         if self.memory_cap_bytes is not None and self.memory_cap_bytes < 1:
             raise ValueError(f"memory_cap_bytes must be >= 1 (or None: no cap), got {self.memory_cap_bytes}")
         if self.shape is not None:
@@ -122,6 +128,21 @@ class CellSettings:
         if not 0 <= self.timing_warmup < self.train.max_steps:
             raise ValueError(f"steps ({self.train.max_steps}) must exceed the timing warm-up ({self.timing_warmup}, "
                              f">= 0): else no step is left to time")
+
+    def _check_processes(self) -> None:
+        if self.num_processes < 1:
+            raise ValueError(f"num_processes must be >= 1, got {self.num_processes}")
+        if self.batch_size % self.num_processes:
+            raise ValueError(f"batch_size ({self.batch_size}) must divide by num_processes ({self.num_processes}): "
+                             f"each process trains on an equal share of every step's rows")
+        if self.num_processes > 1 and self.path == "lean":
+            raise ValueError("the lean path runs in one process only: its chunked loss reaches the decoder and head "
+                             "around the DDP wrapper, whose forward must run for gradients to be all-reduced")
+
+    @property
+    def rows_per_process(self) -> int:
+        """Rows of each step's batch one process trains on."""
+        return self.batch_size // self.num_processes
 
     def describe(self) -> dict:
         return {**dataclasses.asdict(self), "lora": self.lora.describe(), "train": self.train.describe()}
@@ -142,6 +163,16 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device 'cuda' asked for, but CUDA is not available on this machine")
     return torch.device(name)
+
+
+def rank_device(device: torch.device, num_processes: int) -> torch.device:
+    """``device``, or for one of several CUDA processes its own GPU (``LOCAL_RANK``, as torchrun numbers them),
+    made the current one."""
+    if device.type != "cuda" or num_processes == 1:
+        return device
+    device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    torch.cuda.set_device(device)
+    return device
 
 
 def _report_nothing(event: dict) -> None:
@@ -213,8 +244,8 @@ def predicted_floor(settings: CellSettings, config, device_type: str,
     measured; None for an architecture the floor has no activation accounting for (NotImplementedError) or that
     transformers cannot build from its config alone (ValueError: e.g. remote code)."""
     try:
-        return memory_floor(
-            config, get_mode(settings.mode), settings.lora, settings.seq_len, settings.batch_size,
+        return memory_floor(  # of one process: with several, each holds the model and trains on its rows
+            config, get_mode(settings.mode), settings.lora, settings.seq_len, settings.rows_per_process,
             settings.gradient_checkpointing, path=settings.path, optimizer=settings.train.optimizer,
             device_type=device_type, int8_outlier_columns=int8_outlier_columns,
         )
@@ -242,6 +273,10 @@ def preflight(settings: CellSettings, modes) -> CellInputs:
     it."""
     for mode in modes:
         backends.require(mode)
+    device = resolve_device(settings.device)
+    if device.type == "cuda" and settings.num_processes > torch.cuda.device_count():
+        raise ValueError(f"num_processes {settings.num_processes} needs as many GPUs; this machine has "
+                         f"{torch.cuda.device_count()}")
     return prepare_inputs(settings)
 
 
@@ -259,7 +294,9 @@ class Cell:
         self.settings = settings
         self.report = report
         self.mode = get_mode(settings.mode)
-        self.device = resolve_device(settings.device)
+        # a rank started by ``cell_ranks``: its number, and its own GPU; evaluations are rank 0's alone
+        self.rank = int(os.environ.get("RANK", "0")) if settings.num_processes > 1 else 0
+        self.device = rank_device(resolve_device(settings.device), settings.num_processes)
         set_seed(settings.train.seed)
         self.inputs = inputs or prepare_inputs(settings)
         self.memory: dict[str, dict] = {}
@@ -294,14 +331,15 @@ class Cell:
             self.memory["after_load"] = memory_snapshot(self.device)
         self.weights = weight_footprint(self.model)
         shape = self.settings.shape
-        self.quant_error = None if shape else weight_quant_error(self.model, self.inputs.source.name_or_path)
+        evaluates = not shape and self.rank == 0
+        self.quant_error = weight_quant_error(self.model, self.inputs.source.name_or_path) if evaluates else None
         self.matmul_weights = matmul_params(self.model)
         return self.weights
 
     def evaluate(self, when: str) -> dict:
         """Perplexity of the model as it is now on every evaluation text, saved under ``when`` (nothing for a
-        shape: its weights are random)."""
-        if self.settings.shape:
+        shape: its weights are random; nothing on a rank but the first: it is computed once)."""
+        if self.settings.shape or self.rank:
             return {}
         with self._phase(f"evaluating {when}"):
             dtype = self.mode.torch_compute_dtype
@@ -372,8 +410,8 @@ class Cell:
     def evaluate_merged(self) -> dict:
         """Perplexity after merging the adapters into a bf16 copy of the base as stored in this mode
         (dequantized for 8-/4-bit modes), i.e. the deployable model; saved under ``"merged"`` (nothing for a
-        shape)."""
-        if self.settings.shape:
+        shape, nor on a rank but the first)."""
+        if self.settings.shape or self.rank:
             return {}
         with self._phase("evaluating merged"):
             merged = merge_into_dequantized(self.model, self.inputs.source, self.mode, self.device)
@@ -398,6 +436,9 @@ class Cell:
         )
         tokens_per_s = tokens_per_step / timing["median_s"]
         peak = peak_flops(self.device, self.mode.torch_compute_dtype)
+        if peak:  # every process's device works on the step's tokens
+            peak = {**peak, "flops_per_s": peak["flops_per_s"] * settings.num_processes,
+                    "devices": settings.num_processes}
         source = self.inputs.source
         outlier_columns = self.int8_outliers["columns"] if self.int8_outliers else None
         self.floor = self.floor or predicted_floor(settings, config, self.device.type, outlier_columns)
@@ -444,7 +485,12 @@ class Cell:
         return result
 
     def run_all(self) -> dict:
-        """Every phase in order; returns ``result()``."""
+        """Every phase in order; returns ``result()``. With several processes, and not already one of them, the
+        phases run in those processes instead (``cell_ranks.run_on_ranks``)."""
+        if self.settings.num_processes > 1 and "RANK" not in os.environ:
+            from qlora_core.cell_ranks import run_on_ranks
+
+            return run_on_ranks(self.settings, self.inputs)
         self.load()
         self.evaluate("before")
         self.setup_training()

@@ -117,6 +117,11 @@ def _add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--lr", type=_positive_float, default=2e-4, help="learning rate (default 2e-4)")
     train.add_argument("--optimizer", default="adamw", choices=sorted(OPTIMIZERS))
     train.add_argument("--grad-accum", type=_positive, default=1, help="micro-batches per step")
+    train.add_argument("--num-processes", type=_positive, default=1,
+                       help="train each cell on this many processes of this host through torchrun (DDP: each "
+                            "holds the whole model and trains on an equal share of every step's blocks, so "
+                            "--batch-size must divide by it; one GPU each on CUDA; rank 0 evaluates; reference "
+                            "path only). Default 1")
     train.add_argument("--lora-r", type=_positive, default=16, help="LoRA rank (default 16)")
     train.add_argument("--lora-alpha", type=_positive, help="LoRA alpha (default 2 r: 32 at r=16)")
     train.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false",
@@ -300,6 +305,7 @@ def cell_settings(args: argparse.Namespace, profile: dict) -> CellSettings:
         train=TrainSettings(learning_rate=args.lr, optimizer=args.optimizer, grad_accum=args.grad_accum,
                             max_steps=pick("steps"), seed=args.seed),
         profile_steps=args.profile_steps,
+        num_processes=args.num_processes,
     )
 
 

@@ -1,7 +1,9 @@
-"""Several training processes of one host: the accelerator every trainer steps through, and a launcher.
+"""Several training processes of one host: the accelerator every trainer steps through, and two launchers.
 
-One concern: starting ranks and joining them. ``launch`` runs a function in N fresh processes with the
-environment torch.distributed and accelerate read (MASTER_ADDR, MASTER_PORT, WORLD_SIZE, RANK, LOCAL_RANK);
+One concern: starting ranks and joining them. ``torchrun`` runs a module's ``main`` in N processes through
+torch's own launcher (``torch.distributed.run``, what users run multi-GPU training with); ``launch`` runs a
+function in N fresh processes and returns their values (for tests and library callers). Both give each rank
+the environment torch.distributed and accelerate read (MASTER_ADDR, MASTER_PORT, WORLD_SIZE, RANK, LOCAL_RANK);
 the process group itself is created by accelerate when a rank builds its first ``Accelerator``
 (``make_accelerator``): gloo for CPU processes, nccl for CUDA ones. What a rank trains, and how its batches are
 shared (``data.rank_rows``), is the trainer's business.
@@ -54,6 +56,21 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind((LOCALHOST, 0))
         return probe.getsockname()[1]
+
+
+def torchrun(module: str, args: list[str], num_processes: int) -> int:
+    """Run ``python -m module *args`` as ``num_processes`` ranks of this host under ``torch.distributed.run``
+    (standalone: it picks the rendezvous port itself) and return its exit code: 0 when every rank exited 0.
+    When a rank fails, torchrun stops the others (they would otherwise wait in a collective until its timeout).
+    The ranks' output goes to this process's stderr (a cell's log in a worker)."""
+    import subprocess
+    import sys
+
+    if num_processes < 1:
+        raise ValueError(f"num_processes must be >= 1, got {num_processes}")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1",
+               f"--nproc-per-node={num_processes}", "-m", module, *args]
+    return subprocess.run(command, stdout=sys.stderr, stderr=sys.stderr, check=False).returncode
 
 
 def launch(fn: Callable[..., Any], args: tuple = (), num_processes: int = 2) -> list[Any]:

@@ -80,6 +80,28 @@ def test_non_positive_sizes_are_usage_errors(option, capsys):
     assert "must be >= 1" in capsys.readouterr().err
 
 
+def test_sweep_trains_a_cell_on_two_processes(tiny_model_dir, tmp_path):
+    """--num-processes 2: the cell's process starts two ranks through torchrun (gloo on a CPU); its result is
+    rank 0's, with both ranks' memory and steps."""
+    out = tmp_path / "out"
+    assert main(["sweep", "--model", str(tiny_model_dir), "--modes", "nf4", "--profile", "cpu", "--seq-len", "32",
+                 "--batch-size", "2", "--steps", "2", "--eval-window", "32", "--eval-stride", "16",
+                 "--eval-max-tokens", "64", "--num-processes", "2", "--out", str(out)]) == 0
+    result = json.loads((out / "nf4.json").read_text())
+    assert result["settings"]["num_processes"] == 2 and [r["rank"] for r in result["ranks"]] == [0, 1]
+    assert set(result["perplexity"]) == {"before", "after", "merged"}
+
+
+def test_several_processes_need_as_many_gpus(tmp_path, capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert main(["sweep", "--device", "cuda", "--profile", "cpu", "--modes", "bf16", "--num-processes", "2",
+                 "--out", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err.endswith("num_processes 2 needs as many GPUs; this machine has 1\n")
+
+
 @pytest.fixture(scope="module")
 def sweep_dir(tiny_model_dir, tmp_path_factory):
     """``qlora-bench sweep`` over bf16 and nf4 on the tiny model, each mode in its own process."""

@@ -1,0 +1,51 @@
+"""One cell across two processes (torchrun, gloo on CPU): rank 0's result with every rank's memory and steps."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from tiny import tiny_cell_settings
+from qlora_core.cell import CellSettings, failure_result, run_cell
+from qlora_core.cell_ranks import merge_ranks
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(batch_size=3, num_processes=2), r"batch_size \(3\) must divide by num_processes \(2\)"),
+    (dict(num_processes=2, path="lean"), "the lean path runs in one process only"),
+    (dict(num_processes=0), "num_processes must be >= 1"),
+])
+def test_settings_several_processes_cannot_run_are_refused(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        CellSettings(mode="bf16", batch_size=overrides.pop("batch_size", 4), **overrides)
+
+
+def test_a_failed_or_silent_rank_fails_the_cell():
+    settings = CellSettings(mode="bf16", batch_size=2, num_processes=2)
+    ok = {"status": "ok", "memory": {}, "training": {"step_seconds": [0.1]}}
+    oom = failure_result(settings, "oom", "OutOfMemoryError: CUDA out of memory")
+    failed = merge_ranks(settings, {0: ok, 1: oom}, exit_code=1)
+    assert failed["status"] == "oom" and failed["error"] == "rank 1: OutOfMemoryError: CUDA out of memory"
+    crashed = merge_ranks(settings, {0: ok}, exit_code=-9)
+    assert crashed["status"] == "crashed" and "rank(s) [1] wrote no result" in crashed["error"]
+
+
+def test_two_processes_train_the_one_process_cell(tiny_model_dir, eval_text_file):
+    """The same global batches shared by two gloo ranks: the losses of one process within float tolerance (no
+    dropout: each rank would draw its own masks), one evaluation (rank 0's), and each rank's memory and step
+    times beside it."""
+    one = tiny_cell_settings(tiny_model_dir, "bf16", eval_text=str(eval_text_file), eval_merged=False)
+    one = dataclasses.replace(one, lora=dataclasses.replace(one.lora, dropout=0.0))
+    two = dataclasses.replace(one, num_processes=2)
+    single, ranked = run_cell(one), run_cell(two)
+    assert ranked["status"] == "ok", ranked.get("error")
+    assert ranked["training"]["losses"] == pytest.approx(single["training"]["losses"], abs=5e-4)
+    assert set(ranked["perplexity"]) == {"before", "after"}
+    assert ranked["perplexity"]["before"] == single["perplexity"]["before"]  # the same base, evaluated once
+    assert [rank["rank"] for rank in ranked["ranks"]] == [0, 1]
+    for rank in ranked["ranks"]:
+        assert rank["memory"]["training_peak"]["kind"] == "cpu_rss"
+        assert len(rank["step_seconds"]) == one.train.max_steps
+    assert ranked["settings"]["num_processes"] == 2
+    assert ranked["floor"]["tokens_per_micro_batch"] == one.seq_len * one.batch_size // 2  # one process's rows
