@@ -81,7 +81,6 @@ class CellSettings:
             smaller GPU on a larger one; None: the device's own memory.
         num_processes: train on this many processes of one host (``qlora_core.cell_ranks``: DDP, every rank
             holding the whole quantized model, ``batch_size`` rows a step shared between them; rank 0 evaluates).
-            The lean path runs in one process only: its chunked loss bypasses the DDP wrapper's forward.
         profile_steps: after the timed steps (and the peak's reading), this many more steps under
             ``torch.profiler`` (``Cell.profile``), then the adapters and optimizer put back as they were: where a
             step's time goes, at no cost to the other figures. 0: none.
@@ -135,9 +134,6 @@ class CellSettings:
         if self.batch_size % self.num_processes:
             raise ValueError(f"batch_size ({self.batch_size}) must divide by num_processes ({self.num_processes}): "
                              f"each process trains on an equal share of every step's rows")
-        if self.num_processes > 1 and self.path == "lean":
-            raise ValueError("the lean path runs in one process only: its chunked loss reaches the decoder and head "
-                             "around the DDP wrapper, whose forward must run for gradients to be all-reduced")
 
     @property
     def rows_per_process(self) -> int:

@@ -89,6 +89,20 @@ def build_optimizer(params: list[torch.nn.Parameter], settings: TrainSettings) -
     return optimizer_class(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
 
 
+class LossModule(torch.nn.Module):
+    """``loss_fn(model, input_ids)`` as the forward of a module holding ``model``: what DDP wraps, so its
+    forward, where DDP prepares the gradients' all-reduce, is the forward that builds the loss whichever way
+    ``loss_fn`` reaches into the model."""
+
+    def __init__(self, model: torch.nn.Module, loss_fn) -> None:
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.loss_fn(self.model, input_ids)
+
+
 class LoraTrainer:
     """Trains the adapters of a peft model on an endless iterator of token batches [batch, seq_len].
 
@@ -96,11 +110,11 @@ class LoraTrainer:
     compute dtype, computed by ``loss_fn(model, input_ids)`` (default: the model's own; ``qlora_core.paths``).
     fp16 compute uses a gradient scaler (fp16 gradients underflow otherwise).
 
-    In a process started by ``distributed.launch`` every rank draws the same global batches from ``batches``
-    (the same seed) and trains on its rows of each (``data.rank_rows``); ``batch`` must divide by the number of
-    processes. Only the reference path's loss (the model's own ``forward``) runs under DDP: the lean path's
-    chunked loss reaches the decoder and head through the model's attributes, which the DDP wrapper hides
-    (AttributeError: 'DistributedDataParallel' object has no attribute 'base_model_prefix').
+    In a process started by ``distributed.launch`` (or torchrun) every rank draws the same global batches from
+    ``batches`` (the same seed) and trains on its rows of each (``data.rank_rows``); ``batch`` must divide by the
+    number of processes. The loss is computed in the forward of a module around the model (``LossModule``), the
+    module DDP wraps, so both paths' losses run under DDP: the lean path's reaches the decoder and head directly,
+    around the model's own forward, which DDP would otherwise never see.
     """
 
     def __init__(self, model, batches: Iterator[torch.Tensor], settings: TrainSettings, compute_dtype: torch.dtype,
@@ -119,13 +133,13 @@ class LoraTrainer:
         if not self.trainable:
             raise ValueError("the model has no trainable parameters: attach LoRA adapters first")
         self.accelerator = make_accelerator(self.device)
-        # The model as trained: in DistributedDataParallel with several processes (every rank holds the whole
-        # quantized model; the adapters' gradients are all-reduced in backward), the model itself with one.
+        # The loss as trained (``LossModule``): in DistributedDataParallel with several processes (every rank holds
+        # the whole quantized model; the adapters' gradients are all-reduced in backward), as it is with one.
         # The optimizer and the schedule stay unprepared: accelerate's optimizer wrapper only adds its own
         # scaler and gradient-accumulation bookkeeping, neither used here, and its scheduler wrapper advances
         # the schedule once per process each step (it assumes each process saw 1/N of an epoch's batches) and
         # not at all after a step the scaler skipped, which would change today's fp16 schedule.
-        self.training_model = self.accelerator.prepare_model(model)
+        self.training_model = self.accelerator.prepare_model(LossModule(model, self.loss_fn))
         self.optimizer = build_optimizer(self.trainable, settings)
         self.scheduler = get_scheduler(
             settings.schedule, self.optimizer, num_warmup_steps=settings.warmup_steps,
@@ -146,7 +160,7 @@ class LoraTrainer:
         with contextlib.nullcontext() if sync else accelerator.no_sync(self.training_model):
             # torch's autocast rather than accelerate's mixed precision: see distributed.make_accelerator.
             with torch.autocast(self.device.type, dtype=self.compute_dtype):
-                loss = self.loss_fn(self.training_model, shard)
+                loss = self.training_model(shard)
             accelerator.backward(self.scaler.scale(loss / self.settings.grad_accum))
         return loss.detach(), batch.numel()
 

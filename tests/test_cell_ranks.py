@@ -13,7 +13,6 @@ from qlora_core.cell_ranks import merge_ranks
 
 @pytest.mark.parametrize("overrides, message", [
     (dict(batch_size=3, num_processes=2), r"batch_size \(3\) must divide by num_processes \(2\)"),
-    (dict(num_processes=2, path="lean"), "the lean path runs in one process only"),
     (dict(num_processes=0), "num_processes must be >= 1"),
 ])
 def test_settings_several_processes_cannot_run_are_refused(overrides, message):
