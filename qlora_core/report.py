@@ -238,6 +238,16 @@ def _device_state_note(ok: list[dict]) -> str | None:
     return "GPU during the timed steps (NVML after each step: SM clock, temperature, power): " + "; ".join(parts) + "."
 
 
+def _processes_note(result: dict) -> str:
+    """Each process's training peak for a cell trained on several (``cell_ranks``): the table shows rank 0's."""
+    peaks = [_peak_bytes(rank["memory"]["training_peak"]) for rank in result["ranks"]]
+    shown = ", ".join("-" if peak is None else f"{peak / GIB:.2f}" for peak in peaks)
+    largest = max((peak for peak in peaks if peak is not None), default=None)
+    most = "" if largest is None else f" (largest {largest / GIB:.2f})"
+    return (f"{model_label(result)} {result['mode']['name']}: trained on {len(peaks)} processes; peak GiB by "
+            f"process {shown}{most}; the table shows process 0's, which also evaluated.")
+
+
 def _text_name(result: dict, name: str) -> str:
     """'held-out quotes', or 'evaluation text (wiki.test.raw)' with the file the cell read."""
     eval_text = result.get("settings", {}).get("eval_text")
@@ -291,6 +301,7 @@ def footnotes(results: list[dict]) -> list[str]:
         notes.append(f"int8: bitsandbytes casts the int8 matmuls' inputs to {dtype} whatever the mode's compute "
                      f"dtype.")
     notes += [_int8_outlier_note(r) for r in ok if r.get("int8_outliers")]
+    notes += [_processes_note(r) for r in ok if r.get("ranks")]
     notes.append(f"(xN): ratio to {BASELINE_MODE} of the same model and run.")
     notes.append(f"'~' marks a step time whose IQR exceeds {NOISY_RELATIVE_IQR:.0%} of its median: too noisy to "
                  f"rank.")

@@ -9,6 +9,7 @@ import pytest
 from tiny import tiny_cell_settings
 from qlora_core.cell import CellSettings, failure_result, run_cell
 from qlora_core.cell_ranks import merge_ranks
+from qlora_core.report import footnotes
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -48,3 +49,4 @@ def test_two_processes_train_the_one_process_cell(tiny_model_dir, eval_text_file
         assert len(rank["step_seconds"]) == one.train.max_steps
     assert ranked["settings"]["num_processes"] == 2
     assert ranked["floor"]["tokens_per_micro_batch"] == one.seq_len * one.batch_size // 2  # one process's rows
+    assert any("trained on 2 processes; peak GiB by process" in note for note in footnotes([ranked]))

@@ -193,6 +193,16 @@ def test_footnotes_give_the_gpu_state_over_the_timed_steps(results):
     assert not any(note.startswith("GPU during") for note in footnotes(results))
 
 
+def test_footnotes_give_each_processs_peak_for_a_cell_on_several(results):
+    several = copy.deepcopy(results[0])
+    peak = lambda gib: {"memory": {"training_peak": {"kind": "cuda", "peak_allocated_bytes": int(gib * 2**30)}}}  # noqa: E731
+    several["ranks"] = [{"rank": 0, **peak(8.5)}, {"rank": 1, **peak(8.25)}]
+    (note,) = [note for note in footnotes([several]) if "processes" in note]
+    assert note.endswith(f"{several['mode']['name']}: trained on 2 processes; peak GiB by process 8.50, 8.25 "
+                         f"(largest 8.50); the table shows process 0's, which also evaluated.")
+    assert not any("processes;" in note for note in footnotes(results))
+
+
 def test_footnotes_give_each_int8_linears_outlier_share(results):
     int8 = copy.deepcopy(results[0])
     int8["int8_outliers"] = {"columns": {"o_proj": 1.0, "down_proj": 96.0}, "share": {"o_proj": 0.01, "down_proj": 0.5}}
