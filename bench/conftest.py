@@ -75,6 +75,9 @@ def pytest_addoption(parser):
     group.addoption("--bench-warmup", type=int, default=GPU["timing_warmup"],
                     help=f"untimed warm-up steps before them (default {GPU['timing_warmup']})")
     group.addoption("--bench-lora-r", type=int, default=16, help="LoRA rank (alpha = 2 r)")
+    group.addoption("--bench-compile", action="store_true",
+                    help="step through torch.compile (with --bench-paths lean: the compiled path); the first step "
+                         "compiles: keep --bench-warmup >= 1")
     group.addoption("--bench-profile-steps", type=int, default=0,
                     help="after the timed steps, this many more under torch.profiler, undone afterwards: the "
                          "cell's result gains 'profile' (device-busy share, kernels and top operators a step) and "
@@ -205,6 +208,7 @@ def cell_settings(config, key: CellKey) -> CellSettings:
         train=TrainSettings(max_steps=steps),
         memory_cap_bytes=capacity_cap_bytes(config),
         profile_steps=option.bench_profile_steps,
+        compile=option.bench_compile,
     )
 
 

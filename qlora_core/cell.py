@@ -48,7 +48,7 @@ from qlora_core.shapes import (
     shape_config,
     shape_source,
 )
-from qlora_core.trainer import LoraTrainer, TrainSettings
+from qlora_core.trainer import LoraTrainer, TrainSettings, compile_report
 
 #: The dtype bitsandbytes' int8 matmul (MatMul8bitLt) really computes in: it casts its inputs to float16
 #: whatever the mode's compute dtype (bitsandbytes 0.50 autograd/_functions.py; stack-facts.md).
@@ -79,6 +79,9 @@ class CellSettings:
             time only, no perplexity. path: ``"reference"`` or ``"lean"`` (``qlora_core.paths``).
         memory_cap_bytes: a hard cap on this cell's CUDA allocator (``measure.memory.cap_memory``), to measure a
             smaller GPU on a larger one; None: the device's own memory.
+        compile: step through ``torch.compile`` (``--path lean`` with it is issue 14's compiled path); the first
+            step compiles: its time is reported apart (the result's ``compile``) and warm-up keeps it out of the
+            step-time statistics.
         num_processes: train on this many processes of one host (``qlora_core.cell_ranks``: DDP, every rank
             holding the whole quantized model, ``batch_size`` rows a step shared between them; rank 0 evaluates).
         profile_steps: after the timed steps (and the peak's reading), this many more steps under
@@ -109,6 +112,7 @@ class CellSettings:
     shape: str | None = None
     path: str = "reference"
     memory_cap_bytes: int | None = None
+    compile: bool = False
     num_processes: int = 1
     profile_steps: int = 0
 
@@ -124,6 +128,8 @@ class CellSettings:
         check_protocol(self.eval_window, self.eval_stride)
         if self.batch_size < 1 or self.eval_batch_size < 1:
             raise ValueError(f"batch sizes must be >= 1, got {self.batch_size} and {self.eval_batch_size}")
+        if self.compile and self.timing_warmup < 1:
+            raise ValueError("a compiled cell needs a timing warm-up of at least 1 step: its first step compiles")
         if not 0 <= self.timing_warmup < self.train.max_steps:
             raise ValueError(f"steps ({self.train.max_steps}) must exceed the timing warm-up ({self.timing_warmup}, "
                              f">= 0): else no step is left to time")
@@ -351,7 +357,7 @@ class Cell:
             self.model = attach_lora(model, self.settings.lora)
             batches = datalib.batches(self.inputs.train_blocks, self.settings.batch_size, self.settings.train.seed)
             self.trainer = LoraTrainer(self.model, batches, self.settings.train, self.mode.torch_compute_dtype,
-                                       loss_fn=loss_function(path))
+                                       loss_fn=loss_function(path), compile=self.settings.compile)
         self.memory["after_setup"] = memory_snapshot(self.device)
         self.tensors_after_setup = weight_footprint(self.model)["weights_bytes"]
         reset_peak(self.device)
@@ -470,6 +476,7 @@ class Cell:
             "profile": self.profile_summary,
             "floor": floor,
             "predicted_vs_measured": predicted_vs_measured(floor, self.memory, *tensors) if floor else None,
+            "compile": {**compile_report(), "first_step_s": self.records[0].seconds} if settings.compile else None,
             "note": RANDOM_WEIGHTS_NOTE if settings.shape else None,
             "int8_matmul_dtype": INT8_MATMUL_DTYPE if self.mode.weight_format == "int8" else None,
             "int8_outliers": self.int8_outliers,

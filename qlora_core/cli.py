@@ -117,6 +117,9 @@ def _add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--lr", type=_positive_float, default=2e-4, help="learning rate (default 2e-4)")
     train.add_argument("--optimizer", default="adamw", choices=sorted(OPTIMIZERS))
     train.add_argument("--grad-accum", type=_positive, default=1, help="micro-batches per step")
+    train.add_argument("--compile", action="store_true",
+                       help="step through torch.compile (with --path lean: the compiled path); the first step "
+                            "compiles and is reported apart, with the graph breaks")
     train.add_argument("--num-processes", type=_positive, default=1,
                        help="train each cell on this many processes of this host through torchrun (DDP: each "
                             "holds the whole model and trains on an equal share of every step's blocks, so "
@@ -306,6 +309,7 @@ def cell_settings(args: argparse.Namespace, profile: dict) -> CellSettings:
                             max_steps=pick("steps"), seed=args.seed),
         profile_steps=args.profile_steps,
         num_processes=args.num_processes,
+        compile=args.compile,
     )
 
 

@@ -248,6 +248,15 @@ def _processes_note(result: dict) -> str:
             f"process {shown}{most}; the table shows process 0's, which also evaluated.")
 
 
+def _compile_note(result: dict) -> str:
+    """How torch.compile handled a compiled cell: its first step (compilation included), graphs, graph breaks."""
+    compiled = result["compile"]
+    breaks = "; ".join(f"{reason} (x{count})" for reason, count in compiled["graph_breaks"].items()) or "none"
+    return (f"{model_label(result)} {result['mode']['name']}: compiled (torch.compile): first step "
+            f"{compiled['first_step_s']:.1f} s with compilation, {compiled['unique_graphs']} graphs; graph breaks: "
+            f"{breaks}.")
+
+
 def _text_name(result: dict, name: str) -> str:
     """'held-out quotes', or 'evaluation text (wiki.test.raw)' with the file the cell read."""
     eval_text = result.get("settings", {}).get("eval_text")
@@ -302,6 +311,7 @@ def footnotes(results: list[dict]) -> list[str]:
                      f"dtype.")
     notes += [_int8_outlier_note(r) for r in ok if r.get("int8_outliers")]
     notes += [_processes_note(r) for r in ok if r.get("ranks")]
+    notes += [_compile_note(r) for r in ok if r.get("compile")]
     notes.append(f"(xN): ratio to {BASELINE_MODE} of the same model and run.")
     notes.append(f"'~' marks a step time whose IQR exceeds {NOISY_RELATIVE_IQR:.0%} of its median: too noisy to "
                  f"rank.")

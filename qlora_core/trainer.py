@@ -89,6 +89,27 @@ def build_optimizer(params: list[torch.nn.Parameter], settings: TrainSettings) -
     return optimizer_class(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
 
 
+def reset_compile_counters() -> None:
+    """Forget what torch.compile compiled and counted in this process, so ``compile_report`` covers one model."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+
+
+def compile_report() -> dict:
+    """What torch.compile made of the training step in this process: graphs compiled, and each distinct graph
+    break (its reason's first line) with how many times it split the step. Graph breaks are where the step left
+    the compiled graph for eager Python (a quantized layer, a ``requires_grad_`` call...)."""
+    from torch._dynamo.utils import counters
+
+    breaks: dict[str, int] = {}
+    for reason, count in counters["graph_break"].items():
+        first_line = reason.strip().splitlines()[0]
+        breaks[first_line] = breaks.get(first_line, 0) + count
+    return {"unique_graphs": counters["stats"]["unique_graphs"], "graph_breaks": breaks}
+
+
 class LossModule(torch.nn.Module):
     """``loss_fn(model, input_ids)`` as the forward of a module holding ``model``: what DDP wraps, so its
     forward, where DDP prepares the gradients' all-reduce, is the forward that builds the loss whichever way
@@ -118,7 +139,7 @@ class LoraTrainer:
     """
 
     def __init__(self, model, batches: Iterator[torch.Tensor], settings: TrainSettings, compute_dtype: torch.dtype,
-                 loss_fn=None):
+                 loss_fn=None, compile: bool = False):
         from transformers import get_scheduler
 
         from qlora_core.paths import causal_lm_loss
@@ -140,6 +161,9 @@ class LoraTrainer:
         # the schedule once per process each step (it assumes each process saw 1/N of an epoch's batches) and
         # not at all after a step the scaler skipped, which would change today's fp16 schedule.
         self.training_model = self.accelerator.prepare_model(LossModule(model, self.loss_fn))
+        if compile:  # forward and backward through torch.compile; the first step compiles (``compile_report``)
+            reset_compile_counters()
+            self.training_model = torch.compile(self.training_model)
         self.optimizer = build_optimizer(self.trainable, settings)
         self.scheduler = get_scheduler(
             settings.schedule, self.optimizer, num_warmup_steps=settings.warmup_steps,
