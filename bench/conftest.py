@@ -25,7 +25,7 @@ from typing import NamedTuple
 import pytest
 import torch
 
-from qlora_core.cell import CellSettings, does_not_fit_result, failure_result, prepare_inputs
+from qlora_core.cell import OPTION_HELP, CellSettings, does_not_fit_result, failure_result, prepare_inputs
 from qlora_core.lora import LoraSettings
 from qlora_core.manifest import MANIFEST_NAME, RunManifest, process_start
 from qlora_core.measure.memory import GIB
@@ -75,13 +75,8 @@ def pytest_addoption(parser):
     group.addoption("--bench-warmup", type=int, default=GPU["timing_warmup"],
                     help=f"untimed warm-up steps before them (default {GPU['timing_warmup']})")
     group.addoption("--bench-lora-r", type=int, default=16, help="LoRA rank (alpha = 2 r)")
-    group.addoption("--bench-compile", action="store_true",
-                    help="step through torch.compile (with --bench-paths lean: the compiled path); the first step "
-                         "compiles: keep --bench-warmup >= 1")
-    group.addoption("--bench-profile-steps", type=int, default=0,
-                    help="after the timed steps, this many more under torch.profiler, undone afterwards: the "
-                         "cell's result gains 'profile' (device-busy share, kernels and top operators a step) and "
-                         "its log the profiler's table (default 0: none)")
+    group.addoption("--bench-compile", action="store_true", help=OPTION_HELP["compile"])
+    group.addoption("--bench-profile-steps", type=int, default=0, help=OPTION_HELP["profile_steps"])
     group.addoption("--bench-no-gradient-checkpointing", action="store_true", help="keep all activations")
     group.addoption("--bench-eval-text", default=os.environ.get("QLORA_BENCH_EVAL_TEXT"),
                     help="extra evaluation text path, e.g. WikiText-2 wiki.test.raw (default $QLORA_BENCH_EVAL_TEXT)")

@@ -21,7 +21,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from qlora_core.cell import CellSettings
+from qlora_core.cell import OPTION_HELP, CellSettings
 from qlora_core.lora import LoraSettings
 from qlora_core.modes import MODES, UnknownModeError, installed_modes, parse_modes
 from qlora_core.noise import each_warning_once
@@ -117,24 +117,15 @@ def _add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--lr", type=_positive_float, default=2e-4, help="learning rate (default 2e-4)")
     train.add_argument("--optimizer", default="adamw", choices=sorted(OPTIMIZERS))
     train.add_argument("--grad-accum", type=_positive, default=1, help="micro-batches per step")
-    train.add_argument("--compile", action="store_true",
-                       help="step through torch.compile (with --path lean: the compiled path); the first step "
-                            "compiles and is reported apart, with the graph breaks")
-    train.add_argument("--num-processes", type=_positive, default=1,
-                       help="train each cell on this many processes of this host through torchrun (DDP: each "
-                            "holds the whole model and trains on an equal share of every step's blocks, so "
-                            "--batch-size must divide by it; one GPU each on CUDA; rank 0 evaluates; reference "
-                            "path only). Default 1")
+    train.add_argument("--compile", action="store_true", help=OPTION_HELP["compile"])
+    train.add_argument("--num-processes", type=_positive, default=1, help=OPTION_HELP["num_processes"])
     train.add_argument("--lora-r", type=_positive, default=16, help="LoRA rank (default 16)")
     train.add_argument("--lora-alpha", type=_positive, help="LoRA alpha (default 2 r: 32 at r=16)")
     train.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false",
                        help="keep all activations (faster, more memory)")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--profile-steps", type=_non_negative, default=0,
-                       help="after the timed steps, this many more under torch.profiler, undone before the "
-                            "evaluation: each result gains 'profile' (device-busy share, kernels and top operators "
-                            "a step) and each log the profiler's table (default 0: none; not --profile, which "
-                            "picks the defaults)")
+                       help=OPTION_HELP["profile_steps"] + " (not --profile, which picks the defaults)")
 
     data = parser.add_argument_group("data and evaluation")
     data.add_argument("--data", default="quotes",
