@@ -226,7 +226,9 @@ def _device_state_note(ok: list[dict]) -> str | None:
     parts = []
     for r in ok:
         training = r.get("training") or {}
-        states = [s for s in (training.get("device_states") or [])[training["timing"]["warmup"]:] if s]
+        if not training.get("device_states"):
+            continue
+        states = [s for s in training["device_states"][training["timing"]["warmup"]:] if s]
         if not states:
             continue
         clocks, power = [s["sm_clock_mhz"] for s in states], [s["power_w"] for s in states]
