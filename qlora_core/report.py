@@ -9,6 +9,7 @@ such frames side by side and flags the figures that got worse by more than a thr
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import shlex
@@ -21,7 +22,7 @@ from qlora_core.measure.floor import MEASURED_BY_ALLOCATOR, PHASE_COMPONENTS, ph
 from qlora_core.measure.memory import GIB
 from qlora_core.measure.timing import NOISY_RELATIVE_IQR
 from qlora_core.modes import BASELINE_MODE, MODES
-from qlora_core.results import model_label
+from qlora_core.results import flatten_settings, model_label
 
 MIB = 2**20
 
@@ -250,6 +251,25 @@ def _processes_note(result: dict) -> str:
             f"process {shown}{most}; the table shows process 0's, which also evaluated.")
 
 
+def _scaling_notes(ok: list[dict]) -> list[str]:
+    """For each cell trained on N processes beside the same cell on one (the same mode and settings but the
+    process count): its tokens/s against one process's, and that over N: the scaling efficiency (1: linear)."""
+    def without_processes(result: dict) -> str:
+        flat = flatten_settings(result.get("settings", {}))
+        flat.pop("num_processes", None)
+        return json.dumps(flat, sort_keys=True, default=str)
+
+    single = {without_processes(r): r for r in ok if r.get("settings", {}).get("num_processes", 1) == 1}
+    notes = []
+    for r in ok:
+        processes = r.get("settings", {}).get("num_processes", 1)
+        if processes > 1 and (one := single.get(without_processes(r))):
+            speedup = r["training"]["tokens_per_s"] / one["training"]["tokens_per_s"]
+            notes.append(f"{model_label(r)} {r['mode']['name']}: {processes} processes train {speedup:.2f}x the "
+                         f"tokens a second of one process: scaling efficiency {speedup / processes:.0%}.")
+    return notes
+
+
 def _compile_note(result: dict) -> str:
     """How torch.compile handled a compiled cell: its first step (compilation included), graphs, graph breaks."""
     compiled = result["compile"]
@@ -313,6 +333,7 @@ def footnotes(results: list[dict]) -> list[str]:
                      f"dtype.")
     notes += [_int8_outlier_note(r) for r in ok if r.get("int8_outliers")]
     notes += [_processes_note(r) for r in ok if r.get("ranks")]
+    notes += _scaling_notes(ok)
     notes += [_compile_note(r) for r in ok if r.get("compile")]
     notes.append(f"(xN): ratio to {BASELINE_MODE} of the same model and run.")
     notes.append(f"'~' marks a step time whose IQR exceeds {NOISY_RELATIVE_IQR:.0%} of its median: too noisy to "

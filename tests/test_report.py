@@ -203,6 +203,19 @@ def test_footnotes_give_each_processs_peak_for_a_cell_on_several(results):
     assert not any("processes;" in note for note in footnotes(results))
 
 
+def test_footnotes_give_the_scaling_of_a_cell_on_several_processes_beside_one(results):
+    one = copy.deepcopy(results[0])
+    two = copy.deepcopy(one)
+    two["settings"]["num_processes"] = 2
+    two["training"]["tokens_per_s"] = 1.8 * one["training"]["tokens_per_s"]
+    (note,) = [note for note in footnotes([one, two]) if "scaling efficiency" in note]
+    assert note.endswith(f"{two['mode']['name']}: 2 processes train 1.80x the tokens a second of one process: "
+                         f"scaling efficiency 90%.")
+    other = copy.deepcopy(two)
+    other["settings"]["seq_len"] += 1  # another set-up: nothing to scale against
+    assert not any("scaling efficiency" in note for note in footnotes([one, other]))
+
+
 def test_footnotes_give_each_int8_linears_outlier_share(results):
     int8 = copy.deepcopy(results[0])
     int8["int8_outliers"] = {"columns": {"o_proj": 1.0, "down_proj": 96.0}, "share": {"o_proj": 0.01, "down_proj": 0.5}}
