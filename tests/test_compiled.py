@@ -35,3 +35,14 @@ def test_the_compiled_lean_path_trains_as_the_eager_one(tiny_model_dir):
     assert report["first_step_s"] > compiled["training"]["timing"]["median_s"]  # compilation in the first
     assert isinstance(report["graph_breaks"], dict)
     assert any("compiled (torch.compile): first step" in note for note in footnotes([compiled]))
+
+
+@pytest.mark.gpu
+def test_the_compiled_lean_path_trains_as_the_eager_one_on_cuda(tiny_model_dir):
+    """As on CPU, on the GPU: inductor's CUDA kernels (Triton) instead of its C++ ones."""
+    eager = tiny_cell_settings(tiny_model_dir, "nf4", path="lean", eval_merged=False, device="cuda")
+    eager = dataclasses.replace(eager, lora=dataclasses.replace(eager.lora, dropout=0.0))
+    plain, compiled = run_cell(eager), run_cell(dataclasses.replace(eager, compile=True))
+    assert compiled["status"] == "ok", compiled.get("error")
+    assert compiled["training"]["losses"] == pytest.approx(plain["training"]["losses"], abs=LOSS_TOLERANCE)
+    assert compiled["compile"]["unique_graphs"] >= 1
