@@ -67,13 +67,21 @@ def _training_peak(result: dict) -> tuple[dict, str]:
     return result["memory"]["training_peak"], PEAK_FROM_CELL
 
 
-def _peak_bytes(peak: dict) -> int | None:
+def peak_bytes(peak: dict) -> int | None:
+    """The peak a memory snapshot (``measure.memory.memory_snapshot``) holds: allocated bytes on CUDA, RSS on CPU."""
     return peak.get("peak_allocated_bytes", peak.get("peak_rss_bytes"))
 
 
 def _ppl(result: dict, when: str, name: str) -> float | None:
     entry = result.get("perplexity", {}).get(when, {}).get(name)
     return entry["perplexity"] if entry else None
+
+
+def sort_by_model_and_mode(frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame``'s rows by model label, then modes in registry order (``MODES``), renumbered from 0."""
+    order = {name: index for index, name in enumerate(MODES)}
+    return frame.sort_values(["model", "mode"], key=lambda col: col.map(order) if col.name == "mode" else col,
+                             ignore_index=True)
 
 
 def result_row(result: dict) -> dict:
@@ -88,7 +96,7 @@ def result_row(result: dict) -> dict:
         return {**row, "error": result.get("error")}
     training = result["training"]
     peak, peak_source = _training_peak(result)
-    peak_bytes = _peak_bytes(peak)
+    peak_read = peak_bytes(peak)
     bench = training.get("benchmark_stats") or {}
     return {
         **row,
@@ -97,7 +105,7 @@ def result_row(result: dict) -> dict:
         "weights_mib": result["weights"]["weights_bytes"] / MIB,
         "bits_per_param": result["weights"]["bits_per_quantized_param"],
         "quant_error": (result.get("quant_error") or {}).get("relative_l2"),
-        "peak_gib": peak_bytes / GIB if peak_bytes is not None else None,
+        "peak_gib": peak_read / GIB if peak_read is not None else None,
         "step_ms": training["timing"]["median_s"] * 1e3,
         "step_iqr_ms": training["timing"]["iqr_s"] * 1e3,
         "noisy": training["timing"]["noisy"],
@@ -117,28 +125,27 @@ def result_row(result: dict) -> dict:
 
 def results_frame(results: list[dict]) -> pd.DataFrame:
     """One row per cell, registry order within each model, with ``<column>_ratio`` to the baseline mode."""
-    frame = pd.DataFrame([result_row(r) for r in results])
-    order = {name: index for index, name in enumerate(MODES)}
-    frame = frame.sort_values(["model", "mode"], key=lambda col: col.map(order) if col.name == "mode" else col)
+    frame = sort_by_model_and_mode(pd.DataFrame([result_row(r) for r in results]))
     for column in RATIO_COLUMNS:
         if column not in frame:
             continue
         baseline = frame[frame["mode"] == BASELINE_MODE].set_index("model")[column]
         frame[f"{column}_ratio"] = frame[column] / frame["model"].map(baseline)
-    return frame.reset_index(drop=True)
+    return frame
 
 
-def _missing(value) -> bool:
+def is_missing(value) -> bool:
+    """A figure not recorded: None, or NaN where pandas filled a gap."""
     return value is None or (isinstance(value, float) and math.isnan(value))
 
 
 def _cell(row: pd.Series, column: str, fmt: str) -> str:
     value = row.get(column)
-    if _missing(value):
+    if is_missing(value):
         return "-"
     text = fmt.format(value)
     ratio = row.get(f"{column}_ratio")
-    if not _missing(ratio) and row["mode"] != BASELINE_MODE:
+    if not is_missing(ratio) and row["mode"] != BASELINE_MODE:
         text += f" (x{ratio:.2f})"
     if column == "step_ms" and row.get("noisy"):
         text += " ~"
@@ -243,7 +250,7 @@ def _device_state_note(ok: list[dict]) -> str | None:
 
 def _processes_note(result: dict) -> str:
     """Each process's training peak for a cell trained on several (``cell_ranks``): the table shows rank 0's."""
-    peaks = [_peak_bytes(rank["memory"]["training_peak"]) for rank in result["ranks"]]
+    peaks = [peak_bytes(rank["memory"]["training_peak"]) for rank in result["ranks"]]
     shown = ", ".join("-" if peak is None else f"{peak / GIB:.2f}" for peak in peaks)
     largest = max((peak for peak in peaks if peak is not None), default=None)
     most = "" if largest is None else f" (largest {largest / GIB:.2f})"
@@ -496,7 +503,7 @@ FLOOR_HEADERS = ["model", "mode", "point", "predicted MiB", "measured MiB", "rem
 
 def floor_rows(results: list[dict]) -> list[list[str]]:
     """``floor_frame`` formatted for the text renderers ("-" where the allocator cannot observe the point)."""
-    number = lambda value, fmt: "-" if _missing(value) else fmt.format(value)  # noqa: E731
+    number = lambda value, fmt: "-" if is_missing(value) else fmt.format(value)  # noqa: E731
     return [
         [row.model, row.mode, row.point, number(row.predicted_mib, "{:.1f}"), number(row.measured_mib, "{:.1f}"),
          number(row.remainder_mib, "{:+.1f}"), number(row.measured_over_predicted, "x{:.3f}")]
@@ -973,7 +980,7 @@ def _by_cell(frame: pd.DataFrame, side: str) -> dict[tuple[str, str], pd.Series]
 
 def _flag(value) -> bool:
     """A boolean frame cell that may be missing (NaN in a failed cell's row)."""
-    return not _missing(value) and bool(value)
+    return not is_missing(value) and bool(value)
 
 
 def _verdict(change: float, worse: int, timing: bool, noisy: bool, threshold: float) -> str:
@@ -1026,7 +1033,7 @@ def compare_frames(baseline: pd.DataFrame, candidate: pd.DataFrame,
         noisy = _flag(b.get("noisy")) or _flag(c.get("noisy"))
         for column, label, worse, timing in COMPARED:
             old, new = b.get(column), c.get(column)
-            if _missing(old) or _missing(new):
+            if is_missing(old) or is_missing(new):
                 continue
             change = new / old - 1 if old else (0.0 if new == old else math.inf)
             verdict = _verdict(change, worse, timing, noisy, threshold)
@@ -1111,8 +1118,8 @@ def has_regression(comparison: pd.DataFrame) -> bool:
 def _comparison_cells(row: pd.Series) -> list[str]:
     formats = {column: fmt for column, _, fmt in COLUMNS}
     fmt = formats.get(row["column"], "{}")
-    value = lambda v: "-" if _missing(v) else fmt.format(v)  # noqa: E731
-    change = "-" if _missing(row["change"]) else f"{row['change']:+.1%}"
+    value = lambda v: "-" if is_missing(v) else fmt.format(v)  # noqa: E731
+    change = "-" if is_missing(row["change"]) else f"{row['change']:+.1%}"
     verdict = row["verdict"].upper() if row["verdict"] == REGRESSION else row["verdict"]
     return [row["mode"], row["figure"], value(row["baseline"]), value(row["candidate"]), change,
             verdict + (f" ({row['note']})" if row["note"] else "")]

@@ -243,19 +243,14 @@ def read_paths(paths: list[str | os.PathLike]) -> Reading:
     cells = []
     for path in map(Path, paths):
         for file in _json_files(path):
-            records_before = _record_count(reading)
             found, runs = _read_file(file, reading)
             cells += found
             reading.runs += runs
-            if found or runs or _record_count(reading) > records_before:
+            if found or runs:
                 reading.sources.append(file)
     unique, reading.repeated = _dedupe(cells)
     reading.results = label_setups(unique)
     return reading
-
-
-def _record_count(reading: Reading) -> int:
-    return len(reading.finetunes) + len(reading.merges)
 
 
 #: Fields the report needs in a ``finetune`` summary (key paths; per-step times came later and are optional) and
@@ -276,11 +271,13 @@ WORKFLOW_RECORDS = {
 
 
 def _read_workflow_record(file: Path, data: dict, reading: Reading) -> None:
+    """The record into its list of ``reading`` (and its file into ``sources``), or the file into ``skipped``."""
     attribute, fields, what = WORKFLOW_RECORDS[data["schema"]]
     if missing := _missing(data, fields):
         reading.skipped.append((file, f"{what} without {', '.join(missing)}"))
     else:
         getattr(reading, attribute).append({**data, "path": str(file)})
+        reading.sources.append(file)
 
 
 def _read_file(file: Path, reading: Reading) -> tuple[list[dict], list[dict]]:

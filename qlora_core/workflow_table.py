@@ -6,8 +6,7 @@ from __future__ import annotations
 import pandas as pd
 
 from qlora_core.measure.memory import GIB
-from qlora_core.modes import MODES
-from qlora_core.report import markdown_rows
+from qlora_core.report import is_missing, markdown_rows, peak_bytes, sort_by_model_and_mode
 
 #: Columns shown: (frame column, header, format).
 COLUMNS = [
@@ -29,9 +28,8 @@ COLUMNS = [
 
 
 def _peak_gib(summary: dict) -> float | None:
-    peak = summary["memory"]["training_peak"]
-    peak_bytes = peak.get("peak_allocated_bytes", peak.get("peak_rss_bytes"))
-    return None if peak_bytes is None else peak_bytes / GIB
+    peak = peak_bytes(summary["memory"]["training_peak"])
+    return None if peak is None else peak / GIB
 
 
 def _tokens_per_step(summary: dict) -> float | None:
@@ -82,15 +80,13 @@ def workflow_frame(finetunes: list[dict], merges: list[dict]) -> pd.DataFrame:
     """One row per summary, registry order; a merge report joins the summary that wrote its adapter
     (``adapter_dir``). A merge report with no summary among ``finetunes`` is left out: it names no training."""
     merge_of = {merge["adapter_dir"]: merge for merge in merges}
-    frame = pd.DataFrame([finetune_row(summary, merge_of.get(summary["adapter_dir"])) for summary in finetunes])
-    order = {name: index for index, name in enumerate(MODES)}
-    return frame.sort_values(["model", "mode"], key=lambda col: col.map(order) if col.name == "mode" else col,
-                             ignore_index=True)
+    return sort_by_model_and_mode(
+        pd.DataFrame([finetune_row(summary, merge_of.get(summary["adapter_dir"])) for summary in finetunes]))
 
 
 def _text(row: pd.Series, column: str, fmt: str) -> str:
     value = row.get(column)
-    if value is None or (isinstance(value, float) and pd.isna(value)):
+    if is_missing(value):
         return "-"
     text = fmt.format(int(value) if fmt == "{:d}" else value)
     if column == "step_s" and row.get("noisy"):
@@ -112,7 +108,8 @@ def notes(frame: pd.DataFrame) -> list[str]:
         "step s: median wall time of an optimizer step (the device synchronized at each step's end; the first "
         "dropped as warm-up), including its micro-batches' loading, logging and the checkpoint saved after the "
         "step before; '~' marks an IQR over 5 % of the median. tokens/step (mean): rows a step x the data's mean "
-        "row length (micro-batches are padded to their longest row, so a step computes more). peak GiB: the allocator's peak over training.",
+        "row length (micro-batches are padded to their longest row, so a step computes more). peak GiB: the "
+        "allocator's peak over training.",
         "ppl: perplexity on the held-out check text of the merge report, of the base with the adapter and of "
         "the adapter merged into a bf16 copy of the base as the mode stores it; negative: the merged model scores "
         "better.",
@@ -121,9 +118,10 @@ def notes(frame: pd.DataFrame) -> list[str]:
     ]
     if "merge_tolerance" in frame:
         tolerances = ", ".join(f"{mode} {tol:.0%}" for mode, tol in zip(frame["mode"], frame["merge_tolerance"])
-                               if not pd.isna(tol))
+                               if not is_missing(tol))
         lines.append(f"merge tolerance (relative perplexity): {tolerances}.")
-    lines += [f"{row['mode']} sample: {row['sample']!r}" for _, row in frame.iterrows() if isinstance(row["sample"], str)]
+    lines += [f"{row['mode']} sample: {row['sample']!r}" for _, row in frame.iterrows()
+              if isinstance(row["sample"], str)]
     return lines
 
 

@@ -47,12 +47,16 @@ class Profiling:
         synchronize(self.device)
         self.start_s = time.perf_counter()
 
+    def end_recording(self) -> None:
+        """Stop recording; ``stop`` also summarises, this alone is for calls that failed."""
+        self.profiler.__exit__(None, None, None)
+
     def stop(self, calls: int) -> tuple[dict, str]:
         """End the profile of ``calls`` calls; returns the summary (``summarize``) and the profiler's own table
         of operators by self host time (for a log)."""
         synchronize(self.device)
         wall_s = time.perf_counter() - self.start_s
-        self.profiler.__exit__(None, None, None)
+        self.end_recording()
         averages = self.profiler.key_averages()
         table = averages.table(sort_by="self_cpu_time_total", row_limit=2 * TOP)
         return summarize(averages, calls, wall_s, self.device), table
@@ -68,7 +72,7 @@ def profile_calls(fn: Callable[[], object], calls: int, device: torch.device) ->
         for _ in range(calls):
             fn()
     except BaseException:
-        profiling.profiler.__exit__(None, None, None)
+        profiling.end_recording()
         raise
     return profiling.stop(calls)
 
