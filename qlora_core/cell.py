@@ -28,7 +28,7 @@ from qlora_core.measure.memory import cap_memory, memory_snapshot, reset_peak, w
 from qlora_core.measure.perplexity import check_protocol, perplexity
 from qlora_core.measure.profile import profile_calls
 from qlora_core.measure.quant_error import weight_quant_error
-from qlora_core.measure.timing import device_state, synchronize, timing_stats
+from qlora_core.measure.timing import cuda_mallocs, device_state, synchronize, timing_stats
 from qlora_core.models import (
     check_sequence_length,
     load_config,
@@ -319,6 +319,7 @@ class Cell:
         self.perplexity: dict[str, dict] = {}
         self.records = []
         self.device_states: list[dict | None] = []
+        self.step_cuda_mallocs: list[int] = []
         self.phase_seconds: dict[str, float] = {}
         self.model = self.trainer = self.floor = self.int8_outliers = self.profile_summary = None
 
@@ -382,12 +383,18 @@ class Cell:
         Everything alive before the step is kept out of the garbage collector during it: a generation-2
         collection over the ~0.5 M objects of torch, transformers and the model otherwise lands in one step
         (0.2-0.4 s at a fixed step, seen on the H200 and on CPU) and dominates the spread of the step times.
-        Collections of what the step itself creates still run."""
+        Collections of what the step itself creates still run.
+
+        Beside each step, ``step_cuda_mallocs``: how many times the allocator went to the driver during it (a
+        step time that drifts while these go on is the allocator's, not the mode's)."""
         gc.freeze()
+        mallocs_before = cuda_mallocs(self.device)
         try:
             record = self.trainer.step()
         finally:
             gc.unfreeze()
+        if mallocs_before is not None:
+            self.step_cuda_mallocs.append(cuda_mallocs(self.device) - mallocs_before)
         if not math.isfinite(record.loss):  # fail now: every later step and evaluation would be wasted
             raise NonFiniteError(f"training loss at step {record.step} is {record.loss}: not finite")
         self.records.append(record)
@@ -476,6 +483,7 @@ class Cell:
                 "step_seconds": [r.seconds for r in self.records],
                 # the GPU as NVML saw it after each step (clock, temperature, power); None where it cannot be read
                 "device_states": self.device_states if any(self.device_states) else None,
+                "step_cuda_mallocs": self.step_cuda_mallocs or None,
                 "timing": timing,
                 "tokens_per_step": tokens_per_step,
                 "tokens_per_s": tokens_per_s,

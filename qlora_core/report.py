@@ -248,6 +248,23 @@ def _device_state_note(ok: list[dict]) -> str | None:
     return "GPU during the timed steps (NVML after each step: SM clock, temperature, power): " + "; ".join(parts) + "."
 
 
+def _allocator_note(ok: list[dict]) -> str | None:
+    """Cells whose timed steps (after warm-up) still went to the driver for memory: cudaMalloc synchronizes the
+    device, so those steps' times carry the allocator's growth as well as the mode's work."""
+    several_models = len({model_label(r) for r in ok}) > 1
+    parts = []
+    for r in ok:
+        training = r.get("training") or {}
+        mallocs = (training.get("step_cuda_mallocs") or [])[training.get("timing", {}).get("warmup", 0):]
+        if any(mallocs):
+            name = f"{model_label(r)} {r['mode']['name']}" if several_models else r["mode"]["name"]
+            parts.append(f"{name} in {sum(1 for count in mallocs if count)} of {len(mallocs)} steps "
+                         f"({sum(mallocs)} calls)")
+    if not parts:
+        return None
+    return "Timed steps that still asked the driver for memory (cudaMalloc, which synchronizes): " + "; ".join(parts) + "."
+
+
 def _processes_note(result: dict) -> str:
     """Each process's training peak for a cell trained on several (``cell_ranks``): the table shows rank 0's."""
     peaks = [peak_bytes(rank["memory"]["training_peak"]) for rank in result["ranks"]]
@@ -332,6 +349,8 @@ def footnotes(results: list[dict]) -> list[str]:
     notes += _timing_notes(ok)
     if device_states := _device_state_note(ok):
         notes.append(device_states)
+    if allocator := _allocator_note(ok):
+        notes.append(allocator)
     for model, note in {model_label(r): r["note"] for r in ok if r.get("note")}.items():
         notes.append(f"{model}: {note}.")
     notes += _perplexity_notes(ok)

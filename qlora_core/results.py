@@ -64,7 +64,7 @@ def environment() -> dict:
     env = {
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "libraries": {name: _version(name) for name in LIBRARIES},
@@ -82,6 +82,19 @@ def environment() -> dict:
             "driver": _nvidia_driver(),
         }
     return env
+
+
+def cpu_model(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> str:
+    """The CPU's model name (from Linux's ``cpuinfo``), else the architecture: host-bound steps (small models,
+    int8's synchronizing matmuls) run as fast as this CPU launches kernels, so two hosts of one GPU can differ."""
+    try:
+        with open(cpuinfo, encoding="utf-8") as lines:
+            for line in lines:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _nvidia_driver() -> str | None:

@@ -76,6 +76,7 @@ def test_losses_and_timing(run):
     assert training["tokens_per_s"] == pytest.approx(training["tokens_per_step"] / training["timing"]["median_s"])
     assert training["peak_flops"] is None and training["mfu"] is None and training["hfu"] is None  # no CPU peak
     assert training["device_states"] is None  # no GPU clock to read on a CPU
+    assert training["step_cuda_mallocs"] is None  # nor a CUDA allocator
     assert training["hardware_flops_per_token"] > training["flops_per_token"]  # checkpointing recomputes
 
 

@@ -8,7 +8,8 @@ import time
 import pytest
 import torch
 
-from qlora_core.measure.timing import NOISY_RELATIVE_IQR, cpu_matmul_slowdown, device_state, timed, timing_stats
+from qlora_core.measure.timing import (NOISY_RELATIVE_IQR, cpu_matmul_slowdown, cuda_mallocs, device_state, timed,
+                                      timing_stats)
 
 CPU = torch.device("cpu")
 
@@ -111,3 +112,16 @@ def test_device_state_reads_the_gpu():
     pytest.importorskip("pynvml", reason="needs nvidia-ml-py (tools/device/stage-extras.sh stages it)")
     state = device_state(torch.device("cuda"))
     assert 100 <= state["sm_clock_mhz"] <= 5000 and 0 < state["temperature_c"] < 120 and 0 < state["power_w"] < 2000
+
+
+@pytest.mark.gpu
+def test_cuda_mallocs_counts_the_allocators_trips_to_the_driver():
+    """A tensor larger than anything cached needs a new segment; freeing and re-making it is served from the cache."""
+    assert cuda_mallocs(torch.device("cpu")) is None
+    cuda = torch.device("cuda")
+    before = cuda_mallocs(cuda)
+    block = torch.empty(3 * 2**30 + 12345, dtype=torch.uint8, device=cuda)
+    after_first = cuda_mallocs(cuda)
+    del block
+    block = torch.empty(3 * 2**30 + 12345, dtype=torch.uint8, device=cuda)
+    assert after_first == before + 1 and cuda_mallocs(cuda) == after_first

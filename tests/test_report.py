@@ -193,6 +193,18 @@ def test_footnotes_give_the_gpu_state_over_the_timed_steps(results):
     assert not any(note.startswith("GPU during") for note in footnotes(results))
 
 
+def test_footnotes_name_the_timed_steps_that_went_to_the_driver_for_memory(results):
+    """Warm-up steps are expected to allocate and are left out; cells whose later steps did not are not named."""
+    read = copy.deepcopy(results[0])
+    warmup = read["training"]["timing"]["warmup"]
+    read["training"]["step_cuda_mallocs"] = [5] * warmup + [0, 2, 0, 1]
+    quiet = copy.deepcopy(results[1])
+    quiet["training"]["step_cuda_mallocs"] = [7] * warmup + [0, 0, 0, 0]
+    (note,) = [note for note in footnotes([read, quiet]) if "cudaMalloc" in note]
+    assert note.endswith(f": {read['mode']['name']} in 2 of 4 steps (3 calls).")
+    assert not any("cudaMalloc" in note for note in footnotes([quiet]))
+
+
 def test_footnotes_give_each_processs_peak_for_a_cell_on_several(results):
     several = copy.deepcopy(results[0])
     peak = lambda gib: {"memory": {"training_peak": {"kind": "cuda", "peak_allocated_bytes": int(gib * 2**30)}}}  # noqa: E731

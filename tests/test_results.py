@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import re
 import shutil
 from pathlib import Path
 
 import pytest
 
-from qlora_core.results import (MERGE_SCHEMA, RUN_SCHEMA, SCHEMA, describe_reading, environment, git_commit, missing_cell_fields,
-                                non_finite, read_paths, read_results, read_runs, write_json_atomic)
+from qlora_core.results import (MERGE_SCHEMA, RUN_SCHEMA, SCHEMA, cpu_model, describe_reading, environment, git_commit,
+                                missing_cell_fields, non_finite, read_paths, read_results, read_runs, write_json_atomic)
 
 
 def test_write_json_atomic_replaces_whole_file(tmp_path):
@@ -78,6 +79,14 @@ def test_environment_is_plain_json():
     env = environment()
     assert json.loads(json.dumps(env)) == env
     assert set(env["libraries"]) >= {"torch", "transformers", "peft", "bitsandbytes", "qlora-bench"}
+
+
+def test_cpu_model_is_the_name_cpuinfo_gives(tmp_path):
+    """Host-bound steps depend on the CPU: the environment names its model, and falls back to the architecture."""
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nvendor_id\t: GenuineIntel\nmodel name\t: Intel(R) Xeon(R) Platinum 8480+\n")
+    assert cpu_model(cpuinfo) == "Intel(R) Xeon(R) Platinum 8480+"
+    assert cpu_model(tmp_path / "absent") == (platform.processor() or platform.machine())
 
 
 def test_git_commit_names_this_checkout():

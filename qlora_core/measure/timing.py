@@ -50,6 +50,12 @@ def device_state(device: torch.device) -> dict | None:
         raise
 
 
+def cuda_mallocs(device: torch.device) -> int | None:
+    """How many times so far the caching allocator asked the driver for memory on ``device`` (cudaMalloc, which
+    synchronizes the device: a step that needs it is slower than one the cache serves). None off CUDA."""
+    return torch.cuda.memory_stats(device).get("num_device_alloc", 0) if device.type == "cuda" else None
+
+
 def timing_stats(seconds: list[float], warmup: int) -> dict:
     """Summary of step times with the first ``warmup`` dropped (allocator growth, kernel autotuning).
 
