@@ -12,6 +12,9 @@ from qlora_core.report import is_missing, markdown_rows, peak_bytes, sort_by_mod
 COLUMNS = [
     ("model", "model", "{}"),
     ("mode", "mode", "{}"),
+    ("rows_by_micro_batches", "rows x micro-batches", "{}"),
+    ("checkpointing", "checkpointing", "{}"),
+    ("torch_threads", "torch threads", "{:d}"),
     ("steps", "steps", "{:d}"),
     ("tokens_per_step", "tokens/step (mean)", "{:,.0f}"),
     ("step_s", "step s (median)", "{:.2f}"),
@@ -50,6 +53,10 @@ def finetune_row(summary: dict, merge: dict | None) -> dict:
         "model": summary["model"]["label"],
         "mode": summary["mode"]["name"],
         "status": summary["status"],
+        "rows_by_micro_batches": f"{summary['settings']['batch_size']} x {summary['settings']['grad_accum']}",
+        "checkpointing": "yes" if summary["settings"]["gradient_checkpointing"] else "no",
+        # host-bound steps depend on the threads the host runs (OMP_NUM_THREADS)
+        "torch_threads": (summary.get("environment") or {}).get("torch_threads"),
         "steps": training["global_step"],
         "tokens_per_step": _tokens_per_step(summary),
         "step_s": step_time.get("median_s"),
@@ -107,7 +114,8 @@ def notes(frame: pd.DataFrame) -> list[str]:
     lines = [
         "step s: median wall time of an optimizer step (the device synchronized at each step's end; the first "
         "dropped as warm-up), including its micro-batches' loading, logging and the checkpoint saved after the "
-        "step before; '~' marks an IQR over 5 % of the median. tokens/step (mean): rows a step x the data's mean "
+        "step before; '~' marks an IQR over 5 % of the median. rows x micro-batches: rows a micro-batch x "
+        "micro-batches an optimizer step (gradient accumulation). tokens/step (mean): rows a step x the data's mean "
         "row length (micro-batches are padded to their longest row, so a step computes more). peak GiB: the "
         "allocator's peak over training.",
         "ppl: perplexity on the held-out check text of the merge report, of the base with the adapter and of "
@@ -120,8 +128,8 @@ def notes(frame: pd.DataFrame) -> list[str]:
         tolerances = ", ".join(f"{mode} {tol:.0%}" for mode, tol in zip(frame["mode"], frame["merge_tolerance"])
                                if not is_missing(tol))
         lines.append(f"merge tolerance (relative perplexity): {tolerances}.")
-    lines += [f"{row['mode']} sample: {row['sample']!r}" for _, row in frame.iterrows()
-              if isinstance(row["sample"], str)]
+    samples = dict.fromkeys((row["mode"], row["sample"]) for _, row in frame.iterrows() if isinstance(row["sample"], str))
+    lines += [f"{mode} sample: {sample!r}" for mode, sample in samples]
     return lines
 
 

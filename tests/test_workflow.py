@@ -11,6 +11,7 @@ leaves room for another CPU's kernels and still fails when an adapter is lost or
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 from dataclasses import replace
@@ -21,7 +22,7 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-from qlora_core import workflow
+from qlora_core import workflow, workflow_table
 from qlora_core.cli import main
 from qlora_core.lora import LoraSettings
 from qlora_core.models import load_dequantized, load_model, resolve_model
@@ -433,6 +434,14 @@ def test_cli_runs_the_workflow(tiny_model_dir, tiny_source, tmp_path, capsys):
     assert row["ppl_merged"] == pytest.approx(check["merged"]["perplexity"]["perplexity"])
     assert abs(row["merge_delta"]) == pytest.approx(check["merged"]["relative_delta"])
     assert "## Classic workflow" in (tmp_path / "report" / "report.md").read_text()
+    assert (row["rows_by_micro_batches"], row["checkpointing"]) == ("2 x 1", "yes")
+    assert row["torch_threads"] == summary["environment"]["torch_threads"]
+    # a variant of the same run differs in its set-up columns, and one sample is noted once
+    variant = copy.deepcopy(summary) | {"path": "variant/summary.json"}
+    variant["settings"] |= {"batch_size": 8, "gradient_checkpointing": False}
+    frame = workflow_table.workflow_frame([summary | {"path": "ft/summary.json"}, variant], [])
+    assert sorted(zip(frame["rows_by_micro_batches"], frame["checkpointing"])) == [("2 x 1", "yes"), ("8 x 1", "no")]
+    assert sum(note.startswith(f"{mode.name} sample:") for note in workflow_table.notes(frame)) == 1
 
 
 # ---- the embedded model ----
