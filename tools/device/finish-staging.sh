@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Second staging call on the GPU machine (../shared/device/README.md; the first copies .device/site and
-# .device/smol.aa to ~/dcache): the GGUF's second half, the evaluation text and the extras carried with it, the
-# model converted once, then the GPU tests into $OUT/gpu-tests.log.
-cp -r .device/data .device/extras .device/smol.ab ~/dcache/
+# Last staging call on the GPU machine (tools/device/README.md; the ones before copied the GGUF's halves to
+# ~/dcache): whatever of site/, data/, extras/ and smol.ab this call carried copied to ~/dcache too, the GGUF
+# joined, the model converted once, then the GPU tests into $OUT/gpu-tests.log.
+for part in site data extras smol.ab; do
+  if [ -e ".device/$part" ]; then cp -r ".device/$part" ~/dcache/; fi
+done
 source tools/device/env.sh
 cat ~/dcache/smol.aa ~/dcache/smol.ab > "$QLORA_BENCH_GGUF"
 python -c "from qlora_core.default_model import ensure_default_model; ensure_default_model('$QLORA_BENCH_GGUF')" \
