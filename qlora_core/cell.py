@@ -38,7 +38,7 @@ from qlora_core.models import (
 )
 from qlora_core.modes import get_mode
 from qlora_core.noise import warning_counts
-from qlora_core.paths import check_path, loss_function
+from qlora_core.paths import adapters_for_path, check_path, loss_function
 from qlora_core.results import SCHEMA, environment, non_finite
 from qlora_core.shapes import (
     RANDOM_WEIGHTS_NOTE,
@@ -369,7 +369,7 @@ class Cell:
         with self._phase("setting up LoRA"):
             checkpointing, path = self.settings.gradient_checkpointing, self.settings.path
             model = prepare_for_training(self.model, self.mode, gradient_checkpointing=checkpointing, path=path)
-            self.model = attach_lora(model, self.settings.lora)
+            self.model = adapters_for_path(attach_lora(model, self.settings.lora), path)
             batches = datalib.batches(self.inputs.train_blocks, self.settings.batch_size, self.settings.train.seed)
             self.trainer = LoraTrainer(self.model, batches, self.settings.train, self.mode.torch_compute_dtype,
                                        loss_fn=loss_function(path), compile=self.settings.compile)

@@ -4,9 +4,10 @@ floor (``qlora_core.measure.floor``) says is needed.
 - ``reference``: peft's ``prepare_model_for_kbit_training`` for quantized modes (it upcasts embeddings, norms and
   the head to fp32), and the model's own loss, which materializes full-vocabulary logits and their fp32 copy.
 - ``lean``: the base frozen as loaded (no upcast), non-reentrant gradient checkpointing, LLM.int8 linears that
-  keep nothing for backward but their weights (``backends.bitsandbytes.FrozenInt8Matmul``), and the loss computed
-  in chunks of tokens, each chunk's head and cross-entropy under checkpointing, so only one chunk's logits exist
-  at a time, in forward and in backward. Mathematically the same loss (a mean token NLL in fp32) and the same gradients.
+  keep nothing for backward but their weights (``backends.bitsandbytes.FrozenInt8Matmul``), adapters that take
+  their input in the compute dtype (``lean_adapters``), and the loss computed in chunks of tokens, each chunk's
+  head and cross-entropy under checkpointing, so only one chunk's logits exist at a time, in forward and in
+  backward. Mathematically the same loss (a mean token NLL in fp32) and the same gradients.
 """
 
 from __future__ import annotations
@@ -42,6 +43,30 @@ def prepare_lean(model, *, gradient_checkpointing: bool):
         model.config.use_cache = False
     model.train()  # from_pretrained returns eval mode, where HF skips checkpointing and LoRA dropout
     return model
+
+
+def lean_adapters(peft_model):
+    """After ``lora.attach_lora`` on the lean path: every adapter takes its input in the dtype it arrives in.
+
+    peft keeps adapters in fp32 and, on a plain ``torch.nn.Linear`` (the bf16 and fp16 modes), casts each
+    adapted layer's input to fp32 first: a full-size fp32 copy of the activation, and the dropout run on it, in
+    every adapted layer, forward and recompute. Under autocast that buys nothing (the adapter's matmul casts back
+    to the compute dtype), and peft itself skips the cast under autocast on bitsandbytes' and HQQ's layers
+    (H200 profile of 2026-12-02: the copies and fp32 dropout are why SmolLM2 stepped slower in bf16 than in
+    hqq4). The adapters stay fp32, so the optimizer is unchanged; the model must run under autocast, as the
+    trainer and evaluation do (without it the adapters' fp32 weights meet a bf16 input and torch raises).
+    Returns the model."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for module in peft_model.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.cast_input_dtype_enabled = False  # peft's switch (peft.helpers.disable_input_dtype_casting)
+    return peft_model
+
+
+def adapters_for_path(peft_model, path: str):
+    """The adapters as ``path`` runs them: ``lean_adapters`` on the lean path, peft's own on the reference."""
+    return lean_adapters(peft_model) if check_path(path) == "lean" else peft_model
 
 
 def causal_lm_loss(model, input_ids: torch.Tensor) -> torch.Tensor:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import bitsandbytes as bnb
 import pytest
 import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
 
 from qlora_core.backends.bitsandbytes import keep_no_int8_inputs
 from qlora_core.lora import LoraSettings, attach_lora
@@ -12,6 +13,7 @@ from qlora_core.models import prepare_for_training
 from qlora_core.modes import get_mode
 from qlora_core.paths import (
     IGNORE_INDEX,
+    adapters_for_path,
     causal_lm_loss,
     check_path,
     chunked_causal_lm_loss,
@@ -40,7 +42,7 @@ def adapted(shape: str, mode_name: str, path: str, checkpointing: bool = True):
     model = prepare_for_training(build_shape_model(shape, mode, CPU), mode, gradient_checkpointing=checkpointing,
                                  path=path)
     torch.manual_seed(0)
-    model = attach_lora(model, LoraSettings(r=4, alpha=8, dropout=0.0))
+    model = adapters_for_path(attach_lora(model, LoraSettings(r=4, alpha=8, dropout=0.0)), path)
     for name, param in model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(param, std=0.02)
@@ -61,6 +63,24 @@ def test_check_path():
         check_path("fast")
     assert loss_function("reference") is causal_lm_loss
     assert loss_function("lean") is chunked_causal_lm_loss
+
+
+@pytest.mark.parametrize("mode", ["bf16", "nf4-dq"])
+def test_lean_adapters_take_their_input_in_the_compute_dtype(mode):
+    """peft casts a plain linear's adapted input to its fp32 adapters (a copy per adapted layer); the lean path
+    leaves the input as autocast gives it, the adapters still fp32 (what the optimizer steps)."""
+    seen = {}
+    for path in ("reference", "lean"):
+        model = adapted("tiny-llama", mode, path)
+        dtypes = set()
+        for layer in (m for m in model.modules() if isinstance(m, BaseTunerLayer)):
+            layer.lora_dropout["default"].register_forward_hook(lambda m, inputs, out: dtypes.add(inputs[0].dtype))
+        loss_and_gradient(model, chunked_causal_lm_loss, batch(320))
+        assert {p.dtype for n, p in model.named_parameters() if p.requires_grad} == {torch.float32}
+        seen[path] = dtypes
+    assert seen["lean"] == {torch.bfloat16}
+    if mode == "bf16":  # peft's own cast; on bitsandbytes' layers peft skips it under autocast
+        assert seen["reference"] == {torch.float32}
 
 
 def test_next_token_labels():
