@@ -48,7 +48,7 @@ from qlora_core.shapes import (
     shape_config,
     shape_source,
 )
-from qlora_core.trainer import LoraTrainer, TrainSettings, compile_report
+from qlora_core.trainer import LoraTrainer, StepRecord, TrainSettings, compile_report
 
 #: The dtype bitsandbytes' int8 matmul (MatMul8bitLt) really computes in: it casts its inputs to float16
 #: whatever the mode's compute dtype (bitsandbytes 0.50 autograd/_functions.py; stack-facts.md).
@@ -296,10 +296,44 @@ def preflight(settings: CellSettings, modes) -> CellInputs:
     return prepare_inputs(settings)
 
 
+@dataclass
+class CellState:
+    """What a cell's phases have produced so far, each field under the phase that sets it (``Cell.result`` reads
+    them all). A field whose phase has not run keeps its empty default."""
+
+    # load
+    model: torch.nn.Module | None = None  #: the base in the cell's mode; from setup_training on, with adapters
+    weights: dict | None = None  #: ``weight_footprint`` as loaded (bytes as stored)
+    quant_error: dict | None = None  #: ``weight_quant_error``; None for a shape and on a rank but the first
+    matmul_weights: int | None = None  #: ``matmul_params`` of the base: weights taking part in a matmul
+    # setup_training
+    trainer: LoraTrainer | None = None
+    tensors_after_setup_bytes: int | None = None  #: the model's tensors (base and adapters) after set-up
+    # step, one entry a step
+    records: list[StepRecord] = field(default_factory=list)
+    device_states: list[dict | None] = field(default_factory=list)  #: NVML after each step; None where unread
+    step_cuda_mallocs: list[int] = field(default_factory=list)  #: the allocator's driver calls (CUDA only)
+    # end_training
+    int8_outliers: dict | None = None  #: ``backends.outliers`` as the last step left them; None without any
+    # profile
+    profile_summary: dict | None = None
+    # several phases: memory by point (load: before_load, after_load; setup_training: after_setup;
+    # end_training: training_peak), perplexity by evaluation (evaluate: its ``when``; evaluate_merged:
+    # "merged"), and every reported phase's synchronized wall time (s)
+    memory: dict[str, dict] = field(default_factory=dict)
+    perplexity: dict[str, dict] = field(default_factory=dict)
+    phase_seconds: dict[str, float] = field(default_factory=dict)
+    # result: the predicted floor, computed once (a cell's result may be asked for twice, as bench/ does)
+    floor: dict | None = None
+
+
 class Cell:
-    """One (model, mode) measurement as a sequence of phases, so a benchmark can time steps one by one:
-    ``load`` -> ``evaluate("before")`` -> ``setup_training`` -> ``step``... -> ``end_training`` ->
-    ``evaluate("after")`` -> ``evaluate_merged`` -> ``result``. ``run_cell`` runs them all in order.
+    """One (model, mode) measurement as a sequence of phases over a ``CellState``, so a benchmark can time steps
+    one by one: ``load`` -> ``evaluate("before")`` -> ``setup_training`` -> ``step``... -> ``end_training`` ->
+    [``profile``] -> ``evaluate("after")`` -> ``evaluate_merged`` -> ``result``. ``run_all`` runs them in order.
+
+    What a cell is given never changes after construction (``settings``, ``mode``, ``device``, ``rank``,
+    ``inputs``); what its phases produce is in ``state``.
     """
 
     def __init__(self, settings: CellSettings, report=_report_nothing, inputs: CellInputs | None = None):
@@ -313,68 +347,73 @@ class Cell:
         # a rank started by ``cell_ranks``: its number, and its own GPU; evaluations are rank 0's alone
         self.rank = int(os.environ.get("RANK", "0")) if settings.num_processes > 1 else 0
         self.device = rank_device(resolve_device(settings.device), settings.num_processes)
+        # a shape's random weights have no perplexity or quantization error worth computing
+        self.evaluates = not settings.shape and self.rank == 0
         set_seed(settings.train.seed)
         self.inputs = inputs or prepare_inputs(settings)
-        self.memory: dict[str, dict] = {}
-        self.perplexity: dict[str, dict] = {}
-        self.records = []
-        self.device_states: list[dict | None] = []
-        self.step_cuda_mallocs: list[int] = []
-        self.phase_seconds: dict[str, float] = {}
-        self.model = self.trainer = self.floor = self.int8_outliers = self.profile_summary = None
+        self.state = CellState()
 
     @contextmanager
     def _phase(self, name: str):
-        """Report a phase and record its synchronized wall time (s) in ``phase_seconds``."""
+        """Report a phase and record its synchronized wall time (s) in ``state.phase_seconds``."""
         self.report({"phase": name})
         synchronize(self.device)
         start = time.perf_counter()
         yield
         synchronize(self.device)
-        self.phase_seconds[name] = time.perf_counter() - start
+        self.state.phase_seconds[name] = time.perf_counter() - start
 
     def load(self) -> dict:
         """Load the base in the mode; returns the weight footprint (bytes as stored)."""
+        state = self.state
         with self._phase("loading"):
             cap_memory(self.device, self.settings.memory_cap_bytes)
             reset_peak(self.device)
             # what the process held before this model (a CUDA context, or an earlier test's leftovers in a
             # shared process): the floor is compared with the growth from here
-            self.memory["before_load"] = memory_snapshot(self.device)
-            if self.settings.shape:
-                self.model = build_shape_model(self.inputs.config, self.mode, self.device, self.settings.train.seed)
-            else:
-                self.model = load_model(self.inputs.source, self.mode, self.device)
-            self.memory["after_load"] = memory_snapshot(self.device)
-        self.weights = weight_footprint(self.model)
-        shape = self.settings.shape
-        evaluates = not shape and self.rank == 0
-        self.quant_error = weight_quant_error(self.model, self.inputs.source.name_or_path) if evaluates else None
-        self.matmul_weights = matmul_params(self.model)
-        return self.weights
+            state.memory["before_load"] = memory_snapshot(self.device)
+            state.model = self._build_model()
+            state.memory["after_load"] = memory_snapshot(self.device)
+        state.weights = weight_footprint(state.model)
+        if self.evaluates:
+            state.quant_error = weight_quant_error(state.model, self.inputs.source.name_or_path)
+        state.matmul_weights = matmul_params(state.model)
+        return state.weights
+
+    def _build_model(self) -> torch.nn.Module:
+        """A shape's random model, else the model's checkpoint, in the cell's mode on its device."""
+        if self.settings.shape:
+            return build_shape_model(self.inputs.config, self.mode, self.device, self.settings.train.seed)
+        return load_model(self.inputs.source, self.mode, self.device)
 
     def evaluate(self, when: str) -> dict:
         """Perplexity of the model as it is now on every evaluation text, saved under ``when`` (nothing for a
         shape: its weights are random; nothing on a rank but the first: it is computed once)."""
-        if self.settings.shape or self.rank:
+        if not self.evaluates:
             return {}
         with self._phase(f"evaluating {when}"):
-            dtype = self.mode.torch_compute_dtype
-            self.perplexity[when] = evaluate(self.model, self.inputs.token_sets, self.settings, dtype)
-        _check_perplexity(self.perplexity[when], when)
-        return self.perplexity[when]
+            figures = evaluate(self.state.model, self.inputs.token_sets, self.settings, self.mode.torch_compute_dtype)
+        return self._keep_perplexity(when, figures)
+
+    def _keep_perplexity(self, when: str, figures: dict[str, dict]) -> dict:
+        """Save an evaluation's perplexities under ``when`` and return them; ``NonFiniteError`` when one is not
+        finite."""
+        _check_perplexity(figures, when)
+        self.state.perplexity[when] = figures
+        return figures
 
     def setup_training(self) -> None:
         """Prepare the base, attach adapters, build the optimizer; then start a new peak-memory window."""
+        state, settings = self.state, self.settings
         with self._phase("setting up LoRA"):
-            checkpointing, path = self.settings.gradient_checkpointing, self.settings.path
-            model = prepare_for_training(self.model, self.mode, gradient_checkpointing=checkpointing, path=path)
-            self.model = adapters_for_path(attach_lora(model, self.settings.lora), path)
-            batches = datalib.batches(self.inputs.train_blocks, self.settings.batch_size, self.settings.train.seed)
-            self.trainer = LoraTrainer(self.model, batches, self.settings.train, self.mode.torch_compute_dtype,
-                                       loss_fn=loss_function(path), compile=self.settings.compile)
-        self.memory["after_setup"] = memory_snapshot(self.device)
-        self.tensors_after_setup = weight_footprint(self.model)["weights_bytes"]
+            checkpointing, path = settings.gradient_checkpointing, settings.path
+            model = prepare_for_training(state.model, self.mode, gradient_checkpointing=checkpointing, path=path)
+            state.model = adapters_for_path(attach_lora(model, settings.lora), path)
+            batches = datalib.batches(self.inputs.train_blocks, settings.batch_size, settings.train.seed)
+            state.trainer = LoraTrainer(state.model, batches, settings.train, self.mode.torch_compute_dtype,
+                                        loss_fn=loss_function(path), compile=settings.compile)
+        state.memory["after_setup"] = memory_snapshot(self.device)
+        state.tensors_after_setup_bytes = weight_footprint(state.model)["weights_bytes"]
         reset_peak(self.device)
 
     def step(self) -> float:
@@ -385,129 +424,162 @@ class Cell:
         (0.2-0.4 s at a fixed step, seen on the H200 and on CPU) and dominates the spread of the step times.
         Collections of what the step itself creates still run.
 
-        Beside each step, ``step_cuda_mallocs``: how many times the allocator went to the driver during it (a
-        step time that drifts while these go on is the allocator's, not the mode's)."""
+        Beside each step, ``state.step_cuda_mallocs``: how many times the allocator went to the driver during it
+        (a step time that drifts while these go on is the allocator's, not the mode's)."""
+        state = self.state
         gc.freeze()
         mallocs_before = cuda_mallocs(self.device)
         try:
-            record = self.trainer.step()
+            record = state.trainer.step()
         finally:
             gc.unfreeze()
         if mallocs_before is not None:
-            self.step_cuda_mallocs.append(cuda_mallocs(self.device) - mallocs_before)
+            state.step_cuda_mallocs.append(cuda_mallocs(self.device) - mallocs_before)
         if not math.isfinite(record.loss):  # fail now: every later step and evaluation would be wasted
             raise NonFiniteError(f"training loss at step {record.step} is {record.loss}: not finite")
-        self.records.append(record)
-        self.device_states.append(device_state(self.device))  # after the step's clock stopped
+        state.records.append(record)
+        state.device_states.append(device_state(self.device))  # after the step's clock stopped
         self.report({"step": record.step, "of": self.settings.train.max_steps, "loss": record.loss})
         return record.seconds
 
     def memory_readings(self) -> dict:
         """The allocator (or RSS) readings taken so far, by point (``memory_snapshot``'s bytes)."""
-        return dict(self.memory)
+        return dict(self.state.memory)
 
     def end_training(self) -> dict:
         """Read the peak memory of the training steps (before evaluation allocates anything), and int8's
         outlier columns as the last step found them (they decide part of its memory)."""
+        state = self.state
         self.report({"phase": "training done"})
-        self.memory["training_peak"] = memory_snapshot(self.device)
-        self.int8_outliers = backends.outliers(self.model)
-        return self.memory["training_peak"]
+        state.memory["training_peak"] = memory_snapshot(self.device)
+        state.int8_outliers = backends.outliers(state.model)
+        return state.memory["training_peak"]
 
     def profile(self, steps: int) -> dict:
         """``steps`` more training steps under ``torch.profiler`` (``measure.profile.profile_calls``), then the
         trainer put back as it was (``LoraTrainer.snapshot``), so the evaluation after training sees the
         adapters of the timed steps only. Call after ``end_training``: the peak is read before. Returns the
         summary (also in the result as ``profile``); the profiler's table goes to stderr (the cell's log)."""
+        trainer = self.state.trainer
         with self._phase("profiling"):
-            saved = self.trainer.snapshot()
+            saved = trainer.snapshot()
             gc.freeze()  # as in ``step``
             try:
-                self.profile_summary, table = profile_calls(self.trainer.step, steps, self.device)
+                summary, table = profile_calls(trainer.step, steps, self.device)
             finally:
                 gc.unfreeze()
-                self.trainer.restore(saved)
+                trainer.restore(saved)
         print(f"profile of {steps} training steps, operators by self host time:\n{table}", file=sys.stderr)
-        return self.profile_summary
+        self.state.profile_summary = summary
+        return summary
 
     def evaluate_merged(self) -> dict:
         """Perplexity after merging the adapters into a bf16 copy of the base as stored in this mode
         (dequantized for 8-/4-bit modes), i.e. the deployable model; saved under ``"merged"`` (nothing for a
         shape, nor on a rank but the first)."""
-        if self.settings.shape or self.rank:
+        if not self.evaluates:
             return {}
         with self._phase("evaluating merged"):
-            merged = merge_into_dequantized(self.model, self.inputs.source, self.mode, self.device)
-            self.perplexity["merged"] = evaluate(merged, self.inputs.token_sets, self.settings, torch.bfloat16)
+            merged = merge_into_dequantized(self.state.model, self.inputs.source, self.mode, self.device)
+            figures = evaluate(merged, self.inputs.token_sets, self.settings, torch.bfloat16)
             del merged
-        _check_perplexity(self.perplexity["merged"], "merged")
-        return self.perplexity["merged"]
+        return self._keep_perplexity("merged", figures)
 
     def result(self) -> dict:
         """The self-describing result of the phases run so far (plain JSON, every float finite: else
-        ``NonFiniteError`` naming the figures)."""
-        settings, config = self.settings, self.inputs.config
-        timing = timing_stats([r.seconds for r in self.records], settings.timing_warmup)
-        counts = parameter_counts(self.model)
-        tokens_per_step = self.records[0].tokens
-        flops_per_token = lora_training_flops_per_token(
-            config, self.matmul_weights, counts["trainable_params"], settings.seq_len
-        )
-        hardware_flops_per_token = flops_per_token + recompute_flops_per_token(
-            config, self.matmul_weights, counts["trainable_params"], settings.seq_len,
-            gradient_checkpointing=settings.gradient_checkpointing, path=settings.path,
-        )
-        tokens_per_s = tokens_per_step / timing["median_s"]
-        peak = peak_flops(self.device, self.mode.torch_compute_dtype)
-        if peak:  # every process's device works on the step's tokens
-            peak = {**peak, "flops_per_s": peak["flops_per_s"] * settings.num_processes,
-                    "devices": settings.num_processes}
-        source = self.inputs.source
-        outlier_columns = self.int8_outliers["columns"] if self.int8_outliers else None
-        self.floor = self.floor or predicted_floor(settings, config, self.device.type, outlier_columns)
-        floor = self.floor
-        tensors = (self.weights["weights_bytes"], self.tensors_after_setup)
+        ``NonFiniteError`` naming the figures). Each section is one helper's; the keys' order is the published
+        results'."""
+        state, settings = self.state, self.settings
+        counts = parameter_counts(state.model)
         result = {
-            "schema": SCHEMA,
-            "status": "ok",
-            "mode": self.mode.describe(),
-            "model": {**source.describe(), "model_type": config.model_type, "matmul_params": self.matmul_weights},
-            "settings": settings.describe(),
-            "device": self.device.type,
+            **self._description(),
             "parameters": counts,
-            "weights": self.weights,
-            "quant_error": self.quant_error,
-            "memory": self.memory,
-            "training": {
-                "losses": [r.loss for r in self.records],
-                "step_seconds": [r.seconds for r in self.records],
-                # the GPU as NVML saw it after each step (clock, temperature, power); None where it cannot be read
-                "device_states": self.device_states if any(self.device_states) else None,
-                "step_cuda_mallocs": self.step_cuda_mallocs or None,
-                "timing": timing,
-                "tokens_per_step": tokens_per_step,
-                "tokens_per_s": tokens_per_s,
-                "flops_per_token": flops_per_token,
-                "peak_flops": peak,
-                "hardware_flops_per_token": hardware_flops_per_token,
-                "mfu": tokens_per_s * flops_per_token / peak["flops_per_s"] if peak else None,
-                "hfu": tokens_per_s * hardware_flops_per_token / peak["flops_per_s"] if peak else None,
-            },
-            "perplexity": self.perplexity,
-            "phase_seconds": self.phase_seconds,
-            "profile": self.profile_summary,
-            "floor": floor,
-            "predicted_vs_measured": predicted_vs_measured(floor, self.memory, *tensors) if floor else None,
-            "compile": {**compile_report(), "first_step_s": self.records[0].seconds} if settings.compile else None,
+            "weights": state.weights,
+            "quant_error": state.quant_error,
+            "memory": state.memory,
+            "training": self._training_section(counts["trainable_params"]),
+            "perplexity": state.perplexity,
+            "phase_seconds": state.phase_seconds,
+            "profile": state.profile_summary,
+            **self._floor_section(),
+            "compile": self._compile_section(),
             "note": RANDOM_WEIGHTS_NOTE if settings.shape else None,
-            "int8_matmul_dtype": INT8_MATMUL_DTYPE if self.mode.weight_format == "int8" else None,
-            "int8_outliers": self.int8_outliers,
+            **self._int8_section(),
             "warnings": warning_counts(),  # in a worker process, the library warnings of this cell and count
             "environment": environment(),
         }
         if bad := non_finite(result):
             raise NonFiniteError(f"not finite: {', '.join(bad)}")
         return result
+
+    def _description(self) -> dict:
+        """What was measured: schema, status, mode, model (with its architecture and matmul weights), settings
+        and device."""
+        config = self.inputs.config
+        model = {**self.inputs.source.describe(), "model_type": config.model_type,
+                 "matmul_params": self.state.matmul_weights}
+        return {"schema": SCHEMA, "status": "ok", "mode": self.mode.describe(), "model": model,
+                "settings": self.settings.describe(), "device": self.device.type}
+
+    def _training_section(self, trainable_params: int) -> dict:
+        """Each step's loss, seconds, device state and driver calls, then the step timing and the FLOPs figures
+        (``step_timing``, ``_flops``)."""
+        state = self.state
+        records = state.records
+        timing = step_timing(records, self.settings)
+        return {
+            "losses": [record.loss for record in records],
+            "step_seconds": [record.seconds for record in records],
+            # the GPU as NVML saw it after each step (clock, temperature, power); None where it cannot be read
+            "device_states": state.device_states if any(state.device_states) else None,
+            "step_cuda_mallocs": state.step_cuda_mallocs or None,
+            **timing,
+            **self._flops(trainable_params, timing["tokens_per_s"]),
+        }
+
+    def _flops(self, trainable_params: int, tokens_per_s: float | None) -> dict:
+        """``flops_per_token`` (the model's, a trained token), ``peak_flops`` (the devices', or None),
+        ``hardware_flops_per_token`` (with checkpointing's recompute), and the shares of the peak the steps
+        reach: ``mfu`` and ``hfu`` (None without a peak or without a timed step)."""
+        settings, config, weights = self.settings, self.inputs.config, self.state.matmul_weights
+        model_flops = lora_training_flops_per_token(config, weights, trainable_params, settings.seq_len)
+        hardware_flops = model_flops + recompute_flops_per_token(
+            config, weights, trainable_params, settings.seq_len,
+            gradient_checkpointing=settings.gradient_checkpointing, path=settings.path,
+        )
+        peak = devices_peak_flops(self.device, self.mode.torch_compute_dtype, settings.num_processes)
+        return {
+            "flops_per_token": model_flops,
+            "peak_flops": peak,
+            "hardware_flops_per_token": hardware_flops,
+            "mfu": utilisation(tokens_per_s, model_flops, peak),
+            "hfu": utilisation(tokens_per_s, hardware_flops, peak),
+        }
+
+    def _floor_section(self) -> dict:
+        """``floor``: the memory floor predicted for the set-up (None where it cannot be), with int8's outlier
+        columns as measured; ``predicted_vs_measured``: it beside the readings."""
+        state = self.state
+        outlier_columns = state.int8_outliers["columns"] if state.int8_outliers else None
+        state.floor = state.floor or predicted_floor(self.settings, self.inputs.config, self.device.type,
+                                                     outlier_columns)
+        if not state.floor:
+            return {"floor": state.floor, "predicted_vs_measured": None}
+        compared = predicted_vs_measured(state.floor, state.memory, state.weights["weights_bytes"],
+                                         state.tensors_after_setup_bytes)
+        return {"floor": state.floor, "predicted_vs_measured": compared}
+
+    def _compile_section(self) -> dict | None:
+        """For a compiled cell, what torch.compile made of the step and the first step's time (s: compilation
+        included); None for an eager one."""
+        if not self.settings.compile:
+            return None
+        return {**compile_report(), "first_step_s": self.state.records[0].seconds}
+
+    def _int8_section(self) -> dict:
+        """The dtype int8's matmul computes in and its outlier columns (None for other modes)."""
+        int8 = self.mode.weight_format == "int8"
+        return {"int8_matmul_dtype": INT8_MATMUL_DTYPE if int8 else None, "int8_outliers": self.state.int8_outliers}
 
     def run_all(self) -> dict:
         """Every phase in order; returns ``result()``. With several processes, and not already one of them, the
@@ -528,6 +600,32 @@ class Cell:
         if self.settings.eval_merged:
             self.evaluate_merged()
         return self.result()
+
+
+def step_timing(records: list[StepRecord], settings: CellSettings) -> dict:
+    """``timing`` (``timing_stats`` of the steps after the warm-up, s), ``tokens_per_step`` and ``tokens_per_s``
+    (tokens a step / the median step time)."""
+    timing = timing_stats([record.seconds for record in records], settings.timing_warmup)
+    tokens = records[0].tokens
+    return {"timing": timing, "tokens_per_step": tokens, "tokens_per_s": tokens / timing["median_s"]}
+
+
+def devices_peak_flops(device: torch.device, dtype: torch.dtype, num_processes: int) -> dict | None:
+    """The stated peak FLOP/s of all the cell's devices in ``dtype`` (``peak_flops`` of one, times the processes,
+    each on its own device), or None (CPU or an unlisted GPU)."""
+    peak = peak_flops(device, dtype)
+    if peak is None:
+        return None
+    # every process's device works on the step's tokens
+    return {**peak, "flops_per_s": peak["flops_per_s"] * num_processes, "devices": num_processes}
+
+
+def utilisation(tokens_per_s: float | None, flops_per_token: float, peak: dict | None) -> float | None:
+    """The share of ``peak`` FLOP/s reached by ``tokens_per_s`` tokens a second of ``flops_per_token`` FLOPs
+    each; None without a peak or without a timed step."""
+    if peak is None or tokens_per_s is None:
+        return None
+    return tokens_per_s * flops_per_token / peak["flops_per_s"]
 
 
 def _check_perplexity(perplexities: dict[str, dict], when: str) -> None:

@@ -286,8 +286,8 @@ def test_no_full_garbage_collection_over_the_model_lands_in_a_timed_step(tiny_mo
     cell.setup_training()
     frozen_outside = gc.get_freeze_count()
     frozen_inside = []
-    take_step = cell.trainer.step
-    cell.trainer.step = lambda: frozen_inside.append(gc.get_freeze_count()) or take_step()
+    take_step = cell.state.trainer.step
+    cell.state.trainer.step = lambda: frozen_inside.append(gc.get_freeze_count()) or take_step()
     cell.step()
     assert frozen_inside[0] > frozen_outside + 100_000  # torch, transformers, the model: a full collection's work
     assert gc.get_freeze_count() == frozen_outside
@@ -295,7 +295,7 @@ def test_no_full_garbage_collection_over_the_model_lands_in_a_timed_step(tiny_mo
     def failing_step():
         raise RuntimeError("out of memory")
 
-    cell.trainer.step = failing_step
+    cell.state.trainer.step = failing_step
     with pytest.raises(RuntimeError):
         cell.step()
     assert gc.get_freeze_count() == frozen_outside
