@@ -83,7 +83,9 @@ class CellSettings:
     Attributes (units in names where they have one):
         model: ``"smollm2"`` (embedded default), a local folder or a hub id. gguf: local copy of the default's GGUF.
         seq_len: tokens per training block. batch_size: blocks per micro-batch.
-        timing_warmup: first steps excluded from step-time statistics.
+        timing_warmup: first steps excluded from step-time statistics. A cell of zero steps (``train.max_steps``
+            0: load, evaluations and set-up only) times none, whatever its warm-up: its result's step figures
+            are None, and the report, which needs a step time, leaves it out.
         data / text_field / heldout_fraction: fine-tuning rows and the share held out for evaluation.
         eval_text: path of an extra evaluation text (e.g. WikiText-2 test), or ``"wikitext"``, or None.
         eval_window / eval_stride / eval_max_tokens: perplexity protocol and the tokens evaluated per text.
@@ -144,9 +146,14 @@ class CellSettings:
             raise ValueError(f"batch sizes must be >= 1, got {self.batch_size} and {self.eval_batch_size}")
         if self.compile and self.timing_warmup < 1:
             raise ValueError("a compiled cell needs a timing warm-up of at least 1 step: its first step compiles")
-        if not 0 <= self.timing_warmup < self.train.max_steps:
-            raise ValueError(f"steps ({self.train.max_steps}) must exceed the timing warm-up ({self.timing_warmup}, "
-                             f">= 0): else no step is left to time")
+        self._check_steps()
+
+    def _check_steps(self) -> None:
+        steps, warmup = self.train.max_steps, self.timing_warmup
+        # zero steps is a cell that does not train; a cell that trains must leave a step to time
+        if warmup < 0 or (steps and warmup >= steps):
+            raise ValueError(f"steps ({steps}) must exceed the timing warm-up ({warmup}, >= 0): else no step is "
+                             f"left to time")
 
     def _check_processes(self) -> None:
         if self.num_processes < 1:
@@ -159,6 +166,11 @@ class CellSettings:
     def rows_per_process(self) -> int:
         """Rows of each step's batch one process trains on."""
         return self.batch_size // self.num_processes
+
+    @property
+    def tokens_per_step(self) -> int:
+        """Tokens one optimizer step trains on: every process's rows of each of its micro-batches."""
+        return self.batch_size * self.seq_len * self.train.grad_accum
 
     def describe(self) -> dict:
         return {**dataclasses.asdict(self), "lora": self.lora.describe(), "train": self.train.describe()}
@@ -299,7 +311,7 @@ def preflight(settings: CellSettings, modes) -> CellInputs:
 @dataclass
 class CellState:
     """What a cell's phases have produced so far, each field under the phase that sets it (``Cell.result`` reads
-    them all). A field whose phase has not run keeps its empty default."""
+    them all). A field whose phase has not run keeps its empty default: a cell of zero steps has no records."""
 
     # load
     model: torch.nn.Module | None = None  #: the base in the cell's mode; from setup_training on, with adapters
@@ -571,10 +583,11 @@ class Cell:
 
     def _compile_section(self) -> dict | None:
         """For a compiled cell, what torch.compile made of the step and the first step's time (s: compilation
-        included); None for an eager one."""
+        included; None with no step); None for an eager one."""
         if not self.settings.compile:
             return None
-        return {**compile_report(), "first_step_s": self.state.records[0].seconds}
+        records = self.state.records
+        return {**compile_report(), "first_step_s": records[0].seconds if records else None}
 
     def _int8_section(self) -> dict:
         """The dtype int8's matmul computes in and its outlier columns (None for other modes)."""
@@ -604,7 +617,10 @@ class Cell:
 
 def step_timing(records: list[StepRecord], settings: CellSettings) -> dict:
     """``timing`` (``timing_stats`` of the steps after the warm-up, s), ``tokens_per_step`` and ``tokens_per_s``
-    (tokens a step / the median step time)."""
+    (tokens a step / the median step time). A cell of zero steps timed none: its timing and rate are None, its
+    tokens a step those its settings would have fed one."""
+    if not records:
+        return {"timing": None, "tokens_per_step": settings.tokens_per_step, "tokens_per_s": None}
     timing = timing_stats([record.seconds for record in records], settings.timing_warmup)
     tokens = records[0].tokens
     return {"timing": timing, "tokens_per_step": tokens, "tokens_per_s": tokens / timing["median_s"]}

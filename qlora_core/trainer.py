@@ -59,8 +59,10 @@ class TrainSettings:
         check_optimizer(self.optimizer)
         if self.schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {self.schedule!r}; choose from {', '.join(SCHEDULES)}")
-        if self.grad_accum < 1 or self.max_steps < 1:
-            raise ValueError("grad_accum and max_steps must be >= 1")
+        if self.grad_accum < 1:
+            raise ValueError(f"grad_accum must be >= 1, got {self.grad_accum}")
+        if self.max_steps < 0:  # 0: a cell that loads, evaluates and sets up without training
+            raise ValueError(f"max_steps must be >= 0, got {self.max_steps}")
 
     def describe(self) -> dict:
         return asdict(self)

@@ -299,3 +299,46 @@ def test_no_full_garbage_collection_over_the_model_lands_in_a_timed_step(tiny_mo
     with pytest.raises(RuntimeError):
         cell.step()
     assert gc.get_freeze_count() == frozen_outside
+
+
+# --- a cell of zero steps: load, evaluations and set-up, no training ------------------------------------------------
+
+
+def zero_step_settings(model_dir, mode: str = "nf4", **overrides) -> CellSettings:
+    settings = tiny_cell_settings(model_dir, mode, **overrides)
+    return dataclasses.replace(settings, train=dataclasses.replace(settings.train, max_steps=0))
+
+
+def test_zero_steps_need_no_step_to_time():
+    from qlora_core.trainer import TrainSettings
+
+    CellSettings(mode="nf4", timing_warmup=5, train=TrainSettings(max_steps=0))  # nothing to time: no warm-up
+    with pytest.raises(ValueError, match="steps \\(2\\) must exceed the timing warm-up \\(2"):
+        CellSettings(mode="nf4", timing_warmup=2, train=TrainSettings(max_steps=2))
+
+
+def test_a_cell_of_zero_steps_says_it_timed_none(tiny_model_dir):
+    events: list[dict] = []
+    settings = zero_step_settings(tiny_model_dir)
+    result = run_cell(settings, report=events.append)
+    assert result["status"] == "ok"
+    json.dumps(result, allow_nan=False)
+    training = result["training"]
+    assert training["losses"] == [] and training["step_seconds"] == []
+    assert training["timing"] is None and training["tokens_per_s"] is None
+    assert training["mfu"] is None and training["hfu"] is None
+    assert training["device_states"] is None and training["step_cuda_mallocs"] is None
+    # what one step would have trained on, and the FLOPs a token would have cost: figures of the set-up
+    assert training["tokens_per_step"] == settings.batch_size * settings.seq_len
+    assert training["hardware_flops_per_token"] > training["flops_per_token"] > 0
+    assert not [event for event in events if "step" in event]
+    assert set(result["memory"]) >= {"after_load", "after_setup", "training_peak"}
+    assert set(result["perplexity"]) == {"before", "after", "merged"}
+    assert result["compile"] is None
+
+
+def test_a_compiled_cell_of_zero_steps_compiled_nothing(tiny_model_dir):
+    settings = dataclasses.replace(zero_step_settings(tiny_model_dir, eval_merged=False), compile=True)
+    result = run_cell(settings)
+    assert result["status"] == "ok"
+    assert result["compile"]["first_step_s"] is None and result["compile"]["unique_graphs"] == 0

@@ -146,7 +146,7 @@ def test_8bit_optimizer_trains(tiny_source):
         (dict(optimizer="sgd"), "unknown optimizer"),
         (dict(schedule="step"), "unknown schedule"),
         (dict(grad_accum=0), ">= 1"),
-        (dict(max_steps=0), ">= 1"),
+        (dict(max_steps=-1), ">= 0"),
     ],
 )
 def test_train_settings_validation(kwargs, match):
