@@ -570,12 +570,21 @@ def _setup(result: dict) -> dict:
 
 def _setup_suffixes(setups: dict[str, dict]) -> dict[str, str]:
     """For several set-ups of one model (signature -> flat settings): each one's suffix naming the settings
-    that differ, at most three, ``SETUP_KEYS_FIRST`` first."""
+    that differ, ``SETUP_KEYS_FIRST`` first, as few as tell every set-up apart (all of them if need be: two
+    labels alike would make two cells one row). A setting one set-up lacks reads ``unset`` there."""
     first = {key: rank for rank, key in enumerate(SETUP_KEYS_FIRST)}
+
+    def shown(setup: dict, key: str) -> str:
+        return str(setup[key]) if key in setup else "unset"
+
     differing = sorted((key for key in set().union(*setups.values())
-                        if len({json.dumps(s.get(key), default=str) for s in setups.values()}) > 1),
+                        if len({shown(setup, key) for setup in setups.values()}) > 1),
                        key=lambda key: (first.get(key, len(first)), key))
-    return {signature: ", ".join(f"{key}={setup.get(key)}" for key in differing[:3])
+    counts = [count for count in range(1, len(differing) + 1)
+              if len({tuple(shown(setup, key) for key in differing[:count]) for setup in setups.values()})
+              == len(setups)]
+    keys = differing[:min(counts, default=len(differing))]
+    return {signature: ", ".join(f"{key}={shown(setup, key)}" for key in keys)
             for signature, setup in setups.items()}
 
 

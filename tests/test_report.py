@@ -132,6 +132,32 @@ def test_two_set_ups_on_the_lean_path_name_the_path_once(results, tmp_path):
     assert sorted(set(results_frame(read_results([tmp_path]))["model"])) == [
         f"tiny-llama [seq_len={seq_len}] (lean path)", f"tiny-llama [seq_len={2 * seq_len}] (lean path)"]
 
+def test_set_ups_alike_in_their_first_settings_still_get_labels_of_their_own(results, tmp_path):
+    """Three set-ups whose first differing settings (tokens, steps, LoRA rank) leave two alike: their labels
+    name settings until each is its own, so no two cells become one row (``report results/`` crashed on it)."""
+    from qlora_core.results import write_json_atomic
+
+    def variant(seq_len_factor: int, steps: int, r: int, learning_rate: float) -> list[dict]:
+        cells = copy.deepcopy(results)
+        for result in cells:
+            settings = result["settings"]
+            settings["seq_len"] *= seq_len_factor
+            settings["train"]["max_steps"] = steps
+            settings["lora"]["r"] = r
+            settings["train"]["learning_rate"] = learning_rate
+        return cells
+
+    runs = [variant(1, 3, 4, 1e-4), variant(2, 5, 8, 1e-4), variant(2, 5, 8, 2e-4)]
+    for run, cells in enumerate(runs):
+        for result in cells:
+            write_json_atomic(result, tmp_path / f"run-{run}" / f"{result['mode']['name']}.json")
+    frame = results_frame(read_results([tmp_path]))
+    labels = sorted(set(frame["model"]))
+    assert len(labels) == 3
+    assert all("train.learning_rate=" in label for label in labels)
+    assert len(frame) == 3 * len(results)
+
+
 def test_failed_cell_is_a_row_with_its_error(results):
     failed = {
         "schema": results[0]["schema"], "status": "error", "mode": MODES["fp4"].describe(),
