@@ -311,6 +311,18 @@ def test_tables_per_model(results):
 # --- the published H200 run ----------------------------------------------------------------------------------
 
 
+def test_every_published_result_renders_in_one_report(tmp_path, capsys):
+    """``qlora-bench report results`` reads every published run at once and renders it, no cell lost to a label
+    two set-ups share (issue 10: results/ renders without hand edits)."""
+    published = STORED.parent
+    assert main(["report", str(published), "--out", str(tmp_path)]) == 0
+    table = pd.read_csv(tmp_path / "report.csv")
+    cells = read_results([published])
+    assert len(table) == len(cells) == len(table[["model", "mode"]].drop_duplicates())
+    assert "wrote" in capsys.readouterr().out
+
+
+
 def stored_json() -> tuple[dict[str, dict], dict[str, dict]]:
     """mode -> cell result from cells/, and mode -> the test_memory benchmark's extra_info (the memory pass), read
     straight from the files (independently of read_results)."""
