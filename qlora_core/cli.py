@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import math
@@ -28,9 +29,14 @@ from qlora_core.noise import each_warning_once
 from qlora_core.paths import PATHS
 from qlora_core.profiles import PROFILES
 from qlora_core.report import DEFAULT_THRESHOLD
+from qlora_core.results import ALLOCATOR_CONF_VARIABLES
 from qlora_core.shapes import SHAPES
 from qlora_core.trainer import OPTIMIZERS, TrainSettings
 
+#: The CUDA allocator configuration frontier probes run under (``--allocator-conf``): segments that grow in place
+#: instead of fragmenting, so a capacity holds close to what the memory floor predicts (H200, 2026-12-03: under
+#: PyTorch's defaults the predicted lengths ran out of memory with a GiB or more reserved but unallocated).
+FRONTIER_ALLOCATOR_CONF = "expandable_segments:True"
 SUBCOMMANDS = ("sweep", "report", "compare", "finetune", "generate", "merge", "frontier")
 
 
@@ -204,6 +210,12 @@ def _add_frontier_command(commands) -> None:
     frontier.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
                           help="where --measure runs its cells ('cpu' dry-runs them: no cap is enforced there)")
     frontier.add_argument("--resume", action="store_true", help="with --measure: keep probe cells that finished")
+    frontier.add_argument("--allocator-conf", default=FRONTIER_ALLOCATOR_CONF,
+                          help="with --measure: PYTORCH_CUDA_ALLOC_CONF for the probe cells' processes (default "
+                               f"'{FRONTIER_ALLOCATOR_CONF}': the cap holds what the allocator reserves, the "
+                               "prediction what it allocates, and PyTorch's default allocator fragments by a GiB "
+                               "or more at these lengths; '' measures under the default; recorded in each "
+                               "probe's environment)")
 
 
 def _add_workflow_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -618,6 +630,7 @@ def command_frontier(args: argparse.Namespace) -> int:
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         document = {"schema": FRONTIER_SCHEMA, "kind": kind, "command": args.command_line, "lora": lora.describe(),
+                    "probe_allocator_conf": args.allocator_conf or None if args.measure else None,
                     "frontiers": frontiers, "environment": environment()}
         print(f"wrote {write_json_atomic(document, args.out / 'frontier.json')}, "
               f"{frontier_plot(frontiers, args.out / 'frontier.png')}")
@@ -633,7 +646,8 @@ def _measure_frontiers(frontiers: list[dict], lora: LoraSettings, args: argparse
     from qlora_core.sweep import run_cells
 
     cells = {name: settings for found in frontiers for name, settings in probe_cells(found, lora, args.device).items()}
-    done = run_cells(cells, args.out / "probes", resume=args.resume, command=args.command_line)
+    with allocator_conf_for_children(args.allocator_conf):
+        done = run_cells(cells, args.out / "probes", resume=args.resume, command=args.command_line)
     results = dict(zip(cells, done))
     measured = [with_probes(found, results) for found in frontiers]
     for found in measured:
@@ -643,6 +657,20 @@ def _measure_frontiers(frontiers: list[dict], lora: LoraSettings, args: argparse
         print(f"{found['shape']} {found['mode']} {found['path']} {found['capacity_bytes'] / GIB:g} GiB: "
               f"{'confirmed' if found['confirmed'] else 'NOT confirmed'} ({statuses}; {cost})")
     return measured
+
+
+@contextlib.contextmanager
+def allocator_conf_for_children(conf: str):
+    """``PYTORCH_CUDA_ALLOC_CONF`` set to ``conf`` (unset when empty) for the processes started inside, which read
+    it when their CUDA allocator starts; this process's own variables are put back after."""
+    saved = {name: os.environ.pop(name) for name in ALLOCATOR_CONF_VARIABLES if name in os.environ}
+    if conf:
+        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = conf
+    try:
+        yield
+    finally:
+        os.environ.pop("PYTORCH_CUDA_ALLOC_CONF", None)
+        os.environ.update(saved)
 
 
 COMMANDS = {"sweep": command_sweep, "report": command_report, "compare": command_compare,

@@ -70,6 +70,7 @@ def environment() -> dict:
         "libraries": {name: _version(name) for name in LIBRARIES},
         "commit": git_commit(),
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "allocator_conf": allocator_conf(),
         "gpu": None,
     }
     if torch.cuda.is_available():
@@ -82,6 +83,18 @@ def environment() -> dict:
             "driver": _nvidia_driver(),
         }
     return env
+
+
+#: The environment variables that configure PyTorch's CUDA caching allocator (the second is the newer name).
+ALLOCATOR_CONF_VARIABLES = ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")
+
+
+def allocator_conf() -> str | None:
+    """The CUDA caching allocator's configuration this process was started with (e.g.
+    ``expandable_segments:True``), None for PyTorch's defaults. It changes what a capacity holds: under a memory
+    cap, the allocator's fragmentation decides how close to the cap allocations can come."""
+    values = [os.environ[name] for name in ALLOCATOR_CONF_VARIABLES if os.environ.get(name)]
+    return ",".join(values) or None
 
 
 def cpu_model(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> str:

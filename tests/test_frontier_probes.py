@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
+from qlora_core.cli import FRONTIER_ALLOCATOR_CONF, allocator_conf_for_children
 from qlora_core.frontier_probes import probe_cells, probe_name, with_probes
 from qlora_core.lora import LoraSettings
 from qlora_core.measure.frontier import TOKEN_GRANULARITY
@@ -57,6 +59,23 @@ def test_measure_dry_runs_the_probes_on_cpu_and_records_them(tmp_path):
     assert (tmp_path / "frontier.png").stat().st_size > 0  # the checked frontier marked on its line
     manifest = json.loads((tmp_path / "probes" / "run.json").read_text())
     assert [cell["name"] for cell in manifest["cells"]] == [probe_name(found, p) for p in ("half", "at", "above")]
+    # the probes' processes ran under the frontier's allocator configuration, and their results say so
+    assert json.loads((tmp_path / "frontier.json").read_text())["probe_allocator_conf"] == FRONTIER_ALLOCATOR_CONF
+    probe = json.loads((tmp_path / "probes" / f"{probe_name(found, 'at')}.json").read_text())
+    assert probe["environment"]["allocator_conf"] == FRONTIER_ALLOCATOR_CONF
+
+
+def test_allocator_conf_reaches_child_processes_only_inside(monkeypatch):
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:64")
+    monkeypatch.setenv("PYTORCH_ALLOC_CONF", "garbage_collection_threshold:0.9")
+    child = [sys.executable, "-c", "from qlora_core.results import allocator_conf; print(allocator_conf())"]
+    with allocator_conf_for_children("expandable_segments:True"):
+        inside = subprocess.run(child, capture_output=True, text=True, check=True).stdout.strip()
+    with allocator_conf_for_children(""):
+        default = subprocess.run(child, capture_output=True, text=True, check=True).stdout.strip()
+    assert (inside, default) == ("expandable_segments:True", "None")
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:64"
+    assert os.environ["PYTORCH_ALLOC_CONF"] == "garbage_collection_threshold:0.9"
 
 
 def test_measure_needs_an_out_folder():
