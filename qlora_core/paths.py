@@ -92,24 +92,35 @@ def _chunk_nll_sum(head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Te
     return F.cross_entropy(head(hidden).float(), labels, ignore_index=IGNORE_INDEX, reduction="sum")
 
 
-def chunked_causal_lm_loss(model, input_ids: torch.Tensor, chunk_tokens: int = LOSS_CHUNK_TOKENS) -> torch.Tensor:
-    """Mean next-token NLL equal to ``causal_lm_loss``, with at most ``chunk_tokens`` positions' logits alive.
+def chunked_causal_lm_nll(model, input_ids: torch.Tensor, *, labels: torch.Tensor | None = None,
+                          attention_mask: torch.Tensor | None = None,
+                          chunk_tokens: int = LOSS_CHUNK_TOKENS) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed next-token NLL in fp32, tokens scored), with at most ``chunk_tokens`` positions' logits alive.
 
-    Each chunk's head and cross-entropy run under non-reentrant checkpointing: forward keeps only the chunk's
-    hidden states (a view of the final hidden states) and labels; backward recomputes the chunk's logits.
+    ``labels`` as a Hugging Face model takes them (unshifted, ``IGNORE_INDEX`` where nothing is scored, e.g.
+    padding; default: the inputs), ``attention_mask`` as it takes it. Each chunk's head and cross-entropy run
+    under non-reentrant checkpointing: forward keeps only the chunk's hidden states (a view of the final hidden
+    states) and labels; backward recomputes the chunk's logits. The sum, not the mean, so a caller that
+    accumulates micro-batches can divide by the tokens of all of them (as transformers' Trainer does).
     """
     body, head = _body_and_head(model)
-    hidden = body(input_ids=input_ids, use_cache=False).last_hidden_state
+    hidden = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
     hidden = hidden.reshape(-1, hidden.shape[-1])  # [batch * seq, h], contiguous: a view
-    labels = next_token_labels(input_ids).reshape(-1)
+    targets = next_token_labels(input_ids if labels is None else labels).reshape(-1)
     chunk_loss = functools.partial(_chunk_nll_sum, head)
     total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, labels.numel(), chunk_tokens):
+    for start in range(0, targets.numel(), chunk_tokens):
         end = start + chunk_tokens
         # nothing random in a chunk: no RNG state to save and restore for its recompute
-        total = total + checkpoint(chunk_loss, hidden[start:end], labels[start:end], use_reentrant=False,
+        total = total + checkpoint(chunk_loss, hidden[start:end], targets[start:end], use_reentrant=False,
                                    preserve_rng_state=False)
-    return total / (labels != IGNORE_INDEX).sum()
+    return total, (targets != IGNORE_INDEX).sum()
+
+
+def chunked_causal_lm_loss(model, input_ids: torch.Tensor, chunk_tokens: int = LOSS_CHUNK_TOKENS) -> torch.Tensor:
+    """Mean next-token NLL equal to ``causal_lm_loss``, computed in chunks (``chunked_causal_lm_nll``)."""
+    total, scored = chunked_causal_lm_nll(model, input_ids, chunk_tokens=chunk_tokens)
+    return total / scored
 
 
 def loss_function(path: str):

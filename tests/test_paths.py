@@ -17,6 +17,7 @@ from qlora_core.paths import (
     causal_lm_loss,
     check_path,
     chunked_causal_lm_loss,
+    chunked_causal_lm_nll,
     loss_function,
     next_token_labels,
 )
@@ -116,6 +117,21 @@ def test_chunked_loss_equals_the_models_own(shape, chunk_tokens):
     )
     assert chunked == pytest.approx(full, rel=1e-6)
     torch.testing.assert_close(chunked_gradient, full_gradient, rtol=1e-4, atol=1e-7)
+
+
+def test_chunked_nll_takes_padded_rows_as_the_model_does():
+    """Rows padded on the right, padding masked and labelled IGNORE_INDEX (what a collator hands the Trainer):
+    the chunked sum over the scored tokens is the model's own mean loss times their count."""
+    model = adapted("tiny-llama", "bf16", "lean")
+    ids = batch(model.config.vocab_size)
+    mask = torch.ones_like(ids)
+    mask[0, -40:] = 0
+    labels = ids.masked_fill(mask == 0, IGNORE_INDEX)
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        own = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        total, scored = chunked_causal_lm_nll(model, ids, labels=labels, attention_mask=mask, chunk_tokens=48)
+    assert scored.item() == (next_token_labels(labels) != IGNORE_INDEX).sum().item() < ids.numel() - ids.shape[0]
+    assert (total / scored).item() == pytest.approx(own.item(), rel=1e-5)
 
 
 @pytest.mark.parametrize("mode", ["bf16", "nf4-dq", "int8"])
