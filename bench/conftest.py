@@ -17,7 +17,6 @@ import contextlib
 import dataclasses
 import importlib.metadata
 import json
-import os
 import time
 from pathlib import Path
 from typing import NamedTuple
@@ -25,20 +24,17 @@ from typing import NamedTuple
 import pytest
 import torch
 
-from qlora_core.cell import OPTION_HELP, CellSettings, does_not_fit_result, failure_result, prepare_inputs
-from qlora_core.lora import LoraSettings
+from qlora_core import settings as declared
+from qlora_core.cell import CellSettings, does_not_fit_result, failure_result, prepare_inputs
 from qlora_core.manifest import MANIFEST_NAME, RunManifest, process_start
 from qlora_core.measure.memory import GIB
 from qlora_core.modes import BASELINE_MODE, parse_modes
 from qlora_core.paths import PATHS, check_path
-from qlora_core.profiles import PROFILES
 from qlora_core.shapes import check_shape
 from qlora_core.results import environment, write_json_atomic
 from qlora_core.sweep import reusable
-from qlora_core.trainer import TrainSettings
 from qlora_core.worker import CellError, WorkerPool, serialize_inputs
 
-GPU = PROFILES["gpu"]
 #: Every cell the options ask for (parsed once, at configure time), the selected ones in run order, and the
 #: session's worker pool, kept on the config.
 ASKED_CELLS = pytest.StashKey[list]()
@@ -63,30 +59,9 @@ def pytest_addoption(parser):
                          "attempted (default: the GPU's total memory)")
     group.addoption("--bench-attempt-unfit", action="store_true",
                     help="run shape cells predicted not to fit anyway (they end as oom)")
-    group.addoption("--bench-gguf", default=os.environ.get("QLORA_BENCH_GGUF"),
-                    help="local copy of the default model's GGUF (default $QLORA_BENCH_GGUF)")
     group.addoption("--bench-modes", default="all", help="comma-separated modes or 'all'")
-    group.addoption("--bench-seq-len", type=int, default=GPU["seq_len"],
-                    help=f"tokens per training block (default {GPU['seq_len']}; qlora_core/profiles.py says why)")
-    group.addoption("--bench-batch-size", type=int, default=GPU["batch_size"],
-                    help=f"blocks per step (default {GPU['batch_size']})")
-    group.addoption("--bench-steps", type=int, default=GPU["steps"] - GPU["timing_warmup"],
-                    help=f"timed training steps per cell (default {GPU['steps'] - GPU['timing_warmup']})")
-    group.addoption("--bench-warmup", type=int, default=GPU["timing_warmup"],
-                    help=f"untimed warm-up steps before them (default {GPU['timing_warmup']})")
-    group.addoption("--bench-lora-r", type=int, default=16, help="LoRA rank (alpha = 2 r)")
-    group.addoption("--bench-compile", action="store_true", help=OPTION_HELP["compile"])
-    group.addoption("--bench-profile-steps", type=int, default=0, help=OPTION_HELP["profile_steps"])
-    group.addoption("--bench-no-gradient-checkpointing", action="store_true", help="keep all activations")
-    group.addoption("--bench-eval-text", default=os.environ.get("QLORA_BENCH_EVAL_TEXT"),
-                    help="extra evaluation text path, e.g. WikiText-2 wiki.test.raw (default $QLORA_BENCH_EVAL_TEXT)")
-    group.addoption("--bench-eval-window", type=int, default=GPU["eval_window"], help="perplexity window (tokens)")
-    group.addoption("--bench-eval-stride", type=int, default=GPU["eval_stride"], help="perplexity stride (tokens)")
-    group.addoption("--bench-eval-batch-size", type=int, default=GPU["eval_batch_size"],
-                    help="perplexity windows per forward pass")
-    group.addoption("--bench-eval-max-tokens", type=int, default=None, help="evaluate at most this many tokens")
-    group.addoption("--bench-device", default="cuda", choices=["cuda", "cpu"],
-                    help="'cpu' dry-runs the suites without a GPU (to check them; figures are not GPU figures)")
+    for setting in declared.on("bench"):
+        group.addoption(*setting.option_strings("bench"), **setting.option_kwargs("bench"))
     group.addoption("--bench-out", default="bench-results", help="folder for per-cell result JSON and logs")
     group.addoption("--bench-resume", action="store_true", help="skip cells whose result in --bench-out finished")
 
@@ -181,30 +156,11 @@ def pytest_generate_tests(metafunc):
 
 def cell_settings(config, key: CellKey) -> CellSettings:
     """The cell's settings from the command-line options (the only place bench options are read)."""
-    option = config.option
-    steps = option.bench_warmup + option.bench_steps
-    return CellSettings(
-        mode=key.mode,
-        model=key.model,
-        shape=key.shape,
-        path=key.path,
-        gguf=option.bench_gguf,
-        seq_len=option.bench_seq_len,
-        batch_size=option.bench_batch_size,
-        timing_warmup=option.bench_warmup,
-        gradient_checkpointing=not option.bench_no_gradient_checkpointing,
-        eval_text=option.bench_eval_text,
-        eval_window=option.bench_eval_window,
-        eval_stride=option.bench_eval_stride,
-        eval_max_tokens=option.bench_eval_max_tokens,
-        eval_batch_size=option.bench_eval_batch_size,
-        device=option.bench_device,
-        lora=LoraSettings(r=option.bench_lora_r),
-        train=TrainSettings(max_steps=steps),
-        memory_cap_bytes=capacity_cap_bytes(config),
-        profile_steps=option.bench_profile_steps,
-        compile=option.bench_compile,
-    )
+    values = declared.parsed_values(config.option, "bench")
+    # --bench-steps counts the timed steps only; a cell's max_steps counts the warm-up too (as the sweep's --steps)
+    values["max_steps"] = values.pop("timed_steps") + values["timing_warmup"]
+    return declared.cell_settings(values, mode=key.mode, model=key.model, shape=key.shape, path=key.path,
+                                  memory_cap_bytes=capacity_cap_bytes(config))
 
 
 class BenchRun:

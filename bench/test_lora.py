@@ -36,11 +36,12 @@ def test_memory(benchmark, bench_cell):
     benchmark.extra_info.update(weights=weights, memory_readings=bench_cell.call("memory_readings"))
 
 
-def test_step_time(benchmark, bench_cell, request):
+def test_step_time(benchmark, bench_cell):
     _describe(benchmark, bench_cell, "step time (s)")
     bench_cell.prepare()
-    option = request.config.option
-    benchmark.pedantic(bench_cell.step, rounds=option.bench_steps, warmup_rounds=option.bench_warmup, iterations=1)
+    warmup = bench_cell.settings.timing_warmup
+    benchmark.pedantic(bench_cell.step, rounds=bench_cell.settings.train.max_steps - warmup, warmup_rounds=warmup,
+                       iterations=1)
     bench_cell.check(benchmark)
     bench_cell.end_training()
     if bench_cell.settings.profile_steps:

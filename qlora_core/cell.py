@@ -62,20 +62,6 @@ class NonFiniteError(RuntimeError):
     diverged run): the cell fails rather than put it in a table."""
 
 
-#: The help of the settings both the sweep's options and bench's suites offer, written once for both (``cli``,
-#: ``bench/conftest.py``; their defaults are CellSettings').
-OPTION_HELP = {
-    "compile": "step through torch.compile (with the lean path: the compiled path); the first step compiles and "
-               "is reported apart with the graph breaks, so keep a warm-up step",
-    "profile_steps": "after the timed steps, this many more under torch.profiler, undone before the evaluation: "
-                     "each result gains 'profile' (device-busy share, kernels and top operators a step) and each "
-                     "log the profiler's table (default 0: none)",
-    "num_processes": "train each cell on this many processes of this host through torchrun (DDP: each holds the "
-                     "whole model and trains on an equal share of every step's blocks, so the batch size must "
-                     "divide by it; one GPU each on CUDA; rank 0 evaluates; default 1)",
-}
-
-
 @dataclass(frozen=True)
 class CellSettings:
     """Everything one cell needs; saved verbatim with its result.

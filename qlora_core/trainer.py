@@ -15,12 +15,16 @@ import os
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from qlora_core.data import rank_rows
 from qlora_core.distributed import make_accelerator
 from qlora_core.measure.timing import timed
+
+if TYPE_CHECKING:
+    from qlora_core.modes import Mode
 
 #: The one optimizer vocabulary of every command and suite: name -> (module, class, the same optimizer's name
 #: in transformers' ``TrainingArguments.optim``, which the classic workflow's Trainer takes). bitsandbytes' paged
@@ -66,6 +70,92 @@ class TrainSettings:
 
     def describe(self) -> dict:
         return asdict(self)
+
+
+#: The shortest row that trains anything: one token to read, one to predict.
+MIN_ROW_TOKENS = 2
+
+
+@dataclass(frozen=True)
+class FinetuneSettings:
+    """The classic workflow's (``workflow.finetune``) settings: the tutorial's ``TrainingArguments`` as the default
+    profile. Kept here beside ``TrainSettings`` (not in ``workflow``, which imports transformers' ``Trainer``), so
+    the command line shows these defaults in its help without that import.
+
+    Attributes:
+        batch_size: rows per device per micro-batch. grad_accum: micro-batches per optimizer step.
+        warmup_steps / max_steps: optimizer steps. learning_rate: peak of the linear schedule.
+        logging_steps: log (and record) the loss every this many steps. save_steps: checkpoint interval (steps).
+        max_length: tokens per row; longer rows are truncated (the tutorial tokenizes each quote whole).
+        optim: a name of ``trainer.OPTIMIZERS`` (the sweep's vocabulary: ``adamw``, ``paged_adamw8bit``...),
+            given to the Trainer as transformers' name for the same optimizer.
+        gradient_checkpointing: recompute activations in the backward pass (the tutorial's k-bit recipe).
+        seed: model init, data order and dropout.
+        profile_steps: run the last this many steps under ``torch.profiler`` (``ProfiledSteps``) and leave them
+            out of the step-time statistics (the profiler slows them); 0: none. Not in the tutorial.
+    """
+
+    batch_size: int = 2
+    grad_accum: int = 4
+    warmup_steps: int = 5
+    max_steps: int = 20
+    learning_rate: float = 2e-4
+    logging_steps: int = 1
+    save_steps: int = 10
+    max_length: int = 256
+    optim: str = "adamw"
+    gradient_checkpointing: bool = True
+    seed: int = 0
+    profile_steps: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "grad_accum", "max_steps", "logging_steps", "save_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_length < MIN_ROW_TOKENS:
+            # A causal LM predicts each token from those before it: a one-token row has no target, so training
+            # would report loss 0 and grad-norm 0 and change nothing.
+            raise ValueError(f"max_length must be >= {MIN_ROW_TOKENS} (a row of one token has nothing to predict "
+                             f"and trains nothing), got {self.max_length}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if not 0 <= self.profile_steps < self.max_steps:
+            raise ValueError(f"profile_steps must be >= 0 and leave a step unprofiled (max_steps {self.max_steps}), "
+                             f"got {self.profile_steps}")
+        check_optimizer(self.optim)
+
+    def describe(self) -> dict:
+        return asdict(self)
+
+    def training_arguments(self, output_dir: Path, mode: Mode, device: torch.device):
+        """``TrainingArguments`` for ``mode`` on ``device``: mixed precision in the mode's compute dtype on CUDA
+        only (CPU trains in fp32 around bitsandbytes' own compute dtype). Gradient checkpointing is left off here:
+        ``prepare_for_training`` already enabled it on the model."""
+        from transformers import TrainingArguments
+
+        on_cuda = device.type == "cuda"
+        return TrainingArguments(
+            output_dir=str(output_dir),
+            per_device_train_batch_size=self.batch_size,
+            gradient_accumulation_steps=self.grad_accum,
+            warmup_steps=self.warmup_steps,
+            max_steps=self.max_steps,
+            learning_rate=self.learning_rate,
+            logging_steps=self.logging_steps,
+            save_strategy="steps",
+            save_steps=self.save_steps,
+            optim=OPTIMIZERS[self.optim][2],
+            seed=self.seed,
+            data_seed=self.seed,
+            bf16=on_cuda and mode.torch_compute_dtype == torch.bfloat16,
+            fp16=on_cuda and mode.torch_compute_dtype == torch.float16,
+            use_cpu=not on_cuda,
+            remove_unused_columns=False,
+            # The filter tests every micro-batch's loss for NaN/inf on the host: two device syncs a micro-batch, and
+            # a non-finite loss logged as the running mean instead of as what it is.
+            logging_nan_inf_filter=False,
+            report_to="none",
+        )
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ import shutil
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -43,7 +43,7 @@ from qlora_core.models import ModelSource, load_dequantized, load_model, prepare
 from qlora_core.modes import BASELINE_MODE, Mode, get_mode
 from qlora_core.results import (FINETUNE_SCHEMA, MERGE_SCHEMA, environment, publish_folder, share_as_umask_allows,
                                 write_json_atomic)
-from qlora_core.trainer import OPTIMIZERS, check_optimizer, save_adapter
+from qlora_core.trainer import FinetuneSettings, save_adapter
 
 #: The tutorial's prompt.
 TUTORIAL_PROMPT = "Two things are infinite: "
@@ -58,9 +58,6 @@ SUMMARY_NAME = "summary.json"
 MERGE_REPORT_NAME = "merge-report.json"
 ADAPTER_DIR_NAME = "adapter"
 MERGE_BASES = ("dequantized", "original")
-#: The shortest row that trains anything: one token to read, one to predict.
-MIN_ROW_TOKENS = 2
-
 #: Relative perplexity difference allowed between the merged bf16 model and base-plus-adapter (base in the mode).
 #: Measured on CPU (Nov 2026; 1024 quote tokens, window 128, stride 64, after 6 steps at lr 1e-3):
 #: - 4-bit and unquantized modes: the unmerged model dequantizes each weight before its matmul, so both compute
@@ -72,86 +69,6 @@ MIN_ROW_TOKENS = 2
 #:   base-plus-adapter 1.6 % (the merged model is the better one). 5 % leaves a 2x margin over that gap.
 MERGE_PERPLEXITY_RTOL = 0.01
 INT8_MERGE_PERPLEXITY_RTOL = 0.05
-
-
-@dataclass(frozen=True)
-class FinetuneSettings:
-    """The tutorial's ``TrainingArguments`` as the default profile.
-
-    Attributes:
-        batch_size: rows per device per micro-batch. grad_accum: micro-batches per optimizer step.
-        warmup_steps / max_steps: optimizer steps. learning_rate: peak of the linear schedule.
-        logging_steps: log (and record) the loss every this many steps. save_steps: checkpoint interval (steps).
-        max_length: tokens per row; longer rows are truncated (the tutorial tokenizes each quote whole).
-        optim: a name of ``trainer.OPTIMIZERS`` (the sweep's vocabulary: ``adamw``, ``paged_adamw8bit``...),
-            given to the Trainer as transformers' name for the same optimizer.
-        gradient_checkpointing: recompute activations in the backward pass (the tutorial's k-bit recipe).
-        seed: model init, data order and dropout.
-        profile_steps: run the last this many steps under ``torch.profiler`` (``ProfiledSteps``) and leave them
-            out of the step-time statistics (the profiler slows them); 0: none. Not in the tutorial.
-    """
-
-    batch_size: int = 2
-    grad_accum: int = 4
-    warmup_steps: int = 5
-    max_steps: int = 20
-    learning_rate: float = 2e-4
-    logging_steps: int = 1
-    save_steps: int = 10
-    max_length: int = 256
-    optim: str = "adamw"
-    gradient_checkpointing: bool = True
-    seed: int = 0
-    profile_steps: int = 0
-
-    def __post_init__(self) -> None:
-        for name in ("batch_size", "grad_accum", "max_steps", "logging_steps", "save_steps"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.max_length < MIN_ROW_TOKENS:
-            # A causal LM predicts each token from those before it: a one-token row has no target, so training
-            # would report loss 0 and grad-norm 0 and change nothing.
-            raise ValueError(f"max_length must be >= {MIN_ROW_TOKENS} (a row of one token has nothing to predict "
-                             f"and trains nothing), got {self.max_length}")
-        if self.warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
-        if not 0 <= self.profile_steps < self.max_steps:
-            raise ValueError(f"profile_steps must be >= 0 and leave a step unprofiled (max_steps {self.max_steps}), "
-                             f"got {self.profile_steps}")
-        check_optimizer(self.optim)
-
-    def describe(self) -> dict:
-        return asdict(self)
-
-    def training_arguments(self, output_dir: Path, mode: Mode, device: torch.device):
-        """``TrainingArguments`` for ``mode`` on ``device``: mixed precision in the mode's compute dtype on CUDA
-        only (CPU trains in fp32 around bitsandbytes' own compute dtype). Gradient checkpointing is left off here:
-        ``prepare_for_training`` already enabled it on the model."""
-        from transformers import TrainingArguments
-
-        on_cuda = device.type == "cuda"
-        return TrainingArguments(
-            output_dir=str(output_dir),
-            per_device_train_batch_size=self.batch_size,
-            gradient_accumulation_steps=self.grad_accum,
-            warmup_steps=self.warmup_steps,
-            max_steps=self.max_steps,
-            learning_rate=self.learning_rate,
-            logging_steps=self.logging_steps,
-            save_strategy="steps",
-            save_steps=self.save_steps,
-            optim=OPTIMIZERS[self.optim][2],
-            seed=self.seed,
-            data_seed=self.seed,
-            bf16=on_cuda and mode.torch_compute_dtype == torch.bfloat16,
-            fp16=on_cuda and mode.torch_compute_dtype == torch.float16,
-            use_cpu=not on_cuda,
-            remove_unused_columns=False,
-            # The filter tests every micro-batch's loss for NaN/inf on the host: two device syncs a micro-batch, and
-            # a non-finite loss logged as the running mean instead of as what it is.
-            logging_nan_inf_filter=False,
-            report_to="none",
-        )
 
 
 def ensure_pad_token(tokenizer):
