@@ -20,7 +20,7 @@ import torch
 
 from qlora_core import backends
 from qlora_core import data as datalib
-from qlora_core.lora import LoraSettings, attach_lora, merge_into_dequantized, parameter_counts
+from qlora_core.lora import LoraSettings, attach_lora, merge_into_bf16, parameter_counts
 from qlora_core.measure.floor import memory_floor, predicted_vs_measured
 from qlora_core.measure.flops import (lora_training_flops_per_token, matmul_params, peak_flops,
                                       recompute_flops_per_token)
@@ -478,7 +478,7 @@ class Cell:
         if not self.evaluates:
             return {}
         with self._phase("evaluating merged"):
-            merged = merge_into_dequantized(self.state.model, self.inputs.source, self.mode, self.device)
+            merged = merge_into_bf16(self.inputs.source, self.mode, self.state.model, self.device)
             figures = evaluate(merged, self.inputs.token_sets, self.settings, torch.bfloat16)
             del merged
         return self._keep_perplexity("merged", figures)

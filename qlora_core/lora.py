@@ -1,8 +1,13 @@
-"""LoRA adapters: the settings, attaching them to a prepared base, and counting what trains."""
+"""LoRA adapters: the settings, attaching them to a prepared base, counting what trains, and the one merge into a
+bf16 base."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import tempfile
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
@@ -10,6 +15,8 @@ from qlora_core import backends
 
 #: peft's shorthand for every linear layer but the output head.
 ALL_LINEAR = "all-linear"
+#: What ``merge_into_bf16`` merges an adapter into: the mode's weights dequantized, or the checkpoint's own.
+MERGE_BASES = ("dequantized", "original")
 
 
 @dataclass(frozen=True)
@@ -79,23 +86,37 @@ def parameter_counts(model) -> dict:
     return {"trainable_params": trainable, "total_params": total}
 
 
-def merge_adapter(base, adapter_dir):
-    """``base`` (a plain, unquantized model) with the adapter saved in ``adapter_dir`` merged into its weights:
-    the one merge every command uses. Returns the merged model in eval mode."""
+def merge_into_bf16(source, mode, adapter, device, *, base: str = "dequantized"):
+    """The one merge, of the cell's merged evaluation and the workflow's ``merge`` command: a standalone bf16 model
+    (eval mode) with ``adapter`` merged into a base of ``source``.
+
+    ``adapter``: a saved adapter folder (or checkpoint folder), or a ``PeftModel``, whose adapters are saved to a
+    temporary folder first (peft merges a saved adapter into a freshly loaded base). ``base``: ``"dequantized"``
+    (default), the base as ``mode`` stores it dequantized (``models.load_dequantized``): exactly the weights the
+    adapter was trained against, so merged outputs match base-plus-adapter; or ``"original"``, the checkpoint's
+    own weights in the unquantized baseline mode (the adapter then meets weights it never saw: the difference is
+    the mode's quantization error).
+    """
     from peft import PeftModel
 
-    return PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload().eval()
-
-
-def merge_into_dequantized(peft_model, source, mode, device):
-    """A standalone bf16 model: the base as ``mode`` stores it, dequantized (``models.load_dequantized``),
-    with ``peft_model``'s adapters merged in (``merge_adapter``)."""
-    import tempfile
-    from pathlib import Path
-
     from qlora_core.models import load_dequantized
+    from qlora_core.modes import BASELINE_MODE, get_mode
+
+    if base not in MERGE_BASES:
+        raise ValueError(f"unknown merge base {base!r}; choose from {', '.join(MERGE_BASES)}")
+    weights = load_dequantized(source, mode if base == "dequantized" else get_mode(BASELINE_MODE), device)
+    with _adapter_folder(adapter) as folder:
+        return PeftModel.from_pretrained(weights, str(folder)).merge_and_unload().eval()
+
+
+@contextlib.contextmanager
+def _adapter_folder(adapter):
+    """``adapter`` when it is a folder; else a ``PeftModel``'s adapters saved to a temporary folder (removed
+    after: peft has read them into memory by then)."""
     from qlora_core.trainer import save_adapter
 
+    if isinstance(adapter, (str, os.PathLike)):
+        yield adapter
+        return
     with tempfile.TemporaryDirectory(prefix="qlora-merge-") as tmp:
-        adapter = save_adapter(peft_model, Path(tmp) / "adapter")
-        return merge_adapter(load_dequantized(source, mode, device), adapter)
+        yield save_adapter(adapter, Path(tmp) / "adapter")

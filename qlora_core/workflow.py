@@ -34,12 +34,12 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from qlora_core import data as datalib
-from qlora_core.lora import LoraSettings, attach_lora, merge_adapter, parameter_counts
+from qlora_core.lora import LoraSettings, attach_lora, merge_into_bf16, parameter_counts
 from qlora_core.measure.memory import memory_snapshot, reset_peak
 from qlora_core.measure.perplexity import perplexity
 from qlora_core.measure.profile import Profiling
 from qlora_core.measure.timing import synchronize, timed, timing_stats
-from qlora_core.models import ModelSource, load_dequantized, load_model, prepare_for_training, resolve_model
+from qlora_core.models import ModelSource, load_model, prepare_for_training, resolve_model
 from qlora_core.modes import BASELINE_MODE, Mode, get_mode
 from qlora_core.results import (FINETUNE_SCHEMA, MERGE_SCHEMA, environment, publish_folder, share_as_umask_allows,
                                 write_json_atomic)
@@ -57,7 +57,6 @@ FULL_WEIGHT_PATTERNS = ("model.safetensors", "model-*.safetensors", "model.safet
 SUMMARY_NAME = "summary.json"
 MERGE_REPORT_NAME = "merge-report.json"
 ADAPTER_DIR_NAME = "adapter"
-MERGE_BASES = ("dequantized", "original")
 #: Relative perplexity difference allowed between the merged bf16 model and base-plus-adapter (base in the mode).
 #: Measured on CPU (Nov 2026; 1024 quote tokens, window 128, stride 64, after 6 steps at lr 1e-3):
 #: - 4-bit and unquantized modes: the unmerged model dequantizes each weight before its matmul, so both compute
@@ -498,18 +497,6 @@ def generate_from_adapter(
 # ---- merge ----
 
 
-def _merge_base(source: ModelSource, mode: Mode, base: str, device: torch.device):
-    """The bf16 model the adapter is merged into.
-
-    ``dequantized``: the base as ``mode`` stores it, dequantized, i.e. exactly the weights the adapter was
-    trained against (merged outputs match base-plus-adapter). ``original``: the source checkpoint loaded in the
-    unquantized baseline mode (the adapter then meets weights it never saw; the difference is the mode's
-    quantization error)."""
-    if base not in MERGE_BASES:
-        raise ValueError(f"unknown merge base {base!r}; choose from {', '.join(MERGE_BASES)}")
-    return load_dequantized(source, mode if base == "dequantized" else get_mode(BASELINE_MODE), device)
-
-
 def merge_to_bf16(
     source: ModelSource,
     mode: Mode,
@@ -523,9 +510,9 @@ def merge_to_bf16(
     ``provenance.json`` naming the base, mode and adapter) to ``out_dir`` atomically; returns ``out_dir``.
 
     ``base`` is ``"dequantized"`` (default: the mode's weights dequantized, what the adapter was trained on) or
-    ``"original"`` (the source checkpoint's own weights); see ``_merge_base``.
+    ``"original"`` (the source checkpoint's own weights); see ``lora.merge_into_bf16``, the merge the cells use too.
     """
-    merged = merge_adapter(_merge_base(source, mode, base, device), adapter_dir)
+    merged = merge_into_bf16(source, mode, adapter_dir, device, base=base)
     tokenizer = load_tokenizer(source)
     provenance = {
         **source.provenance,

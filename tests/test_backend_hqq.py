@@ -14,7 +14,7 @@ from tiny import TINY_CELL, tiny_cell_settings
 from qlora_core import backends
 from qlora_core.backends.hqq import FrozenHqqMatmul, hqq_bytes
 from qlora_core.cell import run_cell
-from qlora_core.lora import LoraSettings, attach_lora, merge_into_dequantized
+from qlora_core.lora import LoraSettings, attach_lora, merge_into_bf16
 from qlora_core.measure.floor import memory_floor
 from qlora_core.measure.flops import matmul_params
 from qlora_core.measure.memory import weight_footprint
@@ -192,7 +192,7 @@ def test_merge_into_the_dequantized_base_keeps_base_plus_adapter(tiny_source, na
     trainer = LoraTrainer(model, itertools.repeat(fixed_batch()), TrainSettings(max_steps=4, learning_rate=1e-2),
                           mode.torch_compute_dtype)
     trainer.train()
-    merged = merge_into_dequantized(model, tiny_source, mode, CPU)
+    merged = merge_into_bf16(tiny_source, mode, model, CPU)
     assert not hqq_layers(merged) and {p.dtype for p in merged.parameters()} == {torch.bfloat16}
     tokens = fixed_batch().reshape(-1)  # the trained rows: there the adapter clearly moves the perplexity
     protocol = dict(window=SEQ, stride=SEQ // 2, autocast_dtype=torch.bfloat16)

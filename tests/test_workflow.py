@@ -24,7 +24,7 @@ from transformers import TrainerCallback
 
 from qlora_core import workflow, workflow_table
 from qlora_core.cli import main
-from qlora_core.lora import LoraSettings
+from qlora_core.lora import LoraSettings, merge_into_bf16
 from qlora_core.models import load_dequantized, load_model, resolve_model
 from qlora_core.modes import BASELINE_MODE, get_mode
 
@@ -380,6 +380,16 @@ def test_merge_into_original_weights(tiny_source, mode, trained, tmp_path):
     merged_dir = workflow.merge_to_bf16(tiny_source, mode, out / workflow.ADAPTER_DIR_NAME, tmp_path / "merged",
                                         device=CPU, base="original")
     assert resolve_model(str(merged_dir)).provenance["merged"]["base"] == "original"
+
+
+def test_one_merge_for_a_trained_model_and_its_saved_adapter(tiny_source, mode, trained):
+    """A cell merges its trained PeftModel, the merge command a saved adapter: one merge, the same weights."""
+    run, out = trained
+    from_model = merge_into_bf16(tiny_source, mode, run.model, CPU).state_dict()
+    from_folder = merge_into_bf16(tiny_source, mode, out / workflow.ADAPTER_DIR_NAME, CPU).state_dict()
+    assert from_model.keys() == from_folder.keys()
+    for name, weight in from_model.items():
+        assert torch.equal(weight, from_folder[name]), name
 
 
 def test_unknown_merge_base_is_refused(tiny_source, mode, trained, tmp_path):
