@@ -80,9 +80,6 @@ def _add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--shape", default=None, choices=list(SHAPES),
                        help="instead of --model: a named architecture built with random weights straight into each "
                             "mode (memory and time only, no perplexity; no download)")
-    model.add_argument("--path", default="reference", choices=list(PATHS),
-                       help="training path: 'reference' (the common recipe: fp32 upcasts, full logits) or 'lean' "
-                            "(no upcasts, loss in token chunks); default reference")
     model.add_argument("--modes", default=None,
                        help=f"comma-separated modes, or 'all' ({mode_list}: those whose backend is installed); "
                             "default: all on a GPU, all but fp16-compute modes on a CPU (CPUs have no fast fp16 "
@@ -221,7 +218,7 @@ def _add_generation_arguments(parser: argparse.ArgumentParser) -> None:
 def cell_settings(args: argparse.Namespace, profile_name: str) -> CellSettings:
     """The parsed sweep options over profile ``profile_name``'s defaults, as the library's settings object."""
     values = settings.with_profile(settings.parsed_values(args, "sweep"), profile_name)
-    return settings.cell_settings(values, mode="bf16", model=args.model, shape=args.shape, path=args.path)
+    return settings.cell_settings(values, mode="bf16", model=args.model, shape=args.shape)
 
 
 def training_tokens(profile: dict) -> int:

@@ -13,8 +13,8 @@ Defaults, one source each:
     ``FromProfile``: the machine profile's (``profiles.PROFILES``): the sweep's ``--profile``, bench/'s gpu one.
     ``FromEnv``: an environment variable's, read when the options are built.
 
-What a run covers (the sweep's --modes, --model, --shape, --path; bench/'s lists of them; finetune's --mode and
---model) and where it writes (--out, --resume) differ in kind between the entry points (one against a list, a
+What a run covers (the sweep's --modes, --model, --shape; bench/'s lists of them and of paths; finetune's --mode
+and --model) and where it writes (--out, --resume) differ in kind between the entry points (one against a list, a
 default folder against a required one) and stay with each entry point.
 
 This module reads no command line: it only declares, and turns parsed values into the library's settings.
@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 from qlora_core.cell import CellSettings
 from qlora_core.lora import ALL_LINEAR, LoraSettings
+from qlora_core.paths import PATHS
 from qlora_core.profiles import PROFILES
 from qlora_core.trainer import OPTIMIZERS, FinetuneSettings, TrainSettings
 
@@ -273,6 +274,11 @@ SETTINGS: tuple[Setting, ...] = (
                       "suites without a GPU (to check them: figures are not GPU figures), and bench/ defaults to "
                       "cuda so that without a GPU its benchmarks skip", str, cell="device",
             finetune="source.device", choices=("auto", "cuda", "cpu"), bench_default="cuda", group="model"),
+    Setting("path", "training path: 'reference' (the common recipe: peft's k-bit preparation with its fp32 "
+                    "upcasts, the model's own loss over full logits) or 'lean' (no upcasts, adapters fed in the "
+                    "compute dtype, the loss in token chunks; qlora_core/paths.py). bench/ takes a list, "
+                    "--bench-paths", str, ("sweep", "finetune"), cell="path", finetune="settings.path",
+            choices=PATHS, group="model"),
     Setting("seq_len", "tokens per training block", positive, ("sweep", "bench"), cell="seq_len",
             default=profile_key("seq_len")),
     Setting("max_length", "truncate each training row to this many tokens (finetune trains on rows, not on the "

@@ -22,6 +22,7 @@ import torch
 from qlora_core.data import rank_rows
 from qlora_core.distributed import make_accelerator
 from qlora_core.measure.timing import timed
+from qlora_core.paths import check_path
 
 if TYPE_CHECKING:
     from qlora_core.modes import Mode
@@ -93,6 +94,9 @@ class FinetuneSettings:
         seed: model init, data order and dropout.
         profile_steps: run the last this many steps under ``torch.profiler`` (``ProfiledSteps``) and leave them
             out of the step-time statistics (the profiler slows them); 0: none. Not in the tutorial.
+        path: ``"reference"`` (the tutorial's: peft's k-bit preparation, the model's own loss) or ``"lean"``
+            (``qlora_core.paths``: no upcasts, compute-dtype adapters, the loss in chunks), mixed precision on
+            every device (the lean adapters take their input as autocast gives it).
     """
 
     batch_size: int = 2
@@ -107,8 +111,10 @@ class FinetuneSettings:
     gradient_checkpointing: bool = True
     seed: int = 0
     profile_steps: int = 0
+    path: str = "reference"
 
     def __post_init__(self) -> None:
+        check_path(self.path)
         for name in ("batch_size", "grad_accum", "max_steps", "logging_steps", "save_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -128,12 +134,13 @@ class FinetuneSettings:
         return asdict(self)
 
     def training_arguments(self, output_dir: Path, mode: Mode, device: torch.device):
-        """``TrainingArguments`` for ``mode`` on ``device``: mixed precision in the mode's compute dtype on CUDA
-        only (CPU trains in fp32 around bitsandbytes' own compute dtype). Gradient checkpointing is left off here:
-        ``prepare_for_training`` already enabled it on the model."""
+        """``TrainingArguments`` for ``mode`` on ``device``: mixed precision in the mode's compute dtype on CUDA,
+        and on the CPU for the lean path only (the reference path there trains in fp32 around bitsandbytes' own
+        compute dtype). Gradient checkpointing is left off here: ``prepare_for_training`` already enabled it on
+        the model."""
         from transformers import TrainingArguments
 
-        on_cuda = device.type == "cuda"
+        mixed = device.type == "cuda" or self.path == "lean"
         return TrainingArguments(
             output_dir=str(output_dir),
             per_device_train_batch_size=self.batch_size,
@@ -147,9 +154,9 @@ class FinetuneSettings:
             optim=OPTIMIZERS[self.optim][2],
             seed=self.seed,
             data_seed=self.seed,
-            bf16=on_cuda and mode.torch_compute_dtype == torch.bfloat16,
-            fp16=on_cuda and mode.torch_compute_dtype == torch.float16,
-            use_cpu=not on_cuda,
+            bf16=mixed and mode.torch_compute_dtype == torch.bfloat16,
+            fp16=mixed and mode.torch_compute_dtype == torch.float16,
+            use_cpu=device.type != "cuda",
             remove_unused_columns=False,
             # The filter tests every micro-batch's loss for NaN/inf on the host: two device syncs a micro-batch, and
             # a non-finite loss logged as the running mean instead of as what it is.

@@ -4,7 +4,8 @@ The tutorial this harness grew out of fine-tunes a BLOOM model on English quotes
 steps, each a function here (the CLI's ``finetune``, ``generate`` and ``merge`` and the bench suites call them):
 
 1. load the base in a registry mode (``models.load_model``: INT8, FP4 or NF4, double quant, bf16 compute);
-2. prepare it for k-bit training (``models.prepare_for_training``);
+2. prepare it for k-bit training (``models.prepare_for_training``; ``--path lean``: the lean path's preparation
+   instead, ``qlora_core.paths``, with its adapters and chunked loss);
 3. attach LoRA (``lora.attach_lora``: r=16, alpha=32, dropout 0.05, every linear layer by default);
 4. train with transformers' ``Trainer`` and a causal-LM collator (``finetune``), saving adapter-only checkpoints
    that an interrupted run resumes from (``AdapterOnlyCheckpointCallback``, ``last_complete_checkpoint``);
@@ -41,6 +42,7 @@ from qlora_core.measure.profile import Profiling
 from qlora_core.measure.timing import synchronize, timed, timing_stats
 from qlora_core.models import ModelSource, load_model, prepare_for_training, resolve_model
 from qlora_core.modes import BASELINE_MODE, Mode, get_mode
+from qlora_core.paths import adapters_for_path, check_path, chunked_causal_lm_nll
 from qlora_core.results import (FINETUNE_SCHEMA, MERGE_SCHEMA, environment, publish_folder, share_as_umask_allows,
                                 write_json_atomic)
 from qlora_core.trainer import FinetuneSettings, save_adapter
@@ -224,13 +226,35 @@ class AdapterOnlyCheckpointCallback(TrainerCallback):
 
 class WorkflowTrainer(Trainer):
     """transformers' ``Trainer``, counting FLOPs (``trainer_state.json``'s ``total_flos``) as it does, with the
-    model's parameter count taken once.
+    model's parameter count taken once, and the loss of the training ``path``.
 
     The base class recounts the parameters every micro-batch by walking every module (18 ms on SmolLM2-135M with
     LoRA on all linears, measured on one CPU core: 70 ms of each 4-micro-batch step); the count never changes.
     """
 
     _non_embedding_parameters: int | None = None
+
+    def __init__(self, *args, path: str = "reference", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.path = check_path(path)
+        if self.path == "lean":
+            # ``compute_loss`` divides by the tokens of the whole optimizer step when the Trainer counts them, as
+            # the model's own loss does; this tells the Trainer (of every version) not to divide again
+            self.model_accepts_loss_kwargs = True
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """The reference path's loss is the model's own; the lean path's ``paths.chunked_causal_lm_nll`` over the
+        micro-batch, divided by the step's scored tokens (``num_items_in_batch``) or, without them, its own."""
+        if self.path == "reference":
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+        if return_outputs:  # the Trainer asks for outputs when it evaluates, which the workflow never has it do
+            raise ValueError("the lean path's loss keeps no logits to return")
+        # accelerate autocasts the model's forward, which the chunked loss goes around (body, then head)
+        with self.accelerator.autocast():
+            total, scored = chunked_causal_lm_nll(model, inputs["input_ids"], labels=inputs["labels"],
+                                                  attention_mask=inputs.get("attention_mask"))
+        return total / (scored if num_items_in_batch is None else num_items_in_batch)
 
     def floating_point_ops(self, inputs: dict) -> int:
         """6 FLOPs per non-embedding parameter per input token, as the base class counts them."""
@@ -397,8 +421,9 @@ def finetune(
     reset_peak(device)
     model = load_model(source, mode, device)
     memory = {"after_load": memory_snapshot(device)}
-    model = prepare_for_training(model, mode, gradient_checkpointing=settings.gradient_checkpointing)
-    model = attach_lora(model, lora)
+    model = prepare_for_training(model, mode, gradient_checkpointing=settings.gradient_checkpointing,
+                                 path=settings.path)
+    model = adapters_for_path(attach_lora(model, lora), settings.path)
     counts = parameter_counts(model)
 
     checkpointing, step_timer = AdapterOnlyCheckpointCallback(), StepTimer(device)
@@ -409,6 +434,7 @@ def finetune(
         train_dataset=rows,
         data_collator=training_collator(tokenizer),
         callbacks=[checkpointing, step_timer, *([profiled] if settings.profile_steps else []), *callbacks],
+        path=settings.path,
     )
     reset_peak(device)
     _, wall_s = timed(lambda: trainer.train(resume_from_checkpoint=str(start_from) if start_from else None), device)

@@ -399,6 +399,23 @@ def test_unknown_merge_base_is_refused(tiny_source, mode, trained, tmp_path):
                                base="fp32")
 
 
+def test_lean_path_trains_the_same_loss_and_divides_by_the_steps_tokens(tiny_source, mode, tmp_path):
+    """``--path lean``: the first step's loss is the reference path's (the same rows and adapters; the lean path
+    under bf16 autocast), and two micro-batches of one row give the loss of one micro-batch of both (the sum
+    over the step's scored tokens, as transformers divides the model's own loss)."""
+    lean = replace(TINY_SETTINGS, path="lean", max_steps=2, save_steps=1)
+    one_batch = tiny_finetune(tiny_source, mode, tmp_path / "lean", settings=lean).summary
+    two_micro = tiny_finetune(tiny_source, mode, tmp_path / "lean-accum",
+                              settings=replace(lean, batch_size=1, grad_accum=2)).summary
+    reference = tiny_finetune(tiny_source, mode, tmp_path / "reference",
+                              settings=replace(TINY_SETTINGS, max_steps=2, save_steps=1)).summary
+    assert one_batch["settings"]["path"] == "lean" and one_batch["checkpoints"] == ["checkpoint-1", "checkpoint-2"]
+    first = [summary["training"]["steps"][0] for summary in (one_batch, two_micro, reference)]
+    assert first[1]["loss"] == pytest.approx(first[0]["loss"], rel=1e-2)
+    assert first[1]["grad_norm"] == pytest.approx(first[0]["grad_norm"], rel=5e-2)
+    assert first[0]["loss"] == pytest.approx(first[2]["loss"], rel=2e-2)
+
+
 # ---- command line ----
 
 
