@@ -13,6 +13,7 @@ COLUMNS = [
     ("model", "model", "{}"),
     ("mode", "mode", "{}"),
     ("rows_by_micro_batches", "rows x micro-batches", "{}"),
+    ("path", "path", "{}"),
     ("checkpointing", "checkpointing", "{}"),
     ("torch_threads", "torch threads", "{:d}"),
     ("steps", "steps", "{:d}"),
@@ -54,6 +55,8 @@ def finetune_row(summary: dict, merge: dict | None) -> dict:
         "mode": summary["mode"]["name"],
         "status": summary["status"],
         "rows_by_micro_batches": f"{summary['settings']['batch_size']} x {summary['settings']['grad_accum']}",
+        # summaries written before the workflow had a lean path trained on the reference one
+        "path": summary["settings"].get("path", "reference"),
         "checkpointing": "yes" if summary["settings"]["gradient_checkpointing"] else "no",
         # host-bound steps depend on the threads the host runs (OMP_NUM_THREADS)
         "torch_threads": (summary.get("environment") or {}).get("torch_threads"),

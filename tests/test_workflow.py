@@ -461,13 +461,14 @@ def test_cli_runs_the_workflow(tiny_model_dir, tiny_source, tmp_path, capsys):
     assert row["ppl_merged"] == pytest.approx(check["merged"]["perplexity"]["perplexity"])
     assert abs(row["merge_delta"]) == pytest.approx(check["merged"]["relative_delta"])
     assert "## Classic workflow" in (tmp_path / "report" / "report.md").read_text()
-    assert (row["rows_by_micro_batches"], row["checkpointing"]) == ("2 x 1", "yes")
+    assert (row["rows_by_micro_batches"], row["path"], row["checkpointing"]) == ("2 x 1", "reference", "yes")
     assert row["torch_threads"] == summary["environment"]["torch_threads"]
     # a variant of the same run differs in its set-up columns, and one sample is noted once
     variant = copy.deepcopy(summary) | {"path": "variant/summary.json"}
-    variant["settings"] |= {"batch_size": 8, "gradient_checkpointing": False}
+    variant["settings"] |= {"batch_size": 8, "gradient_checkpointing": False, "path": "lean"}
     frame = workflow_table.workflow_frame([summary | {"path": "ft/summary.json"}, variant], [])
-    assert sorted(zip(frame["rows_by_micro_batches"], frame["checkpointing"])) == [("2 x 1", "yes"), ("8 x 1", "no")]
+    assert sorted(zip(frame["rows_by_micro_batches"], frame["path"], frame["checkpointing"])) == [
+        ("2 x 1", "reference", "yes"), ("8 x 1", "lean", "no")]
     assert sum(note.startswith(f"{mode.name} sample:") for note in workflow_table.notes(frame)) == 1
 
 
