@@ -593,10 +593,11 @@ def _setup_suffixes(setups: dict[str, dict]) -> dict[str, str]:
     differing = sorted((key for key in set().union(*setups.values())
                         if len({shown(setup, key) for setup in setups.values()}) > 1),
                        key=lambda key: (first.get(key, len(first)), key))
-    counts = [count for count in range(1, len(differing) + 1)
-              if len({tuple(shown(setup, key) for key in differing[:count]) for setup in setups.values()})
-              == len(setups)]
-    keys = differing[:min(counts, default=len(differing))]
+    def tells_apart(keys: list[str]) -> bool:
+        return len({tuple(shown(setup, key) for key in keys) for setup in setups.values()}) == len(setups)
+
+    count = next((count for count in range(1, len(differing)) if tells_apart(differing[:count])), len(differing))
+    keys = differing[:count]
     return {signature: ", ".join(f"{key}={shown(setup, key)}" for key in keys)
             for signature, setup in setups.items()}
 
