@@ -20,7 +20,7 @@ import torch
 
 from qlora_core import backends
 from qlora_core import data as datalib
-from qlora_core.lora import LoraSettings, attach_lora, merge_into_bf16, parameter_counts
+from qlora_core.lora import LoraSettings, merge_into_bf16, parameter_counts
 from qlora_core.measure.floor import memory_floor, predicted_vs_measured
 from qlora_core.measure.flops import (lora_training_flops_per_token, matmul_params, peak_flops,
                                       recompute_flops_per_token)
@@ -38,7 +38,7 @@ from qlora_core.models import (
 )
 from qlora_core.modes import get_mode
 from qlora_core.noise import warning_counts
-from qlora_core.paths import adapters_for_path, check_path, loss_function
+from qlora_core.paths import attach_adapters, check_path, loss_function
 from qlora_core.results import SCHEMA, environment, non_finite
 from qlora_core.shapes import (
     RANDOM_WEIGHTS_NOTE,
@@ -406,7 +406,7 @@ class Cell:
         with self._phase("setting up LoRA"):
             checkpointing, path = settings.gradient_checkpointing, settings.path
             model = prepare_for_training(state.model, self.mode, gradient_checkpointing=checkpointing, path=path)
-            state.model = adapters_for_path(attach_lora(model, settings.lora), path)
+            state.model = attach_adapters(model, settings.lora, path)
             batches = datalib.batches(self.inputs.train_blocks, settings.batch_size, settings.train.seed)
             state.trainer = LoraTrainer(state.model, batches, settings.train, self.mode.torch_compute_dtype,
                                         loss_fn=loss_function(path), compile=settings.compile)

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from qlora_core import backends
+from qlora_core.lora import LoraSettings, attach_lora
 
 PATHS = ("reference", "lean")
 IGNORE_INDEX = -100
@@ -64,8 +65,10 @@ def lean_adapters(peft_model):
     return peft_model
 
 
-def adapters_for_path(peft_model, path: str):
-    """The adapters as ``path`` runs them: ``lean_adapters`` on the lean path, peft's own on the reference."""
+def attach_adapters(model, lora: LoraSettings, path: str):
+    """``lora.attach_lora`` on a base prepared for ``path`` (``models.prepare_for_training``), the adapters as the
+    path runs them: ``lean_adapters`` on the lean path, peft's own on the reference. Returns the peft model."""
+    peft_model = attach_lora(model, lora)
     return lean_adapters(peft_model) if check_path(path) == "lean" else peft_model
 
 

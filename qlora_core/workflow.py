@@ -35,14 +35,14 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from qlora_core import data as datalib
-from qlora_core.lora import LoraSettings, attach_lora, merge_into_bf16, parameter_counts
+from qlora_core.lora import LoraSettings, merge_into_bf16, parameter_counts
 from qlora_core.measure.memory import memory_snapshot, reset_peak
 from qlora_core.measure.perplexity import perplexity
 from qlora_core.measure.profile import Profiling
 from qlora_core.measure.timing import synchronize, timed, timing_stats
 from qlora_core.models import ModelSource, load_model, prepare_for_training, resolve_model
 from qlora_core.modes import BASELINE_MODE, Mode, get_mode
-from qlora_core.paths import adapters_for_path, check_path, chunked_causal_lm_nll
+from qlora_core.paths import attach_adapters, check_path, chunked_causal_lm_nll
 from qlora_core.results import (FINETUNE_SCHEMA, MERGE_SCHEMA, environment, publish_folder, share_as_umask_allows,
                                 write_json_atomic)
 from qlora_core.trainer import FinetuneSettings, save_adapter
@@ -423,7 +423,7 @@ def finetune(
     memory = {"after_load": memory_snapshot(device)}
     model = prepare_for_training(model, mode, gradient_checkpointing=settings.gradient_checkpointing,
                                  path=settings.path)
-    model = adapters_for_path(attach_lora(model, lora), settings.path)
+    model = attach_adapters(model, lora, settings.path)
     counts = parameter_counts(model)
 
     checkpointing, step_timer = AdapterOnlyCheckpointCallback(), StepTimer(device)

@@ -8,12 +8,12 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 
 from qlora_core.backends.bitsandbytes import keep_no_int8_inputs
-from qlora_core.lora import LoraSettings, attach_lora
+from qlora_core.lora import LoraSettings
 from qlora_core.models import prepare_for_training
 from qlora_core.modes import get_mode
 from qlora_core.paths import (
     IGNORE_INDEX,
-    adapters_for_path,
+    attach_adapters,
     causal_lm_loss,
     check_path,
     chunked_causal_lm_loss,
@@ -43,7 +43,7 @@ def adapted(shape: str, mode_name: str, path: str, checkpointing: bool = True):
     model = prepare_for_training(build_shape_model(shape, mode, CPU), mode, gradient_checkpointing=checkpointing,
                                  path=path)
     torch.manual_seed(0)
-    model = adapters_for_path(attach_lora(model, LoraSettings(r=4, alpha=8, dropout=0.0)), path)
+    model = attach_adapters(model, LoraSettings(r=4, alpha=8, dropout=0.0), path)
     for name, param in model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(param, std=0.02)
