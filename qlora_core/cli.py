@@ -28,6 +28,7 @@ from qlora_core.noise import each_warning_once
 from qlora_core.paths import PATHS
 from qlora_core.profiles import PROFILES
 from qlora_core.report import DEFAULT_THRESHOLD
+from qlora_core.result_model import CellResult
 from qlora_core.results import ALLOCATOR_CONF_VARIABLES
 from qlora_core.shapes import SHAPES
 
@@ -372,7 +373,7 @@ def _write_workflow_report(workflows, out: Path, *, after_cells: bool) -> list[s
     return ["workflow.csv"] if after_cells else ["report.md", "workflow.csv"]
 
 
-def _write_cell_report(results: list[dict], runs: list[dict], out: Path) -> list[str]:
+def _write_cell_report(results: list[CellResult], runs: list[dict], out: Path) -> list[str]:
     """report.md, report.csv, report.png (when a cell finished) and memory.png (when a cell carries a floor)
     into ``out``; returns the names written."""
     from qlora_core.report import markdown_report, memory_plot, plot, results_frame
@@ -382,7 +383,7 @@ def _write_cell_report(results: list[dict], runs: list[dict], out: Path) -> list
     (out / "report.md").write_text(markdown_report(results, runs=runs, memory_png=memory_png))
     results_frame(results).to_csv(out / "report.csv", index=False)
     written = ["report.md", "report.csv"]
-    if any(result["status"] == "ok" for result in results):  # failures alone have nothing to plot
+    if any(result.status == "ok" for result in results):  # failures alone have nothing to plot
         plot(results, out / "report.png")
         written.append("report.png")
     if memory_png:

@@ -22,59 +22,28 @@ from qlora_core.measure.floor import MEASURED_BY_ALLOCATOR, PHASE_COMPONENTS, ph
 from qlora_core.measure.memory import GIB
 from qlora_core.measure.timing import NOISY_RELATIVE_IQR
 from qlora_core.modes import BASELINE_MODE, MODES
+from qlora_core.result_model import (MIB, TEXTS, CellResult, Environment, Floor, MemorySnapshot, Settings, as_cells,
+                                     table_columns, training_peak)
 from qlora_core.results import flatten_settings, model_label
 
-MIB = 2**20
-
+#: The frame's measurement columns, each with its reader, as the result model declares them on their fields
+#: (``result_model.Column``): a new measurement's columns are declared there, and the tables, CSV, ratios and
+#: ``compare`` take them from here.
+FRAME_COLUMNS = table_columns()
 #: Columns shown in tables: (frame column, header, format). Ratio columns are added beside the starred ones.
-COLUMNS = [
-    ("weights_mib", "weights MiB", "{:.1f}"),
-    ("bits_per_param", "bits/param", "{:.3f}"),
-    ("quant_error", "weight err", "{:.2%}"),
-    ("peak_gib", "peak GiB", "{:.2f}"),
-    ("step_ms", "step ms", "{:.0f}"),
-    ("step_iqr_ms", "± IQR ms", "{:.0f}"),
-    ("tokens_per_s", "tokens/s", "{:.0f}"),
-    ("mfu", "MFU", "{:.1%}"),
-    ("hfu", "HFU", "{:.1%}"),
-    ("ppl_heldout_before", "ppl quotes before", "{:.2f}"),
-    ("ppl_heldout_after", "ppl quotes after", "{:.2f}"),
-    ("ppl_eval_text_before", "ppl eval-text before", "{:.2f}"),
-    ("ppl_eval_text_after", "ppl eval-text after", "{:.2f}"),
-]
+COLUMNS = [(column.name, column.header, column.fmt) for column, _ in FRAME_COLUMNS if column.header]
 #: Columns also shown as a ratio to the baseline mode.
-RATIO_COLUMNS = ("weights_mib", "peak_gib", "step_ms", "tokens_per_s", "ppl_heldout_before", "ppl_heldout_after",
-                 "ppl_eval_text_before", "ppl_eval_text_after")
-#: The evaluation texts a cell scores (keys of its ``perplexity`` entries), as tables and notes name them.
-TEXTS = {"heldout": "held-out quotes", "eval_text": "evaluation text"}
+RATIO_COLUMNS = tuple(column.name for column, _ in FRAME_COLUMNS if column.ratio)
 #: Where a row's peak memory was read: the separate memory pass, or the cell's own (evaluating) process.
 PEAK_FROM_MEMORY_PASS, PEAK_FROM_CELL = "memory pass", "cell process"
 #: Appended to a peak read in the cell's own process when other rows' peaks come from a memory pass.
 CELL_PEAK_MARK = " †"
 
 
-def _training_peak(result: dict) -> tuple[dict, str]:
-    """The training-peak snapshot to report and where it was read.
-
-    The memory pass (a process of its own that loads, sets up LoRA and trains a few steps, with no evaluation)
-    is preferred: the project measures memory apart from time and evaluation. A result without one (a sweep's,
-    or a ``bench/`` cell whose pytest-benchmark JSON was lost) falls back to its own process's peak, which
-    is reset after set-up and so also covers the training steps only.
-    """
-    memory_pass = (result.get("memory_pass") or {}).get("memory")
-    if memory_pass:
-        return memory_pass["training_peak"], PEAK_FROM_MEMORY_PASS
-    return result["memory"]["training_peak"], PEAK_FROM_CELL
-
-
-def peak_bytes(peak: dict) -> int | None:
-    """The peak a memory snapshot (``measure.memory.memory_snapshot``) holds: allocated bytes on CUDA, RSS on CPU."""
-    return peak.get("peak_allocated_bytes", peak.get("peak_rss_bytes"))
-
-
-def _ppl(result: dict, when: str, name: str) -> float | None:
-    entry = result.get("perplexity", {}).get(when, {}).get(name)
-    return entry["perplexity"] if entry else None
+def _training_peak(result: CellResult) -> tuple[MemorySnapshot, str]:
+    """The training-peak snapshot to report (``result_model.training_peak``) and where it was read."""
+    peak, from_memory_pass = training_peak(result)
+    return peak, PEAK_FROM_MEMORY_PASS if from_memory_pass else PEAK_FROM_CELL
 
 
 def sort_by_model_and_mode(frame: pd.DataFrame) -> pd.DataFrame:
@@ -84,48 +53,21 @@ def sort_by_model_and_mode(frame: pd.DataFrame) -> pd.DataFrame:
                              ignore_index=True)
 
 
-def result_row(result: dict) -> dict:
-    """One table row (plain numbers, units in the keys) from one cell result."""
-    row = {
-        "model": model_label(result),
-        "mode": result["mode"]["name"],
-        "status": result["status"],
-        "device": result.get("device"),
-    }
-    if result["status"] != "ok":
-        return {**row, "error": result.get("error")}
-    training = result["training"]
+def result_row(result: CellResult) -> dict:
+    """One table row (plain numbers, units in the keys) from one cell result: what the row is, then every
+    ``FRAME_COLUMNS`` figure."""
+    row = {"model": model_label(result), "mode": result.mode.name, "status": result.status, "device": result.device}
+    if result.status != "ok":
+        return {**row, "error": result.error}
     peak, peak_source = _training_peak(result)
-    peak_read = peak_bytes(peak)
-    bench = training.get("benchmark_stats") or {}
-    return {
-        **row,
-        "memory_kind": peak["kind"],
-        "peak_source": peak_source,
-        "weights_mib": result["weights"]["weights_bytes"] / MIB,
-        "bits_per_param": result["weights"]["bits_per_quantized_param"],
-        "quant_error": (result.get("quant_error") or {}).get("relative_l2"),
-        "peak_gib": peak_read / GIB if peak_read is not None else None,
-        "step_ms": training["timing"]["median_s"] * 1e3,
-        "step_iqr_ms": training["timing"]["iqr_s"] * 1e3,
-        "noisy": training["timing"]["noisy"],
-        "bench_step_ms": bench["median_s"] * 1e3 if bench else None,
-        "bench_step_iqr_ms": bench["iqr_s"] * 1e3 if bench else None,
-        "tokens_per_s": training["tokens_per_s"],
-        "mfu": training["mfu"],
-        "hfu": training.get("hfu"),  # results made before it existed have none
-        "loss_first": training["losses"][0],
-        "loss_last": training["losses"][-1],
-        "ppl_heldout_before": _ppl(result, "before", "heldout"),
-        "ppl_heldout_after": _ppl(result, "after", "heldout"),
-        "ppl_eval_text_before": _ppl(result, "before", "eval_text"),
-        "ppl_eval_text_after": _ppl(result, "after", "eval_text"),
-    }
+    return {**row, "memory_kind": peak.kind, "peak_source": peak_source,
+            **{column.name: read(result) for column, read in FRAME_COLUMNS}}
 
 
-def results_frame(results: list[dict]) -> pd.DataFrame:
-    """One row per cell, registry order within each model, with ``<column>_ratio`` to the baseline mode."""
-    frame = sort_by_model_and_mode(pd.DataFrame([result_row(r) for r in results]))
+def results_frame(results: list[CellResult | dict]) -> pd.DataFrame:
+    """One row per cell (``results`` typed, or as their JSON), registry order within each model, with
+    ``<column>_ratio`` to the baseline mode."""
+    frame = sort_by_model_and_mode(pd.DataFrame([result_row(r) for r in as_cells(results)]))
     for column in RATIO_COLUMNS:
         if column not in frame:
             continue
@@ -174,9 +116,9 @@ def table_rows(frame: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
     return headers, rows
 
 
-def _per_model(results: list[dict]) -> list[tuple[str, list[dict]]]:
+def _per_model(results: list[CellResult]) -> list[tuple[str, list[CellResult]]]:
     """Results grouped by model label, labels sorted (as ``results_frame`` sorts its rows)."""
-    groups: dict[str, list[dict]] = {}
+    groups: dict[str, list[CellResult]] = {}
     for result in results:
         groups.setdefault(model_label(result), []).append(result)
     return sorted(groups.items(), key=lambda group: group[0])
@@ -186,21 +128,21 @@ def _names(cells: list[tuple[str, str]], several_models: bool) -> str:
     return ", ".join(f"{model}/{mode}" if several_models else mode for model, mode in cells)
 
 
-def _peak_note(ok: list[dict]) -> str | None:
+def _peak_note(ok: list[CellResult]) -> str | None:
     """Which process each 'peak GiB' was read in, and what it measures."""
     if not any(_training_peak(r)[1] == PEAK_FROM_MEMORY_PASS for r in ok):
         return None  # the sweep's results: one process per cell, nothing to tell apart
     several_models = len({model_label(r) for r in ok}) > 1
     sources: dict[str, list[tuple[str, str]]] = {PEAK_FROM_MEMORY_PASS: [], PEAK_FROM_CELL: []}
     order = {name: index for index, name in enumerate(MODES)}
-    for r in sorted(ok, key=lambda r: (model_label(r), order.get(r["mode"]["name"], len(order)))):
-        sources[_training_peak(r)[1]].append((model_label(r), r["mode"]["name"]))
-    kinds = {_training_peak(r)[0]["kind"] for r in ok}
+    for r in sorted(ok, key=lambda r: (model_label(r), order.get(r.mode.name, len(order)))):
+        sources[_training_peak(r)[1]].append((model_label(r), r.mode.name))
+    kinds = {_training_peak(r)[0].kind for r in ok}
     cuda = kinds == {"cuda"}
     what = "the CUDA allocator's peak allocated bytes" if cuda else "the peak memory"
     reset = " (peak counters reset after set-up, so also the training steps only)" if cuda else ""
-    steps = {(r["memory_pass"].get("settings") or {}).get("train", {}).get("max_steps")
-             for r in ok if _training_peak(r)[1] == PEAK_FROM_MEMORY_PASS}
+    steps = {r.memory_pass.settings.train.max_steps if r.memory_pass.settings and r.memory_pass.settings.train
+             else None for r in ok if _training_peak(r)[1] == PEAK_FROM_MEMORY_PASS}
     pass_steps = f"{steps.pop()} training steps" if len(steps) == 1 and None not in steps else "a few training steps"
     note = (f"peak GiB: {what} while training, read in the separate memory pass (its own process: load, LoRA "
             f"set-up, {pass_steps}, no evaluation)")
@@ -211,53 +153,48 @@ def _peak_note(ok: list[dict]) -> str | None:
             f"which have no memory pass.")
 
 
-def _timing_notes(ok: list[dict]) -> list[str]:
+def _timing_notes(ok: list[CellResult]) -> list[str]:
     """How step times were taken, and where pytest-benchmark's own timing of them went."""
-    timings = [r["training"]["timing"] for r in ok if "training" in r]
-    protocols = {(timing["rounds"], timing["warmup"]) for timing in timings}
+    protocols = {(r.training.timing.rounds, r.training.timing.warmup) for r in ok}
     if not protocols:
         return []
     steps = (f"{next(iter(protocols))[0]} timed training steps after {next(iter(protocols))[1]} warm-up"
              if len(protocols) == 1 else "the timed training steps (after warm-up)")
     note = (f"step ms: median wall time of {steps}, timed in the cell's worker with the device synchronized "
             f"around each step; ± IQR ms: their interquartile range; tokens/s: tokens a step / that median.")
-    if any(r["training"].get("benchmark_stats") for r in ok if "training" in r):
+    if any(r.training.benchmark_stats for r in ok):
         note += (" pytest-benchmark's own timing of the same steps (round trip to the worker included) is in "
                  "the CSV as bench_step_ms and bench_step_iqr_ms.")
     return [note]
 
 
-def _device_state_note(ok: list[dict]) -> str | None:
+def _device_state_note(ok: list[CellResult]) -> str | None:
     """The GPU's SM clock, temperature and power over each cell's timed steps (NVML, read after each step): a
     step that slows as the clock falls was throttled, not slowed by its mode."""
     several_models = len({model_label(r) for r in ok}) > 1
     parts = []
     for r in ok:
-        training = r.get("training") or {}
-        if not training.get("device_states"):
-            continue
-        states = [s for s in training["device_states"][training["timing"]["warmup"]:] if s]
+        states = [s for s in (r.training.device_states or [])[r.training.timing.warmup:] if s]
         if not states:
             continue
-        clocks, power = [s["sm_clock_mhz"] for s in states], [s["power_w"] for s in states]
-        name = f"{model_label(r)} {r['mode']['name']}" if several_models else r["mode"]["name"]
-        parts.append(f"{name} {min(clocks)}-{max(clocks)} MHz, up to {max(s['temperature_c'] for s in states)} C, "
+        clocks, power = [s.sm_clock_mhz for s in states], [s.power_w for s in states]
+        name = f"{model_label(r)} {r.mode.name}" if several_models else r.mode.name
+        parts.append(f"{name} {min(clocks)}-{max(clocks)} MHz, up to {max(s.temperature_c for s in states)} C, "
                      f"{min(power):.0f}-{max(power):.0f} W")
     if not parts:
         return None
     return "GPU during the timed steps (NVML after each step: SM clock, temperature, power): " + "; ".join(parts) + "."
 
 
-def _allocator_note(ok: list[dict]) -> str | None:
+def _allocator_note(ok: list[CellResult]) -> str | None:
     """Cells whose timed steps (after warm-up) still went to the driver for memory: cudaMalloc synchronizes the
     device, so those steps' times carry the allocator's growth as well as the mode's work."""
     several_models = len({model_label(r) for r in ok}) > 1
     parts = []
     for r in ok:
-        training = r.get("training") or {}
-        mallocs = (training.get("step_cuda_mallocs") or [])[training.get("timing", {}).get("warmup", 0):]
+        mallocs = (r.training.step_cuda_mallocs or [])[r.training.timing.warmup:]
         if any(mallocs):
-            name = f"{model_label(r)} {r['mode']['name']}" if several_models else r["mode"]["name"]
+            name = f"{model_label(r)} {r.mode.name}" if several_models else r.mode.name
             parts.append(f"{name} in {sum(1 for count in mallocs if count)} of {len(mallocs)} steps "
                          f"({sum(mallocs)} calls)")
     if not parts:
@@ -265,62 +202,64 @@ def _allocator_note(ok: list[dict]) -> str | None:
     return "Timed steps that still asked the driver for memory (cudaMalloc, which synchronizes): " + "; ".join(parts) + "."
 
 
-def _processes_note(result: dict) -> str:
+def _processes_note(result: CellResult) -> str:
     """Each process's training peak for a cell trained on several (``cell_ranks``): the table shows rank 0's."""
-    peaks = [peak_bytes(rank["memory"]["training_peak"]) for rank in result["ranks"]]
+    peaks = [rank.memory.training_peak.peak_bytes for rank in result.ranks]
     shown = ", ".join("-" if peak is None else f"{peak / GIB:.2f}" for peak in peaks)
     largest = max((peak for peak in peaks if peak is not None), default=None)
     most = "" if largest is None else f" (largest {largest / GIB:.2f})"
-    return (f"{model_label(result)} {result['mode']['name']}: trained on {len(peaks)} processes; peak GiB by "
+    return (f"{model_label(result)} {result.mode.name}: trained on {len(peaks)} processes; peak GiB by "
             f"process {shown}{most}; the table shows process 0's, which also evaluated.")
 
 
-def _scaling_notes(ok: list[dict]) -> list[str]:
+def _scaling_notes(ok: list[CellResult]) -> list[str]:
     """For each cell trained on N processes beside the same cell on one (the same mode and settings but the
     process count): its tokens/s against one process's, and that over N: the scaling efficiency (1: linear)."""
-    def without_processes(result: dict) -> str:
-        flat = flatten_settings(result.get("settings", {}))
+    def without_processes(result: CellResult) -> str:
+        flat = flatten_settings(result.settings.to_json())
         flat.pop("num_processes", None)
         return json.dumps(flat, sort_keys=True, default=str)
 
-    single = {without_processes(r): r for r in ok if r.get("settings", {}).get("num_processes", 1) == 1}
+    def processes(result: CellResult) -> int:
+        return 1 if result.settings.num_processes is None else result.settings.num_processes
+
+    single = {without_processes(r): r for r in ok if processes(r) == 1}
     notes = []
     for r in ok:
-        processes = r.get("settings", {}).get("num_processes", 1)
-        if processes > 1 and (one := single.get(without_processes(r))):
-            speedup = r["training"]["tokens_per_s"] / one["training"]["tokens_per_s"]
-            notes.append(f"{model_label(r)} {r['mode']['name']}: {processes} processes train {speedup:.2f}x the "
-                         f"tokens a second of one process: scaling efficiency {speedup / processes:.0%}.")
+        if processes(r) > 1 and (one := single.get(without_processes(r))):
+            speedup = r.training.tokens_per_s / one.training.tokens_per_s
+            notes.append(f"{model_label(r)} {r.mode.name}: {processes(r)} processes train {speedup:.2f}x the "
+                         f"tokens a second of one process: scaling efficiency {speedup / processes(r):.0%}.")
     return notes
 
 
-def _compile_note(result: dict) -> str:
+def _compile_note(result: CellResult) -> str:
     """How torch.compile handled a compiled cell: its first step (compilation included), graphs, graph breaks."""
-    compiled = result["compile"]
-    breaks = "; ".join(f"{reason} (x{count})" for reason, count in compiled["graph_breaks"].items()) or "none"
-    return (f"{model_label(result)} {result['mode']['name']}: compiled (torch.compile): first step "
-            f"{compiled['first_step_s']:.1f} s with compilation, {compiled['unique_graphs']} graphs; graph breaks: "
+    compiled = result.compile
+    breaks = "; ".join(f"{reason} (x{count})" for reason, count in compiled.graph_breaks.items()) or "none"
+    return (f"{model_label(result)} {result.mode.name}: compiled (torch.compile): first step "
+            f"{compiled.first_step_s:.1f} s with compilation, {compiled.unique_graphs} graphs; graph breaks: "
             f"{breaks}.")
 
 
-def _text_name(result: dict, name: str) -> str:
+def _text_name(result: CellResult, name: str) -> str:
     """'held-out quotes', or 'evaluation text (wiki.test.raw)' with the file the cell read."""
-    eval_text = result.get("settings", {}).get("eval_text")
+    eval_text = result.settings.eval_text
     file = f" ({Path(eval_text).name})" if name == "eval_text" and eval_text else ""
     return TEXTS.get(name, name) + file
 
 
-def _perplexity_notes(ok: list[dict]) -> list[str]:
+def _perplexity_notes(ok: list[CellResult]) -> list[str]:
     """The perplexity protocol and the tokens scored on each text, once per distinct protocol."""
     several_models = len({model_label(r) for r in ok}) > 1
     protocols: dict[str, list[str]] = {}
     for r in ok:
-        before = r["perplexity"].get("before")
+        before = r.perplexity.get("before")
         if not before:  # shape-only models (random weights) have no perplexity
             continue
         first = next(iter(before.values()))
-        counts = [(f"{entry['n_tokens_scored']:,}", _text_name(r, name)) for name, entry in before.items()]
-        text = (f"window {first['window']}, stride {first['stride']}, {counts[0][0]} tokens scored on the "
+        counts = [(f"{entry.n_tokens_scored:,}", _text_name(r, name)) for name, entry in before.items()]
+        text = (f"window {first.window}, stride {first.stride}, {counts[0][0]} tokens scored on the "
                 f"{counts[0][1]}" + "".join(f", {n} on the {name}" for n, name in counts[1:]))
         protocols.setdefault(text, []).append(model_label(r))
     notes = []
@@ -333,14 +272,14 @@ def _perplexity_notes(ok: list[dict]) -> list[str]:
     return notes
 
 
-def footnotes(results: list[dict]) -> list[str]:
+def footnotes(results: list[CellResult | dict]) -> list[str]:
     """What a reader must know to read the table: devices, memory kind and source, provenance, protocols."""
     notes = []
-    ok = [r for r in results if r["status"] == "ok"]
-    if any(_training_peak(r)[0]["kind"] == "cpu_rss" for r in ok):
+    ok = [r for r in as_cells(results) if r.status == "ok"]
+    if any(_training_peak(r)[0].kind == "cpu_rss" for r in ok):
         notes.append("CPU figures: 'peak GiB' is the process's peak resident memory (RSS), not GPU memory; "
                      "step times are CPU times.")
-    for provenance in {repr(r["model"]["provenance"]): r["model"]["provenance"] for r in ok}.values():
+    for provenance in {repr(r.model.provenance): r.model.provenance for r in ok}.values():
         if "note" in provenance:
             notes.append(f"{provenance.get('name', 'model')}: {provenance['note']}.")
     peak = _peak_note(ok)
@@ -351,26 +290,26 @@ def footnotes(results: list[dict]) -> list[str]:
         notes.append(device_states)
     if allocator := _allocator_note(ok):
         notes.append(allocator)
-    for model, note in {model_label(r): r["note"] for r in ok if r.get("note")}.items():
+    for model, note in {model_label(r): r.note for r in ok if r.note}.items():
         notes.append(f"{model}: {note}.")
     notes += _perplexity_notes(ok)
-    for dtype in sorted({r["int8_matmul_dtype"] for r in ok if r.get("int8_matmul_dtype")}):
+    for dtype in sorted({r.int8_matmul_dtype for r in ok if r.int8_matmul_dtype}):
         notes.append(f"int8: bitsandbytes casts the int8 matmuls' inputs to {dtype} whatever the mode's compute "
                      f"dtype.")
-    notes += [_int8_outlier_note(r) for r in ok if r.get("int8_outliers")]
-    notes += [_processes_note(r) for r in ok if r.get("ranks")]
+    notes += [_int8_outlier_note(r) for r in ok if r.int8_outliers]
+    notes += [_processes_note(r) for r in ok if r.ranks]
     notes += _scaling_notes(ok)
-    notes += [_compile_note(r) for r in ok if r.get("compile")]
+    notes += [_compile_note(r) for r in ok if r.compile]
     notes.append(f"(xN): ratio to {BASELINE_MODE} of the same model and run.")
     notes.append(f"'~' marks a step time whose IQR exceeds {NOISY_RELATIVE_IQR:.0%} of its median: too noisy to "
                  f"rank.")
     return notes
 
 
-def _int8_outlier_note(result: dict) -> str:
+def _int8_outlier_note(result: CellResult) -> str:
     """Which share of each int8 linear's input columns were outliers (multiplied in 16 bits and kept until
     backward: the memory model counts them)."""
-    shares = ", ".join(f"{name} {share:.1%}" for name, share in result["int8_outliers"]["share"].items())
+    shares = ", ".join(f"{name} {share:.1%}" for name, share in result.int8_outliers.share.items())
     return f"{model_label(result)} int8: outlier columns (last step, share of each linear's inputs): {shares}."
 
 
@@ -380,7 +319,7 @@ def _stacked(cell: str) -> str:
     return f"{match[1]}{match[3]}\n({match[2]})" if match else cell
 
 
-def _one_rich_table(results: list[dict], title: str):
+def _one_rich_table(results: list[CellResult], title: str):
     """The terminal table of one model: transposed (a column per mode, a row per figure) so seven modes fit 80
     columns, with each ratio to the baseline on its own line under the value."""
     from rich import box
@@ -397,12 +336,13 @@ def _one_rich_table(results: list[dict], title: str):
     return table
 
 
-def rich_table(results: list[dict], title: str = "qlora-bench"):
+def rich_table(results: list[CellResult | dict], title: str = "qlora-bench"):
     """The terminal rendering: one table per model, then the footnotes (as text: a table's caption is clipped
     to the table's width)."""
     from rich.console import Group
     from rich.text import Text
 
+    results = as_cells(results)
     groups = _per_model(results)
     tables = [_one_rich_table(part, f"{title}: {model}" if len(groups) > 1 else title) for model, part in groups]
     return Group(*tables, Text("\n".join(footnotes(results))))
@@ -413,8 +353,9 @@ def markdown_rows(headers: list[str], rows: list[list[str]]) -> list[str]:
     return lines + ["| " + " | ".join(row) + " |" for row in rows]
 
 
-def markdown_table(results: list[dict]) -> str:
+def markdown_table(results: list[CellResult | dict]) -> str:
     """The table(s) as Markdown, one per model (under a heading when there are several), then the footnotes."""
+    results = as_cells(results)
     groups = _per_model(results)
     lines: list[str] = []
     for model, part in groups:
@@ -424,35 +365,34 @@ def markdown_table(results: list[dict]) -> str:
     return "\n".join(lines + [f"- {note}" for note in footnotes(results)]) + "\n"
 
 
-def _describe_environment(env: dict | None) -> str:
+def _describe_environment(env: Environment | None) -> str:
     if not env:
         return "environment not recorded"
-    gpu = env.get("gpu")
-    device = (f"{gpu['name']} (driver {gpu.get('driver')}, CUDA {gpu.get('cuda')})" if gpu
-              else f"CPU {env.get('cpu')} x{env.get('cpu_count')}")
-    libraries = ", ".join(f"{name} {version}" for name, version in env.get("libraries", {}).items()
+    gpu = env.gpu
+    device = f"{gpu.name} (driver {gpu.driver}, CUDA {gpu.cuda})" if gpu else f"CPU {env.cpu} x{env.cpu_count}"
+    libraries = ", ".join(f"{name} {version}" for name, version in (env.libraries or {}).items()
                           if version and name != "qlora-bench")
-    return f"{device}; {libraries}; commit {env.get('commit')}"
+    return f"{device}; {libraries}; commit {env.commit}"
 
 
-def _describe_settings(settings: dict) -> str:
-    train, lora = settings["train"], settings["lora"]
-    timed = train["max_steps"] - settings["timing_warmup"]
-    checkpointing = "gradient checkpointing" if settings["gradient_checkpointing"] else "no checkpointing"
-    return (f"{settings['batch_size']} x {settings['seq_len']} tokens a step, {timed} timed steps after "
-            f"{settings['timing_warmup']} warm-up; LoRA r={lora['r']}, alpha={lora['alpha']} on "
-            f"{lora['target_modules']}; {train['optimizer']} lr {train['learning_rate']:g}; {checkpointing}")
+def _describe_settings(settings: Settings) -> str:
+    train, lora = settings.train, settings.lora
+    timed = train.max_steps - settings.timing_warmup
+    checkpointing = "gradient checkpointing" if settings.gradient_checkpointing else "no checkpointing"
+    return (f"{settings.batch_size} x {settings.seq_len} tokens a step, {timed} timed steps after "
+            f"{settings.timing_warmup} warm-up; LoRA r={lora.r}, alpha={lora.alpha} on "
+            f"{lora.target_modules}; {train.optimizer} lr {train.learning_rate:g}; {checkpointing}")
 
 
-def run_summary(results: list[dict]) -> list[str]:
+def run_summary(results: list[CellResult | dict]) -> list[str]:
     """Where and how the results were measured: each distinct machine and set-up once, with its dates."""
     lines: dict[str, set[str]] = {}
-    for r in results:
-        env = r.get("environment")
+    for r in as_cells(results):
+        env = r.environment
         line = _describe_environment(env)
-        if r.get("settings", {}).get("train"):
-            line = f"{model_label(r)}: {_describe_settings(r['settings'])}; {line}"
-        lines.setdefault(line, set()).add(((env or {}).get("timestamp") or "")[:10])
+        if r.settings.train:
+            line = f"{model_label(r)}: {_describe_settings(r.settings)}; {line}"
+        lines.setdefault(line, set()).add(((env and env.timestamp) or "")[:10])
     return [f"{line}; {', '.join(sorted(d for d in dates if d)) or 'date not recorded'}"
             for line, dates in lines.items()]
 
@@ -500,19 +440,19 @@ def _seconds_by_activity(cells: list[dict]) -> dict[str, float]:
     return dict(sorted(totals.items(), key=lambda item: -item[1]))
 
 
-def floor_frame(results: list[dict]) -> pd.DataFrame:
+def floor_frame(results: list[CellResult | dict]) -> pd.DataFrame:
     """Predicted (analytic floor) vs measured memory, one row per (model, mode, point), in MiB; empty when no
     result carries a floor. The remainder is what the floor does not explain (measured minus predicted)."""
     rows = []
-    for r in results:
-        for point, entry in (r.get("predicted_vs_measured") or {}).items():
-            measured = entry["measured_bytes"]
+    for r in as_cells(results):
+        for point, entry in (r.predicted_vs_measured or {}).items():
+            measured = entry.measured_bytes
             rows.append({
-                "model": model_label(r), "mode": r["mode"]["name"], "point": point,
-                "predicted_mib": entry["predicted_bytes"] / MIB,
+                "model": model_label(r), "mode": r.mode.name, "point": point,
+                "predicted_mib": entry.predicted_bytes / MIB,
                 "measured_mib": None if measured is None else measured / MIB,
-                "remainder_mib": None if measured is None else entry["remainder_bytes"] / MIB,
-                "measured_over_predicted": entry["ratio"], "measured_by": entry["measured_by"],
+                "remainder_mib": None if measured is None else entry.remainder_bytes / MIB,
+                "measured_over_predicted": entry.ratio, "measured_by": entry.measured_by,
             })
     return pd.DataFrame(rows)
 
@@ -520,7 +460,7 @@ def floor_frame(results: list[dict]) -> pd.DataFrame:
 FLOOR_HEADERS = ["model", "mode", "point", "predicted MiB", "measured MiB", "remainder MiB", "measured/predicted"]
 
 
-def floor_rows(results: list[dict]) -> list[list[str]]:
+def floor_rows(results: list[CellResult | dict]) -> list[list[str]]:
     """``floor_frame`` formatted for the text renderers ("-" where the allocator cannot observe the point)."""
     number = lambda value, fmt: "-" if is_missing(value) else fmt.format(value)  # noqa: E731
     return [
@@ -530,7 +470,7 @@ def floor_rows(results: list[dict]) -> list[list[str]]:
     ]
 
 
-def floor_rich_table(results: list[dict]):
+def floor_rich_table(results: list[CellResult | dict]):
     """The terminal table of predicted vs measured memory, or None when no result has a floor."""
     from rich.table import Table
 
@@ -551,19 +491,19 @@ PROFILE_HEADERS = ["model", "mode", "steps profiled", "wall ms/step", "kernel ms
 PROFILE_TOP_OPS = 3
 
 
-def profile_rows(results: list[dict]) -> list[list[str]]:
+def profile_rows(results: list[CellResult | dict]) -> list[list[str]]:
     """One row per result carrying a profile (``measure.profile.summarize``); '-' for device figures on CPU."""
     number = lambda value, fmt: "-" if value is None else fmt.format(value)  # noqa: E731
     rows = []
-    for r in results:
-        if not (profile := r.get("profile")):
+    for r in as_cells(results):
+        if not (profile := r.profile):
             continue
-        top = ", ".join(f"{op['name']} {op['self_ms_per_call']:.1f}" for op in profile["top_host_ops"][:PROFILE_TOP_OPS])
+        top = ", ".join(f"{op.name} {op.self_ms_per_call:.1f}" for op in profile.top_host_ops[:PROFILE_TOP_OPS])
         rows.append([
-            model_label(r), r["mode"]["name"], str(profile["calls"]), f"{profile['wall_s_per_call'] * 1e3:.0f}",
-            number(profile["kernel_s_per_call"] and profile["kernel_s_per_call"] * 1e3, "{:.0f}"),
-            number(profile["device_busy_share"], "{:.0%}"), number(profile["kernels_per_call"], "{:,.0f}"),
-            f"{profile['host_ops_per_call']:,.0f}", top,
+            model_label(r), r.mode.name, str(profile.calls), f"{profile.wall_s_per_call * 1e3:.0f}",
+            number(profile.kernel_s_per_call and profile.kernel_s_per_call * 1e3, "{:.0f}"),
+            number(profile.device_busy_share, "{:.0%}"), number(profile.kernels_per_call, "{:,.0f}"),
+            f"{profile.host_ops_per_call:,.0f}", top,
         ])
     return rows
 
@@ -573,7 +513,7 @@ PROFILE_NOTE = ("Profiled steps ran after the timed ones under torch.profiler an
                 "measures. device busy: the kernels' time over the wall time (low: the host bounds the step).")
 
 
-def profile_rich_table(results: list[dict]):
+def profile_rich_table(results: list[CellResult | dict]):
     """The terminal table of the profiles, or None when no result carries one."""
     from rich.table import Table
 
@@ -588,12 +528,13 @@ def profile_rich_table(results: list[dict]):
     return table
 
 
-def markdown_report(results: list[dict], title: str = "qlora-bench report", runs: list[dict] = (),
+def markdown_report(results: list[CellResult | dict], title: str = "qlora-bench report", runs: list[dict] = (),
                     memory_png: str | None = None) -> str:
     """A Markdown document: title, where and how it was measured, the runs that made the results (``runs``:
     their manifests, see ``run_lines``), the table(s) and their footnotes, the memory picture (``memory_png``:
     its path relative to the document, when ``memory_plot`` wrote one) and the analytic floor against the
     measurements where results carry one."""
+    results = as_cells(results)
     header = [f"# {title}", ""] + [f"Measured: {line}." for line in run_summary(results)] + [""]
     if runs:
         header += ["## Runs", "", "```", *run_lines(runs), "```", ""]
@@ -679,7 +620,7 @@ def _perplexity_panel(axis, part: pd.DataFrame, text_names: dict[str, str]) -> N
     _mark_baseline(axis, modes, [""] * len(modes))
 
 
-def _model_panel(panel, part: pd.DataFrame, results: list[dict]) -> None:
+def _model_panel(panel, part: pd.DataFrame, results: list[CellResult]) -> None:
     """The 2 x 2 grid of one model, its set-up and machine in small print under it."""
     axes = panel.subplots(2, 2).ravel()
     cpu = set(part["memory_kind"]) == {"cpu_rss"}
@@ -697,7 +638,7 @@ def _model_panel(panel, part: pd.DataFrame, results: list[dict]) -> None:
     panel.subplots_adjust(left=0.06, right=0.98, top=0.91, bottom=0.15, hspace=0.5, wspace=0.15)
 
 
-def plot(results: list[dict], path: str | Path) -> Path:
+def plot(results: list[CellResult | dict], path: str | Path) -> Path:
     """One PNG: per model a 2 x 2 grid (peak memory in GiB, median step time in ms with IQR bars, tokens/s,
     perplexity after LoRA on each text with the value before as a tick), modes on the x axis in registry
     order, the baseline's slot shaded and its value dashed across the single-figure panels."""
@@ -706,6 +647,7 @@ def plot(results: list[dict], path: str | Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    results = as_cells(results)
     frame = results_frame(results)
     frame = frame[frame["status"] == "ok"]
     models = list(dict.fromkeys(frame["model"]))
@@ -715,7 +657,7 @@ def plot(results: list[dict], path: str | Path) -> Path:
     figure = plt.figure(figsize=(width, height * len(models)))
     panels = figure.subfigures(len(models), 1, squeeze=False)[:, 0]
     for panel, model in zip(panels, models):
-        finished = [r for r in results if r["status"] == "ok" and model_label(r) == model]
+        finished = [r for r in results if r.status == "ok" and model_label(r) == model]
         _model_panel(panel, frame[frame["model"] == model].reset_index(drop=True), finished)
     path = Path(path)
     figure.savefig(path, dpi=PLOT_DPI)
@@ -746,30 +688,35 @@ MEMORY_TOP_IN, MEMORY_BOTTOM_IN = 0.9, 0.9  # the figure's title above the panel
 BAR_WIDTH = 0.38
 
 
-def measured_peak(result: dict) -> dict | None:
+def measured_peak(result: CellResult) -> dict | None:
     """The training peak the CUDA allocator saw (bytes allocated, grown since before the load, as the floor's
     comparison reads it) and the allocator's slack at that peak (peak reserved minus peak allocated: cached
     blocks the process holds but no tensor uses); None where the allocator was not read (CPU runs, cells that
     did not run)."""
-    row = (result.get("predicted_vs_measured") or {}).get("training_peak") or {}
-    if row.get("measured_by") != MEASURED_BY_ALLOCATOR or row.get("measured_bytes") is None:
+    row = (result.predicted_vs_measured or {}).get("training_peak")
+    if row is None or row.measured_by != MEASURED_BY_ALLOCATOR or row.measured_bytes is None:
         return None
-    peak = result["memory"]["training_peak"]
-    return {"allocated_bytes": row["measured_bytes"],
-            "slack_bytes": peak["peak_reserved_bytes"] - peak["peak_allocated_bytes"]}
+    peak = result.memory.training_peak
+    return {"allocated_bytes": row.measured_bytes,
+            "slack_bytes": peak.peak_reserved_bytes - peak.peak_allocated_bytes}
 
 
-def _with_floor(results: list[dict]) -> list[tuple[str, list[dict]]]:
+def _with_floor(results: list[CellResult]) -> list[tuple[str, list[CellResult]]]:
     """The results that carry a floor, by model label (sorted), registry order within each."""
     order = {name: index for index, name in enumerate(MODES)}
-    groups = _per_model([r for r in results if r.get("floor")])
-    return [(model, sorted(part, key=lambda r: order.get(r["mode"]["name"], len(order)))) for model, part in groups]
+    groups = _per_model([r for r in results if r.floor])
+    return [(model, sorted(part, key=lambda r: order.get(r.mode.name, len(order)))) for model, part in groups]
 
 
-def _predicted_bar(axis, x: float, floor: dict) -> None:
+def _components(floor: Floor) -> dict[str, int]:
+    """The floor's peak phase by component (``measure.floor.phase_components``, which reads the floor's JSON)."""
+    return phase_components(floor.to_json(), floor.peak_phase)
+
+
+def _predicted_bar(axis, x: float, floor: Floor) -> None:
     """The peak phase's predicted bytes stacked by component (GiB), bottom to top in ``PHASE_COMPONENTS`` order."""
     bottom = 0.0
-    for key, part_bytes in phase_components(floor, floor["peak_phase"]).items():
+    for key, part_bytes in _components(floor).items():
         axis.bar(x, part_bytes / GIB, BAR_WIDTH, bottom=bottom, color=COMPONENT_COLORS[key], edgecolor="white",
                  linewidth=0.3, zorder=2)
         bottom += part_bytes / GIB
@@ -800,17 +747,17 @@ def _measured_bar(axis, x: float, predicted_gib: float, measured: dict | None, r
     return allocated_gib + slack_gib
 
 
-def _not_measured_reason(result: dict) -> str:
+def _not_measured_reason(result: CellResult) -> str:
     """Why a cell with a floor has no measured peak: it did not run, or ran where the allocator is not read."""
-    if result["status"] != "ok":
-        return result["status"].replace("_", " ")
+    if result.status != "ok":
+        return result.status.replace("_", " ")
     return "no CUDA allocator"
 
 
-def _label_pairs(axis, part: list[dict]) -> None:
+def _label_pairs(axis, part: list[CellResult]) -> None:
     """Mode names under each pair of bars, 'predicted (its peak phase)' and 'measured' under each bar."""
-    modes = [r["mode"]["name"] for r in part]
-    phases = [r["floor"]["peak_phase"].replace("_", " ") for r in part]
+    modes = [r.mode.name for r in part]
+    phases = [r.floor.peak_phase.replace("_", " ") for r in part]
     axis.set_xticks(range(len(modes)))
     axis.set_xticklabels(modes, fontsize=9, fontweight="bold")
     axis.set_xticks([i + side * BAR_WIDTH / 2 for i in range(len(modes)) for side in (-1, 1)], minor=True)
@@ -821,27 +768,27 @@ def _label_pairs(axis, part: list[dict]) -> None:
     axis.set_xlim(-0.6, len(modes) - 0.4)
 
 
-def _memory_title(model: str, part: list[dict]) -> str:
+def _memory_title(model: str, part: list[CellResult]) -> str:
     """The panel's model, path, tokens a micro-batch and device; 'predicted only' when nothing was measured."""
-    floor = part[0]["floor"]
-    path = "" if f"({floor['path']} path)" in model else f", {floor['path']} path"  # lean labels name theirs
+    floor = part[0].floor
+    path = "" if f"({floor.path} path)" in model else f", {floor.path} path"  # lean labels name theirs
     scope = "" if any(measured_peak(r) for r in part) else " (predicted only: nothing measured)"
-    return (f"{model}{path}, {floor['tokens_per_micro_batch']:,} tokens a micro-batch, "
+    return (f"{model}{path}, {floor.tokens_per_micro_batch:,} tokens a micro-batch, "
             f"{_device_name(part[0]) or 'device not recorded'}{scope}")
 
 
-def _memory_panel(axis, model: str, part: list[dict]) -> None:
+def _memory_panel(axis, model: str, part: list[CellResult]) -> None:
     """One model: a (predicted, measured) pair of bars per mode, the prediction's level dashed across each."""
     top_gib = 0.0
     for index, result in enumerate(part):
-        predicted_gib = result["floor"]["peak_bytes"] / GIB
-        _predicted_bar(axis, index - BAR_WIDTH / 2, result["floor"])
+        predicted_gib = result.floor.peak_bytes / GIB
+        _predicted_bar(axis, index - BAR_WIDTH / 2, result.floor)
         measured_top_gib = _measured_bar(axis, index + BAR_WIDTH / 2, predicted_gib, measured_peak(result),
                                          _not_measured_reason(result))
         axis.hlines(predicted_gib, index - BAR_WIDTH, index + BAR_WIDTH, colors="black", linestyles="--",
                     linewidth=0.9, zorder=3)
-        if "true_floor_bytes" in result["floor"]:  # floors saved before it existed have none
-            axis.hlines(result["floor"]["true_floor_bytes"] / GIB, index - BAR_WIDTH, index + BAR_WIDTH,
+        if result.floor.true_floor_bytes is not None:  # floors saved before it existed have none
+            axis.hlines(result.floor.true_floor_bytes / GIB, index - BAR_WIDTH, index + BAR_WIDTH,
                         colors=TRUE_FLOOR_COLOR, linestyles=":", linewidth=1.6, zorder=3)
         top_gib = max(top_gib, predicted_gib, measured_top_gib)
     _label_pairs(axis, part)
@@ -852,19 +799,18 @@ def _memory_panel(axis, model: str, part: list[dict]) -> None:
     axis.set_title(_memory_title(model, part), fontsize=10, loc="left")
 
 
-def _memory_legend(figure, groups: list[tuple[str, list[dict]]]) -> None:
+def _memory_legend(figure, groups: list[tuple[str, list[CellResult]]]) -> None:
     """One legend right of the panels: the predicted components some bar shows (in stacking order, top first),
     then, where some cell was measured, the parts of a measured bar under a heading of their own (a legend has
     one title; a second figure legend could not be placed under the first without measuring it)."""
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
-    shown = {key for _, part in groups for r in part
-             for key, value in phase_components(r["floor"], r["floor"]["peak_phase"]).items() if value}
+    shown = {key for _, part in groups for r in part for key, value in _components(r.floor).items() if value}
     handles = [Patch(color=COMPONENT_COLORS[key], label=label) for key, label in reversed(PHASE_COMPONENTS.items())
                if key in shown]
     handles.append(Line2D([], [], color="black", linestyle="--", label="predicted peak"))
-    if any("true_floor_bytes" in r["floor"] for _, part in groups for r in part):
+    if any(r.floor.true_floor_bytes is not None for _, part in groups for r in part):
         handles.append(Line2D([], [], color=TRUE_FLOOR_COLOR, linestyle=":", linewidth=1.6,
                               label="true floor (the least any path holds)"))
     heading = None
@@ -885,7 +831,7 @@ def _memory_legend(figure, groups: list[tuple[str, list[dict]]]) -> None:
         legend.get_texts()[heading].set_fontsize(9)
 
 
-def memory_plot(results: list[dict], path: str | Path) -> Path | None:
+def memory_plot(results: list[CellResult | dict], path: str | Path) -> Path | None:
     """One PNG of where training memory goes: per model a panel with, per mode in registry order, the predicted
     peak (GiB) stacked by component (``phase_components`` of the floor's peak phase) beside the measured peak
     allocated (the remainder above the prediction in red, the allocator's slack hatched on top), the prediction
@@ -896,7 +842,7 @@ def memory_plot(results: list[dict], path: str | Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups = _with_floor(results)
+    groups = _with_floor(as_cells(results))
     if not groups:
         return None
     width, height = MEMORY_PANEL_SIZE_IN
@@ -975,14 +921,10 @@ def frontier_plot(frontiers: list[dict], path: str | Path) -> Path:
 #: Relative change beyond which a figure counts as changed (``compare --threshold``).
 DEFAULT_THRESHOLD = 0.05
 #: Figures compared between runs: (frame column, label, +1 when higher is worse or -1 when lower is worse,
-#: whether it derives from the step time, so a noisy timing makes its change unrankable).
-COMPARED = [
-    ("peak_gib", "peak GiB", +1, False),
-    ("step_ms", "step ms (median)", +1, True),
-    ("tokens_per_s", "tokens/s", -1, True),
-    ("ppl_heldout_after", "ppl quotes after", +1, False),
-    ("ppl_eval_text_after", "ppl eval-text after", +1, False),
-]
+#: whether it derives from the step time, so a noisy timing makes its change unrankable), from the columns the
+#: result model declares ``compared``.
+COMPARED = [(column.name, column.compared, column.worse, column.timing) for column, _ in FRAME_COLUMNS
+            if column.compared]
 #: Verdicts of a compared figure; only ``regression`` fails a comparison.
 REGRESSION, IMPROVEMENT, UNCHANGED, NOISY = "regression", "improvement", "ok", "noisy"
 
@@ -1066,32 +1008,34 @@ def compare_frames(baseline: pd.DataFrame, candidate: pd.DataFrame,
                                        "noisy", "verdict", "note"])
 
 
-def _device_name(result: dict) -> str | None:
+def _device_name(result: CellResult) -> str | None:
     """The GPU's name, 'CPU' for a run without one, None when the result does not say."""
-    env = result.get("environment")
-    if env:
-        return (env.get("gpu") or {}).get("name") or "CPU"
-    return {"cpu": "CPU"}.get(result.get("device"), result.get("device"))
+    if result.environment:
+        return result.environment.gpu.name if result.environment.gpu else "CPU"
+    return {"cpu": "CPU"}.get(result.device, result.device)
 
 
 def _setting(*keys: str, missing_means: str | None = None):
-    """A reader of one entry of a result's settings (``missing_means`` stands in for a null, as 'all' for no
-    token cap); None when the result does not record it."""
-    def read(result: dict):
-        value = result.get("settings") or {}
-        for key in keys:
-            if not isinstance(value, dict) or key not in value:
+    """A reader of one setting of a result (``missing_means`` stands in for a null, as 'all' for no token cap);
+    None when the result does not record it (a declared setting absent from its JSON, or one it lacks)."""
+    def read(result: CellResult):
+        section = result.settings
+        for key in keys[:-1]:
+            section = getattr(section, key)
+            if section is None:
                 return None
-            value = value[key]
+        if keys[-1] in section.absent:
+            return None
+        value = getattr(section, keys[-1])
         return missing_means if value is None else value
     return read
 
 
-def _tokens_a_step(result: dict) -> str | None:
-    settings = result.get("settings") or {}
-    if "batch_size" not in settings or "seq_len" not in settings:
+def _tokens_a_step(result: CellResult) -> str | None:
+    settings = result.settings
+    if settings.batch_size is None or settings.seq_len is None:
         return None
-    return f"{settings['batch_size']} x {settings['seq_len']}"
+    return f"{settings.batch_size} x {settings.seq_len}"
 
 
 #: What must match for two runs' figures to be comparable (``compare`` refuses otherwise): label, reader of one
@@ -1108,21 +1052,22 @@ COMPARABLE = [
 ]
 
 
-def _values(results: list[dict], read) -> str:
+def _values(results: list[CellResult], read) -> str:
     return ", ".join(sorted({str(value) for value in map(read, results) if value is not None}))
 
 
-def run_differences(baseline: list[dict], candidate: list[dict]) -> list[str]:
+def run_differences(baseline: list[CellResult | dict], candidate: list[CellResult | dict]) -> list[str]:
     """Why two runs' results cannot be compared figure by figure, one line per difference (empty when they can):
     a different device, model, mode set, tokens a step or protocol (evaluation window, stride and token cap,
     training steps, timing warm-up) changes the figures by itself, and would be reported as a regression."""
+    baseline, candidate = as_cells(baseline), as_cells(candidate)
     differences = []
     for label, read in COMPARABLE:
         before, after = _values(baseline, read), _values(candidate, read)
         if before and after and before != after:
             differences.append(f"{label} differs: baseline {before}, candidate {after}")
     order = {name: index for index, name in enumerate(MODES)}
-    modes = [sorted({r["mode"]["name"] for r in side}, key=lambda m: (order.get(m, len(order)), m))
+    modes = [sorted({r.mode.name for r in side}, key=lambda m: (order.get(m, len(order)), m))
              for side in (baseline, candidate)]
     if modes[0] != modes[1]:
         differences.append(f"mode set differs: baseline {', '.join(modes[0])}, candidate {', '.join(modes[1])}")

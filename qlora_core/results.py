@@ -20,9 +20,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-SCHEMA = "qlora-bench/cell/1"
-#: Any version of the cell schema (a newer one is refused by name, not taken for another tool's file).
-CELL_SCHEMA_PREFIX = "qlora-bench/cell/"
+from qlora_core.result_model import SCHEMA, CellResult, Model, ResultError
+from qlora_core.result_model import SCHEMA_PREFIX as CELL_SCHEMA_PREFIX  # any version: a newer one is refused by name
+
 #: The manifest a sweep or bench/ run writes as ``run.json`` in its folder.
 RUN_SCHEMA = "qlora-bench/run/1"
 #: ``qlora-bench frontier``'s predictions.
@@ -203,7 +203,15 @@ def publish_folder(folder: str | os.PathLike, write: Callable[[Path], None]) -> 
     return folder
 
 
-def read_results(paths: list[str | os.PathLike]) -> list[dict]:
+def write_cell_result(result: dict, path: str | os.PathLike) -> Path:
+    """Write a cell result (``cell.py``'s JSON) as ``write_json_atomic`` does, once ``CellResult.from_json``
+    accepts it: a result the report could not read fails where it is written (``ResultError``, naming the
+    field), not when the run is reported."""
+    CellResult.from_json(result, str(path))
+    return write_json_atomic(result, path)
+
+
+def read_results(paths: list[str | os.PathLike]) -> list[CellResult]:
     """The cell results under ``paths`` (files, or folders read recursively): ``read_paths(paths).results``."""
     return read_paths(paths).results
 
@@ -218,7 +226,7 @@ class Reading:
     """What ``read_paths`` found: the cells and run manifests, and every file it looked at.
 
     Attributes:
-        results: cell results, one per cell (see ``read_paths``).
+        results: cell results, typed, one per cell (see ``read_paths``).
         runs: run manifests, each with ``"path"`` (its file) added.
         sources: files that gave at least one cell or manifest.
         skipped: (file, reason) for files meant for qlora-bench that could not be used (invalid JSON, a cell
@@ -231,7 +239,7 @@ class Reading:
             is kept: the caller says so.
     """
 
-    results: list[dict] = field(default_factory=list)
+    results: list[CellResult] = field(default_factory=list)
     runs: list[dict] = field(default_factory=list)
     finetunes: list[dict] = field(default_factory=list)
     merges: list[dict] = field(default_factory=list)
@@ -259,8 +267,8 @@ def read_paths(paths: list[str | os.PathLike]) -> Reading:
     Five formats are read: cell results (``SCHEMA``, one per file, as the sweep and ``bench/`` write them),
     pytest-benchmark JSON written by ``bench/`` (``cells_from_benchmark``), run manifests (``RUN_SCHEMA``) and the
     classic workflow's summaries and merge reports (``FINETUNE_SCHEMA``, ``MERGE_SCHEMA``).
-    A file that cannot be parsed, or a cell or manifest without the fields the report reads
-    (``missing_cell_fields``, ``missing_run_fields``), is listed in ``skipped`` with the reason; other JSON is
+    A file that cannot be parsed, a cell the result model refuses (``CellResult.from_json``: a field missing or
+    of the wrong type) or a manifest without the fields the report reads (``missing_run_fields``), is listed in ``skipped`` with the reason; other JSON is
     listed in ``others``. When several files describe the same cell (same model label, mode and settings), as
     a ``bench/`` run's ``--bench-out`` folder and its ``--benchmark-json`` do, the one holding more information
     is kept. Raises FileNotFoundError for a path that does not exist.
@@ -306,7 +314,7 @@ def _read_workflow_record(file: Path, data: dict, reading: Reading) -> None:
         reading.sources.append(file)
 
 
-def _read_file(file: Path, reading: Reading) -> tuple[list[dict], list[dict]]:
+def _read_file(file: Path, reading: Reading) -> tuple[list[CellResult], list[dict]]:
     """The valid cells and manifests in one file (workflow records go straight into ``reading``); what is wrong
     with it goes to ``reading`` too."""
     try:
@@ -340,35 +348,18 @@ def _read_file(file: Path, reading: Reading) -> tuple[list[dict], list[dict]]:
         return [], []
     cells = []
     for cell in candidates:
-        missing = missing_cell_fields(cell)
-        if missing:
+        try:
+            cells.append(CellResult.from_json(cell))
+        except ResultError as error:
             name = (cell.get("mode") or {}).get("name") if isinstance(cell.get("mode"), dict) else None
             what = f"cell {name}" if len(candidates) > 1 and name else "cell result"
-            reading.skipped.append((file, f"{what} without {', '.join(missing)}"))
-        else:
-            cells.append(cell)
+            reading.skipped.append((file, what + str(error).removeprefix("cell result")))
     return cells, []
 
 
-#: Fields every cell result must hold for the report (key paths), and those of a finished (status ``ok``) one.
-CELL_FIELDS = (("status",), ("mode", "name"), ("settings",))
-OK_CELL_FIELDS = (
-    ("model", "provenance"), ("weights", "weights_bytes"), ("weights", "bits_per_quantized_param"),
-    ("training", "timing", "median_s"), ("training", "timing", "iqr_s"), ("training", "timing", "noisy"),
-    ("training", "timing", "rounds"), ("training", "timing", "warmup"), ("training", "tokens_per_s"),
-    ("training", "mfu"), ("training", "losses"), ("perplexity",),
-)
-#: Settings the report's run summary reads when a cell's settings describe its training (``settings.train``).
-TRAIN_SETTINGS_FIELDS = (
-    ("batch_size",), ("seq_len",), ("timing_warmup",), ("gradient_checkpointing",), ("lora", "r"),
-    ("lora", "alpha"), ("lora", "target_modules"), ("train", "optimizer"), ("train", "learning_rate"),
-    ("train", "max_steps"),
-)
 #: Fields of a run manifest's entry for one cell, and of the manifest itself.
 RUN_CELL_FIELDS = (("name",), ("mode",), ("status",))
 RUN_FIELDS = (("command",), ("started",), ("cells",))
-#: Entries of ``perplexity.<when>.<text>`` the report reads.
-PERPLEXITY_FIELDS = ("perplexity", "window", "stride", "n_tokens_scored")
 
 
 def _has(data, keys: tuple[str, ...]) -> bool:
@@ -384,30 +375,14 @@ def _missing(data: dict, fields, prefix: str = "") -> list[str]:
 
 
 def missing_cell_fields(result: dict) -> list[str]:
-    """The fields (dotted key paths) the report needs and ``result`` lacks; empty for a usable cell result.
-
-    Every cell needs its status, mode name and settings; a finished one also its weights, training-peak
-    memory, timing, throughput, losses (at least one) and perplexity entries.
-    """
-    missing = _missing(result, CELL_FIELDS)
-    if not missing and _has(result, ("settings", "train")):
-        missing += _missing(result["settings"], TRAIN_SETTINGS_FIELDS, "settings.")
-    if missing or result["status"] != "ok":
-        return missing
-    missing += _missing(result, OK_CELL_FIELDS)
-    # the report prefers the separate memory pass's peak, else the cell's own
-    peak_path = (("memory_pass", "memory", "training_peak", "kind") if _has(result, ("memory_pass", "memory"))
-                 else ("memory", "training_peak", "kind"))
-    missing += _missing(result, (peak_path,))
-    if _has(result, ("training", "losses")) and not (isinstance(result["training"]["losses"], list)
-                                                    and result["training"]["losses"]):
-        missing.append("training.losses[0]")
-    perplexity = result.get("perplexity")
-    for when, texts in (perplexity.items() if isinstance(perplexity, dict) else []):
-        for text, entry in (texts.items() if isinstance(texts, dict) else []):
-            missing += [f"perplexity.{when}.{text}.{key}" for key in PERPLEXITY_FIELDS
-                        if not isinstance(entry, dict) or key not in entry]
-    return missing
+    """What ``result`` (a cell result's JSON) lacks for the report, as ``CellResult.from_json`` finds it: the
+    missing fields' dotted paths, then the fields of the wrong type (each a sentence naming the field); empty for
+    a usable cell result. The required fields are the result model's (``qlora_core.result_model``)."""
+    try:
+        CellResult.from_json(result)
+    except ResultError as error:
+        return error.missing + error.wrong
+    return []
 
 
 def missing_run_fields(manifest: dict) -> list[str]:
@@ -464,25 +439,21 @@ def _relative(file: Path, paths: list[str | os.PathLike]) -> str:
     return str(file)
 
 
-def model_label(result: dict) -> str:
+def model_label(result: CellResult) -> str:
     """The short model name tables use: the result's own label, else the one its settings imply (a shape's
     name, a folder's name), with the training path when it is not the reference one, so the two paths of one
     model and mode stay two rows."""
     label = _base_label(result)
-    path = result.get("settings", {}).get("path", "reference")
+    path = result.settings.path or "reference"
     return label if path == "reference" else f"{label} ({path} path)"
 
 
-def _base_label(result: dict) -> str:
+def _base_label(result: CellResult) -> str:
     """``model_label`` without the training path."""
     from qlora_core.default_model import DEFAULT_MODEL
 
-    settings = result.get("settings", {})
-    return (
-        (result.get("model") or {}).get("label")
-        or settings.get("shape")
-        or Path(settings.get("model") or DEFAULT_MODEL).name
-    )
+    settings = result.settings
+    return result.label or settings.shape or Path(settings.model or DEFAULT_MODEL).name
 
 
 def is_benchmark_json(data) -> bool:
@@ -545,11 +516,9 @@ def _cell_from_benchmarks(benches: list[dict], environment_: dict | None) -> dic
     return cell
 
 
-def _cell_key(result: dict) -> tuple | None:
-    """What identifies a cell across files; None for a result that does not say (never deduplicated)."""
-    if "settings" not in result or "name" not in result.get("mode", {}):
-        return None
-    return model_label(result), result["mode"]["name"], json.dumps(result["settings"], sort_keys=True)
+def _cell_key(result: CellResult) -> tuple:
+    """What identifies a cell across files."""
+    return model_label(result), result.mode.name, json.dumps(result.settings.to_json(), sort_keys=True)
 
 
 def _information(value) -> int:
@@ -576,9 +545,9 @@ def flatten_settings(settings: dict, prefix: str = "") -> dict:
     return flat
 
 
-def _setup(result: dict) -> dict:
+def _setup(result: CellResult) -> dict:
     """A result's settings but its mode, flattened: what makes two cells of one model comparable."""
-    return {key: value for key, value in flatten_settings(result.get("settings", {})).items() if key != "mode"}
+    return {key: value for key, value in flatten_settings(result.settings.to_json()).items() if key != "mode"}
 
 
 def _setup_suffixes(setups: dict[str, dict]) -> dict[str, str]:
@@ -602,7 +571,7 @@ def _setup_suffixes(setups: dict[str, dict]) -> dict[str, str]:
             for signature, setup in setups.items()}
 
 
-def label_setups(results: list[dict]) -> list[dict]:
+def label_setups(results: list[CellResult]) -> list[CellResult]:
     """Results where one model label covers several set-ups (settings other than the mode), as when two runs
     of different profiles are read together, get labels that tell them apart: the label plus the settings
     that differ (``_setup_suffixes``), e.g. ``smollm2 [seq_len=512, batch_size=8]``. Otherwise every row of a
@@ -612,15 +581,14 @@ def label_setups(results: list[dict]) -> list[dict]:
     signatures = [json.dumps(setup, sort_keys=True, default=str) for setup in setups]
     groups: dict[str, dict[str, dict]] = {}
     for result, setup, signature in zip(results, setups, signatures):
-        if "settings" in result:
-            groups.setdefault(model_label(result), {})[signature] = setup
+        groups.setdefault(model_label(result), {})[signature] = setup
     suffixes = {label: _setup_suffixes(group) for label, group in groups.items() if len(group) > 1}
     labelled = []
     for result, signature in zip(results, signatures):
         suffix = suffixes.get(model_label(result), {}).get(signature)
         if suffix is not None:
             label = f"{_base_label(result)} [{suffix}]"  # model_label adds the path after the set-up
-            result = {**result, "model": {**(result.get("model") or {}), "label": label}}
+            result = result.with_values(model=(result.model or Model.only()).with_values(label=label))
         labelled.append(result)
     return labelled
 
@@ -631,9 +599,9 @@ def label_setups(results: list[dict]) -> list[dict]:
 SAME_MEASUREMENT_S = 10
 
 
-def _measured_at(result: dict) -> float | None:
+def _measured_at(result: CellResult) -> float | None:
     """When the result was stamped (``environment.timestamp``), in seconds since the epoch; None if unstamped."""
-    stamp = (result.get("environment") or {}).get("timestamp")
+    stamp = result.environment and result.environment.timestamp
     return None if stamp is None else datetime.datetime.fromisoformat(stamp).timestamp()
 
 
@@ -644,21 +612,20 @@ def _measurements(times: list[float]) -> int:
                if earlier is None or later - earlier > SAME_MEASUREMENT_S)
 
 
-def _dedupe(results: list[dict]) -> tuple[list[dict], int]:
+def _dedupe(results: list[CellResult]) -> tuple[list[CellResult], int]:
     """One result per cell, at the place of its first file, the fullest one where several describe it; and how
     many other measurements of those cells were left out (``_measurements``), files of the same measurement (a
     ``bench/`` run's cell JSON and its pytest-benchmark JSON) not counted."""
-    kept: list[dict] = []
+    kept: list[CellResult] = []
     index: dict[tuple, int] = {}
     measured_at: dict[tuple, list[float]] = {}
     for result in results:
         key = _cell_key(result)
-        if key is not None and _measured_at(result) is not None:
+        if _measured_at(result) is not None:
             measured_at.setdefault(key, []).append(_measured_at(result))
-        if key is None or key not in index:
-            if key is not None:
-                index[key] = len(kept)
+        if key not in index:
+            index[key] = len(kept)
             kept.append(result)
-        elif _information(result) > _information(kept[index[key]]):
+        elif _information(result.to_json()) > _information(kept[index[key]].to_json()):
             kept[index[key]] = result
     return kept, sum(_measurements(times) - 1 for times in measured_at.values())

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pandas as pd
 
 from qlora_core.measure.memory import GIB
-from qlora_core.report import is_missing, markdown_rows, peak_bytes, sort_by_model_and_mode
+from qlora_core.report import is_missing, markdown_rows, sort_by_model_and_mode
+from qlora_core.result_model import MemorySnapshot
 
 #: Columns shown: (frame column, header, format).
 COLUMNS = [
@@ -32,7 +33,7 @@ COLUMNS = [
 
 
 def _peak_gib(summary: dict) -> float | None:
-    peak = peak_bytes(summary["memory"]["training_peak"])
+    peak = MemorySnapshot.from_json(summary["memory"]["training_peak"]).peak_bytes
     return None if peak is None else peak / GIB
 
 

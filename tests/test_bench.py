@@ -54,7 +54,7 @@ def test_every_suite_passes_and_the_json_lands_in_a_new_folder(bench_run):
 
 def test_one_process_per_cell_gives_memory_time_and_perplexity(bench_run):
     _, out, bench_json, _ = bench_run
-    cells = read_results([bench_json])
+    cells = [cell.to_json() for cell in read_results([bench_json])]
     assert [c["mode"]["name"] for c in cells] == list(MODES)
     for cell in cells:
         saved = json.loads((out / f"tiny-llama-{cell['mode']['name']}.json").read_text())

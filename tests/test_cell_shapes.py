@@ -120,8 +120,8 @@ def test_bench_runs_a_shape_on_the_lean_path(tmp_path):
     assert run.returncode == 0, run.stdout + run.stderr
     assert "1 skipped" in run.stdout and RANDOM_WEIGHTS_NOTE in run.stdout  # the perplexity test
     (result,) = read_results([tmp_path / "out" / "tiny-llama-nf4-dq-lean.json", bench_json])
-    assert result["status"] == "ok" and result["settings"]["path"] == "lean"
-    assert result["predicted_vs_measured"]["after_setup"]["ratio"] == 1.0
+    assert result.status == "ok" and result.settings.path == "lean"
+    assert result.predicted_vs_measured["after_setup"].ratio == 1.0
 
 
 def test_bench_reports_an_unfit_shape_without_running_it(tmp_path):

@@ -188,18 +188,26 @@ def test_markdown_table(results, cell_results):
     assert f"window {window}, stride {stride}, {n_tokens - 1} tokens scored" in text
 
 
+def finished_cell(**sections) -> dict:
+    """A finished cell's JSON holding what the result model requires, and ``sections``."""
+    return {"schema": "qlora-bench/cell/1", "status": "ok", "mode": {"name": "nf4"}, "settings": {},
+            "model": {"provenance": {}}, "weights": {"weights_bytes": 1, "bits_per_quantized_param": 4.0},
+            "memory": {"training_peak": {"kind": "cuda"}}, "perplexity": {},
+            "training": {"timing": {"median_s": 1.0, "iqr_s": 0.0, "noisy": False, "rounds": 2, "warmup": 1},
+                         "tokens_per_s": 1.0, "mfu": None, "losses": [1.0]}, **sections}
+
+
 def test_footnotes_name_provenance_note():
-    result = {"status": "ok", "memory": {"training_peak": {"kind": "cuda"}},
-              "model": {"provenance": {"name": "M", "note": "already 4-bit"}},
-              "perplexity": {"before": {"heldout": {"window": 8, "stride": 4, "n_tokens_scored": 9}}}}
+    result = finished_cell(model={"provenance": {"name": "M", "note": "already 4-bit"}},
+                           perplexity={"before": {"heldout": {"perplexity": 9.0, "window": 8, "stride": 4,
+                                                              "n_tokens_scored": 9}}})
     notes = footnotes([result])
     assert "M: already 4-bit." in notes
     assert not any("CPU figures" in note for note in notes)
 
 
 def test_footnotes_state_the_int8_matmul_dtype_only_for_int8_results():
-    result = {"status": "ok", "memory": {"training_peak": {"kind": "cuda"}}, "model": {"provenance": {}},
-              "perplexity": {}}
+    result = finished_cell()
     assert not any(note.startswith("int8:") for note in footnotes([result]))
     notes = footnotes([result, {**result, "int8_matmul_dtype": "float16"}])
     assert "int8: bitsandbytes casts the int8 matmuls' inputs to float16 whatever the mode's compute dtype." in notes
@@ -347,7 +355,7 @@ def test_stored_run_has_every_mode_once(stored_frame):
     assert set(stored_frame["model"]) == {"smollm2"} and set(stored_frame["status"]) == {"ok"}
     assert set(stored_frame["memory_kind"]) == {"cuda"}
     # the benchmark JSON read alone gives its three cells; read first or second, the same frame
-    assert read_results([STORED_BENCH])[0]["mode"]["name"] in memory_pass
+    assert read_results([STORED_BENCH])[0].mode.name in memory_pass
     pd.testing.assert_frame_equal(results_frame(read_results([STORED_BENCH, STORED_CELLS])), stored_frame)
 
 
@@ -555,9 +563,10 @@ def test_comparison_knows_which_way_is_worse(stored_frame, tmp_path):
         timing["noisy"] = False
         result["training"]["tokens_per_s"] *= 0.8  # fewer tokens/s: worse
 
-    baseline = copy.deepcopy(read_results([STORED_CELLS]))
-    for result in baseline:
-        result["training"]["timing"]["noisy"] = False
+    baseline = []
+    for result in read_results([STORED_CELLS]):
+        steady = result.training.with_values(timing=result.training.timing.with_values(noisy=False))
+        baseline.append(result.with_values(training=steady))
     candidate = read_results([edited_copy(tmp_path, "nf4", steady_and_cheaper)])
     comparison = compare_frames(results_frame(baseline), results_frame(candidate))
     assert verdicts(comparison) == {("nf4", "peak GiB"): "improvement", ("nf4", "ppl quotes after"): "regression",
@@ -586,7 +595,7 @@ def test_failed_or_missing_cells(stored_frame, tmp_path):
         result.update(status="oom", error="CUDA out of memory")
 
     candidate = read_results([edited_copy(tmp_path, "fp4", out_of_memory)])
-    candidate = [r for r in candidate if r["mode"]["name"] != "int8"]
+    candidate = [r for r in candidate if r.mode.name != "int8"]
     comparison = compare_frames(stored_frame, results_frame(candidate))
     assert verdicts(comparison) == {("int8", "status"): "missing", ("fp4", "status"): "regression"}
     assert "candidate oom: CUDA out of memory" in comparison_markdown(comparison, 0.05)

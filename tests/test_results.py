@@ -53,8 +53,8 @@ def test_read_results_skips_other_files(tmp_path):
     write_json_atomic({"schema": "other"}, tmp_path / "c.json")
     write_json_atomic([1, 2], tmp_path / "d.json")
     (tmp_path / "a.log").write_text("not json")
-    assert [r["n"] for r in read_results([tmp_path])] == [1, 2]
-    assert [r["n"] for r in read_results([tmp_path / "b.json"])] == [2]
+    assert [r.extra["n"] for r in read_results([tmp_path])] == [1, 2]  # a key the model does not declare is kept
+    assert [r.extra["n"] for r in read_results([tmp_path / "b.json"])] == [2]
     reading = read_paths([tmp_path])
     assert reading.others == [tmp_path / "c.json", tmp_path / "d.json"] and reading.skipped == []
 
@@ -134,7 +134,7 @@ def cell(mode: str, **settings) -> dict:
 
 def test_read_results_takes_cells_from_pytest_benchmark_json(tmp_path):
     write_json_atomic(bench_json([cell("bf16"), cell("nf4")]), tmp_path / "bench.json")
-    results = read_results([tmp_path / "bench.json"])
+    results = [result.to_json() for result in read_results([tmp_path / "bench.json"])]
     assert [r["mode"]["name"] for r in results] == ["bf16", "nf4"]
     for result in results:
         assert result["memory_pass"]["memory"]["training_peak"]["peak_allocated_bytes"] == 123
@@ -155,7 +155,7 @@ def test_read_results_keeps_the_fuller_of_two_files_for_one_cell(tmp_path):
     write_json_atomic(bench_json([cell("nf4")]), tmp_path / "bench.json")
     for paths in ([tmp_path / "cells", tmp_path / "bench.json"], [tmp_path / "bench.json", tmp_path / "cells"]):
         results = read_results(paths)
-        described = sorted((r["mode"]["name"], r["settings"]["seq_len"], "memory_pass" in r) for r in results)
+        described = sorted((r.mode.name, r.settings.seq_len, r.memory_pass is not None) for r in results)
         assert described == [("bf16", 8, False), ("nf4", 8, True), ("nf4", 16, False)]
     assert len(read_results([tmp_path / "cells", tmp_path / "cells"])) == 3
 
@@ -167,7 +167,7 @@ def test_failed_cell_in_pytest_benchmark_json_is_a_failure_result(tmp_path):
     data["benchmarks"].append(bench_record("test_step_time", "nf4", {"settings": settings, "status": "oom",
                                                                      "error": "CUDA out of memory"}))
     write_json_atomic(data, tmp_path / "bench.json")
-    failed = read_results([tmp_path / "bench.json"])[1]
+    failed = read_results([tmp_path / "bench.json"])[1].to_json()
     assert (failed["status"], failed["mode"], failed["error"]) == ("oom", {"name": "nf4"}, "CUDA out of memory")
     assert failed["settings"] == settings
 
@@ -203,11 +203,11 @@ def test_a_run_folder_is_read_whole(tmp_path):
     """Given the run's folder, not its cells/ sub-folder, every mode is found once (issue 8.6: 3 of 7 were)."""
     stored_modes = {json.loads(file.read_text())["mode"]["name"] for file in (STORED / "cells").glob("*.json")}
     reading = read_paths([STORED])
-    assert sorted(r["mode"]["name"] for r in reading.results) == sorted(stored_modes) and len(stored_modes) == 7
+    assert sorted(r.mode.name for r in reading.results) == sorted(stored_modes) and len(stored_modes) == 7
     assert len(reading.sources) == len(stored_modes) + 2  # the cells, the pytest-benchmark JSON, the summary
     assert [f["path"] for f in reading.finetunes] == [str(STORED / "workflow" / "nf4-dq-summary.json")]
     assert reading.others == [] and reading.skipped == []
-    with_pass = {r["mode"]["name"] for r in reading.results if "memory_pass" in r}
+    with_pass = {r.mode.name for r in reading.results if r.memory_pass is not None}
     assert with_pass == {"fp4-dq", "nf4", "nf4-dq"}  # the fuller record of each benchmarked cell was kept
 
 
@@ -221,7 +221,7 @@ def test_unusable_files_are_skipped_with_their_reason(tmp_path):
     write_json_atomic(no_timing, tmp_path / "sub" / "deep" / "no-timing.json")
     write_json_atomic({"schema": "qlora-bench/cell/2"}, tmp_path / "future.json")
     reading = read_paths([tmp_path])
-    assert len(reading.results) == 7 and "nf4-edited" not in {r["mode"]["name"] for r in reading.results}
+    assert len(reading.results) == 7 and "nf4-edited" not in {r.mode.name for r in reading.results}
     reasons = {file.relative_to(tmp_path).as_posix(): reason for file, reason in reading.skipped}
     assert set(reasons) == {"cells/torn.json", "garbage.json", "sub/deep/no-timing.json", "future.json"}
     assert reasons["cells/torn.json"].startswith("unreadable JSON")
@@ -281,7 +281,7 @@ def test_run_manifests_are_read_beside_the_cells(tmp_path):
     write_json_atomic(run_manifest(), tmp_path / "run.json")
     write_json_atomic(run_manifest(cells=[{"name": "x"}]), tmp_path / "old" / "run.json")
     reading = read_paths([tmp_path])
-    assert [r["mode"]["name"] for r in reading.results] == ["bf16"]
+    assert [r.mode.name for r in reading.results] == ["bf16"]
     assert reading.runs == [{**run_manifest(), "path": str(tmp_path / "run.json")}]
     assert reading.skipped == [(tmp_path / "old" / "run.json", "run manifest without cells[0].mode, cells[0].status")]
     assert read_runs([tmp_path]) == reading.runs
