@@ -1,6 +1,6 @@
-"""The cell result as a typed, versioned model: written once (``cell.py`` assembles it, ``results.write_cell_result``
-checks it), validated on read (``CellResult.from_json``), read by field (``result.training.timing.median_s``)
-instead of ``.get`` chains.
+"""The cell result as a typed, versioned model: written once (``cell.py`` assembles it; ``results.write_cell_result``
+checks one before writing it), validated on read (``CellResult.from_json``), read by field
+(``result.training.timing.median_s``) instead of ``.get`` chains.
 
 Each section is a dataclass of ``Section``: its fields are the keys the report, ``compare`` and the reading code
 use, typed; a field without a default must be there (a key holding ``null`` is there), the others may be absent.
