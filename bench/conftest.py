@@ -26,6 +26,7 @@ import torch
 
 from qlora_core import settings as declared
 from qlora_core.cell import CellSettings, does_not_fit_result, failure_result, prepare_inputs
+from qlora_core.levers import Levers
 from qlora_core.manifest import MANIFEST_NAME, RunManifest, process_start
 from qlora_core.measure.memory import GIB
 from qlora_core.modes import BASELINE_MODE, parse_modes
@@ -178,9 +179,10 @@ class BenchRun:
         self.manifest = RunManifest(Path(config.option.bench_out), command, start=process_start())
 
     def inputs_for(self, settings: CellSettings) -> bytes:
-        """The cell's serialized inputs; mode and path do not change them, so cells that differ only there share
-        one tokenization."""
-        key = json.dumps(dataclasses.replace(settings, mode=BASELINE_MODE, path=PATHS[0]).describe(), sort_keys=True)
+        """The cell's serialized inputs; mode, path and the path's levers do not change them, so cells that differ
+        only there share one tokenization."""
+        how_it_runs = dict(mode=BASELINE_MODE, path=PATHS[0], **Levers().describe())
+        key = json.dumps(dataclasses.replace(settings, **how_it_runs).describe(), sort_keys=True)
         if key not in self._inputs:
             self._inputs[key] = serialize_inputs(prepare_inputs(settings))
         return self._inputs[key]

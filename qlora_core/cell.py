@@ -20,6 +20,7 @@ import torch
 
 from qlora_core import backends
 from qlora_core import data as datalib
+from qlora_core.levers import Levers
 from qlora_core.lora import LoraSettings, merge_into_bf16, parameter_counts
 from qlora_core.measure.floor import memory_floor, predicted_vs_measured
 from qlora_core.measure.flops import (lora_training_flops_per_token, matmul_params, peak_flops,
@@ -86,6 +87,9 @@ class CellSettings:
             step-time statistics.
         num_processes: train on this many processes of one host (``qlora_core.cell_ranks``: DDP, every rank
             holding the whole quantized model, ``batch_size`` rows a step shared between them; rank 0 evaluates).
+        offload_activations / mlp_tile_tokens: the lean path's memory levers (``qlora_core.levers``): saved
+            activations kept in host memory between forward and backward; the MLP recomputed in tiles of this many
+            tokens (None: untiled).
         profile_steps: after the timed steps (and the peak's reading), this many more steps under
             ``torch.profiler`` (``Cell.profile``), then the adapters and optimizer put back as they were: where a
             step's time goes, at no cost to the other figures. 0: none.
@@ -117,9 +121,12 @@ class CellSettings:
     compile: bool = False
     num_processes: int = 1
     profile_steps: int = 0
+    offload_activations: bool = False
+    mlp_tile_tokens: int | None = None
 
     def __post_init__(self) -> None:
         check_path(self.path)
+        self.levers.check(self.path, self.gradient_checkpointing)
         if self.profile_steps < 0:
             raise ValueError(f"profile_steps must be >= 0, got {self.profile_steps}")
         self._check_processes()
@@ -147,6 +154,10 @@ class CellSettings:
         if self.batch_size % self.num_processes:
             raise ValueError(f"batch_size ({self.batch_size}) must divide by num_processes ({self.num_processes}): "
                              f"each process trains on an equal share of every step's rows")
+
+    @property
+    def levers(self) -> Levers:
+        return Levers(self.offload_activations, self.mlp_tile_tokens)
 
     @property
     def rows_per_process(self) -> int:
@@ -261,7 +272,7 @@ def predicted_floor(settings: CellSettings, config, device_type: str,
         return memory_floor(  # of one process: with several, each holds the model and trains on its rows
             config, get_mode(settings.mode), settings.lora, settings.seq_len, settings.rows_per_process,
             settings.gradient_checkpointing, path=settings.path, optimizer=settings.train.optimizer,
-            device_type=device_type, int8_outlier_columns=int8_outlier_columns,
+            device_type=device_type, int8_outlier_columns=int8_outlier_columns, levers=settings.levers,
         )
     except (NotImplementedError, ValueError):
         return None
@@ -406,10 +417,11 @@ class Cell:
         with self._phase("setting up LoRA"):
             checkpointing, path = settings.gradient_checkpointing, settings.path
             model = prepare_for_training(state.model, self.mode, gradient_checkpointing=checkpointing, path=path)
-            state.model = attach_adapters(model, settings.lora, path)
+            model = attach_adapters(model, settings.lora, path)
+            state.model, loss_fn = settings.levers.apply(model, loss_function(path))
             batches = datalib.batches(self.inputs.train_blocks, settings.batch_size, settings.train.seed)
             state.trainer = LoraTrainer(state.model, batches, settings.train, self.mode.torch_compute_dtype,
-                                        loss_fn=loss_function(path), compile=settings.compile)
+                                        loss_fn=loss_fn, compile=settings.compile)
         state.memory["after_setup"] = memory_snapshot(self.device)
         state.tensors_after_setup_bytes = weight_footprint(state.model)["weights_bytes"]
         reset_peak(self.device)
@@ -544,6 +556,7 @@ class Cell:
         hardware_flops = model_flops + recompute_flops_per_token(
             config, weights, trainable_params, settings.seq_len,
             gradient_checkpointing=settings.gradient_checkpointing, path=settings.path,
+            mlp_tiled=settings.mlp_tile_tokens is not None,
         )
         peak = devices_peak_flops(self.device, self.mode.torch_compute_dtype, settings.num_processes)
         return {

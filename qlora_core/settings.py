@@ -315,6 +315,15 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("compile", "step through torch.compile (with the lean path: the compiled path); the first step "
                        "compiles and is reported apart with the graph breaks, so keep a warm-up step", None,
             ("sweep", "bench"), cell="compile"),
+    Setting("offload_activations", "lean path's memory lever: keep what a forward saves outside checkpointed "
+                                   "layers (every layer's input, the final norm's, the loss chunks' hidden "
+                                   "states) in pinned host memory, copied on a side stream, brought back for "
+                                   "backward: the GPU holds one layer's input at a time, host memory the rest",
+            None, ("sweep", "bench"), cell="offload_activations"),
+    Setting("mlp_tile_tokens", "lean path's memory lever: run each decoder MLP in tiles of this many tokens, each "
+                               "under its own checkpoint, so its MLP-wide tensors exist for one tile at a time "
+                               "(the MLP is computed a third time; Llama/Qwen2 families)", positive,
+            ("sweep", "bench"), cell="mlp_tile_tokens"),
     Setting("num_processes", "train each cell on this many processes of this host through torchrun (DDP: each "
                              "holds the whole model and trains on an equal share of every step's blocks, so the "
                              "batch size must divide by it; one GPU each on CUDA; rank 0 evaluates). Not in "

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from qlora_core import backends
+from qlora_core.levers import Levers
 from qlora_core.measure.flops import head_dim
 from qlora_core.modes import Mode
 from qlora_core.paths import LOSS_CHUNK_TOKENS, check_path
@@ -204,6 +205,26 @@ def norm_bytes_per_token(config, p: Precision) -> int:
     return FLOAT32 * (config.hidden_size + 1)
 
 
+#: The linears of a Llama/Qwen2 MLP: what ``levers.tile_mlps`` runs in tiles.
+MLP_LINEARS = ("gate_proj", "up_proj", "down_proj")
+
+
+def gated_mlp_bytes_per_token(config, p: Precision) -> int:
+    """Per token, what a Llama/Qwen2 MLP saves besides its adapters: the gate and up projections' outputs and
+    silu(gate) (f each, o bytes)."""
+    return 3 * config.intermediate_size * p.linear_out
+
+
+def mlp_bytes_per_token(config, layer_targets: list[Linear], lora, p: Precision) -> int:
+    """Per token, what one layer's MLP saves, its adapters' inputs included: the part of ``layer_bytes_per_token``
+    that MLP tiling (``levers.tile_mlps``) holds for one tile at a time. 0 outside the gated families (BLOOM's
+    MLP is not tiled)."""
+    if config.model_type not in GATED_MLP_FAMILIES:
+        return 0
+    mlp_targets = [t for t in layer_targets if t.name.rsplit(".", 1)[-1] in MLP_LINEARS]
+    return gated_mlp_bytes_per_token(config, p) + lora_input_bytes_per_token(mlp_targets, lora, p)
+
+
 def gated_layer_bytes_per_token(config, p: Precision) -> int:
     """Per token, what a Llama/Qwen2 decoder layer saves for backward besides its adapters:
 
@@ -213,12 +234,11 @@ def gated_layer_bytes_per_token(config, p: Precision) -> int:
     - the MLP: gate and up projections' outputs and the activation silu(gate) (f each, o bytes).
     Frozen linears save nothing for themselves (their input gradient needs only the weight).
     """
-    f = config.intermediate_size
     n_h, n_kv = config.num_attention_heads, config.num_key_value_heads
     d = head_dim(config)
     norms = 2 * norm_bytes_per_token(config, p)
     attention = p.compute * (2 * n_h * d + 2 * n_kv * d) + FLOAT32 * n_h
-    return norms + attention + 3 * f * p.linear_out
+    return norms + attention + gated_mlp_bytes_per_token(config, p)
 
 
 def bloom_layer_bytes_per_token(config, seq_len: int, p: Precision) -> int:
@@ -313,11 +333,19 @@ def layer_bytes_per_token(config, layer_targets, lora, seq_len: int, p: Precisio
     return body + lora_input_bytes_per_token(layer_targets, lora, p)
 
 
-def layer_bytes(config, layer_targets, lora, seq_len: int, tokens: int, p: Precision) -> int:
+def layer_bytes(config, layer_targets, lora, seq_len: int, tokens: int, p: Precision,
+                levers: Levers = Levers()) -> int:
     """Everything one layer saves for ``tokens`` tokens: the per-token tensors, and the adapters' weights as
-    autocast casts them to the compute dtype once a forward (each saved for its input's gradient)."""
+    autocast casts them to the compute dtype once a forward (each saved for its input's gradient). With the MLP
+    in tiles (``levers``), its tensors exist for one tile (``mlp_bytes_per_token``), while its input, the second
+    norm's output, is held whole by the tiles' checkpoints (h values a token in the residual dtype)."""
     casts = p.compute * lora.r * sum(t.in_features + t.out_features for t in layer_targets)
-    return tokens * layer_bytes_per_token(config, layer_targets, lora, seq_len, p) + casts
+    per_token = layer_bytes_per_token(config, layer_targets, lora, seq_len, p)
+    if levers.mlp_tile_tokens is None:
+        return tokens * per_token + casts
+    mlp = mlp_bytes_per_token(config, layer_targets, lora, p)
+    held_input = tokens * config.hidden_size * p.residual
+    return tokens * (per_token - mlp) + levers.mlp_tokens(tokens) * mlp + held_input + casts
 
 
 def rope_table_bytes(config, seq_len: int, p: Precision) -> int:
@@ -343,17 +371,21 @@ def logits_phase_bytes(tokens: int, vocab: int, head_cast_bytes: int) -> int:
     return 3 * FLOAT32 * tokens * vocab + head_cast_bytes
 
 
-def layer_backward_transient(config, tokens: int, p: Precision, largest: Linear | None) -> int:
+def layer_backward_transient(config, tokens: int, p: Precision, largest: Linear | None,
+                             levers: Levers = Levers()) -> int:
     """Working set of one layer's backward beyond its saved tensors: the residual gradient coming in and the one
     going out (h each, e bytes), three MLP-wide gradients (f each, o bytes: the down projection's input, then the
-    gate's and the up's), and the largest quantized weight dequantized to the compute dtype (bitsandbytes does so
-    for each 4-bit matmul and for int8's backward; HQQ for each matmul too, where hqq 0.2.8's dequantization holds
-    up to three such tensors at once, the unpacked values, less the zero point, times the scale: counted as one
-    until measured on a GPU)."""
+    gate's and the up's; for one tile's tokens with the MLP in tiles, plus the MLP input's gradient the tiles
+    accumulate, h values in the compute dtype), and the largest quantized weight dequantized to the compute
+    dtype (bitsandbytes does so for each 4-bit matmul and for int8's backward; HQQ for each matmul too, where hqq
+    0.2.8's dequantization holds up to three such tensors at once, the unpacked values, less the zero point,
+    times the scale: counted as one until measured on a GPU)."""
     f = getattr(config, "intermediate_size", None) or 4 * config.hidden_size
-    gradients = tokens * (2 * config.hidden_size * p.residual + 3 * f * p.linear_out)
+    residual = tokens * 2 * config.hidden_size * p.residual
+    mlp = levers.mlp_tokens(tokens) * 3 * f * p.linear_out
+    tiled_input = 0 if levers.mlp_tile_tokens is None else tokens * config.hidden_size * p.compute
     dequantized = largest.in_features * largest.out_features * p.compute if largest else 0
-    return gradients + dequantized
+    return residual + mlp + tiled_input + dequantized
 
 
 def optimizer_transient(lora_params: int) -> int:
@@ -379,12 +411,15 @@ def saves_linear_inputs(mode: Mode, path: str) -> bool:
 
 def activation_terms(config, model, lora, seq_len: int, tokens: int, gradient_checkpointing: bool, path: str,
                      p: Precision, device_type: str, int8_outlier_columns: dict[str, float] | None = None,
-                     linear_inputs_saved: bool = False) -> dict:
+                     linear_inputs_saved: bool = False, levers: Levers = Levers()) -> dict:
     """Bytes of the activations a step keeps, by component (see the module docstring for the notation).
-    ``linear_inputs_saved``: the quantized linears save their inputs (``saves_linear_inputs``)."""
+    ``linear_inputs_saved``: the quantized linears save their inputs (``saves_linear_inputs``). With activations
+    offloaded (``levers``), ``offloaded_activations_bytes`` are in host memory: every layer's input, the final
+    norm's fp32 input and the loss chunks' hidden states; the GPU holds one layer's input, brought back for its
+    backward."""
     targets = first_layer_targets(lora_targets(model, lora))
     linear_inputs = saved_linear_inputs_bytes_per_token(config, p) if linear_inputs_saved else 0
-    per_layer = layer_bytes(config, targets, lora, seq_len, tokens, p) + tokens * linear_inputs
+    per_layer = layer_bytes(config, targets, lora, seq_len, tokens, p, levers) + tokens * linear_inputs
     layers = config.num_hidden_layers
     # Non-reentrant checkpointing keeps each layer's input: T h e bytes a layer. Without it every layer keeps all,
     # but the first layer's first norm keeps nothing: its input (the frozen embeddings' output) needs no gradient;
@@ -401,10 +436,17 @@ def activation_terms(config, model, lora, seq_len: int, tokens: int, gradient_ch
     # the lean path's int8 linears keep no inputs (backends.bitsandbytes.FrozenInt8Matmul)
     held = 0 if path == "lean" else int8_layers_count(model) * tokens * int8_held_inputs_bytes_per_token(
         config, p, device_type, int8_outlier_columns)
+    saved = checkpoints if gradient_checkpointing else no_checkpoints
+    offloaded = 0
+    if levers.offload_activations:
+        offloaded_head = tokens * config.hidden_size * (FLOAT32 + p.compute)
+        offloaded = checkpoints + offloaded_head
+        saved, head_saved = tokens * config.hidden_size * p.residual, head_saved - offloaded_head
     return {
         "layer_activation_bytes": per_layer,
         "int8_held_inputs_bytes": held,
-        "saved_activations_bytes": checkpoints if gradient_checkpointing else no_checkpoints,
+        "offloaded_activations_bytes": offloaded,
+        "saved_activations_bytes": saved,
         "saved_activations_checkpointing_bytes": checkpoints,
         "saved_activations_no_checkpointing_bytes": no_checkpoints,
         "head_saved_bytes": head_saved,
@@ -492,10 +534,12 @@ def true_floor(terms: dict, layer_transient: int) -> tuple[str, int]:
 
 
 def _checkpointed(floor: dict) -> bool:
-    """Whether the floor was predicted with gradient checkpointing. The floor does not record the setting, but
-    ``activation_terms`` chose its saved activations by it, and the two choices never coincide (without
+    """Whether the floor was predicted with gradient checkpointing: recorded since levers came in; before, read
+    from ``activation_terms``'s choice of saved activations, as the two choices never coincide (without
     checkpointing every layer saves at least its two norms' fp32 inputs, more than the h e bytes a token the
     checkpoints keep)."""
+    if "gradient_checkpointing" in floor:
+        return floor["gradient_checkpointing"]
     return floor["saved_activations_bytes"] == floor["saved_activations_checkpointing_bytes"]
 
 
@@ -506,8 +550,8 @@ def phase_components(floor: dict, phase: str) -> dict[str, int]:
 
 
 def _path_terms(config, model, mode: Mode, lora, seq_len: int, batch_size: int, gradient_checkpointing: bool,
-                path: str, optimizer: str, device_type: str,
-                int8_outlier_columns: dict[str, float] | None) -> tuple[Precision, dict, int]:
+                path: str, optimizer: str, device_type: str, int8_outlier_columns: dict[str, float] | None,
+                levers: Levers = Levers()) -> tuple[Precision, dict, int]:
     """(precision, bytes by component, one layer's backward transient) of training the skeleton ``model`` on
     ``path``: what ``memory_floor`` composes into phases, for its own path and for the true floor's."""
     tokens = batch_size * seq_len
@@ -519,20 +563,21 @@ def _path_terms(config, model, mode: Mode, lora, seq_len: int, batch_size: int, 
         "upcast_bytes": upcast,
         **lora_bytes(lora_targets(model, lora), lora, optimizer),
         **activation_terms(config, model, lora, seq_len, tokens, gradient_checkpointing, path, p, device_type,
-                           int8_outlier_columns, saves_linear_inputs(mode, path)),
+                           int8_outlier_columns, saves_linear_inputs(mode, path), levers),
         **loss_terms(config, tokens, path, config.vocab_size * config.hidden_size * p.compute if upcast else 0),
     }
     quantized = [layer for layer in linears(model) if layer.storage != "dense"]
     largest = max(quantized, key=lambda layer: layer.in_features * layer.out_features, default=None)
-    return p, terms, layer_backward_transient(config, tokens, p, largest)
+    return p, terms, layer_backward_transient(config, tokens, p, largest, levers)
 
 
 def memory_floor(config, mode: Mode, lora, seq_len: int, batch_size: int, gradient_checkpointing: bool,
                  path: str = "lean", optimizer: str = "adamw", device_type: str = "cuda",
-                 int8_outlier_columns: dict[str, float] | None = None) -> dict:
+                 int8_outlier_columns: dict[str, float] | None = None, levers: Levers = Levers()) -> dict:
     """Predicted bytes of each memory component of LoRA training on ``path``, and the resulting totals.
     ``int8_outlier_columns``: LLM.int8's outlier columns a layer by linear name, where measured
-    (``int8_held_inputs_bytes_per_token``); recorded in the result.
+    (``int8_held_inputs_bytes_per_token``); recorded in the result. ``levers``: the lean path's memory levers
+    pulled (``qlora_core.levers``; recorded), which the true floor does not assume.
 
     Totals: ``after_load_bytes`` (weights as stored), ``after_setup_bytes`` (plus the path's upcasts and the
     adapters; the optimizer state is allocated at the first step), ``peak_bytes``, the largest of
@@ -542,10 +587,11 @@ def memory_floor(config, mode: Mode, lora, seq_len: int, batch_size: int, gradie
     """
     model = skeleton(config, mode)  # built once: the true floor's lean terms read the same skeleton
     set_up = (config, model, mode, lora, seq_len, batch_size)
+    levers.check(path, gradient_checkpointing)
     p, terms, layer_transient = _path_terms(*set_up, gradient_checkpointing, path, optimizer, device_type,
-                                            int8_outlier_columns)
+                                            int8_outlier_columns, levers)
     lean_terms, lean_transient = terms, layer_transient
-    if path != "lean" or not gradient_checkpointing:
+    if path != "lean" or not gradient_checkpointing or levers.any:
         _, lean_terms, lean_transient = _path_terms(*set_up, True, "lean", optimizer, device_type, None)
     floor_phase, floor_bytes = true_floor(lean_terms, lean_transient)
     phases = step_phases(terms, gradient_checkpointing, layer_transient)
@@ -555,6 +601,8 @@ def memory_floor(config, mode: Mode, lora, seq_len: int, batch_size: int, gradie
         "device_type": device_type,
         "optimizer": optimizer,
         "tokens_per_micro_batch": batch_size * seq_len,
+        "gradient_checkpointing": gradient_checkpointing,
+        "levers": levers.describe(),
         "int8_outlier_columns": int8_outlier_columns,
         **terms,
         "layer_backward_transient_bytes": layer_transient,

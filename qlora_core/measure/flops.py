@@ -44,16 +44,19 @@ def lora_training_flops_per_token(config, matmul_weights: int, lora_weights: int
 
 
 def recompute_flops_per_token(config, matmul_weights: int, lora_weights: int, seq_len: int, *,
-                              gradient_checkpointing: bool, path: str) -> float:
+                              gradient_checkpointing: bool, path: str, mlp_tiled: bool = False) -> float:
     """FLOPs recomputation adds a token: with per-layer gradient checkpointing every decoder layer's forward
     again (its matmul weights, its adapters, attention's two products: 4 s d per layer); on the lean path each
-    loss chunk's output head as well, checkpointed whatever the setting (``paths.chunked_causal_lm_loss``).
+    loss chunk's output head as well, checkpointed whatever the setting (``paths.chunked_causal_lm_loss``); with
+    the MLP in tiles (``levers.tile_mlps``: each tile checkpointed inside its checkpointed layer) the MLP's
+    three projections a third time (their adapters' few FLOPs not counted).
     ``matmul_weights`` includes the head. torch's early stop skips each layer's last adapter up-projection
     (r x h weights), which is not subtracted: a few parts in 100,000 of the recompute at 8B."""
     head = config.vocab_size * config.hidden_size
     attention = 4 * config.num_hidden_layers * seq_len * config.num_attention_heads * head_dim(config)
     layers = 2 * (matmul_weights - head) + 2 * lora_weights + attention
-    return (layers if gradient_checkpointing else 0) + (2 * head if path == "lean" else 0)
+    tiles = 2 * config.num_hidden_layers * 3 * config.hidden_size * config.intermediate_size if mlp_tiled else 0
+    return (layers if gradient_checkpointing else 0) + (2 * head if path == "lean" else 0) + tiles
 
 
 def peak_flops(device: torch.device, dtype: torch.dtype) -> dict | None:

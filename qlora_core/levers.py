@@ -1,0 +1,206 @@
+"""Switches that trade step time for GPU memory on the lean path (issue 13's levers), each off by default and
+measured on and off, with its term in the memory model (``measure.floor``):
+
+- ``offload_activations``: every tensor autograd saves outside a checkpointed region (under the lean path's
+  checkpointing that is each decoder layer's input, the final norm's input and the loss chunks' hidden states)
+  is copied to pinned host memory on a side CUDA stream as soon as it is saved, and copied back when backward
+  needs it. The GPU then holds one layer's input at a time instead of all of them (256 KiB a token at
+  Llama-3.1-8B); the host holds the rest, so host memory bounds the longest sequence instead.
+- ``mlp_tile_tokens``: each decoder layer's MLP runs over the sequence in tiles of this many tokens, each tile
+  under its own checkpoint, so the MLP's saved tensors and gradients (three MLP-wide tensors a token, with
+  their adapters' inputs) exist for one tile at a time while its layer is recomputed and differentiated.
+
+Neither changes the mathematics: the same loss and gradients (tests/test_levers.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import weakref
+from dataclasses import dataclass
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+#: Saved tensors smaller than this stay where they are: copying them costs more in launches than it frees.
+OFFLOAD_MIN_BYTES = 1 << 20
+#: The MLP of a decoder layer is the child named so in the Llama, Qwen2 and Mistral families.
+MLP_NAME = "mlp"
+
+
+@dataclass(eq=False)
+class HostCopy:
+    """A saved activation in host memory: the copy, the CUDA event marking it done (None on a CPU device), the
+    device it came from, and the tensor brought back from it while that is alive."""
+
+    host: torch.Tensor
+    copied: torch.cuda.Event | None
+    device: torch.device
+    brought_back: weakref.ref | None = None
+
+
+class ActivationOffload:
+    """Saved-tensor hooks that keep each large saved activation in host memory between forward and backward.
+
+    ``pack`` copies a CUDA tensor into pinned host memory on a side stream that first waits for the compute
+    stream (so the copy reads finished values), and tells the allocator the GPU block is in use on that stream
+    (``record_stream``), so the block is reused only once the copy is done: the compute stream never waits for a
+    copy in forward. ``unpack`` makes the compute stream wait for the copy and brings the tensor back. Parameters
+    and small tensors are returned as they are. A tensor saved twice in one forward (an RMSNorm's fp32 input, by
+    its square and by its scaling) is copied once, and brought back once while the first copy is alive.
+    ``offloaded_bytes`` counts what went to the host (bytes), for the memory model's check. On a CPU device
+    nothing moves, but the same copies are made, so the hooks' effect on the numbers can be tested there.
+    """
+
+    def __init__(self, min_bytes: int = OFFLOAD_MIN_BYTES):
+        self.min_bytes = min_bytes
+        self.offloaded_bytes = 0
+        self._streams: dict[torch.device, torch.cuda.Stream] = {}
+        self._packed: dict[int, tuple[weakref.ref, HostCopy]] = {}  # id(tensor) -> (the tensor, its copy)
+
+    def forget(self) -> None:
+        """Drop the forward's record of what it packed (a forward's tensors are never saved by the next one)."""
+        self._packed.clear()
+
+    def _side_stream(self, device: torch.device) -> torch.cuda.Stream:
+        if device not in self._streams:
+            self._streams[device] = torch.cuda.Stream(device)
+        return self._streams[device]
+
+    def pack(self, tensor: torch.Tensor):
+        if isinstance(tensor, torch.nn.Parameter) or tensor.numel() * tensor.element_size() < self.min_bytes:
+            return tensor
+        seen = self._packed.get(id(tensor))
+        if seen is not None and seen[0]() is tensor:
+            return seen[1]
+        packed = self._copy_to_host(tensor)
+        self._packed[id(tensor)] = (weakref.ref(tensor), packed)
+        self.offloaded_bytes += tensor.numel() * tensor.element_size()
+        return packed
+
+    def _copy_to_host(self, tensor: torch.Tensor) -> HostCopy:
+        if tensor.device.type != "cuda":
+            return HostCopy(tensor.clone(), None, tensor.device)
+        stream = self._side_stream(tensor.device)
+        stream.wait_stream(torch.cuda.current_stream(tensor.device))
+        with torch.cuda.stream(stream):
+            host = torch.empty(tensor.size(), dtype=tensor.dtype, pin_memory=True)
+            host.copy_(tensor, non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record(stream)
+        tensor.record_stream(stream)
+        return HostCopy(host, copied, tensor.device)
+
+    @staticmethod
+    def unpack(packed):
+        if isinstance(packed, torch.Tensor):
+            return packed
+        if packed.brought_back is not None and (tensor := packed.brought_back()) is not None:
+            return tensor
+        if packed.copied is None:
+            tensor = packed.host
+        else:
+            torch.cuda.current_stream(packed.device).wait_event(packed.copied)
+            tensor = packed.host.to(packed.device, non_blocking=True)
+        packed.brought_back = weakref.ref(tensor)
+        return tensor
+
+    def hooks(self):
+        """The context under which a forward's saved tensors are offloaded."""
+        return torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
+
+
+def with_offload(loss_fn, offload: ActivationOffload | None):
+    """``loss_fn(model, input_ids)`` with its forward's saved activations offloaded; ``loss_fn`` itself when
+    ``offload`` is None. Backward runs outside the hooks and unpacks what the forward packed."""
+    if offload is None:
+        return loss_fn
+
+    @functools.wraps(loss_fn)
+    def offloaded(*args, **kwargs):
+        with offload.hooks():
+            try:
+                return loss_fn(*args, **kwargs)
+            finally:
+                offload.forget()
+
+    return offloaded
+
+
+def _tiled_mlp_forward(mlp: torch.nn.Module, tile_tokens: int, hidden: torch.Tensor) -> torch.Tensor:
+    """The MLP of ``hidden`` [..., h] computed ``tile_tokens`` tokens at a time, each tile under non-reentrant
+    checkpointing (the RNG state kept, so LoRA dropout draws the same mask in its recompute). Per token the MLP
+    is independent of the others: the result equals the untiled one."""
+    forward = type(mlp).forward
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    tiles = [checkpoint(forward, mlp, flat[start:start + tile_tokens], use_reentrant=False)
+             for start in range(0, flat.shape[0], tile_tokens)]
+    return torch.cat(tiles).reshape(*hidden.shape[:-1], -1)
+
+
+def decoder_mlps(model) -> list[torch.nn.Module]:
+    """The MLP module of every decoder layer (a child named ``mlp`` holding a ``down_proj``)."""
+    return [module for name, module in model.named_modules()
+            if name.rsplit(".", 1)[-1] == MLP_NAME and hasattr(module, "down_proj")]
+
+
+def tile_mlps(model, tile_tokens: int):
+    """Run every decoder layer's MLP in tiles of ``tile_tokens`` tokens (``_tiled_mlp_forward``), in place; the
+    modules and their names are unchanged, so adapters save and load as before. Returns the model; a ValueError
+    for a model with no such MLP (BLOOM's is not tiled)."""
+    if tile_tokens < 1:
+        raise ValueError(f"mlp_tile_tokens must be >= 1, got {tile_tokens}")
+    mlps = decoder_mlps(model)
+    if not mlps:
+        raise ValueError("mlp tiling needs decoder layers with an 'mlp' holding a 'down_proj' (Llama, Qwen2, "
+                         "Mistral); this model has none")
+    for mlp in mlps:
+        mlp.forward = functools.partial(_tiled_mlp_forward, mlp, tile_tokens)
+    return model
+
+
+@dataclass(frozen=True)
+class Levers:
+    """Which levers a lean-path cell pulls (module docstring); the default pulls none."""
+
+    offload_activations: bool = False
+    mlp_tile_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.mlp_tile_tokens is not None and self.mlp_tile_tokens < 1:
+            raise ValueError(f"mlp_tile_tokens must be >= 1 (or None: untiled), got {self.mlp_tile_tokens}")
+
+    @property
+    def any(self) -> bool:
+        return self.offload_activations or self.mlp_tile_tokens is not None
+
+    def check(self, path: str, gradient_checkpointing: bool) -> Levers:
+        """``self`` when a training set-up can pull these levers: both are the lean path's, and both act on what
+        checkpointing leaves (the layers' inputs, the MLP recomputed in tiles); a ValueError otherwise."""
+        if self.any and path != "lean":
+            raise ValueError(f"offloading activations and MLP tiling are levers of the lean path, not {path!r}")
+        if self.any and not gradient_checkpointing:
+            raise ValueError("offloading activations and MLP tiling act on what gradient checkpointing keeps: "
+                             "turn checkpointing on")
+        return self
+
+    def mlp_tokens(self, tokens: int) -> int:
+        """Tokens whose MLP tensors exist at once when a layer is recomputed: one tile's, or all ``tokens``."""
+        return tokens if self.mlp_tile_tokens is None else min(tokens, self.mlp_tile_tokens)
+
+    def label(self) -> str:
+        """A file-name suffix naming the levers pulled ("" for none): ``-offload``, ``-mlp-tile4096``."""
+        parts = ["offload"] * self.offload_activations
+        parts += [f"mlp-tile{self.mlp_tile_tokens}"] if self.mlp_tile_tokens is not None else []
+        return "".join(f"-{part}" for part in parts)
+
+    def describe(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def apply(self, model, loss_fn):
+        """(``model`` with its MLPs tiled where asked, ``loss_fn`` offloading where asked): the training set-up
+        with these levers pulled, after the adapters are attached."""
+        if self.mlp_tile_tokens is not None:
+            tile_mlps(model, self.mlp_tile_tokens)
+        return model, with_offload(loss_fn, ActivationOffload() if self.offload_activations else None)

@@ -1,0 +1,137 @@
+"""The lean path's memory levers (qlora_core/levers.py): the same loss and gradients with each pulled, what the
+offload moves to the host as the memory model counts it, and the model's terms and checks."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from qlora_core.cell import CellSettings, run_cell
+from qlora_core.levers import ActivationOffload, Levers, decoder_mlps, tile_mlps, with_offload
+from qlora_core.lora import LoraSettings
+from qlora_core.measure.floor import memory_floor, phase_components
+from qlora_core.modes import get_mode
+from qlora_core.paths import chunked_causal_lm_loss
+from qlora_core.shapes import shape_config
+from qlora_core.trainer import TrainSettings
+from test_paths import adapted
+
+#: Offloaded copies are exact, so offloading changes nothing; tiling reorders no reduction a token sees (the MLP
+#: is per token), but a matmul over a tile may block its sums differently from one over the whole batch.
+TILED_GRADIENT_REL_TOL = 1e-2
+
+
+def loss_and_gradient(model, loss_fn, ids):
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = loss_fn(model, ids)
+    loss.backward()
+    return loss.item(), torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
+
+
+def ids(rows: int = 2, seq: int = 64) -> torch.Tensor:
+    return torch.randint(0, 320, (rows, seq), generator=torch.Generator().manual_seed(3))
+
+
+@pytest.mark.parametrize("mode", ["bf16", "nf4-dq"])
+def test_offloading_changes_neither_loss_nor_gradients(mode):
+    batch = ids()
+    plain = loss_and_gradient(adapted("tiny-llama", mode, "lean"), chunked_causal_lm_loss, batch)
+    offload = ActivationOffload(min_bytes=0)
+    offloaded = loss_and_gradient(adapted("tiny-llama", mode, "lean"), with_offload(chunked_causal_lm_loss, offload),
+                                  batch)
+    assert offload.offloaded_bytes > 0
+    assert offloaded[0] == plain[0]
+    assert torch.equal(offloaded[1], plain[1])
+
+
+@pytest.mark.parametrize("mode", ["bf16", "nf4-dq"])
+def test_a_tiled_mlp_gives_the_untiled_loss_and_gradients(mode):
+    batch = ids()
+    plain_loss, plain_gradient = loss_and_gradient(adapted("tiny-llama", mode, "lean"), chunked_causal_lm_loss, batch)
+    model = tile_mlps(adapted("tiny-llama", mode, "lean"), 24)  # 128 tokens: tiles of 24 leave a ragged last one
+    tiled_loss, tiled_gradient = loss_and_gradient(model, chunked_causal_lm_loss, batch)
+    assert tiled_loss == pytest.approx(plain_loss, rel=1e-3)
+    assert (tiled_gradient - plain_gradient).norm() <= TILED_GRADIENT_REL_TOL * plain_gradient.norm()
+
+
+def test_tiling_keeps_module_names_so_adapters_save_as_before():
+    model = adapted("tiny-llama", "bf16", "lean")
+    names = [name for name, _ in model.named_parameters()]
+    tile_mlps(model, 16)
+    assert [name for name, _ in model.named_parameters()] == names
+    assert len(decoder_mlps(model)) == 2  # tiny-llama's two layers
+
+
+def test_tiling_refuses_a_model_without_gated_mlps():
+    with pytest.raises(ValueError, match="mlp tiling needs decoder layers"):
+        tile_mlps(adapted("tiny-bloom", "bf16", "lean"), 16)
+
+
+def test_the_offload_moves_what_the_memory_model_says_it_does():
+    """Every layer's input, the final norm's fp32 input and the loss chunk's hidden states, counted by the hooks
+    (anything of at least 4 KiB: the norm's reciprocal RMS and the labels, smaller here and a few bytes a token
+    at scale, stay on the GPU in the model as in the hooks' default threshold) against the floor's term."""
+    rows, seq = 2, 64
+    offload = ActivationOffload(min_bytes=4096)
+    loss_and_gradient(adapted("tiny-llama", "bf16", "lean"), with_offload(chunked_causal_lm_loss, offload),
+                      ids(rows, seq))
+    floor = memory_floor(shape_config("tiny-llama"), get_mode("bf16"), LoraSettings(r=4, alpha=8, dropout=0.0), seq,
+                         rows, True, path="lean", device_type="cpu", levers=Levers(offload_activations=True))
+    assert offload.offloaded_bytes == floor["offloaded_activations_bytes"]
+
+
+def test_each_lever_lowers_the_predicted_peak_of_a_long_sequence():
+    config, mode, lora = shape_config("Llama-3.1-8B"), get_mode("nf4-dq"), LoraSettings()
+    peak = {levers: memory_floor(config, mode, lora, 65536, 1, True, path="lean", levers=levers)
+            for levers in (Levers(), Levers(True), Levers(False, 4096), Levers(True, 4096))}
+    plain, offload, tiled, both = (peak[levers]["peak_bytes"] for levers in peak)
+    assert plain > offload > both and plain > tiled > both
+    # the offload takes every layer's input (h e bytes a token a layer) off the GPU, less the one brought back
+    boundaries = 31 * 65536 * 4096 * 2
+    assert plain - offload == pytest.approx(boundaries, rel=0.1)
+    parts = phase_components(peak[Levers(True)], "layer_backward")
+    assert parts["saved_activations_bytes"] == 65536 * 4096 * 2
+    assert sum(parts.values()) == peak[Levers(True)]["phase_peak_bytes"]["layer_backward"]
+    assert peak[Levers()]["offloaded_activations_bytes"] == 0
+
+
+def test_levers_belong_to_the_lean_path_with_checkpointing():
+    with pytest.raises(ValueError, match="levers of the lean path"):
+        CellSettings(mode="bf16", shape="tiny-llama", offload_activations=True)
+    with pytest.raises(ValueError, match="turn checkpointing on"):
+        CellSettings(mode="bf16", shape="tiny-llama", path="lean", mlp_tile_tokens=64, gradient_checkpointing=False)
+    with pytest.raises(ValueError, match="mlp_tile_tokens must be >= 1"):
+        Levers(mlp_tile_tokens=0)
+    assert Levers(True, 4096).label() == "-offload-mlp-tile4096" and Levers().label() == ""
+
+
+def test_a_cell_with_both_levers_trains_and_records_them():
+    settings = CellSettings(mode="nf4-dq", shape="tiny-llama", path="lean", seq_len=64, batch_size=2,
+                            timing_warmup=1, device="cpu", offload_activations=True, mlp_tile_tokens=32,
+                            lora=LoraSettings(r=4, alpha=8), train=TrainSettings(max_steps=2))
+    result = run_cell(settings)
+    plain = run_cell(dataclasses.replace(settings, offload_activations=False, mlp_tile_tokens=None))
+    assert result["status"] == "ok"
+    assert result["settings"]["offload_activations"] and result["settings"]["mlp_tile_tokens"] == 32
+    assert result["floor"]["levers"] == {"offload_activations": True, "mlp_tile_tokens": 32}
+    assert result["training"]["losses"] == pytest.approx(plain["training"]["losses"], rel=1e-2)
+    assert result["training"]["hardware_flops_per_token"] > plain["training"]["hardware_flops_per_token"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("levers", [Levers(True), Levers(False, 256), Levers(True, 256)], ids=str)
+def test_each_lever_lowers_the_measured_peak_on_cuda(levers):
+    """Llama-3.2-1B shape at 1 x 4096 tokens: each lever lowers the allocator's training peak, as predicted, and the
+    loss stays the plain cell's."""
+    settings = CellSettings(mode="nf4-dq", shape="Llama-3.2-1B", path="lean", seq_len=4096, batch_size=1,
+                            timing_warmup=1, device="cuda", train=TrainSettings(max_steps=2))
+    plain = run_cell(settings)
+    pulled = run_cell(dataclasses.replace(settings, offload_activations=levers.offload_activations,
+                                          mlp_tile_tokens=levers.mlp_tile_tokens))
+    plain_peak = plain["predicted_vs_measured"]["training_peak"]
+    pulled_peak = pulled["predicted_vs_measured"]["training_peak"]
+    assert pulled_peak["measured_bytes"] < plain_peak["measured_bytes"]
+    assert 0.9 <= pulled_peak["ratio"] <= 1.10
+    assert pulled["training"]["losses"] == pytest.approx(plain["training"]["losses"], rel=1e-2)
