@@ -22,6 +22,7 @@ from pathlib import Path
 
 from qlora_core import settings
 from qlora_core.cell import CellSettings
+from qlora_core.levers import Levers
 from qlora_core.lora import LoraSettings
 from qlora_core.modes import MODES, UnknownModeError, installed_modes, parse_modes
 from qlora_core.noise import each_warning_once
@@ -150,6 +151,19 @@ def _add_frontier_command(commands) -> None:
     rank = settings.BY_NAME["lora_r"]
     frontier.add_argument(*rank.option_strings("sweep"), **{**rank.option_kwargs("sweep"),
                                                             "help": rank.help_on("sweep") + "; alpha = 2 r"})
+    for lever in ("offload_activations", "mlp_tile_tokens"):  # the lean path's levers, as the sweep takes them
+        declared = settings.BY_NAME[lever]
+        frontier.add_argument(*declared.option_strings("sweep"), **{
+            **declared.option_kwargs("sweep"), "help": declared.help_on("sweep") + "; lean path only"})
+    frontier.add_argument("--host-memory-gib", type=settings.positive_float,
+                          help="with --offload-activations: host memory the offloaded activations may take, in GiB "
+                               "(they bound the frontier there: 'host memory'); default: no bound. Pinned host "
+                               "blocks are rounded up to powers of two by PyTorch's caching host allocator, so "
+                               "leave a margin below the machine's RAM")
+    frontier.add_argument("--beyond-positions", action="store_true",
+                          help="let memory alone bound the frontier, past the positions the model was trained for "
+                               "(max_position_embeddings; RoPE computes any position): how published context "
+                               "records are counted. Probe cells then run past them too")
     frontier.add_argument("--out", type=Path, help="also write frontier.json and frontier.png (tokens by capacity, "
                                                    "with others' published figures marked as claims) here")
     frontier.add_argument("--measure", action="store_true",
@@ -507,6 +521,10 @@ def command_frontier(args: argparse.Namespace) -> int:
         check_writable(args.out)
     modes, paths = parse_modes(args.modes), [check_path(path) for path in args.paths]
     lora = LoraSettings(r=args.lora_r)
+    levers = Levers(args.offload_activations, args.mlp_tile_tokens)
+    host_bytes = int(args.host_memory_gib * GIB) if args.host_memory_gib else None
+    for path in paths:
+        levers.check(path, gradient_checkpointing=True)
     table = Table(title="predicted context frontier (batch 1; allocated bytes, allocator slack not included)")
     for header in ("shape", "mode", "path", "cap GiB", "tokens", "bound", "peak GiB", "MiB/token"):
         table.add_column(header, justify="left" if header in ("shape", "mode", "path") else "right", no_wrap=True)
@@ -516,7 +534,9 @@ def command_frontier(args: argparse.Namespace) -> int:
         for mode in modes:
             for path in paths:
                 for gib in args.capacity_gib:
-                    found = {"shape": shape, **predicted_frontier(config, mode, lora, int(gib * GIB), path)}
+                    found = {"shape": shape, **predicted_frontier(
+                        config, mode, lora, int(gib * GIB), path, levers=levers,
+                        beyond_positions=args.beyond_positions, host_capacity_bytes=host_bytes)}
                     frontiers.append(found)
                     slope = found["bytes_per_token"]
                     cost = "-" if slope is None else f"{slope / MIB:.3f}"

@@ -20,16 +20,25 @@ FRONTIER = {"shape": "Llama-3.1-8B", "mode": "nf4-dq", "path": "lean", "capacity
 def test_three_probes_at_batch_one_under_the_cap():
     cells = probe_cells(FRONTIER, LORA)
     assert list(cells) == [f"Llama-3.1-8B-nf4-dq-lean-24gib-{probe}" for probe in ("half", "at", "above")]
-    assert [c.seq_len for c in cells.values()] == [15616, 31232, 31232 + TOKEN_GRANULARITY]
+    # above: 5 % over the prediction, rounded up to whole steps (32,793.6 -> 33,024)
+    assert [c.seq_len for c in cells.values()] == [15616, 31232, 129 * TOKEN_GRANULARITY]
     for settings in cells.values():
         assert settings.batch_size == 1 and settings.memory_cap_bytes == 24 * 2**30 and settings.device == "cuda"
         assert settings.train.max_steps == 2 and settings.timing_warmup == 1  # the second step holds it all
         assert (settings.shape, settings.mode, settings.path, settings.lora) == ("Llama-3.1-8B", "nf4-dq", "lean", LORA)
 
 
-def test_no_probes_where_nothing_fits_and_none_above_a_positions_bound():
+def test_no_probes_where_nothing_fits_and_none_above_a_positions_or_host_bound():
     assert probe_cells({**FRONTIER, "tokens": 0}, LORA) == {}
-    assert not any(name.endswith("-above") for name in probe_cells({**FRONTIER, "limited_by": "positions"}, LORA))
+    for bound in ("positions", "host memory"):
+        assert not any(name.endswith("-above") for name in probe_cells({**FRONTIER, "limited_by": bound}, LORA))
+
+
+def test_probes_of_a_frontier_with_levers_pull_them_and_say_so_in_their_names():
+    levers = {"offload_activations": True, "mlp_tile_tokens": 4096}
+    cells = probe_cells({**FRONTIER, "levers": levers}, LORA)
+    assert list(cells)[0] == "Llama-3.1-8B-nf4-dq-lean-offload-mlp-tile4096-24gib-half"
+    assert all(cell.offload_activations and cell.mlp_tile_tokens == 4096 for cell in cells.values())
 
 
 def result(status: str, peak: int | None = None) -> dict:
@@ -42,7 +51,7 @@ def test_confirmed_when_the_at_probe_runs_and_the_one_above_runs_out_of_memory()
                probe_name(FRONTIER, "at"): result("ok", 19 * 2**30),
                probe_name(FRONTIER, "above"): result("oom")}
     checked = with_probes(FRONTIER, results)
-    assert checked["confirmed"] and checked["probes"]["above"] == {"tokens": 31488, "status": "oom", "peak_bytes": None}
+    assert checked["confirmed"] and checked["probes"]["above"] == {"tokens": 33024, "status": "oom", "peak_bytes": None}
     assert checked["measured_bytes_per_token"] == 9 * 2**30 / (31232 - 15616)
     results[probe_name(FRONTIER, "above")] = result("ok", 20 * 2**30)
     assert not with_probes(FRONTIER, results)["confirmed"]  # the prediction was short of the real frontier

@@ -10,7 +10,9 @@ import sys
 import pytest
 
 from qlora_core.lora import LoraSettings
-from qlora_core.measure.frontier import TOKEN_GRANULARITY, predicted_frontier, predicted_peak_bytes
+from qlora_core.levers import Levers
+from qlora_core.measure.frontier import (TOKEN_GRANULARITY, offloaded_bytes_per_step, predicted_frontier,
+                                            predicted_peak_bytes)
 from qlora_core.measure.memory import GIB
 from qlora_core.modes import get_mode
 from qlora_core.shapes import shape_config
@@ -73,3 +75,20 @@ def test_a_model_s_positions_bound_the_frontier_before_memory_does():
     assert found["limited_by"] == "positions"
     assert predicted_frontier(shape_config("Llama-3.1-8B"), get_mode("bf16"), LORA, 24 * GIB, "lean")["limited_by"] \
         == "memory"
+
+
+def test_levers_lengthen_the_frontier_and_host_memory_bounds_an_offloaded_one():
+    config, mode = shape_config("Llama-3.1-8B"), get_mode("nf4-dq")
+    plain = predicted_frontier(config, mode, LORA, 24 * GIB, "lean")
+    both = Levers(offload_activations=True, mlp_tile_tokens=4096)
+    pulled = predicted_frontier(config, mode, LORA, 24 * GIB, "lean", levers=both)
+    assert pulled["tokens"] > 2 * plain["tokens"] and pulled["levers"] == both.describe()
+    assert pulled["bytes_per_token"] < plain["bytes_per_token"] / 2
+    beyond = predicted_frontier(config, mode, LORA, 80 * GIB, "lean", levers=both, beyond_positions=True)
+    assert beyond["tokens"] > config.max_position_embeddings and beyond["limited_by"] == "memory"
+    host = 64 * GIB
+    bounded = predicted_frontier(config, mode, LORA, 80 * GIB, "lean", levers=both, beyond_positions=True,
+                                 host_capacity_bytes=host)
+    assert bounded["limited_by"] == "host memory" and bounded["tokens"] < beyond["tokens"]
+    per_step = offloaded_bytes_per_step(config, mode, LORA, "lean", both)
+    assert bounded["tokens"] == host // per_step * TOKEN_GRANULARITY

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 
+from qlora_core.levers import Levers
 from qlora_core.measure.floor import memory_floor
 from qlora_core.modes import Mode
 
@@ -21,18 +22,21 @@ TOKEN_GRANULARITY = 256
 MAX_TOKENS = 2**22
 
 
-def predicted_peak_bytes(config, mode: Mode, lora, tokens: int, path: str, optimizer: str = "adamw") -> int:
+def predicted_peak_bytes(config, mode: Mode, lora, tokens: int, path: str, optimizer: str = "adamw",
+                         levers: Levers = Levers()) -> int:
     """The predicted training peak of one sequence of ``tokens`` tokens (batch 1, gradient checkpointing)."""
-    return memory_floor(config, mode, lora, tokens, 1, True, path=path, optimizer=optimizer)["peak_bytes"]
+    return memory_floor(config, mode, lora, tokens, 1, True, path=path, optimizer=optimizer,
+                        levers=levers)["peak_bytes"]
 
 
-def _affine_guess(config, mode: Mode, lora, capacity_bytes: int, path: str, optimizer: str) -> int:
+def _affine_guess(config, mode: Mode, lora, capacity_bytes: int, path: str, optimizer: str,
+                  levers: Levers) -> int:
     """Where the frontier lies if every phase's predicted bytes are affine in the tokens (true for attention
     without a score matrix, beyond the lean loss's first chunk), in whole steps of ``TOKEN_GRANULARITY``: each
     phase's line through two lengths, solved for the capacity, the tightest phase deciding."""
     short, long = 4 * TOKEN_GRANULARITY, 8 * TOKEN_GRANULARITY
     at = lambda tokens: memory_floor(config, mode, lora, tokens, 1, True, path=path,  # noqa: E731
-                                     optimizer=optimizer)["phase_peak_bytes"]
+                                     optimizer=optimizer, levers=levers)["phase_peak_bytes"]
     low, high = at(short), at(long)
     limits = []
     for phase, bytes_short in low.items():
@@ -44,21 +48,30 @@ def _affine_guess(config, mode: Mode, lora, capacity_bytes: int, path: str, opti
     return max(0, int(min(limits, default=MAX_TOKENS) // TOKEN_GRANULARITY))
 
 
-def predicted_frontier(config, mode: Mode, lora, capacity_bytes: int, path: str, optimizer: str = "adamw") -> dict:
+def predicted_frontier(config, mode: Mode, lora, capacity_bytes: int, path: str, optimizer: str = "adamw",
+                       levers: Levers = Levers(), beyond_positions: bool = False,
+                       host_capacity_bytes: int | None = None) -> dict:
     """The largest sequence (a multiple of ``TOKEN_GRANULARITY``, batch 1) whose predicted peak fits
     ``capacity_bytes``, as plain JSON: ``tokens`` (0 when not even the smallest fits; at most the model's
-    positions and ``MAX_TOKENS``, ``limited_by`` saying which bound held: ``memory`` or ``positions``), its
-    ``peak_bytes``, and ``bytes_per_token``: what one more token costs there.
+    positions and ``MAX_TOKENS``, ``limited_by`` saying which bound held: ``memory``, ``positions`` or, with
+    activations offloaded, ``host memory``: what they take there within ``host_capacity_bytes``), its
+    ``peak_bytes``, ``bytes_per_token``: what one more token costs there, and the lean path's ``levers`` pulled
+    (``qlora_core.levers``). ``beyond_positions``: memory alone bounds it, past the positions the model was
+    trained for (RoPE computes any position; published context records, Unsloth's, are counted so).
 
     The affine guess (``_affine_guess``) is confirmed by two predictions, one at it and one a step above;
     where it does not hold (BLOOM's quadratic attention) the answer comes from bisection."""
     @functools.cache  # the search, the answer and its slope revisit lengths: each is predicted once
     def peak(steps: int) -> int:
-        return predicted_peak_bytes(config, mode, lora, steps * TOKEN_GRANULARITY, path, optimizer)
+        return predicted_peak_bytes(config, mode, lora, steps * TOKEN_GRANULARITY, path, optimizer, levers)
 
     fits = lambda steps: steps == 0 or peak(steps) <= capacity_bytes  # noqa: E731
-    limit = min(MAX_TOKENS, getattr(config, "max_position_embeddings", None) or MAX_TOKENS) // TOKEN_GRANULARITY
-    steps = min(_affine_guess(config, mode, lora, capacity_bytes, path, optimizer), limit)
+    positions = None if beyond_positions else getattr(config, "max_position_embeddings", None)
+    bounds = {"positions": min(MAX_TOKENS, positions or MAX_TOKENS) // TOKEN_GRANULARITY}
+    if levers.offload_activations and host_capacity_bytes is not None:
+        bounds["host memory"] = host_capacity_bytes // offloaded_bytes_per_step(config, mode, lora, path, levers)
+    bound, limit = min(bounds.items(), key=lambda item: item[1])
+    steps = min(_affine_guess(config, mode, lora, capacity_bytes, path, optimizer, levers), limit)
     if not (fits(steps) and (steps == limit or not fits(steps + 1))):
         low, high = 0, limit + 1  # fits(low); high: beyond the search, or the first that fails
         while high - low > 1:
@@ -66,13 +79,19 @@ def predicted_frontier(config, mode: Mode, lora, capacity_bytes: int, path: str,
             low, high = (middle, high) if fits(middle) else (low, middle)
         steps = low
     if steps == 0:
-        return _frontier(0, peak(1), None, capacity_bytes, path, mode, "memory")
+        return _frontier(0, peak(1), None, capacity_bytes, path, mode, "memory", levers)
     slope = (peak(steps + 1) - peak(steps)) / TOKEN_GRANULARITY
-    limited_by = "positions" if steps == limit and fits(limit + 1) else "memory"
-    return _frontier(steps * TOKEN_GRANULARITY, peak(steps), slope, capacity_bytes, path, mode, limited_by)
+    limited_by = bound if steps == limit and fits(limit + 1) else "memory"
+    return _frontier(steps * TOKEN_GRANULARITY, peak(steps), slope, capacity_bytes, path, mode, limited_by, levers)
+
+
+def offloaded_bytes_per_step(config, mode: Mode, lora, path: str, levers: Levers) -> int:
+    """Host bytes the offloaded activations of one ``TOKEN_GRANULARITY`` of tokens take (linear in the tokens)."""
+    return memory_floor(config, mode, lora, TOKEN_GRANULARITY, 1, True, path=path,
+                        levers=levers)["offloaded_activations_bytes"]
 
 
 def _frontier(tokens: int, peak_bytes: int, bytes_per_token: float | None, capacity_bytes: int, path: str,
-              mode: Mode, limited_by: str) -> dict:
-    return {"mode": mode.name, "path": path, "capacity_bytes": capacity_bytes, "tokens": tokens,
-            "peak_bytes": peak_bytes, "bytes_per_token": bytes_per_token, "limited_by": limited_by}
+              mode: Mode, limited_by: str, levers: Levers) -> dict:
+    return {"mode": mode.name, "path": path, "levers": levers.describe(), "capacity_bytes": capacity_bytes,
+            "tokens": tokens, "peak_bytes": peak_bytes, "bytes_per_token": bytes_per_token, "limited_by": limited_by}
