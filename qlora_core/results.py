@@ -233,7 +233,10 @@ class Reading:
             or manifest with fields missing): the caller warns about each.
         finetunes: the classic workflow's ``finetune`` summaries (``FINETUNE_SCHEMA``), each with ``"path"``.
         merges: its ``merge`` reports (``MERGE_SCHEMA``), each with ``"path"``.
-        others: JSON files of other tools or other qlora-bench records (adapter configs, frontiers): not
+        frontiers: the frontiers of ``qlora-bench frontier`` documents (``FRONTIER_SCHEMA``), one dict each: the
+            frontier's own keys plus its document's ``"document"`` (file), ``"commit"``, ``"probe_allocator_conf"``
+            (absent: the document predates the key) and ``"command"``.
+        others: JSON files of other tools or other qlora-bench records (adapter configs, probe manifests): not
             results, not an error.
         repeated: cells measured again with the same model, mode and settings (another run), of which only one
             is kept: the caller says so.
@@ -243,6 +246,7 @@ class Reading:
     runs: list[dict] = field(default_factory=list)
     finetunes: list[dict] = field(default_factory=list)
     merges: list[dict] = field(default_factory=list)
+    frontiers: list[dict] = field(default_factory=list)
     sources: list[Path] = field(default_factory=list)
     skipped: list[tuple[Path, str]] = field(default_factory=list)
     others: list[Path] = field(default_factory=list)
@@ -261,12 +265,13 @@ def _json_files(path: Path) -> list[Path]:
 
 
 def read_paths(paths: list[str | os.PathLike]) -> Reading:
-    """Cell results, run manifests and workflow records from files or folders (every ``*.json`` under a folder,
-    at any depth).
+    """Cell results, run manifests, workflow records and context frontiers from files or folders (every ``*.json``
+    under a folder, at any depth).
 
-    Five formats are read: cell results (``SCHEMA``, one per file, as the sweep and ``bench/`` write them),
-    pytest-benchmark JSON written by ``bench/`` (``cells_from_benchmark``), run manifests (``RUN_SCHEMA``) and the
-    classic workflow's summaries and merge reports (``FINETUNE_SCHEMA``, ``MERGE_SCHEMA``).
+    Six formats are read: cell results (``SCHEMA``, one per file, as the sweep and ``bench/`` write them),
+    pytest-benchmark JSON written by ``bench/`` (``cells_from_benchmark``), run manifests (``RUN_SCHEMA``), the
+    classic workflow's summaries and merge reports (``FINETUNE_SCHEMA``, ``MERGE_SCHEMA``) and ``qlora-bench
+    frontier`` documents (``FRONTIER_SCHEMA``; one without the fields ``missing_frontier_fields`` names is skipped).
     A file that cannot be parsed, a cell the result model refuses (``CellResult.from_json``: a field missing or
     of the wrong type) or a manifest without the fields the report reads (``missing_run_fields``), is listed in ``skipped`` with the reason; other JSON is
     listed in ``others``. When several files describe the same cell (same model label, mode and settings), as
@@ -314,9 +319,53 @@ def _read_workflow_record(file: Path, data: dict, reading: Reading) -> None:
         reading.sources.append(file)
 
 
+#: Fields the frontier table needs in each frontier of a ``qlora-bench frontier`` document (``bytes_per_token`` is
+#: null for a frontier of 0 tokens, but present). A measured one (``--measure``) also carries ``probes``.
+FRONTIER_FIELDS = (("shape",), ("mode",), ("path",), ("capacity_bytes",), ("tokens",), ("limited_by",),
+                   ("peak_bytes",), ("bytes_per_token",))
+#: ... and then these, and ``tokens`` and ``status`` in each of its probes.
+MEASURED_FRONTIER_FIELDS = (("measured_bytes_per_token",), ("confirmed",))
+PROBE_FIELDS = (("tokens",), ("status",))
+
+
+def missing_frontier_fields(document: dict) -> list[str]:
+    """The fields a ``qlora-bench frontier`` document lacks for the frontier table, as dotted paths
+    (``frontiers[0].probes.at.status``); empty for a usable one."""
+    frontiers = document.get("frontiers")
+    if not isinstance(frontiers, list):
+        return ["frontiers[]"]
+    missing = []
+    for index, frontier in enumerate(frontiers):
+        where = f"frontiers[{index}]."
+        missing += _missing(frontier, FRONTIER_FIELDS, where)
+        if isinstance(frontier, dict) and "probes" in frontier:
+            missing += _missing(frontier, MEASURED_FRONTIER_FIELDS, where)
+            probes = frontier["probes"]
+            if not isinstance(probes, dict):
+                missing.append(where + "probes{}")
+                continue
+            for probe, measured in probes.items():
+                missing += _missing(measured, PROBE_FIELDS, f"{where}probes.{probe}.")
+    return missing
+
+
+def _read_frontiers(file: Path, document: dict, reading: Reading) -> None:
+    """The document's frontiers into ``reading.frontiers`` (and its file into ``sources``), each with what its
+    document says of it; or the file into ``skipped``."""
+    if missing := missing_frontier_fields(document):
+        reading.skipped.append((file, f"frontier document without {', '.join(missing)}"))
+        return
+    about = {"document": str(file), "commit": (document.get("environment") or {}).get("commit"),
+             "command": document.get("command")}
+    if "probe_allocator_conf" in document:
+        about["probe_allocator_conf"] = document["probe_allocator_conf"]
+    reading.frontiers += [{**frontier, **about} for frontier in document["frontiers"]]
+    reading.sources.append(file)
+
+
 def _read_file(file: Path, reading: Reading) -> tuple[list[CellResult], list[dict]]:
-    """The valid cells and manifests in one file (workflow records go straight into ``reading``); what is wrong
-    with it goes to ``reading`` too."""
+    """The valid cells and manifests in one file (workflow records and frontiers go straight into ``reading``);
+    what is wrong with it goes to ``reading`` too."""
     try:
         data = json.loads(file.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
@@ -331,6 +380,9 @@ def _read_file(file: Path, reading: Reading) -> tuple[list[CellResult], list[dic
         return [], [{**data, "path": str(file)}]
     if schema in WORKFLOW_RECORDS:
         _read_workflow_record(file, data, reading)
+        return [], []
+    if schema == FRONTIER_SCHEMA:
+        _read_frontiers(file, data, reading)
         return [], []
     if schema == SCHEMA:
         candidates = [data]
@@ -398,13 +450,15 @@ def missing_run_fields(manifest: dict) -> list[str]:
 
 
 def describe_reading(reading: Reading, paths: list[str | os.PathLike]) -> str:
-    """One line: how many cells, runs and workflow records came from how many files under ``paths``, and what was left out."""
+    """One line: how many cells, runs, workflow records and frontiers came from how many files under ``paths``,
+    and what was left out."""
     where = ", ".join(map(str, paths))
     counts = [_count(len(reading.results), "cell")] + [
         _count(n, noun, plural) for n, noun, plural in (
             (len(reading.runs), "run manifest", None),
             (len(reading.finetunes), "finetune summary", "finetune summaries"),
-            (len(reading.merges), "merge report", None)) if n]
+            (len(reading.merges), "merge report", None),
+            (len(reading.frontiers), "context frontier", None)) if n]
     what = counts[0] if len(counts) == 1 else ", ".join(counts[:-1]) + " and " + counts[-1]
     line = f"read {what} from {_count(len(reading.sources), 'file')} in {where}"
     if reading.skipped:

@@ -327,3 +327,42 @@ def test_workflow_records_are_read_apart_from_cells_and_checked(tmp_path):
     assert reasons["broken/summary.json"] == "finetune summary without training.wall_s"
     assert reasons["merge-report.json"].startswith("merge report without adapter_dir, merged.perplexity.perplexity")
     assert "read 0 cells and 1 finetune summary from 1 file" in describe_reading(reading, [tmp_path])
+
+
+#: A published frontier measured with levers pulled (``levers``, ``probe_allocator_conf``), and one of the first
+#: frontiers, written before either key existed.
+LEVERS_FRONTIER = STORED.parent / "h200-frontier-levers-2026-12-03" / "frontier-8b-nf4-dq-lean-offload-tile-12"
+FIRST_FRONTIER = STORED.parent / "h200-lean-adapters-2026-12-03" / "frontier-8b-nf4-dq-lean-24"
+
+
+def test_frontier_documents_are_read_as_one_row_per_frontier():
+    """Each frontier of a ``qlora-bench frontier`` document is a row with what its document says of it; the probe
+    cells beside it are cells as before, and the document is no longer an 'other' JSON."""
+    reading = read_paths([LEVERS_FRONTIER, FIRST_FRONTIER])
+    document = json.loads((LEVERS_FRONTIER / "frontier.json").read_text())
+    newer, older = reading.frontiers
+    assert newer == {**document["frontiers"][0], "document": str(LEVERS_FRONTIER / "frontier.json"),
+                     "commit": document["environment"]["commit"], "command": document["command"],
+                     "probe_allocator_conf": "expandable_segments:True"}
+    assert "probe_allocator_conf" not in older and older["commit"].startswith("66777a8")
+    assert reading.skipped == [] and not any(file.name == "frontier.json" for file in reading.others)
+    assert {LEVERS_FRONTIER / "frontier.json", FIRST_FRONTIER / "frontier.json"} <= set(reading.sources)
+    assert len(reading.results) == 6  # the two documents' probe cells
+    assert "2 context frontiers" in describe_reading(reading, [LEVERS_FRONTIER, FIRST_FRONTIER])
+
+
+def test_a_frontier_document_without_a_field_the_table_needs_is_skipped_naming_it(tmp_path):
+    document = json.loads((LEVERS_FRONTIER / "frontier.json").read_text())
+    del document["frontiers"][0]["limited_by"], document["frontiers"][0]["probes"]["at"]["status"]
+    write_json_atomic(document, tmp_path / "broken" / "frontier.json")
+    write_json_atomic({**document, "frontiers": {}}, tmp_path / "no-list" / "frontier.json")
+    predicted = {**document, "frontiers": [{key: value for key, value in document["frontiers"][0].items()
+                                           if key not in ("probes", "measured_bytes_per_token", "confirmed")}]}
+    predicted["frontiers"][0]["limited_by"] = "memory"
+    write_json_atomic(predicted, tmp_path / "predicted" / "frontier.json")
+    reading = read_paths([tmp_path])
+    reasons = {file.relative_to(tmp_path).as_posix(): reason for file, reason in reading.skipped}
+    assert reasons == {"broken/frontier.json": "frontier document without frontiers[0].limited_by, "
+                                               "frontiers[0].probes.at.status",
+                       "no-list/frontier.json": "frontier document without frontiers[]"}
+    assert [row["document"] for row in reading.frontiers] == [str(tmp_path / "predicted" / "frontier.json")]
