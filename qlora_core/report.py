@@ -874,11 +874,22 @@ CONTEXT_CLAIMS = [
 CLAIM_MARKERS = {"Unsloth (claim)": "*", "HF + FA2 (Unsloth's figure)": "X"}
 
 
+def lever_parts(frontier: dict) -> list[str]:
+    """The lean-path levers a frontier was predicted with, in words (``["offload", "MLP tiles of 4,096"]``); none
+    for a frontier without ``levers`` (saved before they existed) or with none pulled."""
+    levers = frontier.get("levers") or {}
+    parts = ["offload"] if levers.get("offload_activations") else []
+    if levers.get("mlp_tile_tokens") is not None:
+        parts.append(f"MLP tiles of {levers['mlp_tile_tokens']:,}")
+    return parts
+
+
 def frontier_plot(frontiers: list[dict], path: str | Path) -> Path:
-    """One PNG per ``qlora-bench frontier`` document's ``frontiers``: per shape a panel of the longest sequence
-    (tokens, log scale) by memory capacity (GiB), a line per mode and path (lean solid, reference dashed); a
-    frontier checked on the device is a filled marker where confirmed and a cross where not; others' published
-    figures (``CONTEXT_CLAIMS``) are marked as claims."""
+    """One PNG of ``qlora-bench frontier`` frontiers (one document's, or all a report read): per shape a panel of
+    the longest sequence (tokens, log scale) by memory capacity (GiB), a line per mode, path and levers
+    (``lever_parts``; lean solid, lean with levers dash-dotted, reference dashed); a frontier checked on the device
+    is a filled marker where confirmed and a cross where not; others' published figures (``CONTEXT_CLAIMS``) are
+    marked as claims."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -890,12 +901,13 @@ def frontier_plot(frontiers: list[dict], path: str | Path) -> Path:
     for axis, shape in zip(axes[0], shapes):
         lines = {}
         for found in (f for f in frontiers if f["shape"] == shape and f["tokens"]):
-            lines.setdefault((found["mode"], found["path"]), []).append(found)
-        for (mode, path_name), points in lines.items():
+            lines.setdefault((found["mode"], found["path"], tuple(lever_parts(found))), []).append(found)
+        for (mode, path_name, levers), points in lines.items():
             points.sort(key=lambda f: f["capacity_bytes"])
             gib = [f["capacity_bytes"] / GIB for f in points]
+            style = "--" if path_name != "lean" else "-." if levers else "-"
             axis.plot(gib, [f["tokens"] for f in points], color=colors.get(mode), marker="o", markersize=4,
-                      linestyle="-" if path_name == "lean" else "--", label=f"{mode}, {path_name}")
+                      linestyle=style, label=f"{mode}, " + " + ".join([path_name, *levers]))
             for f in (f for f in points if "confirmed" in f):
                 axis.plot(f["capacity_bytes"] / GIB, f["tokens"], marker="o" if f["confirmed"] else "x",
                           markersize=9, color=colors.get(mode), fillstyle="full" if f["confirmed"] else "none")

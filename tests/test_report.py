@@ -679,3 +679,21 @@ def test_the_frontier_picture_marks_others_claims_only_on_their_shapes(tmp_path,
     assert (tmp_path / "f.png").stat().st_size > 0
     claims = [label for shape, _, _, label in CONTEXT_CLAIMS if shape == "Llama-3.1-8B"]
     assert [label for label in labels if label in CLAIM_MARKERS] == claims
+
+
+def test_the_frontier_picture_draws_each_set_of_levers_as_its_own_line(tmp_path, monkeypatch):
+    """The published levers run: three frontiers without levers make one line, the one with activations offloaded
+    and MLPs tiled another, named so in the legend."""
+    import matplotlib.axes
+
+    from qlora_core.report import frontier_plot
+    from qlora_core.results import read_paths
+
+    frontiers = read_paths([STORED.parent / "h200-frontier-levers-2026-12-03"]).frontiers
+    lines = []
+    plot_line = matplotlib.axes.Axes.plot
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", lambda self, x, y, *args, **kw: lines.append(
+        (kw.get("label"), list(x) if isinstance(x, list) else [x])) or plot_line(self, x, y, *args, **kw))
+    frontier_plot(frontiers, tmp_path / "f.png")
+    drawn = {label: gib for label, gib in lines if label and label.startswith("nf4-dq")}
+    assert drawn == {"nf4-dq, lean": [24.0, 48.0, 80.0], "nf4-dq, lean + offload + MLP tiles of 4,096": [12.0]}
