@@ -60,6 +60,13 @@ SHAPES: dict[str, dict] = {
         model_type="bloom", hidden_size=2560, n_layer=30, n_head=32, vocab_size=250880, layer_norm_epsilon=1e-5,
         tie_word_embeddings=True,
     ),
+    # A small Llama for checking the memory model's activation terms on the CPU (tests/test_floor_heap.py): wide
+    # enough that a step's activations dwarf the few fixed-size tensors the model leaves out, and its MLP 3.5x
+    # as wide as the residual, like Llama-3.1-8B's.
+    "small-llama": dict(
+        model_type="llama", hidden_size=256, intermediate_size=896, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=512, max_position_embeddings=4096, tie_word_embeddings=False,
+    ),
     # Tiny shapes of the same families, for CPU tests: 64 wide keeps 4-bit blocks (64 weights) whole.
     "tiny-llama": dict(
         model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
