@@ -112,8 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sweep_arguments(sweep)
     report = commands.add_parser("report", help="render tables and plots from result JSON files or folders")
     report.add_argument("paths", nargs="+", type=Path,
-                        help="result .json files (cell results or bench/'s pytest-benchmark JSON) or folders of them")
-    report.add_argument("--out", type=Path, help="also write report.md, report.csv and report.png here")
+                        help="result .json files (cell results, bench/'s pytest-benchmark JSON, the classic "
+                             "workflow's records, frontier's frontier.json) or folders of them")
+    report.add_argument("--out", type=Path, help="also write report.md, report.csv and report.png here (workflow.csv, "
+                                                 "frontier.csv and frontier.png for workflows and frontiers)")
     compare = commands.add_parser("compare", help="compare two runs figure by figure; exit 1 when one regressed "
                                                   "beyond --threshold")
     compare.add_argument("baseline", type=Path, help="the reference run: a result .json file or a folder of them")
@@ -330,16 +332,16 @@ def _print_detail_tables(console, results: list[dict]) -> None:
             console.print(table)
 
 
-def _read(paths: list[Path], workflow_records: bool = False):
+def _read(paths: list[Path], records: bool = False):
     """Everything under ``paths`` (``results.Reading``), each unusable file warned about on stderr (path and
-    reason, one line each) and a one-line summary of what was read; no cell at all (nor, with
-    ``workflow_records``, any ``finetune`` summary) is a user error."""
+    reason, one line each) and a one-line summary of what was read; no cell at all (nor, with ``records``, any
+    ``finetune`` summary or context frontier) is a user error."""
     from qlora_core.results import describe_reading, read_paths
 
     reading = read_paths(paths)
     for file, reason in reading.skipped:
         print(f"qlora-bench: warning: skipped {file}: {reason}", file=sys.stderr)
-    if not reading.results and not (workflow_records and reading.finetunes):
+    if not reading.results and not (records and (reading.finetunes or reading.frontiers)):
         skipped = f" ({len(reading.skipped)} unusable files skipped)" if reading.skipped else ""
         raise ValueError(f"no qlora-bench results in {', '.join(map(str, paths))}{skipped}")
     print(describe_reading(reading, paths))
@@ -349,15 +351,16 @@ def _read(paths: list[Path], workflow_records: bool = False):
 def command_report(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from qlora_core import workflow_table
+    from qlora_core import frontier_table, workflow_table
     from qlora_core.report import rich_table, run_lines
     from qlora_core.results import check_writable
 
     if args.out:
         check_writable(args.out)
-    reading = _read(args.paths, workflow_records=True)
+    reading = _read(args.paths, records=True)
     results = reading.results
     workflows = workflow_table.workflow_frame(reading.finetunes, reading.merges) if reading.finetunes else None
+    frontiers = frontier_table.frontier_frame(reading.frontiers) if reading.frontiers else None
     console = Console()
     if results:
         console.print(rich_table(results))
@@ -366,25 +369,48 @@ def command_report(args: argparse.Namespace) -> int:
         print(line)  # plain print: rich would take a command's [brackets] for markup
     if workflows is not None:
         console.print(workflow_table.rich_table(workflows))
+    if frontiers is not None:
+        console.print(frontier_table.rich_table(frontiers))
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         written = _write_cell_report(results, reading.runs, args.out) if results else []
         if workflows is not None:
-            written += _write_workflow_report(workflows, args.out, after_cells=bool(results))
+            written += _write_workflow_report(workflows, args.out, after=bool(written))
+        if frontiers is not None:
+            written += _write_frontier_report(frontiers, reading.frontiers, args.out, after=bool(written))
         print(f"wrote {', '.join(str(args.out / name) for name in written)}")
     return 0
 
 
-def _write_workflow_report(workflows, out: Path, *, after_cells: bool) -> list[str]:
-    """The classic workflow's table as a section of ``out/report.md`` (appended to the cells' report when
-    ``after_cells``, else a document of its own) and as ``out/workflow.csv``; returns the names written."""
+def _write_section(out: Path, title: str, body: str, *, after: bool) -> list[str]:
+    """``body`` as the section ``title`` of ``out/report.md``: appended to the report written before it when
+    ``after``, else a document of its own; returns ``["report.md"]`` when it started the document."""
+    document = out / "report.md"
+    opening = document.read_text() + "\n" if after else "# qlora-bench report\n\n"
+    document.write_text(f"{opening}## {title}\n\n{body}")
+    return [] if after else ["report.md"]
+
+
+def _write_workflow_report(workflows, out: Path, *, after: bool) -> list[str]:
+    """The classic workflow's table as a section of ``out/report.md`` (``_write_section``) and as
+    ``out/workflow.csv``; returns the names written."""
     from qlora_core import workflow_table
 
-    document = out / "report.md"
-    opening = document.read_text() + "\n" if after_cells else "# qlora-bench report\n\n"
-    document.write_text(opening + "## Classic workflow\n\n" + workflow_table.markdown(workflows))
     workflows.to_csv(out / "workflow.csv", index=False)
-    return ["workflow.csv"] if after_cells else ["report.md", "workflow.csv"]
+    return _write_section(out, "Classic workflow", workflow_table.markdown(workflows), after=after) + ["workflow.csv"]
+
+
+def _write_frontier_report(frame, frontiers: list[dict], out: Path, *, after: bool) -> list[str]:
+    """The context frontier's table (``frame``, of ``frontiers``) as a section of ``out/report.md``
+    (``_write_section``), as ``out/frontier.csv``, and every frontier in one ``out/frontier.png``; returns the
+    names written."""
+    from qlora_core import frontier_table
+    from qlora_core.report import frontier_plot
+
+    plot = frontier_plot(frontiers, out / "frontier.png").name
+    frame.to_csv(out / "frontier.csv", index=False)
+    body = frontier_table.markdown(frame, plot_png=plot)
+    return _write_section(out, "Context frontier", body, after=after) + ["frontier.csv", plot]
 
 
 def _write_cell_report(results: list[CellResult], runs: list[dict], out: Path) -> list[str]:

@@ -1,0 +1,158 @@
+"""The context frontier's table, rendered from ``qlora-bench frontier`` documents only: one row per frontier
+(``results.Reading.frontiers``), the prediction beside what its probe cells measured."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from qlora_core.frontier_probes import ABOVE_MARGIN, PROBES
+from qlora_core.measure.frontier import TOKEN_GRANULARITY
+from qlora_core.measure.memory import GIB
+from qlora_core.modes import MODES
+from qlora_core.report import MIB, is_missing, lever_parts, markdown_rows
+
+#: Columns shown: (frame column, header, format); each probe's column shows its tokens, then its status. The
+#: first ``NAMING`` name the frontier (they head its column in the terminal).
+NAMING = 5
+COLUMNS = [
+    ("shape", "shape", "{}"),
+    ("mode", "mode", "{}"),
+    ("path", "path", "{}"),
+    ("levers", "levers", "{}"),
+    ("capacity_gib", "capacity GiB", "{:g}"),
+    ("tokens", "predicted tokens", "{:,d}"),
+    ("limited_by", "bound", "{}"),
+    ("peak_gib", "predicted peak GiB", "{:.2f}"),
+    ("mib_per_token", "predicted MiB/token", "{:.3f}"),
+    *((f"{probe}_tokens", f"{probe} probe", "{:,d}") for probe in PROBES),
+    ("measured_mib_per_token", "measured MiB/token", "{:.3f}"),
+    ("measured_over_predicted", "measured ÷ predicted MiB/token", "{:.3f}"),
+    ("confirmed", "confirmed", "{}"),
+    ("allocator_conf", "allocator conf", "{}"),
+    ("commit", "commit", "{}"),
+]
+#: Characters of a commit's hash shown (as ``git describe --abbrev=12`` writes it).
+COMMIT_CHARS = 12
+
+
+def _short_commit(commit: str | None) -> str | None:
+    if commit is None:
+        return None
+    dirty = "-dirty" if commit.endswith("-dirty") else ""
+    return commit.removesuffix("-dirty")[:COMMIT_CHARS] + dirty
+
+
+def _allocator_conf(frontier: dict) -> str | None:
+    """The CUDA allocator configuration the probes ran under: None when not probed; documents written before
+    ``probe_allocator_conf`` existed did not record it."""
+    if "probes" not in frontier:
+        return None
+    if "probe_allocator_conf" not in frontier:
+        return "not recorded"
+    return frontier["probe_allocator_conf"] or "PyTorch defaults"
+
+
+def _confirmed(frontier: dict) -> str:
+    if "probes" not in frontier:
+        return "not measured"
+    return "yes" if frontier["confirmed"] else "no"
+
+
+def frontier_row(frontier: dict) -> dict:
+    """One row (plain numbers, units in the keys) from a frontier as ``results.read_paths`` gives it."""
+    predicted, measured = frontier["bytes_per_token"], frontier.get("measured_bytes_per_token")
+    row = {
+        "shape": frontier["shape"],
+        "mode": frontier["mode"],
+        "path": frontier["path"],
+        "levers": ", ".join(lever_parts(frontier)) or None,
+        "capacity_gib": frontier["capacity_bytes"] / GIB,
+        "tokens": frontier["tokens"],
+        "limited_by": frontier["limited_by"],
+        "peak_gib": frontier["peak_bytes"] / GIB,
+        "mib_per_token": None if predicted is None else predicted / MIB,
+    }
+    probes = frontier.get("probes") or {}
+    for probe in PROBES:
+        row[f"{probe}_tokens"] = probes.get(probe, {}).get("tokens")
+        row[f"{probe}_status"] = probes.get(probe, {}).get("status")
+    return row | {
+        "measured_mib_per_token": None if measured is None else measured / MIB,
+        "measured_over_predicted": None if measured is None or not predicted else measured / predicted,
+        "confirmed": _confirmed(frontier),
+        "allocator_conf": _allocator_conf(frontier),
+        "commit": _short_commit(frontier.get("commit")),
+        "document": frontier["document"],
+    }
+
+
+def frontier_frame(frontiers: list[dict]) -> pd.DataFrame:
+    """One row per frontier: by shape, modes in registry order, path, levers (none first), then capacity."""
+    order = {name: index for index, name in enumerate(MODES)}
+    frame = pd.DataFrame([frontier_row(frontier) for frontier in frontiers])
+    return frame.sort_values(
+        ["shape", "mode", "path", "levers", "capacity_gib"], na_position="first", kind="stable", ignore_index=True,
+        key=lambda column: column.map(order) if column.name == "mode" else column)
+
+
+def _text(row: pd.Series, column: str, fmt: str) -> str:
+    value = row.get(column)
+    if is_missing(value):
+        return "-"
+    text = fmt.format(int(value) if fmt == "{:,d}" else value)
+    if column.endswith("_tokens") and column != "tokens":
+        text += f" {row[column.removesuffix('_tokens') + '_status']}"
+    return text
+
+
+def table_rows(frame: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
+    """Headers and formatted rows; '-' where a figure was not recorded (no levers, no probes)."""
+    headers = [header for _, header, _ in COLUMNS]
+    return headers, [[_text(row, column, fmt) for column, _, fmt in COLUMNS] for _, row in frame.iterrows()]
+
+
+def notes() -> list[str]:
+    """What the columns mean."""
+    return [
+        f"predicted: the memory floor's (measure.floor) allocated bytes of one training step at batch 1 with "
+        f"gradient checkpointing; predicted tokens: the longest sequence, in whole steps of {TOKEN_GRANULARITY} "
+        f"tokens, whose predicted peak fits the capacity; bound: what held it there (memory, the model's "
+        f"positions, or host memory for offloaded activations); predicted MiB/token: what one more token costs "
+        f"there. The probes ran under a hard cap of the capacity on the CUDA allocator's reserved bytes, so the "
+        f"allocator's slack (reserved beyond allocated) comes on top of the prediction.",
+        "probes: cells at batch 1 at half the predicted tokens, at them and above them, each with its status "
+        "(ok, oom: out of memory under the cap); measured MiB/token: between the half and the at probe's "
+        "allocator peaks.",
+        f"confirmed: the at probe ran and the above probe ran out of memory (bound by positions or host memory: "
+        f"the at probe ran); not measured: no probes. Older documents ran the above probe one "
+        f"{TOKEN_GRANULARITY}-token step above the prediction, newer ones {ABOVE_MARGIN * 100:g} % above: its tokens are "
+        f"shown.",
+        "levers: the lean path's memory levers (offload: activations to pinned host memory; MLP tiles: each MLP "
+        "run over the sequence in tiles of so many tokens); '-': none.",
+    ]
+
+
+def markdown(frame: pd.DataFrame, plot_png: str | None = None) -> str:
+    """The table, its plot (``plot_png``, a file beside the Markdown) and its notes as Markdown."""
+    picture = ["", f"![context frontier]({plot_png})"] if plot_png else []
+    return "\n".join([*markdown_rows(*table_rows(frame)), *picture, "",
+                      *(f"- {note}" for note in notes())]) + "\n"
+
+
+def rich_table(frame: pd.DataFrame):
+    """The terminal rendering, transposed so several frontiers fit 80 columns (a column per frontier, a row per
+    figure), then the notes."""
+    from rich import box
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
+    headers, rows = table_rows(frame)
+    table = Table(title="context frontier", box=box.SIMPLE_HEAD, pad_edge=False)
+    table.add_column("figure")
+    for row in rows:
+        *naming, capacity = row[:NAMING]
+        table.add_column("\n".join([*(text for text in naming if text != "-"), f"{capacity} GiB"]), justify="right")
+    for index, header in enumerate(headers[NAMING:], start=NAMING):
+        table.add_row(header, *(row[index] for row in rows))
+    return Group(table, Text("\n".join(notes())))

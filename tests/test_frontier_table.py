@@ -1,0 +1,118 @@
+"""The context frontier's table, rendered from the published ``qlora-bench frontier --measure`` documents."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from qlora_core import frontier_table
+from qlora_core.cli import main
+from qlora_core.results import read_paths, write_json_atomic
+
+MIB, GIB = 2**20, 2**30
+RESULTS = Path(__file__).resolve().parents[1] / "results"
+#: Three frontiers without levers (above probe one 256-token step over the prediction) and one with activations
+#: offloaded and MLPs tiled (5 % over), their probes under expandable segments.
+LEVERS_RUN = RESULTS / "h200-frontier-levers-2026-12-03"
+#: The first measured frontiers: no levers, no ``probe_allocator_conf``.
+FIRST_RUN = RESULTS / "h200-lean-adapters-2026-12-03"
+
+
+def documents(folder: Path) -> list[dict]:
+    """Each frontier under ``folder`` with its document, read straight from the files (not through results.py)."""
+    return [{**frontier, "document": document}
+            for file in sorted(folder.rglob("frontier.json"))
+            for document in [json.loads(file.read_text())] for frontier in document["frontiers"]]
+
+
+@pytest.fixture(scope="module")
+def levers_frame() -> pd.DataFrame:
+    return frontier_table.frontier_frame(read_paths([LEVERS_RUN]).frontiers)
+
+
+def test_the_levers_run_is_a_row_per_frontier_with_its_figures(levers_frame):
+    expected = documents(LEVERS_RUN)
+    assert len(levers_frame) == len(expected) == 4
+    assert list(levers_frame["capacity_gib"]) == [f["capacity_bytes"] / GIB for f in expected] == [24, 48, 80, 12]
+    for (_, row), frontier in zip(levers_frame.iterrows(), expected):
+        assert row["tokens"] == frontier["tokens"] and row["limited_by"] == frontier["limited_by"]
+        assert row["peak_gib"] == frontier["peak_bytes"] / GIB
+        assert row["mib_per_token"] == frontier["bytes_per_token"] / MIB
+        assert row["above_tokens"] == frontier["probes"]["above"]["tokens"]
+        assert row["commit"] == frontier["document"]["environment"]["commit"][:12]
+    # without levers every probe ran, the above one too (so none is confirmed); with them the at probe ran out
+    assert list(levers_frame["at_status"]) == ["ok", "ok", "ok", "oom"]
+    assert list(levers_frame["confirmed"]) == ["no"] * 4
+    measured = expected[0]["measured_bytes_per_token"] / expected[0]["bytes_per_token"]
+    assert levers_frame["measured_over_predicted"][0] == pytest.approx(measured) and 0.9 < measured < 1
+    assert pd.isna(levers_frame["measured_over_predicted"][3])  # its at probe measured nothing
+
+
+def test_levers_read_as_words_and_none_as_a_dash(levers_frame):
+    headers, rows = frontier_table.table_rows(levers_frame)
+    levers = [row[headers.index("levers")] for row in rows]
+    assert levers == ["-", "-", "-", "offload, MLP tiles of 4,096"]
+    assert [row[headers.index("above probe")] for row in rows] == [
+        "31,488 ok", "72,960 ok", "128,256 ok", "40,704 oom"]  # a 256-token step above, then 5 % above
+    assert {row[headers.index("allocator conf")] for row in rows} == {"expandable_segments:True"}
+
+
+def test_the_first_frontiers_say_their_allocator_was_not_recorded():
+    frame = frontier_table.frontier_frame(read_paths([FIRST_RUN]).frontiers)
+    assert list(frame["allocator_conf"]) == ["not recorded"] * 2
+    assert list(frame["confirmed"]) == ["no"] * 2 and list(frame["at_status"]) == ["oom"] * 2
+
+
+def test_a_frontier_without_probes_is_not_measured(tmp_path):
+    document = json.loads((LEVERS_RUN / "frontier-8b-nf4-dq-lean-24" / "frontier.json").read_text())
+    document["frontiers"] = [{key: value for key, value in frontier.items()
+                              if key not in ("probes", "measured_bytes_per_token", "confirmed")}
+                             for frontier in document["frontiers"]]
+    write_json_atomic({**document, "probe_allocator_conf": None}, tmp_path / "frontier.json")
+    frame = frontier_table.frontier_frame(read_paths([tmp_path]).frontiers)
+    headers, [row] = frontier_table.table_rows(frame)
+    shown = dict(zip(headers, row))
+    assert shown["confirmed"] == "not measured"
+    assert shown["half probe"] == shown["measured MiB/token"] == shown["allocator conf"] == "-"
+    assert shown["predicted tokens"] == "31,232" and shown["bound"] == "memory"
+
+
+def test_markdown_has_a_row_per_frontier_and_says_what_confirmed_means(levers_frame):
+    markdown = frontier_table.markdown(levers_frame, plot_png="frontier.png")
+    rows = [line for line in markdown.splitlines() if line.startswith("| Llama-3.1-8B |")]
+    assert len(rows) == 4 and rows[-1].split(" | ")[3] == "offload, MLP tiles of 4,096"
+    assert "![context frontier](frontier.png)" in markdown
+    assert "confirmed: the at probe ran and the above probe ran out of memory" in markdown
+    assert "one 256-token step above the prediction, newer ones 5 % above" in markdown
+    assert "hard cap of the capacity on the CUDA allocator's reserved bytes" in markdown
+
+
+def test_report_of_a_folder_holding_only_a_frontier(tmp_path, capsys):
+    """Without a cell or workflow record the frontier is the report: its section, CSV and picture."""
+    folder = tmp_path / "frontier"
+    folder.mkdir()
+    (folder / "frontier.json").write_bytes((LEVERS_RUN / "frontier-8b-nf4-dq-lean-offload-tile-12" /
+                                            "frontier.json").read_bytes())
+    out = tmp_path / "report"
+    assert main(["report", str(folder), "--out", str(out)]) == 0
+    terminal = capsys.readouterr().out
+    assert terminal.splitlines()[0] == f"read 0 cells and 1 context frontier from 1 file in {folder}"
+    assert "context frontier" in terminal and "38,656 oom" in terminal
+    assert sorted(path.name for path in out.iterdir()) == ["frontier.csv", "frontier.png", "report.md"]
+    assert (out / "report.md").read_text().startswith("# qlora-bench report\n\n## Context frontier\n\n| shape |")
+    csv = pd.read_csv(out / "frontier.csv")
+    assert list(csv["tokens"]) == [38656] and list(csv["levers"]) == ["offload, MLP tiles of 4,096"]
+    assert (out / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_puts_the_frontier_after_the_cells_and_the_workflow(tmp_path, capsys):
+    out = tmp_path / "report"
+    assert main(["report", str(LEVERS_RUN), "--out", str(out)]) == 0
+    markdown = (out / "report.md").read_text()
+    assert markdown.index("## Classic workflow") < markdown.index("## Context frontier")
+    assert markdown.count("## Context frontier") == 1 and markdown.count("| Llama-3.1-8B | nf4-dq | lean |") == 4
+    wrote = capsys.readouterr().out.splitlines()[-1]
+    assert wrote.endswith(f"{out / 'workflow.csv'}, {out / 'frontier.csv'}, {out / 'frontier.png'}")
