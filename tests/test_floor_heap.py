@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import platform
+import sys
 
 import pytest
 import torch
@@ -96,3 +97,14 @@ def test_a_lean_step_allocates_what_the_floor_predicts(levers):
 
 def test_tiling_lowers_the_measured_peak():
     assert measured_activation_peak(Levers(mlp_tile_tokens=TILE)) < 0.8 * measured_activation_peak(Levers())
+
+
+def test_without_dropout_the_floor_is_an_upper_bound_within_fifteen_percent(monkeypatch):
+    """With no LoRA dropout on the lean path the adapters of q, k and v (and of gate and up) save their one
+    shared input instead of a dropout copy each, which the floor counts (``SHARED_INPUTS``). It still predicts
+    the CPU heap's peak about 10 % high (2026-12-03: some adapter inputs are freed during the layer's backward
+    before its peak, which the floor, summing everything a layer saved, does not model): an upper bound, not yet
+    the 5 % the floor holds with dropout."""
+    monkeypatch.setattr(sys.modules[__name__], "LORA", LoraSettings(r=16, alpha=32, dropout=0.0))
+    measured, predicted = measured_activation_peak.__wrapped__(Levers()), predicted_activation_peak(Levers())
+    assert measured <= predicted <= 1.15 * measured

@@ -9,13 +9,13 @@ import torch
 from tiny import mode_params
 
 from qlora_core.backends.bitsandbytes import four_bit_bytes
-from qlora_core.lora import LoraSettings, attach_lora, parameter_counts
+from qlora_core.lora import LoraSettings, parameter_counts
 from qlora_core.measure.floor import (PHASE_COMPONENTS, memory_floor, phase_components,
                                       predicted_vs_measured)
 from qlora_core.measure.memory import GIB, weight_footprint
 from qlora_core.models import load_config, load_model, prepare_for_training
 from qlora_core.modes import MODES, get_mode
-from qlora_core.paths import PATHS, loss_function
+from qlora_core.paths import PATHS, attach_adapters, loss_function
 from qlora_core.shapes import build_shape_model, shape_config
 from qlora_core.trainer import LoraTrainer, TrainSettings
 
@@ -33,7 +33,9 @@ def floor(shape: str, mode: str, path: str, checkpointing: bool = True, seq_len:
 def adapted(shape: str, mode: str, path: str, checkpointing: bool):
     mode_ = get_mode(mode)
     model = build_shape_model(shape, mode_, CPU)
-    return attach_lora(prepare_for_training(model, mode_, gradient_checkpointing=checkpointing, path=path), LORA)
+    # the adapters as the path runs them: the lean path's take their input uncast (paths.lean_adapters)
+    return attach_adapters(prepare_for_training(model, mode_, gradient_checkpointing=checkpointing, path=path), LORA,
+                           path)
 
 
 def saved_tensor_bytes(model, path: str) -> int:

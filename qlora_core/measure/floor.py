@@ -179,22 +179,43 @@ class Precision:
     residual: int  # e
     linear_out: int  # o, for the MLP's linears
     norm_stats: int  # BLOOM LayerNorm's saved input and statistics (fp32 under CUDA autocast)
+    adapter_input_copies: bool = True  # each adapter saves its own copy of its input (see lora_input_bytes_...)
 
     @classmethod
-    def of(cls, mode: Mode, path: str, device_type: str) -> Precision:
+    def of(cls, mode: Mode, path: str, device_type: str, lora_dropout: float = 0.05) -> Precision:
         compute = mode.torch_compute_dtype.itemsize
         residual = FLOAT32 if reference_upcasts(mode, path) else 2
         linear_out = residual if mode.is_4bit else compute
         norm_stats = FLOAT32 if device_type == "cuda" else residual
-        return cls(compute, residual, linear_out, norm_stats)
+        copies = path != "lean" or lora_dropout > 0
+        return cls(compute, residual, linear_out, norm_stats, copies)
+
+
+#: Adapted linears that read one input tensor (Llama/Qwen2 names): without copies, their adapters save it once.
+SHARED_INPUTS = {"q_proj": "attention input", "k_proj": "attention input", "v_proj": "attention input",
+                 "gate_proj": "mlp input", "up_proj": "mlp input"}
+#: Adapted linears whose input, uncopied, is a tensor the layer saves anyway: o_proj's is SDPA's output (its
+#: transpose back is contiguous, so no copy), counted in ``gated_layer_bytes_per_token``.
+INPUTS_SAVED_ELSEWHERE = ("o_proj",)
 
 
 def lora_input_bytes_per_token(layer_targets: list[Linear], lora, p: Precision) -> int:
-    """Per token, what one layer's adapters save: each adapter casts its own input for ``lora_A`` (peft casts
-    per adapter, so q, k and v hold three copies), the rank-r product ``x A`` for ``lora_B``'s gradient, and with
-    dropout the mask (one byte a value: CUDA's fused dropout)."""
+    """Per token, what one layer's adapters save: the input of ``lora_A``, the rank-r product ``x A`` for
+    ``lora_B``'s gradient, and with dropout the mask (one byte a value: CUDA's fused dropout).
+
+    With ``p.adapter_input_copies`` every adapter saves an input of its own: its dropout's output, or peft's
+    cast of it (on the reference path), so q, k and v hold three. Without (the lean path, no dropout: no cast,
+    dropout the identity) the adapters of linears reading one tensor save that tensor once (``SHARED_INPUTS``),
+    and one reading a tensor the layer saves anyway adds nothing (``INPUTS_SAVED_ELSEWHERE``): checked storage by
+    storage against autograd's saved tensors (tests/test_measure_floor.py)."""
     mask = 1 if lora.dropout > 0 else 0
-    return sum(t.in_features * (p.compute + mask) + lora.r * p.compute for t in layer_targets)
+    products = sum(lora.r * p.compute for _ in layer_targets)
+    if p.adapter_input_copies:
+        return products + sum(t.in_features * (p.compute + mask) for t in layer_targets)
+    names = {t.name.rsplit(".", 1)[-1]: t for t in layer_targets}
+    inputs = {SHARED_INPUTS.get(name, name): t.in_features for name, t in names.items()
+              if name not in INPUTS_SAVED_ELSEWHERE}
+    return products + sum(width * p.compute for width in inputs.values())
 
 
 def norm_bytes_per_token(config, p: Precision) -> int:
@@ -575,7 +596,7 @@ def _path_terms(config, model, mode: Mode, lora, seq_len: int, batch_size: int, 
     """(precision, bytes by component, one layer's backward transient) of training the skeleton ``model`` on
     ``path``: what ``memory_floor`` composes into phases, for its own path and for the true floor's."""
     tokens = batch_size * seq_len
-    p = Precision.of(mode, check_path(path), device_type)
+    p = Precision.of(mode, check_path(path), device_type, lora.dropout)
     weights = weight_bytes(model, mode)
     upcast = upcast_bytes(model, mode, path)
     terms = {
