@@ -2,6 +2,9 @@
 checks one before writing it), validated on read (``CellResult.from_json``), read by field
 (``result.training.timing.median_s``) instead of ``.get`` chains.
 
+Valid is not reportable: a cell of zero steps (status ok, no timing, no loss) is a valid result, which the writers
+write, but has no step figure for the report, which skips it (``measurement``'s ``min_items`` and ``reported``).
+
 Each section is a dataclass of ``Section``: its fields are the keys the report, ``compare`` and the reading code
 use, typed; a field without a default must be there (a key holding ``null`` is there), the others may be absent.
 Keys a section does not declare (a new measurement, a setting added since) are kept in ``extra`` and written back
@@ -79,10 +82,13 @@ class Column:
     timing: bool = False
 
 
-def measurement(*columns: Column, min_items: int | None = None, **kwargs) -> Any:
-    """A dataclass field carrying the report's ``columns`` of its value, and for a list the fewest items it must
-    hold (``min_items``); ``field``'s keywords pass through."""
-    return field(metadata={"columns": columns, "min_items": min_items}, **kwargs)
+def measurement(*columns: Column, min_items: int | None = None, reported: bool = False, **kwargs) -> Any:
+    """A dataclass field carrying the report's ``columns`` of its value; ``field``'s keywords pass through.
+
+    What a result must hold to be *reportable*, beyond what makes it *valid* (``CellResult.from_json``'s
+    ``reportable``): for a list, the fewest items (``min_items``); for a field that may be None, that it is not
+    (``reported``). A cell of zero steps is valid, with no timing and no loss, but not reportable."""
+    return field(metadata={"columns": columns, "min_items": min_items, "reported": reported}, **kwargs)
 
 
 def _read_path(result, path: tuple[str, ...]):
@@ -147,8 +153,8 @@ class Section:
                     problems.missing += _required_leaves(hints[item.name], where)
                 continue
             value = _parse(hints[item.name], data[item.name], where, problems)
-            if (least := item.metadata.get("min_items")) and isinstance(value, list) and len(value) < least:
-                problems.missing.append(f"{where}[{least - 1}]")
+            if problems.reportable:
+                _check_reportable(item, value, where, problems)
             values[item.name] = value
         declared = {item.name for item in _declared(cls)}
         extra = {key: value for key, value in data.items() if key not in declared}
@@ -158,10 +164,10 @@ class Section:
         return cls(**values, extra=copy.deepcopy(extra), absent=frozenset(absent))
 
     @classmethod
-    def from_json(cls, data, source: str | None = None):
+    def from_json(cls, data, source: str | None = None, *, reportable: bool = True):
         """``data`` checked and typed as this section; ``ResultError`` naming ``source`` and each field missing or
-        of the wrong type otherwise."""
-        problems = Problems()
+        of the wrong type otherwise (``reportable``: also what the report needs, ``measurement``)."""
+        problems = Problems(reportable)
         if not isinstance(data, dict):
             raise ResultError([], [f"is {type(data).__name__}, not an object"], source, cls.__name__)
         section = cls.parse(data, "", problems)
@@ -186,9 +192,20 @@ class Section:
 
 
 class Problems:
-    def __init__(self):
+    """What a parse found wrong; ``reportable``: check what the report needs too (``measurement``)."""
+
+    def __init__(self, reportable: bool = True):
         self.missing: list[str] = []
         self.wrong: list[str] = []
+        self.reportable = reportable
+
+
+def _check_reportable(item: dataclasses.Field, value, where: str, problems: Problems) -> None:
+    """Add to ``problems`` what ``value`` (of field ``item``, at ``where``) lacks for the report."""
+    if (least := item.metadata.get("min_items")) and isinstance(value, list) and len(value) < least:
+        problems.missing.append(f"{where}[{least - 1}]")
+    if item.metadata.get("reported") and value is None:
+        _wrong(where, "an object", value, problems)  # said as before valid and reportable were told apart
 
 
 _HINTS: dict[type, dict] = {}
@@ -222,7 +239,7 @@ def _is_union(hint) -> bool:
 
 def _required_leaves(hint, where: str) -> list[str]:
     """A missing field named as the report needs it: a section by its own required fields, others by name."""
-    section = None if _is_union(hint) else _section_type(hint)
+    section = _section_type(hint)  # a section that may be None (a zero-step cell's timing) is named by its fields
     if section is None:
         return [where]
     leaves = [leaf for item in _declared(section) if _required(item)
@@ -434,8 +451,9 @@ def _last_loss(result: CellResult) -> float | None:
 
 @dataclass(kw_only=True)
 class Training(Section):
-    """The training steps: timing first (the CSV's column order), then throughput, FLOPs and losses."""
-    timing: Timing
+    """The training steps: timing first (the CSV's column order), then throughput, FLOPs and losses. A cell of
+    zero steps (``cell.py``) timed none: its timing is None and its losses empty, valid but not reportable."""
+    timing: Timing | None = measurement(reported=True)
     benchmark_stats: BenchmarkStats | None = None
     tokens_per_s: float | None = measurement(Column("tokens_per_s", "tokens/s", "{:.0f}", ratio=True,
                                                     compared="tokens/s", worse=-1, timing=True))
@@ -615,10 +633,14 @@ class CellResult(Section):
     REQUIRED_WHEN_OK: ClassVar = ("model.provenance", "weights", "training", "perplexity")
 
     @classmethod
-    def from_json(cls, data, source: str | None = None) -> CellResult:
+    def from_json(cls, data, source: str | None = None, *, reportable: bool = True) -> CellResult:
         """``data`` (a cell result's JSON, any version this code reads) checked and typed; ``ResultError`` naming
-        ``source`` (the file, when known) and every field missing or of the wrong type otherwise."""
-        problems = Problems()
+        ``source`` (the file, when known) and every field missing or of the wrong type otherwise.
+
+        ``reportable`` (what the report reads): also refuse a finished cell without the step figures the report
+        shows (``measurement``'s ``min_items``, ``reported``); False: a valid result, as a writer checks it, which
+        a cell of zero steps (status ok, no timing, no loss) is."""
+        problems = Problems(reportable)
         if not isinstance(data, dict):
             raise ResultError([], [f"is {type(data).__name__}, not an object"], source)
         data = migrate(data, source)

@@ -205,9 +205,10 @@ def publish_folder(folder: str | os.PathLike, write: Callable[[Path], None]) -> 
 
 def write_cell_result(result: dict, path: str | os.PathLike) -> Path:
     """Write a cell result (``cell.py``'s JSON) as ``write_json_atomic`` does, once ``CellResult.from_json``
-    accepts it: a result the report could not read fails where it is written (``ResultError``, naming the
-    field), not when the run is reported."""
-    CellResult.from_json(result, str(path))
+    accepts it as valid: a malformed result fails where it is written (``ResultError``, naming the field), not
+    when the run is reported, and leaves nothing at ``path``. Valid, not reportable: a cell of zero steps is
+    written (the report skips it)."""
+    CellResult.from_json(result, str(path), reportable=False)
     return write_json_atomic(result, path)
 
 

@@ -13,7 +13,7 @@ import pytest
 from qlora_core import report
 from qlora_core.result_model import (SCHEMA, CellResult, Column, ResultError, Section, Training, measurement,
                                      table_columns)
-from qlora_core.results import cells_from_benchmark, is_benchmark_json, write_cell_result
+from qlora_core.results import cells_from_benchmark, is_benchmark_json, read_paths, write_cell_result
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 
@@ -159,3 +159,44 @@ def test_a_result_is_checked_where_it_is_written(tmp_path):
     with pytest.raises(ResultError, match="broken.json: cell result without mode.name"):
         write_cell_result(data, tmp_path / "broken.json")
     assert not (tmp_path / "broken.json").exists()
+
+
+def test_a_malformed_result_leaves_nothing_half_written_and_keeps_the_old_file(tmp_path):
+    path = tmp_path / "nf4.json"
+    write_cell_result(finished(), path)
+    before = path.read_bytes()
+    broken = finished()
+    broken["training"]["losses"] = "low"
+    with pytest.raises(ResultError, match=r"nf4\.json: cell result training\.losses is str 'low', not a list"):
+        write_cell_result(broken, path)
+    assert path.read_bytes() == before
+    assert [file.name for file in tmp_path.iterdir()] == ["nf4.json"]  # no staging file left beside it
+
+
+def zero_steps() -> dict:
+    """A finished cell of zero training steps, as ``cell.py`` writes it (867fb90): no timing, rate or loss."""
+    data = finished()
+    data["training"].update(timing=None, tokens_per_s=None, mfu=None, hfu=None, losses=[], step_seconds=[])
+    return data
+
+
+def test_a_cell_of_zero_steps_is_valid_written_and_read_back(tmp_path):
+    data = zero_steps()
+    path = write_cell_result(data, tmp_path / "zero.json")
+    assert json.loads(path.read_text()) == data
+    result = CellResult.from_json(json.loads(path.read_text()), reportable=False)
+    assert result.status == "ok" and result.training.timing is None and result.training.losses == []
+    assert result.to_json() == data
+
+
+def test_a_cell_of_zero_steps_is_not_reportable_and_the_report_skips_it(tmp_path):
+    with pytest.raises(ResultError) as caught:
+        CellResult.from_json(zero_steps(), "zero.json")
+    assert caught.value.missing == ["training.losses[0]"]
+    assert caught.value.wrong == ["training.timing is NoneType None, not an object"]
+    write_cell_result(zero_steps(), tmp_path / "zero.json")
+    write_cell_result(finished(), tmp_path / "ok.json")
+    reading = read_paths([tmp_path])
+    assert len(reading.results) == 1
+    assert [(file.name, reason) for file, reason in reading.skipped] == [
+        ("zero.json", "cell result without training.losses[0]; training.timing is NoneType None, not an object")]
