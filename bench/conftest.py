@@ -32,7 +32,7 @@ from qlora_core.measure.memory import GIB
 from qlora_core.modes import BASELINE_MODE, parse_modes
 from qlora_core.paths import PATHS, check_path
 from qlora_core.shapes import check_shape
-from qlora_core.results import environment, write_json_atomic
+from qlora_core.results import environment, write_cell_result
 from qlora_core.sweep import reusable
 from qlora_core.worker import CellError, WorkerPool, serialize_inputs
 
@@ -232,7 +232,7 @@ class BenchCell:
     def _fail(self, error: CellError) -> None:
         self.failure = error
         result = failure_result(self.settings, error.status, str(error))
-        write_json_atomic(result, self.path)
+        write_cell_result(result, self.path)
         self.run.manifest.finished(self.key.stem, self.key.mode, result, self.path, self.start)
 
     def call(self, method: str, *args):
@@ -298,7 +298,7 @@ class BenchCell:
             with self.timed("ending the process"):
                 self.worker.close()
         if result is not None:
-            write_json_atomic(result, self.path)
+            write_cell_result(result, self.path)
             self.run.manifest.finished(self.key.stem, self.key.mode, result, self.path, self.start)
         return result
 
@@ -338,7 +338,7 @@ def _skip_if_unfit(config, settings: CellSettings, path: Path, run: BenchRun, ke
         return
     result = does_not_fit_result(settings, capacity)
     if result is not None:
-        write_json_atomic(result, path)
+        write_cell_result(result, path)
         run.cell_done(key)
         run.manifest.finished(key.stem, key.mode, result, path, None)
         pytest.skip(f"{path.stem}: does not fit: {result['error']}")

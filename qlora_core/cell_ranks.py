@@ -21,7 +21,7 @@ import torch
 
 from qlora_core.cell import Cell, CellInputs, CellSettings, failure_result
 from qlora_core.distributed import torchrun
-from qlora_core.results import write_json_atomic
+from qlora_core.results import write_cell_result
 
 SETTINGS_FILE, INPUTS_FILE = "settings.json", "inputs.pt"
 
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as error:  # recorded as the cell's failure, with the traceback in its log
         traceback.print_exc()
         result = failure_result(settings, "error", f"{type(error).__name__}: {error}")
-    write_json_atomic(result, _rank_file(folder, int(os.environ["RANK"])))
+    write_cell_result(result, _rank_file(folder, int(os.environ["RANK"])))
     return 0 if result["status"] == "ok" else 1
 
 

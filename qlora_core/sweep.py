@@ -18,7 +18,7 @@ from pathlib import Path
 from qlora_core.cell import CellInputs, CellSettings, failure_result
 from qlora_core.manifest import RunManifest
 from qlora_core.modes import Mode
-from qlora_core.results import flatten_settings, write_json_atomic
+from qlora_core.results import flatten_settings, write_cell_result
 from qlora_core.worker import CellError, WorkerPool, serialize_inputs
 
 
@@ -88,7 +88,7 @@ def run_cell_process(settings: CellSettings, path: Path, on_event: Callable[[dic
             result = worker.call("run_all")
     except CellError as error:
         result = failure_result(settings, error.status, f"{error} (log: {log})")
-    write_json_atomic(result, path)
+    write_cell_result(result, path)
     return result
 
 
