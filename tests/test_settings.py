@@ -1,5 +1,6 @@
-"""The settings declaration (qlora_core/settings.py) and the three surfaces generated from it: the sweep's and
-finetune's options (cli.py) and bench/'s pytest options (bench/conftest.py) agree with it and with each other."""
+"""The settings declaration (qlora_core/settings.py) and the surfaces generated from it: the sweep's, finetune's,
+frontier's, generate's and merge's options (cli.py) and bench/'s pytest options (bench/conftest.py) agree with it
+and with each other."""
 
 from __future__ import annotations
 
@@ -60,8 +61,9 @@ def sub_parser(command: str) -> argparse.ArgumentParser:
     return commands.choices[command]
 
 
-PARSERS = {"sweep": lambda: sub_parser("sweep"), "finetune": lambda: sub_parser("finetune"), "bench": bench_parser}
-ON_SURFACE = [pytest.param(setting, surface, id=f"{surface}-{setting.name}")
+PARSERS = {**{command: (lambda command=command: sub_parser(command))
+              for command in ("sweep", "finetune", "frontier", "generate", "merge")}, "bench": bench_parser}
+ON_SURFACE = [pytest.param(setting.for_surface(surface), surface, id=f"{surface}-{setting.name}")
               for setting in settings.SETTINGS for surface in setting.surfaces]
 
 
@@ -78,7 +80,46 @@ def test_every_declared_setting_is_an_option_of_its_surfaces_with_its_spellings_
     action = action_for(parser, spellings[0])
     assert action.dest == setting.dest(surface)
     assert action.default == setting.parser_default(surface)
-    assert action.help.startswith(setting.help)
+    assert action.help.startswith(setting.help) and action.help.endswith(setting.note)
+
+
+@pytest.mark.parametrize("surface", settings.SURFACES)
+def test_every_surface_has_a_parser_and_takes_only_what_is_declared_for_it(surface):
+    dests = {action.dest for action in PARSERS[surface]()._actions}
+    for setting in settings.SETTINGS:
+        assert (setting.dest(surface) in dests) == (surface in setting.surfaces), setting.name
+
+
+def test_frontier_takes_the_declared_rank_levers_and_device_as_it_states_them():
+    args = sub_parser("frontier").parse_args(["--shapes", "Llama-3.1-8B"])
+    assert (args.lora_r, args.offload_activations, args.mlp_tile_tokens, args.device) == (
+        LoraSettings().r, False, None, "cuda")
+    parser = sub_parser("frontier")
+    assert action_for(parser, "--lora-r").help == "LoRA rank (default 16); alpha = 2 r"
+    assert action_for(parser, "--mlp-tile-tokens").help.endswith("Llama/Qwen2 families); lean path only")
+    assert action_for(parser, "--device").choices == ["cuda", "cpu"]  # no 'auto': probes are meant for a GPU
+    assert action_for(sub_parser("sweep"), "--device").choices == ["auto", "cuda", "cpu"]  # elsewhere as declared
+
+
+@pytest.mark.parametrize("command", ["generate", "merge"])
+def test_generate_and_merge_take_the_workflows_model_options_but_no_training_path(command):
+    parser = sub_parser(command)
+    finetune = sub_parser("finetune")
+    for option in ("--model", "--gguf", "--trust-remote-code", "--device"):
+        assert action_for(parser, option).help == action_for(finetune, option).help
+    assert "--path" not in parser._option_string_actions  # reloading an adapter trains nothing
+
+
+def test_the_sweep_and_the_workflow_name_the_model_alike():
+    assert cli.cell_settings(sub_parser("sweep").parse_args(["--model", "m"]), "cpu").model == "m"
+    args = sub_parser("finetune").parse_args(["--mode", "nf4", "--out", "x", "--model", "m"])
+    assert args.model == "m" and action_for(sub_parser("sweep"), "--model").help == action_for(
+        sub_parser("finetune"), "--model").help
+
+
+def test_finetune_passes_a_given_prompt_and_length_to_the_workflow():
+    assert finetune_objects(["--prompt", "Hi", "--max-new-tokens", "4"])[2] == {
+        "data": "quotes", "text_field": "quote", "prompt": "Hi", "max_new_tokens": 4}
 
 
 @pytest.mark.parametrize("setting", settings.SETTINGS, ids=lambda s: s.name)
