@@ -10,7 +10,6 @@ each: the first allocates the optimizer state, so only the second holds everythi
 from __future__ import annotations
 
 import dataclasses
-
 import math
 
 from qlora_core.cell import CellSettings

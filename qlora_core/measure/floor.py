@@ -358,15 +358,21 @@ def layer_bytes(config, layer_targets, lora, seq_len: int, tokens: int, p: Preci
                 levers: Levers = Levers()) -> int:
     """Everything one layer saves for ``tokens`` tokens: the per-token tensors, and the adapters' weights as
     autocast casts them to the compute dtype once a forward (each saved for its input's gradient). With the MLP
-    in tiles (``levers``), its tensors exist for one tile (``mlp_bytes_per_token``), while its input, the second
-    norm's output, is held whole by the tiles' checkpoints (h values a token in the residual dtype)."""
+    in tiles (``levers``) it holds ``tiled_mlp_bytes`` instead of its whole tensors."""
     casts = p.compute * lora.r * sum(t.in_features + t.out_features for t in layer_targets)
     per_token = layer_bytes_per_token(config, layer_targets, lora, seq_len, p)
     if levers.mlp_tile_tokens is None:
         return tokens * per_token + casts
     mlp = mlp_bytes_per_token(config, layer_targets, lora, p)
-    held_input = tokens * config.hidden_size * p.residual
-    return tokens * (per_token - mlp) + levers.mlp_tokens(tokens) * mlp + held_input + casts
+    return tokens * (per_token - mlp) + tiled_mlp_bytes(config, layer_targets, lora, tokens, p, levers) + casts
+
+
+def tiled_mlp_bytes(config, layer_targets, lora, tokens: int, p: Precision, levers: Levers) -> int:
+    """What a layer's MLP in tiles holds while the layer is recomputed: one tile's tensors
+    (``mlp_bytes_per_token``) and its whole input, the second norm's output, held by the tiles' checkpoints
+    (h values a token in the residual dtype)."""
+    tile = levers.mlp_tokens(tokens) * mlp_bytes_per_token(config, layer_targets, lora, p)
+    return tile + tokens * config.hidden_size * p.residual
 
 
 def rope_table_bytes(config, seq_len: int, p: Precision) -> int:
@@ -612,8 +618,7 @@ def _path_terms(config, model, mode: Mode, lora, seq_len: int, batch_size: int, 
     transient = layer_backward_transient(config, tokens, p, largest, levers)
     if levers.mlp_tile_tokens is not None:
         targets = first_layer_targets(lora_targets(model, lora))
-        mlp_held = (levers.mlp_tokens(tokens) * mlp_bytes_per_token(config, targets, lora, p)
-                    + tokens * config.hidden_size * p.residual)
+        mlp_held = tiled_mlp_bytes(config, targets, lora, tokens, p, levers)
         transient = max(transient, tiled_norm_backward_transient(config, tokens, p, mlp_held))
     return p, terms, transient
 
