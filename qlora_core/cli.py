@@ -166,6 +166,10 @@ def _add_frontier_command(commands) -> None:
                                "needs --out, where the cells go to probes/")
     _add_settings("frontier", {"model": frontier})  # --device, where the probe cells run
     frontier.add_argument("--resume", action="store_true", help="with --measure: keep probe cells that finished")
+    frontier.add_argument("--probes", default="half,at,above", type=lambda text: text.split(","),
+                          help="with --measure: which probes to run, of half, at and above (default all): a probe "
+                               "at an 80 GiB frontier can take minutes, so long ones can go one command each, "
+                               "the later ones with --resume; frontier.json says 'not run' for the others")
     frontier.add_argument("--allocator-conf", default=FRONTIER_ALLOCATOR_CONF,
                           help="with --measure: PYTORCH_CUDA_ALLOC_CONF for the probe cells' processes (default "
                                f"'{FRONTIER_ALLOCATOR_CONF}': the cap holds what the allocator reserves, the "
@@ -518,6 +522,7 @@ def command_frontier(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
+    from qlora_core.frontier_probes import check_probes
     from qlora_core.measure.frontier import predicted_frontier
     from qlora_core.measure.memory import GIB
     from qlora_core.paths import check_path
@@ -529,6 +534,7 @@ def command_frontier(args: argparse.Namespace) -> int:
         raise ValueError("--measure needs --out: its probe cells and frontier.json go there")
     if args.out:
         check_writable(args.out)
+    check_probes(args.probes)
     modes, paths = parse_modes(args.modes), [check_path(path) for path in args.paths]
     lora = LoraSettings(r=args.lora_r)
     levers = Levers(args.offload_activations, args.mlp_tile_tokens)
@@ -575,7 +581,8 @@ def _measure_frontiers(frontiers: list[dict], lora: LoraSettings, args: argparse
     from qlora_core.report import MIB
     from qlora_core.sweep import run_cells
 
-    cells = {name: cell for found in frontiers for name, cell in probe_cells(found, lora, args.device).items()}
+    cells = {name: cell for found in frontiers
+             for name, cell in probe_cells(found, lora, args.device, args.probes).items()}
     with allocator_conf_for_children(args.allocator_conf):
         done = run_cells(cells, args.out / "probes", resume=args.resume, command=args.command_line)
     results = dict(zip(cells, done))

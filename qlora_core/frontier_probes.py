@@ -3,8 +3,9 @@
 Each frontier gets three cells of the shape at batch 1 under the frontier's memory cap: at the predicted
 length (it should run), ``ABOVE_MARGIN`` above it (it should run out of memory: then the real frontier lies
 within that margin of the prediction) and at half the length, whose peak with the first one's gives the memory
-one more token costs, measured. Two training steps
-each: the first allocates the optimizer state, so only the second holds everything a step holds.
+one more token costs, measured. One training step each, with the optimizer's state made before it
+(``TrainSettings.optimizer_state_upfront``), so that one step holds everything a later step would: a step at the
+80 GiB frontier of an 8B model takes minutes, and a probe must fit a lent machine's command limit.
 """
 
 from __future__ import annotations
@@ -49,16 +50,25 @@ def probe_name(frontier: dict, probe: str) -> str:
     return f"{frontier['shape']}-{frontier['mode']}-{frontier['path']}{levers}-{gib:g}gib-{probe}"
 
 
-def probe_cells(frontier: dict, lora, device: str = "cuda") -> dict[str, CellSettings]:
-    """The named probe cells of one predicted frontier; none for a frontier of 0 tokens (nothing fits), no
-    ``above`` probe where the model's positions, not memory, bound it."""
+def check_probes(names: list[str]) -> list[str]:
+    """``names`` if each names a probe of ``PROBES`` (and there is at least one), else ValueError."""
+    unknown = [name for name in names if name not in PROBES]
+    if unknown or not names:
+        raise ValueError(f"unknown probes {unknown or names}; choose from {', '.join(PROBES)}")
+    return names
+
+
+def probe_cells(frontier: dict, lora, device: str = "cuda", probes=tuple(PROBES)) -> dict[str, CellSettings]:
+    """The named probe cells of one predicted frontier, of the ``probes`` asked for; none for a frontier of 0
+    tokens (nothing fits), no ``above`` probe where the model's positions, not memory, bound it."""
     if not frontier["tokens"]:
         return {}
+    train = TrainSettings(max_steps=1, optimizer_state_upfront=True)
     base = CellSettings(mode=frontier["mode"], shape=frontier["shape"], path=frontier["path"], batch_size=1,
-                        timing_warmup=1, train=TrainSettings(max_steps=2), lora=lora, device=device,
+                        timing_warmup=0, train=train, lora=lora, device=device,
                         memory_cap_bytes=frontier["capacity_bytes"], **frontier_levers(frontier).describe())
-    return {probe_name(frontier, probe): dataclasses.replace(base, seq_len=length(frontier["tokens"]))
-            for probe, length in PROBES.items() if probe != "above" or frontier["limited_by"] == "memory"}
+    return {probe_name(frontier, probe): dataclasses.replace(base, seq_len=PROBES[probe](frontier["tokens"]))
+            for probe in check_probes(list(probes)) if probe != "above" or frontier["limited_by"] == "memory"}
 
 
 def _measured_peak(result: dict | None) -> int | None:

@@ -48,7 +48,12 @@ SCHEDULES = ("constant", "linear", "cosine")
 
 @dataclass(frozen=True)
 class TrainSettings:
-    """Optimisation settings; one optimizer step consumes ``grad_accum`` micro-batches."""
+    """Optimisation settings; one optimizer step consumes ``grad_accum`` micro-batches.
+
+    ``optimizer_state_upfront``: make the optimizer's state when the trainer is built
+    (``LoraTrainer.make_optimizer_state``) rather than in the first step, so the first step holds everything a
+    later one does: a probe of one step then measures a whole step's peak memory (``frontier_probes``).
+    """
 
     learning_rate: float = 2e-4
     optimizer: str = "adamw"
@@ -59,6 +64,7 @@ class TrainSettings:
     max_steps: int = 20
     max_grad_norm: float = 1.0
     seed: int = 0
+    optimizer_state_upfront: bool = False
 
     def __post_init__(self) -> None:
         check_optimizer(self.optimizer)
@@ -271,6 +277,24 @@ class LoraTrainer:
         use_scaler = compute_dtype == torch.float16 and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=use_scaler)
         self.steps_done = 0
+        if settings.optimizer_state_upfront:
+            self.make_optimizer_state()
+
+    def make_optimizer_state(self) -> None:
+        """Make the optimizer's state now, as a first step would, and leave every parameter as it is: one
+        optimizer step on zero gradients at learning rate 0. An Adam update and its decoupled weight decay are
+        then both multiplied by 0 (every optimizer of ``OPTIMIZERS``: parameters unchanged bit for bit), the
+        moments stay zero, and the state's step count reads 1 (the bias correction of the next step is that of
+        a second step: within a step's numerics, not its memory). The schedule does not move."""
+        learning_rates = [group["lr"] for group in self.optimizer.param_groups]
+        for group in self.optimizer.param_groups:
+            group["lr"] = 0.0
+        for param in self.trainable:
+            param.grad = torch.zeros_like(param)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        for group, learning_rate in zip(self.optimizer.param_groups, learning_rates, strict=True):
+            group["lr"] = learning_rate
 
     def _micro_step(self, sync: bool) -> tuple[torch.Tensor, int]:
         """Forward and backward of this rank's share of the next global batch; returns its loss and the global

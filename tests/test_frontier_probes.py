@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from qlora_core.cli import FRONTIER_ALLOCATOR_CONF, allocator_conf_for_children
 from qlora_core.frontier_probes import probe_cells, probe_name, with_probes
 from qlora_core.lora import LoraSettings
@@ -24,8 +26,16 @@ def test_three_probes_at_batch_one_under_the_cap():
     assert [c.seq_len for c in cells.values()] == [15616, 31232, 129 * TOKEN_GRANULARITY]
     for settings in cells.values():
         assert settings.batch_size == 1 and settings.memory_cap_bytes == 24 * 2**30 and settings.device == "cuda"
-        assert settings.train.max_steps == 2 and settings.timing_warmup == 1  # the second step holds it all
+        # one step, which holds it all: the optimizer's state is made before it
+        assert settings.train.max_steps == 1 and settings.timing_warmup == 0
+        assert settings.train.optimizer_state_upfront
         assert (settings.shape, settings.mode, settings.path, settings.lora) == ("Llama-3.1-8B", "nf4-dq", "lean", LORA)
+
+
+def test_the_probes_asked_for_and_no_others():
+    assert [name.rsplit("-", 1)[1] for name in probe_cells(FRONTIER, LORA, probes=["above", "at"])] == ["above", "at"]
+    with pytest.raises(ValueError, match="unknown probes \\['beside'\\]; choose from half, at, above"):
+        probe_cells(FRONTIER, LORA, probes=["at", "beside"])
 
 
 def test_no_probes_where_nothing_fits_and_none_above_a_positions_or_host_bound():
@@ -59,15 +69,22 @@ def test_confirmed_when_the_at_probe_runs_and_the_one_above_runs_out_of_memory()
 
 
 def test_measure_dry_runs_the_probes_on_cpu_and_records_them(tmp_path):
-    run = subprocess.run([sys.executable, "-m", "qlora_core.cli", "frontier", "--shapes", "tiny-llama", "--modes",
-                          "nf4", "--paths", "lean", "--capacity-gib", "0.0018", "--lora-r", "4", "--measure",
-                          "--device", "cpu", "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    """The probes run one command at a time as a long frontier's would (``--probes``, then ``--resume``)."""
+    command = [sys.executable, "-m", "qlora_core.cli", "frontier", "--shapes", "tiny-llama", "--modes", "nf4",
+               "--paths", "lean", "--capacity-gib", "0.0018", "--lora-r", "4", "--measure", "--device", "cpu",
+               "--out", str(tmp_path)]
+    first = subprocess.run([*command, "--probes", "at"], capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr
+    (found,) = json.loads((tmp_path / "frontier.json").read_text())["frontiers"]
+    assert [found["probes"][probe]["status"] for probe in ("half", "at", "above")] == ["not run", "ok", "not run"]
+    run = subprocess.run([*command, "--resume"], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr
     (found,) = json.loads((tmp_path / "frontier.json").read_text())["frontiers"]
     assert found["probes"]["at"]["status"] == "ok" and not found["confirmed"]  # no cap on a CPU: nothing fails
     assert (tmp_path / "frontier.png").stat().st_size > 0  # the checked frontier marked on its line
     manifest = json.loads((tmp_path / "probes" / "run.json").read_text())
     assert [cell["name"] for cell in manifest["cells"]] == [probe_name(found, p) for p in ("half", "at", "above")]
+    assert [cell["resumed"] for cell in manifest["cells"]] == [False, True, False]
     # the probes' processes ran under the frontier's allocator configuration, and their results say so
     assert json.loads((tmp_path / "frontier.json").read_text())["probe_allocator_conf"] == FRONTIER_ALLOCATOR_CONF
     probe = json.loads((tmp_path / "probes" / f"{probe_name(found, 'at')}.json").read_text())

@@ -61,7 +61,8 @@ def test_the_command_prints_the_table_and_writes_json(tmp_path):
 
 
 @pytest.mark.parametrize("option, value, says", [("--shapes", "no-such-shape", "no-such-shape"),
-                                                  ("--capacity-gib", "24,-1", "must be a finite number > 0")])
+                                                  ("--capacity-gib", "24,-1", "must be a finite number > 0"),
+                                                  ("--probes", "at,beside", "unknown probes ['beside']")])
 def test_the_command_refuses_bad_input_in_one_line(option, value, says):
     args = {"--shapes": "tiny-llama", "--capacity-gib": "1", option: value}
     run = subprocess.run([sys.executable, "-m", "qlora_core.cli", "frontier", *[x for kv in args.items() for x in kv]],

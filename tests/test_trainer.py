@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 
@@ -275,3 +276,39 @@ def test_restore_puts_the_trainer_back_as_the_snapshot_found_it(tiny_source):
     assert disturbed.steps_done == 2
     assert disturbed.step().loss == expected.loss  # dropout drew the same masks: the RNG came back too
     assert all(torch.equal(a, b) for a, b in zip(disturbed.trainable, undisturbed.trainable))
+
+
+def state_layout(optimizer: torch.optim.Optimizer) -> list[dict]:
+    """Per parameter, each state entry's shape and dtype (a number's type for plain numbers): what it holds."""
+    return [{key: (tuple(value.shape), value.dtype) if torch.is_tensor(value) else type(value)
+             for key, value in optimizer.state[param].items()}
+            for group in optimizer.param_groups for param in group["params"]]
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "adamw8bit", "paged_adamw8bit", "paged_adamw32bit"])
+def test_upfront_optimizer_state_is_a_steps_state_and_leaves_the_adapters_as_they_were(tiny_source, optimizer):
+    """``optimizer_state_upfront`` makes, before any step, the state a first step would make (every entry, its
+    shape and dtype), changes no parameter, leaves the learning rate as the schedule set it, and the first step
+    then adds no state."""
+    mode = get_mode("nf4")
+    settings = TrainSettings(learning_rate=1e-2, weight_decay=0.1, optimizer=optimizer, max_steps=2)
+
+    def trainer(**changes):
+        torch.manual_seed(0)
+        model = lora_model(tiny_source, mode)
+        return LoraTrainer(model, itertools.repeat(fixed_batch()), dataclasses.replace(settings, **changes),
+                           mode.torch_compute_dtype)
+
+    stepped = trainer()
+    stepped.step()
+    upfront = trainer(optimizer_state_upfront=True)
+    fresh = trainer()
+    assert upfront.optimizer.state and not fresh.optimizer.state
+    assert state_layout(upfront.optimizer) == state_layout(stepped.optimizer)
+    assert all(torch.equal(a, b) for a, b in zip(upfront.trainable, fresh.trainable, strict=True))
+    assert all(param.grad is None for param in upfront.trainable)
+    assert [g["lr"] for g in upfront.optimizer.param_groups] == [g["lr"] for g in fresh.optimizer.param_groups]
+    record = upfront.step()
+    assert math.isfinite(record.loss)
+    assert state_layout(upfront.optimizer) == state_layout(stepped.optimizer)
+    assert not all(torch.equal(a, b) for a, b in zip(upfront.trainable, fresh.trainable, strict=True))
