@@ -29,15 +29,37 @@ OFFLOAD_MIN_BYTES = 1 << 20
 MLP_NAME = "mlp"
 
 
+def power_of_two_pieces(numel: int, smallest: int) -> list[int]:
+    """``numel`` elements as lengths that are powers of two, largest first (its binary digits), those below
+    ``smallest`` gathered in one last piece. torch's pinned-memory allocator rounds each allocation up to a power
+    of two, which costs up to twice a tensor's size in host memory (a 3.0 GB layer input takes 4 GiB); pieces of
+    these lengths cost their size, and the last at most ``smallest`` elements more."""
+    pieces = [1 << bit for bit in reversed(range(numel.bit_length())) if numel >> bit & 1 and 1 << bit >= smallest]
+    rest = numel - sum(pieces)
+    return pieces + [rest] if rest else pieces
+
+
 @dataclass(eq=False)
 class HostCopy:
-    """A saved activation in host memory: the copy, the CUDA event marking it done (None on a CPU device), the
-    device it came from, and the tensor brought back from it while that is alive."""
+    """A saved activation in host memory: its elements in pieces (``power_of_two_pieces``), in order, its size
+    and dtype, the CUDA event marking the copies done (None on a CPU device), the device it came from, and the
+    tensor brought back from it while that is alive."""
 
-    host: torch.Tensor
+    pieces: list[torch.Tensor]
+    size: torch.Size
+    dtype: torch.dtype
     copied: torch.cuda.Event | None
     device: torch.device
     brought_back: weakref.ref | None = None
+
+    def bring_back(self) -> torch.Tensor:
+        """The activation on its device again (contiguous), copied in on the current stream."""
+        tensor = torch.empty(self.size, dtype=self.dtype, device=self.device)
+        flat, start = tensor.view(-1), 0
+        for piece in self.pieces:
+            flat[start:start + piece.numel()].copy_(piece, non_blocking=True)
+            start += piece.numel()
+        return tensor
 
 
 class ActivationOffload:
@@ -49,8 +71,9 @@ class ActivationOffload:
     copy in forward. ``unpack`` makes the compute stream wait for the copy and brings the tensor back. Parameters
     and small tensors are returned as they are. A tensor saved twice in one forward (an RMSNorm's fp32 input, by
     its square and by its scaling) is copied once, and brought back once while the first copy is alive.
-    ``offloaded_bytes`` counts what went to the host (bytes), for the memory model's check. On a CPU device
-    nothing moves, but the same copies are made, so the hooks' effect on the numbers can be tested there.
+    ``offloaded_bytes`` counts what went to the host (bytes), for the memory model's check: the host holds that
+    and at most ``min_bytes`` more a tensor (``power_of_two_pieces``). On a CPU device nothing moves, but the
+    same copies are made, so the hooks' effect on the numbers can be tested there.
     """
 
     def __init__(self, min_bytes: int = OFFLOAD_MIN_BYTES):
@@ -79,18 +102,27 @@ class ActivationOffload:
         self.offloaded_bytes += tensor.numel() * tensor.element_size()
         return packed
 
+    def _pieces_of(self, flat: torch.Tensor, pin: bool) -> list[torch.Tensor]:
+        """Host copies of ``flat``'s elements in ``power_of_two_pieces``, each copied without blocking."""
+        pieces, start = [], 0
+        for length in power_of_two_pieces(flat.numel(), self.min_bytes // flat.element_size()):
+            piece = torch.empty(length, dtype=flat.dtype, pin_memory=pin)
+            pieces.append(piece.copy_(flat[start:start + length], non_blocking=pin))
+            start += length
+        return pieces
+
     def _copy_to_host(self, tensor: torch.Tensor) -> HostCopy:
+        flat = tensor.contiguous().view(-1)
         if tensor.device.type != "cuda":
-            return HostCopy(tensor.clone(), None, tensor.device)
+            return HostCopy(self._pieces_of(flat, pin=False), tensor.size(), tensor.dtype, None, tensor.device)
         stream = self._side_stream(tensor.device)
         stream.wait_stream(torch.cuda.current_stream(tensor.device))
         with torch.cuda.stream(stream):
-            host = torch.empty(tensor.size(), dtype=tensor.dtype, pin_memory=True)
-            host.copy_(tensor, non_blocking=True)
+            pieces = self._pieces_of(flat, pin=True)
             copied = torch.cuda.Event()
             copied.record(stream)
-        tensor.record_stream(stream)
-        return HostCopy(host, copied, tensor.device)
+        flat.record_stream(stream)  # the original's block, or the contiguous copy read instead of it
+        return HostCopy(pieces, tensor.size(), tensor.dtype, copied, tensor.device)
 
     @staticmethod
     def unpack(packed):
@@ -98,11 +130,9 @@ class ActivationOffload:
             return packed
         if packed.brought_back is not None and (tensor := packed.brought_back()) is not None:
             return tensor
-        if packed.copied is None:
-            tensor = packed.host
-        else:
+        if packed.copied is not None:
             torch.cuda.current_stream(packed.device).wait_event(packed.copied)
-            tensor = packed.host.to(packed.device, non_blocking=True)
+        tensor = packed.bring_back()
         packed.brought_back = weakref.ref(tensor)
         return tensor
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from qlora_core.cell import CellSettings, run_cell
-from qlora_core.levers import ActivationOffload, Levers, decoder_mlps, tile_mlps, with_offload
+from qlora_core.levers import (ActivationOffload, Levers, decoder_mlps, power_of_two_pieces, tile_mlps,
+                               with_offload)
 from qlora_core.lora import LoraSettings
 from qlora_core.measure.floor import memory_floor, phase_components
 from qlora_core.modes import get_mode
@@ -44,6 +45,23 @@ def test_offloading_changes_neither_loss_nor_gradients(mode):
     assert offload.offloaded_bytes > 0
     assert offloaded[0] == plain[0]
     assert torch.equal(offloaded[1], plain[1])
+
+
+@pytest.mark.parametrize("numel, smallest, pieces", [
+    (3 * 2**30 // 2 + 5, 2**19, [2**30, 2**29, 5]),  # 3 GiB and 5 elements: exact, not rounded up to 4 GiB
+    (2**20, 2**19, [2**20]), (2**19 - 1, 2**19, [2**19 - 1]), (11, 1, [8, 2, 1]), (11, 0, [8, 2, 1]), (0, 4, [])])
+def test_host_copies_go_in_power_of_two_pieces_that_add_up_exactly(numel, smallest, pieces):
+    assert power_of_two_pieces(numel, smallest) == pieces
+    assert sum(pieces) == numel and all(piece & (piece - 1) == 0 for piece in pieces[:-1])
+
+
+def test_a_saved_tensor_comes_back_whole_from_its_pieces_whatever_its_layout():
+    """A non-contiguous tensor of 2 x 3 x 7 elements comes back from pieces of 32, 8 and 2 elements."""
+    offload = ActivationOffload(min_bytes=4)  # 2 float32 elements
+    tensor = torch.arange(42, dtype=torch.float32).reshape(2, 7, 3).transpose(1, 2)
+    packed = offload.pack(tensor)
+    assert [piece.numel() for piece in packed.pieces] == [32, 8, 2]
+    assert torch.equal(offload.unpack(packed), tensor) and offload.offloaded_bytes == 42 * 4
 
 
 @pytest.mark.parametrize("mode", ["bf16", "nf4-dq"])
