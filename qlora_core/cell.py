@@ -87,6 +87,8 @@ class CellSettings:
             step-time statistics.
         num_processes: train on this many processes of one host (``qlora_core.cell_ranks``: DDP, every rank
             holding the whole quantized model, ``batch_size`` rows a step shared between them; rank 0 evaluates).
+        beyond_positions: a shape cell may train past the positions its model was trained for (RoPE computes
+            any position; ``qlora-bench frontier --beyond-positions``' probes): memory and time only.
         offload_activations / mlp_tile_tokens: the lean path's memory levers (``qlora_core.levers``): saved
             activations kept in host memory between forward and backward; the MLP recomputed in tiles of this many
             tokens (None: untiled).
@@ -123,9 +125,13 @@ class CellSettings:
     profile_steps: int = 0
     offload_activations: bool = False
     mlp_tile_tokens: int | None = None
+    beyond_positions: bool = False
 
     def __post_init__(self) -> None:
         check_path(self.path)
+        if self.beyond_positions and self.shape is None:
+            raise ValueError("beyond_positions is for shape cells (random weights): a real model's perplexity means "
+                             "nothing past the positions it was trained for")
         self.levers.check(self.path, self.gradient_checkpointing)
         if self.profile_steps < 0:
             raise ValueError(f"profile_steps must be >= 0, got {self.profile_steps}")
@@ -257,7 +263,7 @@ def prepare_inputs(settings: CellSettings) -> CellInputs:
 def shape_inputs(settings: CellSettings) -> CellInputs:
     """A shape's inputs: its config, random training blocks, nothing to evaluate (random weights)."""
     config = shape_config(settings.shape)
-    check_sequence_length(config, settings.seq_len)
+    check_sequence_length(config, settings.seq_len, settings.beyond_positions)
     n_blocks = SHAPE_BLOCKS_PER_BATCH_ROW * settings.batch_size
     blocks = random_blocks(config.vocab_size, n_blocks, settings.seq_len, settings.train.seed)
     return CellInputs(shape_source(settings.shape), config, blocks, {})

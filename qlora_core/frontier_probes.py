@@ -66,7 +66,8 @@ def probe_cells(frontier: dict, lora, device: str = "cuda", probes=tuple(PROBES)
     train = TrainSettings(max_steps=1, optimizer_state_upfront=True)
     base = CellSettings(mode=frontier["mode"], shape=frontier["shape"], path=frontier["path"], batch_size=1,
                         timing_warmup=0, train=train, lora=lora, device=device,
-                        memory_cap_bytes=frontier["capacity_bytes"], **frontier_levers(frontier).describe())
+                        memory_cap_bytes=frontier["capacity_bytes"], **frontier_levers(frontier).describe(),
+                        beyond_positions=frontier.get("beyond_positions", False))
     return {probe_name(frontier, probe): dataclasses.replace(base, seq_len=PROBES[probe](frontier["tokens"]))
             for probe in check_probes(list(probes)) if probe != "above" or frontier["limited_by"] == "memory"}
 

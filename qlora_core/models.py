@@ -77,12 +77,17 @@ def max_sequence_length(config) -> int | None:
     return None
 
 
-def check_sequence_length(config, seq_len: int) -> None:
-    """Refuse a training/eval length the model cannot represent, before anything is loaded."""
+def check_sequence_length(config, seq_len: int, beyond_positions: bool = False) -> None:
+    """Refuse a training/eval length the model cannot represent, before anything is loaded. ``beyond_positions``:
+    allow one past the positions a RoPE model was trained for (it computes any position: a memory and time
+    measurement, as context frontiers are published); a learned position table still bounds it."""
     limit = max_sequence_length(config)
     if seq_len < 2:
         raise ValueError(f"sequence length {seq_len}: need at least 2 tokens (one input, one target)")
-    if limit is not None and seq_len > limit:
+    rotary = bool(getattr(config, "rope_parameters", None) or getattr(config, "rope_theta", None))
+    if beyond_positions and limit is not None and not rotary:
+        raise ValueError(f"{config.model_type} has no rotary positions: it cannot go beyond {limit} positions")
+    if limit is not None and seq_len > limit and not beyond_positions:
         raise ValueError(f"sequence length {seq_len} exceeds the model's limit of {limit} positions")
 
 

@@ -92,6 +92,18 @@ def test_settings_refuse_unknown_paths_and_shapes():
         shape_settings(shape="Llama-5-1T")
 
 
+def test_a_shape_cell_trains_past_its_positions_only_when_told_to():
+    """tiny-llama has 256 positions; RoPE computes position 320 as well as any: the step runs."""
+    past = dataclasses.replace(shape_settings(path="lean"), seq_len=320, train=TrainSettings(max_steps=1),
+                               timing_warmup=0)
+    with pytest.raises(ValueError, match="exceeds the model's limit of 256 positions"):
+        run_cell(past)
+    result = run_cell(dataclasses.replace(past, beyond_positions=True))
+    assert result["status"] == "ok" and result["settings"]["beyond_positions"]
+    with pytest.raises(ValueError, match="beyond_positions is for shape cells"):
+        CellSettings(mode="bf16", model="smollm2", beyond_positions=True)
+
+
 def test_does_not_fit_reports_the_prediction():
     settings = shape_settings(mode="bf16", shape="Llama-3.1-70B")
     h200_bytes = 139 * 2**30

@@ -38,6 +38,11 @@ def test_the_probes_asked_for_and_no_others():
         probe_cells(FRONTIER, LORA, probes=["at", "beside"])
 
 
+def test_probes_go_past_the_positions_where_their_frontier_did():
+    assert not any(cell.beyond_positions for cell in probe_cells(FRONTIER, LORA).values())
+    assert all(cell.beyond_positions for cell in probe_cells({**FRONTIER, "beyond_positions": True}, LORA).values())
+
+
 def test_no_probes_where_nothing_fits_and_none_above_a_positions_or_host_bound():
     assert probe_cells({**FRONTIER, "tokens": 0}, LORA) == {}
     for bound in ("positions", "host memory"):

@@ -87,6 +87,7 @@ def test_levers_lengthen_the_frontier_and_host_memory_bounds_an_offloaded_one():
     assert pulled["bytes_per_token"] < plain["bytes_per_token"] / 2
     beyond = predicted_frontier(config, mode, LORA, 80 * GIB, "lean", levers=both, beyond_positions=True)
     assert beyond["tokens"] > config.max_position_embeddings and beyond["limited_by"] == "memory"
+    assert beyond["beyond_positions"] and not pulled["beyond_positions"]  # its probes go as far (frontier_probes)
     host = 64 * GIB
     bounded = predicted_frontier(config, mode, LORA, 80 * GIB, "lean", levers=both, beyond_positions=True,
                                  host_capacity_bytes=host)

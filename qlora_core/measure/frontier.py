@@ -78,11 +78,14 @@ def predicted_frontier(config, mode: Mode, lora, capacity_bytes: int, path: str,
             middle = (low + high) // 2
             low, high = (middle, high) if fits(middle) else (low, middle)
         steps = low
+    found = {"mode": mode.name, "path": path, "levers": levers.describe(), "beyond_positions": beyond_positions,
+             "capacity_bytes": capacity_bytes}
     if steps == 0:
-        return _frontier(0, peak(1), None, capacity_bytes, path, mode, "memory", levers)
+        return {**found, "tokens": 0, "peak_bytes": peak(1), "bytes_per_token": None, "limited_by": "memory"}
     slope = (peak(steps + 1) - peak(steps)) / TOKEN_GRANULARITY
     limited_by = bound if steps == limit and fits(limit + 1) else "memory"
-    return _frontier(steps * TOKEN_GRANULARITY, peak(steps), slope, capacity_bytes, path, mode, limited_by, levers)
+    return {**found, "tokens": steps * TOKEN_GRANULARITY, "peak_bytes": peak(steps), "bytes_per_token": slope,
+            "limited_by": limited_by}
 
 
 def offloaded_bytes_per_step(config, mode: Mode, lora, path: str, levers: Levers) -> int:
@@ -90,8 +93,3 @@ def offloaded_bytes_per_step(config, mode: Mode, lora, path: str, levers: Levers
     return memory_floor(config, mode, lora, TOKEN_GRANULARITY, 1, True, path=path,
                         levers=levers)["offloaded_activations_bytes"]
 
-
-def _frontier(tokens: int, peak_bytes: int, bytes_per_token: float | None, capacity_bytes: int, path: str,
-              mode: Mode, limited_by: str, levers: Levers) -> dict:
-    return {"mode": mode.name, "path": path, "levers": levers.describe(), "capacity_bytes": capacity_bytes,
-            "tokens": tokens, "peak_bytes": peak_bytes, "bytes_per_token": bytes_per_token, "limited_by": limited_by}
