@@ -25,7 +25,8 @@ from qlora_core.lora import LoraSettings, merge_into_bf16, parameter_counts
 from qlora_core.measure.floor import memory_floor, predicted_vs_measured
 from qlora_core.measure.flops import (lora_training_flops_per_token, matmul_params, peak_flops,
                                       recompute_flops_per_token)
-from qlora_core.measure.memory import cap_memory, memory_snapshot, reset_peak, weight_footprint
+from qlora_core.measure.memory import (cap_memory, memory_snapshot, optimizer_state_bytes, reset_peak,
+                                       weight_footprint)
 from qlora_core.measure.perplexity import check_protocol, perplexity
 from qlora_core.measure.profile import profile_calls
 from qlora_core.measure.quant_error import weight_quant_error
@@ -279,6 +280,7 @@ def predicted_floor(settings: CellSettings, config, device_type: str,
             config, get_mode(settings.mode), settings.lora, settings.seq_len, settings.rows_per_process,
             settings.gradient_checkpointing, path=settings.path, optimizer=settings.train.optimizer,
             device_type=device_type, int8_outlier_columns=int8_outlier_columns, levers=settings.levers,
+            optimizer_state_upfront=settings.train.optimizer_state_upfront,
         )
     except (NotImplementedError, ValueError):
         return None
@@ -323,7 +325,7 @@ class CellState:
     matmul_weights: int | None = None  #: ``matmul_params`` of the base: weights taking part in a matmul
     # setup_training
     trainer: LoraTrainer | None = None
-    tensors_after_setup_bytes: int | None = None  #: the model's tensors (base and adapters) after set-up
+    tensors_after_setup_bytes: int | None = None  #: the model's tensors and the optimizer's state after set-up
     # step, one entry a step
     records: list[StepRecord] = field(default_factory=list)
     device_states: list[dict | None] = field(default_factory=list)  #: NVML after each step; None where unread
@@ -429,7 +431,8 @@ class Cell:
             state.trainer = LoraTrainer(state.model, batches, settings.train, self.mode.torch_compute_dtype,
                                         loss_fn=loss_fn, compile=settings.compile)
         state.memory["after_setup"] = memory_snapshot(self.device)
-        state.tensors_after_setup_bytes = weight_footprint(state.model)["weights_bytes"]
+        state.tensors_after_setup_bytes = (weight_footprint(state.model)["weights_bytes"]
+                                           + optimizer_state_bytes(state.trainer.optimizer))
         reset_peak(self.device)
 
     def step(self) -> float:

@@ -71,6 +71,17 @@ def test_floor_beside_the_measurements(shape_run):
     assert comparison["true_floor"]["predicted_bytes"] == floor["true_floor_bytes"]
 
 
+def test_an_optimizer_state_made_upfront_is_predicted_at_set_up():
+    """A probe's optimizer state, made at set-up, is in the set-up's tensors and in their prediction, exactly."""
+    settings = shape_settings(path="lean")
+    upfront = dataclasses.replace(settings, train=dataclasses.replace(settings.train, optimizer_state_upfront=True))
+    results = [run_cell(cell) for cell in (settings, upfront)]
+    plain, made = (result["predicted_vs_measured"]["after_setup"] for result in results)
+    assert made["remainder_bytes"] == plain["remainder_bytes"] == 0
+    adam_moments = 2 * 4 * results[0]["parameters"]["trainable_params"]  # two fp32 moments a parameter
+    assert made["measured_bytes"] - plain["measured_bytes"] == adam_moments
+
+
 def test_lean_and_reference_cells_train_the_same(shape_run):
     """Same random model and batches: the paths' first losses agree to rounding."""
     settings, result, _ = shape_run

@@ -625,14 +625,16 @@ def _path_terms(config, model, mode: Mode, lora, seq_len: int, batch_size: int, 
 
 def memory_floor(config, mode: Mode, lora, seq_len: int, batch_size: int, gradient_checkpointing: bool,
                  path: str = "lean", optimizer: str = "adamw", device_type: str = "cuda",
-                 int8_outlier_columns: dict[str, float] | None = None, levers: Levers = Levers()) -> dict:
+                 int8_outlier_columns: dict[str, float] | None = None, levers: Levers = Levers(),
+                 optimizer_state_upfront: bool = False) -> dict:
     """Predicted bytes of each memory component of LoRA training on ``path``, and the resulting totals.
     ``int8_outlier_columns``: LLM.int8's outlier columns a layer by linear name, where measured
     (``int8_held_inputs_bytes_per_token``); recorded in the result. ``levers``: the lean path's memory levers
     pulled (``qlora_core.levers``; recorded), which the true floor does not assume.
 
     Totals: ``after_load_bytes`` (weights as stored), ``after_setup_bytes`` (plus the path's upcasts and the
-    adapters; the optimizer state is allocated at the first step), ``peak_bytes``, the largest of
+    adapters; the optimizer state is allocated at the first step, or at set-up with ``optimizer_state_upfront``,
+    as frontier probes make it: ``TrainSettings``), ``peak_bytes``, the largest of
     ``phase_peak_bytes`` (``step_phases``), and ``peak_phase``: the prediction for ``path``. Beside it
     ``true_floor_bytes`` and ``true_floor_phase``: the least any path could hold (``true_floor``).
     ``device_type`` selects autocast's behaviour ("cuda" or "cpu"). Plain JSON.
@@ -660,7 +662,9 @@ def memory_floor(config, mode: Mode, lora, seq_len: int, batch_size: int, gradie
         "layer_backward_transient_bytes": layer_transient,
         "largest_transient_bytes": max(terms["logits_phase_bytes"], layer_transient),
         "after_load_bytes": terms["weights_bytes"],
-        "after_setup_bytes": terms["weights_bytes"] + terms["upcast_bytes"] + terms["lora_param_bytes"],
+        "optimizer_state_upfront": optimizer_state_upfront,
+        "after_setup_bytes": terms["weights_bytes"] + terms["upcast_bytes"] + terms["lora_param_bytes"]
+        + (terms["optimizer_state_bytes"] if optimizer_state_upfront else 0),
         "phase_peak_bytes": phases,
         "peak_bytes": phases[peak_phase],
         "peak_phase": peak_phase,

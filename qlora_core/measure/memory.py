@@ -21,6 +21,16 @@ def tensor_bytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
 
 
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of the optimizer's state tensors, each storage once (0 before its first step, unless made upfront:
+    ``LoraTrainer.make_optimizer_state``). 0-d tensors are left out: Adam's step counts, which torch keeps on
+    the host even beside CUDA parameters."""
+    storages = {value.untyped_storage().data_ptr(): tensor_bytes(value)
+                for state in optimizer.state.values() for value in state.values()
+                if torch.is_tensor(value) and value.dim() > 0}
+    return sum(storages.values())
+
+
 def weight_footprint(model: torch.nn.Module) -> dict:
     """Bytes of the model's parameters and buffers as stored, each storage counted once (tied weights share).
 
