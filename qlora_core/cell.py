@@ -88,6 +88,9 @@ class CellSettings:
             step-time statistics.
         num_processes: train on this many processes of one host (``qlora_core.cell_ranks``: DDP, every rank
             holding the whole quantized model, ``batch_size`` rows a step shared between them; rank 0 evaluates).
+        trace_memory: on CUDA, record the allocator's history over the last training step and put what was alive
+            at its peak, by where it was made and its size, in the result (``measure.memory_trace``): where a
+            prediction misses, this says what it missed. Off CUDA: nothing to record, and nothing is.
         beyond_positions: a shape cell may train past the positions its model was trained for (RoPE computes
             any position; ``qlora-bench frontier --beyond-positions``' probes): memory and time only.
         offload_activations / mlp_tile_tokens: the lean path's memory levers (``qlora_core.levers``): saved
@@ -127,6 +130,7 @@ class CellSettings:
     offload_activations: bool = False
     mlp_tile_tokens: int | None = None
     beyond_positions: bool = False
+    trace_memory: bool = False
 
     def __post_init__(self) -> None:
         check_path(self.path)
@@ -330,6 +334,7 @@ class CellState:
     records: list[StepRecord] = field(default_factory=list)
     device_states: list[dict | None] = field(default_factory=list)  #: NVML after each step; None where unread
     step_cuda_mallocs: list[int] = field(default_factory=list)  #: the allocator's driver calls (CUDA only)
+    memory_at_peak: dict | None = None  #: ``measure.memory_trace.alive_at_peak`` of a traced step; None untraced
     # end_training
     int8_outliers: dict | None = None  #: ``backends.outliers`` as the last step left them; None without any
     # profile
@@ -461,6 +466,19 @@ class Cell:
         self.report({"step": record.step, "of": self.settings.train.max_steps, "loss": record.loss})
         return record.seconds
 
+    def traced_step(self) -> float:
+        """``step`` with the CUDA allocator's history recorded, replayed to the step's peak into
+        ``state.memory_at_peak`` (``measure.memory_trace``); a plain step off CUDA."""
+        if self.device.type != "cuda":
+            return self.step()
+        from qlora_core.measure.memory_trace import alive_at_peak, recorded
+
+        with recorded(self.device) as recording:
+            seconds = self.step()
+        index = torch.cuda.current_device() if self.device.index is None else self.device.index
+        self.state.memory_at_peak = alive_at_peak(recording, self.settings.tokens_per_step, index)
+        return seconds
+
     def memory_readings(self) -> dict:
         """The allocator (or RSS) readings taken so far, by point (``memory_snapshot``'s bytes)."""
         return dict(self.state.memory)
@@ -520,6 +538,7 @@ class Cell:
             "perplexity": state.perplexity,
             "phase_seconds": state.phase_seconds,
             "profile": state.profile_summary,
+            **({"memory_at_peak": state.memory_at_peak} if state.memory_at_peak else {}),  # traced cells only
             **self._floor_section(),
             "compile": self._compile_section(),
             "note": RANDOM_WEIGHTS_NOTE if settings.shape else None,
@@ -612,8 +631,11 @@ class Cell:
         self.load()
         self.evaluate("before")
         self.setup_training()
-        for _ in range(self.settings.train.max_steps):
+        steps = self.settings.train.max_steps
+        for _ in range(steps - 1 if steps and self.settings.trace_memory else steps):
             self.step()
+        if steps and self.settings.trace_memory:
+            self.traced_step()
         self.end_training()
         if self.settings.profile_steps:
             self.profile(self.settings.profile_steps)

@@ -170,6 +170,10 @@ def _add_frontier_command(commands) -> None:
                           help="with --measure: which probes to run, of half, at and above (default all): a probe "
                                "at an 80 GiB frontier can take minutes, so long ones can go one command each, "
                                "the later ones with --resume; frontier.json says 'not run' for the others")
+    frontier.add_argument("--trace-memory", action="store_true",
+                          help="with --measure: each probe records the CUDA allocator's history over its step and "
+                               "its result says what was alive at the peak, by where it was made and its size "
+                               "(memory_at_peak): where the prediction misses, what it missed")
     frontier.add_argument("--allocator-conf", default=FRONTIER_ALLOCATOR_CONF,
                           help="with --measure: PYTORCH_CUDA_ALLOC_CONF for the probe cells' processes (default "
                                f"'{FRONTIER_ALLOCATOR_CONF}': the cap holds what the allocator reserves, the "
@@ -582,7 +586,7 @@ def _measure_frontiers(frontiers: list[dict], lora: LoraSettings, args: argparse
     from qlora_core.sweep import run_cells
 
     cells = {name: cell for found in frontiers
-             for name, cell in probe_cells(found, lora, args.device, args.probes).items()}
+             for name, cell in probe_cells(found, lora, args.device, args.probes, args.trace_memory).items()}
     with allocator_conf_for_children(args.allocator_conf):
         done = run_cells(cells, args.out / "probes", resume=args.resume, command=args.command_line)
     results = dict(zip(cells, done))

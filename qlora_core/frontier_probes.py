@@ -58,16 +58,18 @@ def check_probes(names: list[str]) -> list[str]:
     return names
 
 
-def probe_cells(frontier: dict, lora, device: str = "cuda", probes=tuple(PROBES)) -> dict[str, CellSettings]:
+def probe_cells(frontier: dict, lora, device: str = "cuda", probes=tuple(PROBES),
+                trace_memory: bool = False) -> dict[str, CellSettings]:
     """The named probe cells of one predicted frontier, of the ``probes`` asked for; none for a frontier of 0
-    tokens (nothing fits), no ``above`` probe where the model's positions, not memory, bound it."""
+    tokens (nothing fits), no ``above`` probe where the model's positions, not memory, bound it.
+    ``trace_memory``: each records what is alive at its step's peak (``CellSettings.trace_memory``)."""
     if not frontier["tokens"]:
         return {}
     train = TrainSettings(max_steps=1, optimizer_state_upfront=True)
     base = CellSettings(mode=frontier["mode"], shape=frontier["shape"], path=frontier["path"], batch_size=1,
                         timing_warmup=0, train=train, lora=lora, device=device,
                         memory_cap_bytes=frontier["capacity_bytes"], **frontier_levers(frontier).describe(),
-                        beyond_positions=frontier.get("beyond_positions", False))
+                        beyond_positions=frontier.get("beyond_positions", False), trace_memory=trace_memory)
     return {probe_name(frontier, probe): dataclasses.replace(base, seq_len=PROBES[probe](frontier["tokens"]))
             for probe in check_probes(list(probes)) if probe != "above" or frontier["limited_by"] == "memory"}
 

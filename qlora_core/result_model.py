@@ -521,6 +521,29 @@ class Profile(Section):
 
 
 @dataclass(kw_only=True)
+class AliveGroup(Section):
+    """Blocks alive at a traced peak, made at one place with one size (``measure.memory_trace``)."""
+    where: str
+    block_bytes: int
+    count: int
+    bytes: int
+    bytes_per_token: float
+
+
+@dataclass(kw_only=True)
+class MemoryAtPeak(Section):
+    """What was alive at the peak of a traced step (``measure.memory_trace.alive_at_peak``)."""
+    peak_bytes: int
+    baseline_bytes: int
+    baseline_freed_bytes: int
+    events: int
+    complete: bool
+    tokens: int
+    groups: list[AliveGroup]
+    other_bytes: int
+
+
+@dataclass(kw_only=True)
 class Compile(Section):
     """How torch.compile handled a compiled cell."""
     first_step_s: float | None
@@ -619,6 +642,7 @@ class CellResult(Section):
     training: Training | None = None
     perplexity: dict[str, dict[str, PerplexityEntry]] | None = measurement(*_ppl_columns(), default=None)
     profile: Profile | None = None
+    memory_at_peak: MemoryAtPeak | None = None
     floor: Floor | None = None
     predicted_vs_measured: dict[str, FloorComparison] | None = None
     compile: Compile | None = None

@@ -43,6 +43,11 @@ def test_probes_go_past_the_positions_where_their_frontier_did():
     assert all(cell.beyond_positions for cell in probe_cells({**FRONTIER, "beyond_positions": True}, LORA).values())
 
 
+def test_probes_trace_their_memory_when_asked():
+    assert not any(cell.trace_memory for cell in probe_cells(FRONTIER, LORA).values())
+    assert all(cell.trace_memory for cell in probe_cells(FRONTIER, LORA, trace_memory=True).values())
+
+
 def test_no_probes_where_nothing_fits_and_none_above_a_positions_or_host_bound():
     assert probe_cells({**FRONTIER, "tokens": 0}, LORA) == {}
     for bound in ("positions", "host memory"):
