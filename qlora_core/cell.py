@@ -89,7 +89,7 @@ class CellSettings:
         num_processes: train on this many processes of one host (``qlora_core.cell_ranks``: DDP, every rank
             holding the whole quantized model, ``batch_size`` rows a step shared between them; rank 0 evaluates).
         trace_memory: on CUDA, record the allocator's history over the last training step and put what was alive
-            at its peak, by where it was made and its size, in the result (``measure.memory_trace``): where a
+            at its peak, by block size in bytes a token, in the result (``measure.memory_trace``): where a
             prediction misses, this says what it missed. Off CUDA: nothing to record, and nothing is.
         beyond_positions: a shape cell may train past the positions its model was trained for (RoPE computes
             any position; ``qlora-bench frontier --beyond-positions``' probes): memory and time only.

@@ -172,7 +172,7 @@ def _add_frontier_command(commands) -> None:
                                "the later ones with --resume; frontier.json says 'not run' for the others")
     frontier.add_argument("--trace-memory", action="store_true",
                           help="with --measure: each probe records the CUDA allocator's history over its step and "
-                               "its result says what was alive at the peak, by where it was made and its size "
+                               "its result says what was alive at the peak, by block size in bytes a token "
                                "(memory_at_peak): where the prediction misses, what it missed")
     frontier.add_argument("--allocator-conf", default=FRONTIER_ALLOCATOR_CONF,
                           help="with --measure: PYTORCH_CUDA_ALLOC_CONF for the probe cells' processes (default "

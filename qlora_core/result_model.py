@@ -522,8 +522,7 @@ class Profile(Section):
 
 @dataclass(kw_only=True)
 class AliveGroup(Section):
-    """Blocks alive at a traced peak, made at one place with one size (``measure.memory_trace``)."""
-    where: str
+    """Blocks of one size alive at a traced peak (``measure.memory_trace``)."""
     block_bytes: int
     count: int
     bytes: int

@@ -1,18 +1,18 @@
 """What is alive at a step's peak: the CUDA allocator's own history of one step, replayed to its peak.
 
 A predicted peak that misses the measured one says by how much, not where. ``recorded`` keeps the caching
-allocator's history (``torch.cuda.memory._record_memory_history``: every allocation and free, with the Python
-stack that made it) over the calls inside it, and ``alive_at_peak`` replays that history to the moment the
-allocated bytes were highest and groups the blocks alive then by where they were made and their size, with each
-size also in bytes per token, so ``4.0 B x hidden`` reads as one fp32 hidden-wide tensor a token. Blocks made
-in backward have no Python frame (the autograd engine runs them from C++): their size alone says what they are.
+allocator's history (``torch.cuda.memory._record_memory_history``: every allocation and free) over the calls
+inside it, and ``alive_at_peak`` replays that history to the moment the allocated bytes were highest and groups
+the blocks alive then by size, each also in bytes per token, so a block of ``4.0 x hidden`` bytes a token reads
+as one fp32 hidden-wide tensor. No stacks are recorded: with Python stacks on (torch 2.11, Python 3.12, on the
+H200), a checkpoint's recomputation in backward failed inside the autograd engine ("returned NULL without setting
+an exception"), and sizes in bytes a token say what a block is in a model whose widths are known.
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
-import os
 from dataclasses import dataclass, field
 
 import torch
@@ -22,9 +22,6 @@ import torch
 MAX_ENTRIES = 2_000_000
 #: Groups kept in the summary, largest first (the rest are summed).
 TOP_GROUPS = 40
-#: Where a block came from when no frame outside torch made it.
-NO_FRAME = "backward or torch internals (no Python frame)"
-
 
 @dataclass
 class Recording:
@@ -42,22 +39,13 @@ def recorded(device: torch.device, max_entries: int = MAX_ENTRIES):
     recording = Recording(max_entries)
     torch.cuda.synchronize(device)
     recording.baseline_bytes = torch.cuda.memory_allocated(device)
-    torch.cuda.memory._record_memory_history(max_entries=max_entries, stacks="python")
+    torch.cuda.memory._record_memory_history(context=None, max_entries=max_entries)
     try:
         yield recording
         torch.cuda.synchronize(device)
         recording.snapshot = torch.cuda.memory._snapshot(device)
     finally:
         torch.cuda.memory._record_memory_history(enabled=None)
-
-
-def frame_key(frames: list[dict]) -> str:
-    """``file:line function`` of the innermost frame outside torch (the model's, peft's, ours), or ``NO_FRAME``."""
-    for frame in frames:
-        filename = frame.get("filename", "")
-        if f"{os.sep}torch{os.sep}" not in filename and not filename.startswith("??"):
-            return f"{os.path.basename(filename)}:{frame.get('line')} {frame.get('name')}"
-    return NO_FRAME
 
 
 def _replay(events: list[dict], baseline_bytes: int, until: int | None = None):
@@ -85,17 +73,13 @@ def alive_at_peak(recording: Recording, tokens: int, device_index: int, top: int
     allocator's own peak), ``baseline_bytes``, ``baseline_freed_bytes`` (of the blocks made before recording,
     those freed before the peak), ``events`` and ``complete`` (False when the ring dropped early
     entries: the replay then misses what those made), and ``groups``: the blocks made during the recording and
-    alive at the peak, by (where, block size), each with its ``count``, ``bytes`` and ``bytes_per_token`` of one
-    block, largest total first; the ``top`` largest kept, the rest summed in ``other_bytes``."""
+    alive at the peak, by block size, each with its ``count``, ``bytes`` and ``bytes_per_token`` of one block,
+    largest total first; the ``top`` largest kept, the rest summed in ``other_bytes``."""
     events = recording.snapshot.get("device_traces", [[]])[device_index]
     peak_at, peak_bytes, _, _ = _replay(events, recording.baseline_bytes)
     _, _, alive, baseline_freed = _replay(events, recording.baseline_bytes, until=peak_at)
-    groups: dict[tuple[str, int], list[int]] = collections.defaultdict(lambda: [0, 0])
-    for event in alive.values():
-        group = groups[(frame_key(event.get("frames", [])), event["size"])]
-        group[0] += 1
-        group[1] += event["size"]
-    ordered = sorted(groups.items(), key=lambda item: item[1][1], reverse=True)
+    counts = collections.Counter(event["size"] for event in alive.values())
+    ordered = sorted(counts.items(), key=lambda item: item[0] * item[1], reverse=True)
     return {
         "peak_bytes": peak_bytes,
         "baseline_bytes": recording.baseline_bytes,
@@ -103,8 +87,7 @@ def alive_at_peak(recording: Recording, tokens: int, device_index: int, top: int
         "events": len(events),
         "complete": len(events) < recording.max_entries,
         "tokens": tokens,
-        "groups": [{"where": where, "block_bytes": size, "count": count, "bytes": total,
-                    "bytes_per_token": size / tokens}
-                   for (where, size), (count, total) in ordered[:top]],
-        "other_bytes": sum(total for _, (_, total) in ordered[top:]),
+        "groups": [{"block_bytes": size, "count": count, "bytes": size * count, "bytes_per_token": size / tokens}
+                   for size, count in ordered[:top]],
+        "other_bytes": sum(size * count for size, count in ordered[top:]),
     }
