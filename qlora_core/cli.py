@@ -352,7 +352,7 @@ def command_report(args: argparse.Namespace) -> int:
     reading = _read(args.paths, records=True)
     results = reading.results
     workflows = workflow_table.workflow_frame(reading.finetunes, reading.merges) if reading.finetunes else None
-    frontiers = frontier_table.frontier_frame(reading.frontiers) if reading.frontiers else None
+    frontiers = frontier_table.frontier_frame(reading.frontiers, results) if reading.frontiers else None
     console = Console()
     if results:
         console.print(rich_table(results))

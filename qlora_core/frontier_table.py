@@ -9,6 +9,7 @@ from qlora_core.frontier_probes import ABOVE_MARGIN, PROBES
 from qlora_core.measure.frontier import TOKEN_GRANULARITY
 from qlora_core.measure.memory import GIB
 from qlora_core.modes import MODES
+from qlora_core.result_model import CellResult
 from qlora_core.report import MIB, is_missing, lever_parts, markdown_rows
 
 #: Columns shown: (frame column, header, format); each probe's column shows its tokens, then its status. The
@@ -25,6 +26,9 @@ COLUMNS = [
     ("peak_gib", "predicted peak GiB", "{:.2f}"),
     ("mib_per_token", "predicted MiB/token", "{:.3f}"),
     *((f"{probe}_tokens", f"{probe} probe", "{:,d}") for probe in PROBES),
+    ("at_peak_gib", "at probe peak GiB", "{:.2f}"),
+    ("at_over_predicted", "at probe peak ÷ predicted", "{:.3f}"),
+    ("at_tokens_per_s", "tokens/s at the frontier", "{:,.0f}"),
     ("measured_mib_per_token", "measured MiB/token", "{:.3f}"),
     ("measured_over_predicted", "measured ÷ predicted MiB/token", "{:.3f}"),
     ("confirmed", "confirmed", "{}"),
@@ -58,8 +62,43 @@ def _confirmed(frontier: dict) -> str:
     return "yes" if frontier["confirmed"] else "no"
 
 
-def frontier_row(frontier: dict) -> dict:
-    """One row (plain numbers, units in the keys) from a frontier as ``results.read_paths`` gives it."""
+def _probe_setup(shape: str, mode: str, path: str, levers: dict, capacity_bytes: int | None, tokens: int) -> tuple:
+    """What names one probe's cell among results: its shape, mode, path, levers, memory cap and tokens."""
+    return (shape, mode, path, bool(levers.get("offload_activations")), levers.get("mlp_tile_tokens"),
+            capacity_bytes, tokens)
+
+
+def probe_cells_by_setup(results: list[CellResult]) -> dict[tuple, CellResult]:
+    """The shape cells of batch 1 among ``results`` (a frontier's probes are such cells) by ``_probe_setup``."""
+    cells = {}
+    for result in results:
+        settings = result.settings
+        if settings.shape and settings.batch_size == 1:
+            extra = settings.extra
+            setup = _probe_setup(settings.shape, settings.mode, settings.path, extra, extra.get("memory_cap_bytes"),
+                                 settings.seq_len)
+            cells[setup] = result
+    return cells
+
+
+def _at_probe_figures(frontier: dict, probe_cells: dict[tuple, CellResult]) -> dict:
+    """The at probe's measured peak (GiB), its ratio to the predicted peak, and its cell's tokens a second where
+    its cell was read beside the frontier (None otherwise): what training at the frontier holds and gets."""
+    at = (frontier.get("probes") or {}).get("at") or {}
+    peak = at.get("peak_bytes")
+    setup = _probe_setup(frontier["shape"], frontier["mode"], frontier["path"], frontier.get("levers") or {},
+                         frontier["capacity_bytes"], at.get("tokens"))
+    cell = probe_cells.get(setup) if at.get("status") == "ok" else None  # not another frontier's probe that ran
+    return {
+        "at_peak_gib": None if peak is None else peak / GIB,
+        "at_over_predicted": None if peak is None else peak / frontier["peak_bytes"],
+        "at_tokens_per_s": None if cell is None or cell.training is None else cell.training.tokens_per_s,
+    }
+
+
+def frontier_row(frontier: dict, probe_cells: dict[tuple, CellResult] | None = None) -> dict:
+    """One row (plain numbers, units in the keys) from a frontier as ``results.read_paths`` gives it, with its
+    at probe's cell from ``probe_cells`` (``probe_cells_by_setup``) where read."""
     predicted, measured = frontier["bytes_per_token"], frontier.get("measured_bytes_per_token")
     row = {
         "shape": frontier["shape"],
@@ -76,7 +115,7 @@ def frontier_row(frontier: dict) -> dict:
     for probe in PROBES:
         row[f"{probe}_tokens"] = probes.get(probe, {}).get("tokens")
         row[f"{probe}_status"] = probes.get(probe, {}).get("status")
-    return row | {
+    return row | _at_probe_figures(frontier, probe_cells or {}) | {
         "measured_mib_per_token": None if measured is None else measured / MIB,
         "measured_over_predicted": None if measured is None or not predicted else measured / predicted,
         "confirmed": _confirmed(frontier),
@@ -86,10 +125,12 @@ def frontier_row(frontier: dict) -> dict:
     }
 
 
-def frontier_frame(frontiers: list[dict]) -> pd.DataFrame:
-    """One row per frontier: by shape, modes in registry order, path, levers (none first), then capacity."""
+def frontier_frame(frontiers: list[dict], results: list[CellResult] = ()) -> pd.DataFrame:
+    """One row per frontier: by shape, modes in registry order, path, levers (none first), then capacity.
+    ``results``: cells read beside the frontiers, where their probes' cells are found (``frontier_row``)."""
     order = {name: index for index, name in enumerate(MODES)}
-    frame = pd.DataFrame([frontier_row(frontier) for frontier in frontiers])
+    probe_cells = probe_cells_by_setup(list(results))
+    frame = pd.DataFrame([frontier_row(frontier, probe_cells) for frontier in frontiers])
     return frame.sort_values(
         ["shape", "mode", "path", "levers", "capacity_gib"], na_position="first", kind="stable", ignore_index=True,
         key=lambda column: column.map(order) if column.name == "mode" else column)
@@ -122,7 +163,9 @@ def notes() -> list[str]:
         f"allocator's slack (reserved beyond allocated) comes on top of the prediction.",
         "probes: cells at batch 1 at half the predicted tokens, at them and above them, each with its status "
         "(ok, oom: out of memory under the cap); measured MiB/token: between the half and the at probe's "
-        "allocator peaks.",
+        "allocator peaks; at probe peak: its allocator's peak (allocated, growth since its load began) and its "
+        "ratio to the predicted peak; tokens/s at the frontier: the at probe's step (its cell's row above; '-' "
+        "where its cell was not read with the frontier).",
         f"confirmed: the at probe ran and the above probe ran out of memory (bound by positions or host memory: "
         f"the at probe ran); not measured: no probes. Older documents ran the above probe one "
         f"{TOKEN_GRANULARITY}-token step above the prediction, newer ones {ABOVE_MARGIN * 100:g} % above: its tokens are "

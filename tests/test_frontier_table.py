@@ -17,6 +17,8 @@ RESULTS = Path(__file__).resolve().parents[1] / "results"
 #: Three frontiers without levers (above probe one 256-token step over the prediction) and one with activations
 #: offloaded and MLPs tiled (5 % over), their probes under expandable segments.
 LEVERS_RUN = RESULTS / "h200-frontier-levers-2026-12-03"
+#: One-step probes: the 8B with both levers at 24 and 80 GiB (80: the at probe alone), each lever alone at 24.
+PROBES_RUN = RESULTS / "h200-frontier-350k-2026-12-03"
 #: The first measured frontiers: no levers, no ``probe_allocator_conf``.
 FIRST_RUN = RESULTS / "h200-lean-adapters-2026-12-03"
 
@@ -49,6 +51,26 @@ def test_the_levers_run_is_a_row_per_frontier_with_its_figures(levers_frame):
     measured = expected[0]["measured_bytes_per_token"] / expected[0]["bytes_per_token"]
     assert levers_frame["measured_over_predicted"][0] == pytest.approx(measured) and 0.9 < measured < 1
     assert pd.isna(levers_frame["measured_over_predicted"][3])  # its at probe measured nothing
+
+
+def test_the_at_probe_s_peak_and_tokens_a_second_come_beside_its_frontier():
+    """From the frontier document its at probe's peak and its ratio to the prediction; from the probe's own cell,
+    read with it, its tokens a second (none where the cells were not read, or the at probe did not run: the
+    traced half probe's folder)."""
+    reading = read_paths([PROBES_RUN])
+    probe_cells = frontier_table.probe_cells_by_setup(reading.results)
+    rates = {json.loads(file.read_text())["settings"]["seq_len"]: json.loads(file.read_text())["training"]
+             for file in PROBES_RUN.rglob("probes/*-at.json")}
+    ran = [frontier for frontier in reading.frontiers if frontier["probes"]["at"]["status"] == "ok"]
+    assert len(ran) == 4 and len(reading.frontiers) == 5
+    for frontier in ran:
+        row, at = frontier_table.frontier_row(frontier, probe_cells), frontier["probes"]["at"]
+        assert row["at_peak_gib"] == at["peak_bytes"] / GIB
+        assert row["at_over_predicted"] == at["peak_bytes"] / frontier["peak_bytes"] < 1
+        assert row["at_tokens_per_s"] == rates[at["tokens"]]["tokens_per_s"] > 0
+        assert frontier_table.frontier_row(frontier)["at_tokens_per_s"] is None
+    (traced,) = [frontier for frontier in reading.frontiers if frontier not in ran]
+    assert frontier_table.frontier_row(traced, probe_cells)["at_tokens_per_s"] is None
 
 
 def test_levers_read_as_words_and_none_as_a_dash(levers_frame):
