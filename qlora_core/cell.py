@@ -93,9 +93,10 @@ class CellSettings:
             prediction misses, this says what it missed. Off CUDA: nothing to record, and nothing is.
         beyond_positions: a shape cell may train past the positions its model was trained for (RoPE computes
             any position; ``qlora-bench frontier --beyond-positions``' probes): memory and time only.
-        offload_activations / mlp_tile_tokens: the lean path's memory levers (``qlora_core.levers``): saved
-            activations kept in host memory between forward and backward; the MLP recomputed in tiles of this many
-            tokens (None: untiled).
+        offload_activations / mlp_tile_tokens / offload_host_gib: the lean path's memory levers
+            (``qlora_core.levers``): saved activations kept in host memory between forward and backward, at most
+            ``offload_host_gib`` of them (None: all); the MLP recomputed in tiles of this many tokens (None:
+            untiled).
         profile_steps: after the timed steps (and the peak's reading), this many more steps under
             ``torch.profiler`` (``Cell.profile``), then the adapters and optimizer put back as they were: where a
             step's time goes, at no cost to the other figures. 0: none.
@@ -129,6 +130,7 @@ class CellSettings:
     profile_steps: int = 0
     offload_activations: bool = False
     mlp_tile_tokens: int | None = None
+    offload_host_gib: float | None = None
     beyond_positions: bool = False
     trace_memory: bool = False
 
@@ -168,7 +170,7 @@ class CellSettings:
 
     @property
     def levers(self) -> Levers:
-        return Levers(self.offload_activations, self.mlp_tile_tokens)
+        return Levers(self.offload_activations, self.mlp_tile_tokens, self.offload_host_gib)
 
     @property
     def rows_per_process(self) -> int:

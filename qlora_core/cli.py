@@ -150,9 +150,9 @@ def _add_frontier_command(commands) -> None:
     _add_settings("frontier", {"training": frontier})
     frontier.add_argument("--host-memory-gib", type=settings.positive_float,
                           help="with --offload-activations: host memory the offloaded activations may take, in GiB "
-                               "(they bound the frontier there: 'host memory'); default: no bound. Pinned host "
-                               "blocks are rounded up to powers of two by PyTorch's caching host allocator, so "
-                               "leave a margin below the machine's RAM")
+                               "(they bound the frontier there: 'host memory'); default: no bound. Leave a margin "
+                               "below the machine's RAM for the process itself. With --offload-host-gib no such "
+                               "bound: what does not fit the cap stays on the GPU")
     frontier.add_argument("--beyond-positions", action="store_true",
                           help="let memory alone bound the frontier, past the positions the model was trained for "
                                "(max_position_embeddings; RoPE computes any position): how published context "
@@ -541,7 +541,7 @@ def command_frontier(args: argparse.Namespace) -> int:
     check_probes(args.probes)
     modes, paths = parse_modes(args.modes), [check_path(path) for path in args.paths]
     lora = LoraSettings(r=args.lora_r)
-    levers = Levers(args.offload_activations, args.mlp_tile_tokens)
+    levers = Levers(args.offload_activations, args.mlp_tile_tokens, args.offload_host_gib)
     host_bytes = int(args.host_memory_gib * GIB) if args.host_memory_gib else None
     for path in paths:
         levers.check(path, gradient_checkpointing=True)

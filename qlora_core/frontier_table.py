@@ -64,8 +64,8 @@ def _confirmed(frontier: dict) -> str:
 
 def _probe_setup(shape: str, mode: str, path: str, levers: dict, capacity_bytes: int | None, tokens: int) -> tuple:
     """What names one probe's cell among results: its shape, mode, path, levers, memory cap and tokens."""
-    return (shape, mode, path, bool(levers.get("offload_activations")), levers.get("mlp_tile_tokens"),
-            capacity_bytes, tokens)
+    return (shape, mode, path, bool(levers.get("offload_activations")), levers.get("offload_host_gib"),
+            levers.get("mlp_tile_tokens"), capacity_bytes, tokens)
 
 
 def probe_cells_by_setup(results: list[CellResult]) -> dict[tuple, CellResult]:

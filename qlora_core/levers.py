@@ -6,6 +6,10 @@ measured on and off, with its term in the memory model (``measure.floor``):
   is copied to pinned host memory on a side CUDA stream as soon as it is saved, and copied back when backward
   needs it. The GPU then holds one layer's input at a time instead of all of them (256 KiB a token at
   Llama-3.1-8B); the host holds the rest, so host memory bounds the longest sequence instead.
+  ``offload_host_gib`` caps what one forward offloads: tensors go to the host in the order they are saved (the
+  first layers' inputs first) while they fit, and the rest stay on the GPU, which holds the last layers' inputs,
+  needed first in backward. Where host memory, not the GPU's, would bound the frontier (a 70B model's inputs
+  outgrow a host's RAM before its GPU memory), the two then share them.
 - ``mlp_tile_tokens``: each decoder layer's MLP runs over the sequence in tiles of this many tokens, each tile
   under its own checkpoint, so the MLP's saved tensors and gradients (three MLP-wide tensors a token, with
   their adapters' inputs) exist for one tile at a time while its layer is recomputed and differentiated.
@@ -76,30 +80,41 @@ class ActivationOffload:
     same copies are made, so the hooks' effect on the numbers can be tested there.
     """
 
-    def __init__(self, min_bytes: int = OFFLOAD_MIN_BYTES):
+    def __init__(self, min_bytes: int = OFFLOAD_MIN_BYTES, max_bytes: int | None = None):
         self.min_bytes = min_bytes
+        self.max_bytes = max_bytes  # a forward's share of host memory (bytes); None: no cap
         self.offloaded_bytes = 0
+        self._forward_bytes = 0  # offloaded by the forward under way
         self._streams: dict[torch.device, torch.cuda.Stream] = {}
         self._packed: dict[int, tuple[weakref.ref, HostCopy]] = {}  # id(tensor) -> (the tensor, its copy)
 
     def forget(self) -> None:
         """Drop the forward's record of what it packed (a forward's tensors are never saved by the next one)."""
         self._packed.clear()
+        self._forward_bytes = 0
 
     def _side_stream(self, device: torch.device) -> torch.cuda.Stream:
         if device not in self._streams:
             self._streams[device] = torch.cuda.Stream(device)
         return self._streams[device]
 
+    def _stays(self, tensor: torch.Tensor, size: int) -> bool:
+        """Whether a saved tensor of ``size`` bytes stays where it is: a parameter, a small one, or one that
+        would take the forward's offload past ``max_bytes``."""
+        over = self.max_bytes is not None and self._forward_bytes + size > self.max_bytes
+        return isinstance(tensor, torch.nn.Parameter) or size < self.min_bytes or over
+
     def pack(self, tensor: torch.Tensor):
-        if isinstance(tensor, torch.nn.Parameter) or tensor.numel() * tensor.element_size() < self.min_bytes:
-            return tensor
+        size = tensor.numel() * tensor.element_size()
         seen = self._packed.get(id(tensor))
         if seen is not None and seen[0]() is tensor:
             return seen[1]
+        if self._stays(tensor, size):
+            return tensor
         packed = self._copy_to_host(tensor)
         self._packed[id(tensor)] = (weakref.ref(tensor), packed)
-        self.offloaded_bytes += tensor.numel() * tensor.element_size()
+        self.offloaded_bytes += size
+        self._forward_bytes += size
         return packed
 
     def _pieces_of(self, flat: torch.Tensor, pin: bool) -> list[torch.Tensor]:
@@ -196,10 +211,20 @@ class Levers:
 
     offload_activations: bool = False
     mlp_tile_tokens: int | None = None
+    offload_host_gib: float | None = None
 
     def __post_init__(self) -> None:
         if self.mlp_tile_tokens is not None and self.mlp_tile_tokens < 1:
             raise ValueError(f"mlp_tile_tokens must be >= 1 (or None: untiled), got {self.mlp_tile_tokens}")
+        if self.offload_host_gib is not None and not (self.offload_activations and self.offload_host_gib > 0):
+            raise ValueError(f"offload_host_gib caps the offloaded activations: it needs offload_activations and "
+                             f"a share > 0, got {self.offload_host_gib} GiB with offload_activations="
+                             f"{self.offload_activations}")
+
+    @property
+    def offload_host_bytes(self) -> int | None:
+        """The cap on what one forward offloads (bytes), or None: no cap."""
+        return None if self.offload_host_gib is None else int(self.offload_host_gib * 2**30)
 
     @property
     def any(self) -> bool:
@@ -220,8 +245,10 @@ class Levers:
         return tokens if self.mlp_tile_tokens is None else min(tokens, self.mlp_tile_tokens)
 
     def label(self) -> str:
-        """A file-name suffix naming the levers pulled ("" for none): ``-offload``, ``-mlp-tile4096``."""
+        """A file-name suffix naming the levers pulled ("" for none): ``-offload``, ``-offload-host100gib``,
+        ``-mlp-tile4096``."""
         parts = ["offload"] * self.offload_activations
+        parts += [f"host{self.offload_host_gib:g}gib"] if self.offload_host_gib is not None else []
         parts += [f"mlp-tile{self.mlp_tile_tokens}"] if self.mlp_tile_tokens is not None else []
         return "".join(f"-{part}" for part in parts)
 
@@ -233,4 +260,5 @@ class Levers:
         with these levers pulled, after the adapters are attached."""
         if self.mlp_tile_tokens is not None:
             tile_mlps(model, self.mlp_tile_tokens)
-        return model, with_offload(loss_fn, ActivationOffload() if self.offload_activations else None)
+        offload = ActivationOffload(max_bytes=self.offload_host_bytes) if self.offload_activations else None
+        return model, with_offload(loss_fn, offload)

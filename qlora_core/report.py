@@ -879,6 +879,8 @@ def lever_parts(frontier: dict) -> list[str]:
     for a frontier without ``levers`` (saved before they existed) or with none pulled."""
     levers = frontier.get("levers") or {}
     parts = ["offload"] if levers.get("offload_activations") else []
+    if levers.get("offload_host_gib") is not None:
+        parts[-1] += f" (at most {levers['offload_host_gib']:g} GiB)"
     if levers.get("mlp_tile_tokens") is not None:
         parts.append(f"MLP tiles of {levers['mlp_tile_tokens']:,}")
     return parts

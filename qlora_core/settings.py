@@ -349,6 +349,11 @@ SETTINGS: tuple[Setting, ...] = (
                                    "states) in pinned host memory, copied on a side stream, brought back for "
                                    "backward: the GPU holds one layer's input at a time, host memory the rest",
             None, ("sweep", "bench", "frontier"), cell="offload_activations", on_surface=LEAN_ONLY),
+    Setting("offload_host_gib", "with --offload-activations: offload at most this many GiB a forward, whole "
+                                "tensors in the order saved (the first layers' inputs first); the rest stay on "
+                                "the GPU, so host and GPU memory share a sequence too long for either alone "
+                                "(default: offload all)", positive_float,
+            ("sweep", "bench", "frontier"), cell="offload_host_gib", on_surface=LEAN_ONLY),
     Setting("mlp_tile_tokens", "lean path's memory lever: run each decoder MLP in tiles of this many tokens, each "
                                "under its own checkpoint, so its MLP-wide tensors exist for one tile at a time "
                                "(the MLP is computed a third time; Llama/Qwen2 families)", positive,

@@ -12,7 +12,7 @@ from qlora_core.cell import CellSettings, run_cell
 from qlora_core.levers import (ActivationOffload, Levers, decoder_mlps, power_of_two_pieces, tile_mlps,
                                with_offload)
 from qlora_core.lora import LoraSettings
-from qlora_core.measure.floor import memory_floor, phase_components
+from qlora_core.measure.floor import memory_floor, offloaded_split, phase_components
 from qlora_core.modes import get_mode
 from qlora_core.paths import chunked_causal_lm_loss
 from qlora_core.shapes import shape_config
@@ -133,7 +133,7 @@ def test_a_cell_with_both_levers_trains_and_records_them():
     plain = run_cell(dataclasses.replace(settings, offload_activations=False, mlp_tile_tokens=None))
     assert result["status"] == "ok"
     assert result["settings"]["offload_activations"] and result["settings"]["mlp_tile_tokens"] == 32
-    assert result["floor"]["levers"] == {"offload_activations": True, "mlp_tile_tokens": 32}
+    assert result["floor"]["levers"] == {"offload_activations": True, "mlp_tile_tokens": 32, "offload_host_gib": None}
     assert result["training"]["losses"] == pytest.approx(plain["training"]["losses"], rel=1e-2)
     assert result["training"]["hardware_flops_per_token"] > plain["training"]["hardware_flops_per_token"]
 
@@ -155,3 +155,54 @@ def test_each_lever_lowers_the_measured_peak_on_cuda(levers):
     assert pulled_peak["measured_bytes"] < plain_peak["measured_bytes"]
     assert 0.9 <= pulled_peak["ratio"] <= 1.10
     assert pulled["training"]["losses"] == pytest.approx(plain["training"]["losses"], rel=1e-2)
+
+
+def test_a_capped_offload_keeps_what_does_not_fit_and_the_floor_says_which():
+    """With a cap of 3.5 layer inputs on tiny-llama (2 layers), both layers' inputs go to the host, then of the
+    head only what still fits, whole tensors in the order saved: not the final norm's fp32 input (two layer
+    inputs' worth), but the loss chunk's hidden states (one). The hooks and the floor agree to the byte, and the
+    loss and gradients are those of no offload."""
+    rows, seq, config = 2, 64, shape_config("tiny-llama")
+    layer_input = rows * seq * config.hidden_size * 2
+    cap = int(3.5 * layer_input)
+    levers = Levers(offload_activations=True, offload_host_gib=cap / 2**30)
+    offload = ActivationOffload(min_bytes=4096, max_bytes=levers.offload_host_bytes)
+    batch = ids(rows, seq)
+    plain = loss_and_gradient(adapted("tiny-llama", "bf16", "lean"), chunked_causal_lm_loss, batch)
+    capped = loss_and_gradient(adapted("tiny-llama", "bf16", "lean"), with_offload(chunked_causal_lm_loss, offload),
+                               batch)
+    assert capped[0] == plain[0] and torch.equal(capped[1], plain[1])
+    floor = memory_floor(config, get_mode("bf16"), LoraSettings(r=4, alpha=8, dropout=0.0), seq, rows, True,
+                         path="lean", device_type="cpu", levers=levers)
+    uncapped = memory_floor(config, get_mode("bf16"), LoraSettings(r=4, alpha=8, dropout=0.0), seq, rows, True,
+                            path="lean", device_type="cpu", levers=Levers(offload_activations=True))
+    assert offload.offloaded_bytes == floor["offloaded_activations_bytes"]
+    assert floor["offloaded_activations_bytes"] == 3 * layer_input < cap < uncapped["offloaded_activations_bytes"]
+
+
+def test_the_split_offloads_whole_tensors_in_order_while_they_fit():
+    assert offloaded_split(4, 10, [8, 3, 3], None) == (4, 14)
+    assert offloaded_split(4, 10, [8, 3, 3], 25) == (2, 3)  # 5 left: the 8 stays, one 3 goes
+    assert offloaded_split(4, 10, [8, 3, 3], 9) == (0, 8)
+    assert offloaded_split(4, 10, [8, 3, 3], 2) == (0, 0)
+
+
+def test_a_capped_offload_shares_a_long_sequence_between_host_and_gpu():
+    """The 70B shape at 90,000 tokens: its layers' inputs outgrow a 100 GiB host; capped there, the ones left
+    stay on the GPU, which then holds more than with all offloaded and less than with none."""
+    config, mode, lora = shape_config("Llama-3.1-70B"), get_mode("nf4-dq"), LoraSettings()
+    floors = {levers: memory_floor(config, mode, lora, 90_000, 1, True, path="lean", levers=levers)
+              for levers in (Levers(False, 4096), Levers(True, 4096), Levers(True, 4096, 100.0))}
+    none, every, capped = floors.values()
+    assert every["offloaded_activations_bytes"] > 100 * 2**30 >= capped["offloaded_activations_bytes"]
+    assert none["peak_bytes"] > capped["peak_bytes"] > every["peak_bytes"]
+    layer_input = 90_000 * config.hidden_size * 2
+    kept = config.num_hidden_layers - 100 * 2**30 // layer_input
+    assert capped["saved_activations_bytes"] == kept * layer_input
+
+
+def test_a_host_cap_needs_the_offload_and_names_itself():
+    with pytest.raises(ValueError, match="needs offload_activations"):
+        Levers(offload_host_gib=10.0)
+    assert Levers(True, None, 100.0).label() == "-offload-host100gib"
+    assert Levers(True, None, 100.0).offload_host_bytes == 100 * 2**30

@@ -94,3 +94,8 @@ def test_levers_lengthen_the_frontier_and_host_memory_bounds_an_offloaded_one():
     assert bounded["limited_by"] == "host memory" and bounded["tokens"] < beyond["tokens"]
     per_step = offloaded_bytes_per_step(config, mode, LORA, "lean", both)
     assert bounded["tokens"] == host // per_step * TOKEN_GRANULARITY
+    # capped at the host's size, the offload leaves the rest on the GPU: memory bounds it again, further out
+    capped = predicted_frontier(config, mode, LORA, 80 * GIB, "lean", levers=Levers(True, 4096, 64.0),
+                                beyond_positions=True, host_capacity_bytes=host)
+    assert capped["limited_by"] == "memory" and bounded["tokens"] < capped["tokens"] < beyond["tokens"]
+    assert capped["levers"]["offload_host_gib"] == 64.0

@@ -463,7 +463,8 @@ def activation_terms(config, model, lora, seq_len: int, tokens: int, gradient_ch
     ``linear_inputs_saved``: the quantized linears save their inputs (``saves_linear_inputs``). With activations
     offloaded (``levers``), ``offloaded_activations_bytes`` are in host memory: every layer's input, the final
     norm's fp32 input and the loss chunks' hidden states; the GPU holds one layer's input, brought back for its
-    backward."""
+    backward. Under the levers' cap on host memory (``offload_host_gib``) what does not fit stays on the GPU
+    (``offloaded_split``)."""
     targets = first_layer_targets(lora_targets(model, lora))
     linear_inputs = saved_linear_inputs_bytes_per_token(config, p) if linear_inputs_saved else 0
     per_layer = layer_bytes(config, targets, lora, seq_len, tokens, p, levers) + tokens * linear_inputs
@@ -486,9 +487,12 @@ def activation_terms(config, model, lora, seq_len: int, tokens: int, gradient_ch
     saved = checkpoints if gradient_checkpointing else no_checkpoints
     offloaded = 0
     if levers.offload_activations:
-        offloaded_head = tokens * config.hidden_size * (FLOAT32 + p.compute)
-        offloaded = checkpoints + offloaded_head
-        saved, head_saved = tokens * config.hidden_size * p.residual, head_saved - offloaded_head
+        layer_input = tokens * config.hidden_size * p.residual
+        layers_off, head_off = offloaded_split(layers, layer_input, offloaded_head_tensors(config, tokens, p),
+                                               levers.offload_host_bytes)
+        offloaded = layers_off * layer_input + head_off
+        # the layers' inputs left on the GPU, the top layer's among them; or, all offloaded, the one brought back
+        saved, head_saved = max(layers - layers_off, 1) * layer_input, head_saved - head_off
     return {
         "layer_activation_bytes": per_layer,
         "int8_held_inputs_bytes": held,
@@ -498,6 +502,28 @@ def activation_terms(config, model, lora, seq_len: int, tokens: int, gradient_ch
         "saved_activations_no_checkpointing_bytes": no_checkpoints,
         "head_saved_bytes": head_saved,
     }
+
+
+def offloaded_head_tensors(config, tokens: int, p: Precision) -> list[int]:
+    """Bytes of each tensor the lean path's head saves outside checkpoints, in the order a forward saves them:
+    the final norm's fp32 input, then each loss chunk's hidden states (``paths.LOSS_CHUNK_TOKENS`` tokens a
+    chunk, the last one what is left)."""
+    chunks = [min(LOSS_CHUNK_TOKENS, tokens - start) for start in range(0, tokens, LOSS_CHUNK_TOKENS)]
+    return [tokens * config.hidden_size * FLOAT32, *(n * config.hidden_size * p.compute for n in chunks)]
+
+
+def offloaded_split(layers: int, layer_input: int, head: list[int], host_bytes: int | None) -> tuple[int, int]:
+    """(layers whose input goes to the host, bytes of the head's tensors that go) when a forward offloads what
+    it saves in order, each whole tensor while it fits ``host_bytes`` (None: everything), as
+    ``levers.ActivationOffload`` does: the layers' inputs first, then ``head`` (``offloaded_head_tensors``)."""
+    if host_bytes is None:
+        return layers, sum(head)
+    layers_off = min(layers, host_bytes // layer_input)
+    left, head_off = host_bytes - layers_off * layer_input, 0
+    for size in head:
+        if size <= left:
+            left, head_off = left - size, head_off + size
+    return layers_off, head_off
 
 
 def loss_terms(config, tokens: int, path: str, head_cast: int) -> dict:

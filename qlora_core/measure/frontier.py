@@ -54,7 +54,8 @@ def predicted_frontier(config, mode: Mode, lora, capacity_bytes: int, path: str,
     """The largest sequence (a multiple of ``TOKEN_GRANULARITY``, batch 1) whose predicted peak fits
     ``capacity_bytes``, as plain JSON: ``tokens`` (0 when not even the smallest fits; at most the model's
     positions and ``MAX_TOKENS``, ``limited_by`` saying which bound held: ``memory``, ``positions`` or, with
-    activations offloaded, ``host memory``: what they take there within ``host_capacity_bytes``), its
+    activations offloaded without a cap of their own (``Levers.offload_host_gib``), ``host memory``: what they
+    take there within ``host_capacity_bytes``), its
     ``peak_bytes``, ``bytes_per_token``: what one more token costs there, and the lean path's ``levers`` pulled
     (``qlora_core.levers``). ``beyond_positions``: memory alone bounds it, past the positions the model was
     trained for (RoPE computes any position; published context records, Unsloth's, are counted so).
@@ -68,7 +69,7 @@ def predicted_frontier(config, mode: Mode, lora, capacity_bytes: int, path: str,
     fits = lambda steps: steps == 0 or peak(steps) <= capacity_bytes  # noqa: E731
     positions = None if beyond_positions else getattr(config, "max_position_embeddings", None)
     bounds = {"positions": min(MAX_TOKENS, positions or MAX_TOKENS) // TOKEN_GRANULARITY}
-    if levers.offload_activations and host_capacity_bytes is not None:
+    if levers.offload_activations and levers.offload_host_gib is None and host_capacity_bytes is not None:
         bounds["host memory"] = host_capacity_bytes // offloaded_bytes_per_step(config, mode, lora, path, levers)
     bound, limit = min(bounds.items(), key=lambda item: item[1])
     steps = min(_affine_guess(config, mode, lora, capacity_bytes, path, optimizer, levers), limit)
