@@ -886,33 +886,59 @@ def lever_parts(frontier: dict) -> list[str]:
     return parts
 
 
+#: How a checked frontier is marked, by what its probes found: (marker, fill).
+CHECK_MARKERS = {
+    "confirmed (the predicted length ran, the one above ran out of memory)": ("o", "full"),
+    "ran, not confirmed (the probe above ran too, or has not run)": ("o", "none"),
+    "the predicted length did not run": ("v", "none"),
+}
+
+
+def _check_state(frontier: dict) -> str:
+    """Which of ``CHECK_MARKERS`` a checked frontier is."""
+    confirmed, ran, failed = CHECK_MARKERS
+    if frontier["confirmed"]:
+        return confirmed
+    return ran if frontier["probes"]["at"]["status"] == "ok" else failed
+
+
 def frontier_plot(frontiers: list[dict], path: str | Path) -> Path:
     """One PNG of ``qlora-bench frontier`` frontiers (one document's, or all a report read): per shape a panel of
     the longest sequence (tokens, log scale) by memory capacity (GiB), a line per mode, path and levers
-    (``lever_parts``; lean solid, lean with levers dash-dotted, reference dashed); a frontier checked on the device
-    is a filled marker where confirmed and a cross where not; others' published figures (``CONTEXT_CLAIMS``) are
-    marked as claims."""
+    (``lever_parts``), each its own colour (lean solid, lean with levers dash-dotted, reference dashed); a frontier
+    checked on the device is marked by what its probes found (``CHECK_MARKERS``); others' published figures
+    (``CONTEXT_CLAIMS``) are marked as claims."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
     shapes = list(dict.fromkeys(f["shape"] for f in frontiers))
     figure, axes = plt.subplots(1, len(shapes), figsize=(6.5 * len(shapes), 5.0), squeeze=False)
-    colors = {name: plt.get_cmap("tab10")(index) for index, name in enumerate(MODES)}
+    palette = plt.get_cmap("tab10")
     for axis, shape in zip(axes[0], shapes):
         lines = {}
         for found in (f for f in frontiers if f["shape"] == shape and f["tokens"]):
             lines.setdefault((found["mode"], found["path"], tuple(lever_parts(found))), []).append(found)
-        for (mode, path_name, levers), points in lines.items():
+        order = {name: index for index, name in enumerate(MODES)}
+        for index, ((mode, path_name, levers), points) in enumerate(
+                sorted(lines.items(), key=lambda item: (order.get(item[0][0], len(order)), item[0][1:]))):
+            color = palette(index % palette.N)
             points.sort(key=lambda f: f["capacity_bytes"])
             gib = [f["capacity_bytes"] / GIB for f in points]
             style = "--" if path_name != "lean" else "-." if levers else "-"
-            axis.plot(gib, [f["tokens"] for f in points], color=colors.get(mode), marker="o", markersize=4,
+            axis.plot(gib, [f["tokens"] for f in points], color=color, marker="o", markersize=4,
                       linestyle=style, label=f"{mode}, " + " + ".join([path_name, *levers]))
             for f in (f for f in points if "confirmed" in f):
-                axis.plot(f["capacity_bytes"] / GIB, f["tokens"], marker="o" if f["confirmed"] else "x",
-                          markersize=9, color=colors.get(mode), fillstyle="full" if f["confirmed"] else "none")
+                marker, fill = CHECK_MARKERS[_check_state(f)]
+                axis.plot(f["capacity_bytes"] / GIB, f["tokens"], marker=marker, markersize=10, color=color,
+                          fillstyle=fill, alpha=0.6 if fill == "full" else 1)
+        states = {_check_state(f) for points in lines.values() for f in points if "confirmed" in f}
+        for state in (state for state in CHECK_MARKERS if state in states):
+            marker, fill = CHECK_MARKERS[state]
+            axis.add_line(Line2D([], [], marker=marker, markersize=8, color="grey", linestyle="none",
+                                 fillstyle=fill, label=f"checked: {state}"))
         for claim_shape, gib, tokens, label in CONTEXT_CLAIMS:
             if claim_shape == shape:
                 axis.plot(gib, tokens, marker=CLAIM_MARKERS[label], markersize=11, color="black", linestyle="none",

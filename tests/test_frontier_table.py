@@ -138,3 +138,17 @@ def test_report_puts_the_frontier_after_the_cells_and_the_workflow(tmp_path, cap
     assert markdown.count("## Context frontier") == 1 and markdown.count("| Llama-3.1-8B | nf4-dq | lean |") == 4
     wrote = capsys.readouterr().out.splitlines()[-1]
     assert wrote.endswith(f"{out / 'workflow.csv'}, {out / 'frontier.csv'}, {out / 'frontier.png'}")
+
+
+def test_the_picture_marks_what_each_frontier_s_probes_found():
+    """Confirmed, ran without confirmation (the above probe ran or is to come), or the predicted length failed:
+    the published frontiers hold all three."""
+    from qlora_core.report import CHECK_MARKERS, _check_state
+
+    confirmed, ran, failed = CHECK_MARKERS
+    frontiers = read_paths([LEVERS_RUN, PROBES_RUN]).frontiers
+    states = [_check_state(f) for f in frontiers]
+    assert {confirmed, ran, failed} == set(states)
+    for frontier, state in zip(frontiers, states):
+        assert (state == confirmed) == frontier["confirmed"]
+        assert (state == failed) == (frontier["probes"]["at"]["status"] != "ok")
