@@ -206,3 +206,12 @@ def test_a_host_cap_needs_the_offload_and_names_itself():
         Levers(offload_host_gib=10.0)
     assert Levers(True, None, 100.0).label() == "-offload-host100gib"
     assert Levers(True, None, 100.0).offload_host_bytes == 100 * 2**30
+
+
+def test_the_true_floor_of_a_lever_cell_assumes_its_levers():
+    """A lever cell's measured peak is compared with a floor that offloads and tiles too (else the boundaries the
+    host holds would sit in the floor, above what the GPU held): the lean path with its levers is that floor."""
+    config, mode, lora = shape_config("Llama-3.1-8B"), get_mode("nf4-dq"), LoraSettings()
+    plain = memory_floor(config, mode, lora, 65536, 1, True, path="lean")
+    both = memory_floor(config, mode, lora, 65536, 1, True, path="lean", levers=Levers(True, 4096))
+    assert both["true_floor_bytes"] == both["peak_bytes"] < plain["true_floor_bytes"] == plain["peak_bytes"]

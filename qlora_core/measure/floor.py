@@ -656,7 +656,8 @@ def memory_floor(config, mode: Mode, lora, seq_len: int, batch_size: int, gradie
     """Predicted bytes of each memory component of LoRA training on ``path``, and the resulting totals.
     ``int8_outlier_columns``: LLM.int8's outlier columns a layer by linear name, where measured
     (``int8_held_inputs_bytes_per_token``); recorded in the result. ``levers``: the lean path's memory levers
-    pulled (``qlora_core.levers``; recorded), which the true floor does not assume.
+    pulled (``qlora_core.levers``; recorded), which the true floor assumes too: with activations offloaded the
+    GPU need not hold the checkpointed boundaries, so a floor without them would sit above what was measured.
 
     Totals: ``after_load_bytes`` (weights as stored), ``after_setup_bytes`` (plus the path's upcasts and the
     adapters; the optimizer state is allocated at the first step, or at set-up with ``optimizer_state_upfront``,
@@ -671,7 +672,7 @@ def memory_floor(config, mode: Mode, lora, seq_len: int, batch_size: int, gradie
     p, terms, layer_transient = _path_terms(*set_up, gradient_checkpointing, path, optimizer, device_type,
                                             int8_outlier_columns, levers)
     lean_terms, lean_transient = terms, layer_transient
-    if path != "lean" or not gradient_checkpointing or levers.any:
+    if path != "lean" or not gradient_checkpointing:  # levers pull only there: none to carry over
         _, lean_terms, lean_transient = _path_terms(*set_up, True, "lean", optimizer, device_type, None)
     floor_phase, floor_bytes = true_floor(lean_terms, lean_transient)
     phases = step_phases(terms, gradient_checkpointing, layer_transient)
