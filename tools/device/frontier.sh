@@ -2,10 +2,13 @@
 # frontier.sh NAME [qlora-bench frontier options]: `qlora-bench frontier --measure` into bench-results/NAME on
 # the GPU machine (probe cells under each capacity as a hard cap), its log and the shell's timing beside it,
 # packed to $OUT/NAME.tar.gz. Shape-only: needs the staged libraries, not the model.
+# PRIOR=<an earlier call's NAME.tar.gz, carried under .device/>: unpacked first, so `--resume` keeps the probes
+# that call finished (a machine that went cold between calls kept nothing) and frontier.json holds them all.
 source tools/device/env.sh
 name=$1; shift
 out=bench-results/$name
 mkdir -p bench-results
+if [ -n "${PRIOR:-}" ]; then tar xzf "$PRIOR" -C bench-results; fi
 start=$(date +%s%N)
 python -m qlora_core.cli frontier --measure --device cuda --out "$out" "$@" > "bench-results/$name.log" 2>&1
 status=$?
