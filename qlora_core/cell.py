@@ -25,8 +25,8 @@ from qlora_core.lora import LoraSettings, merge_into_bf16, parameter_counts
 from qlora_core.measure.floor import memory_floor, predicted_vs_measured
 from qlora_core.measure.flops import (lora_training_flops_per_token, matmul_params, peak_flops,
                                       recompute_flops_per_token)
-from qlora_core.measure.memory import (cap_memory, memory_snapshot, optimizer_state_bytes, reset_peak,
-                                       weight_footprint)
+from qlora_core.measure.memory import (cap_memory, cuda_index, memory_snapshot, optimizer_state_bytes,
+                                       reset_peak, weight_footprint)
 from qlora_core.measure.perplexity import check_protocol, perplexity
 from qlora_core.measure.profile import profile_calls
 from qlora_core.measure.quant_error import weight_quant_error
@@ -477,8 +477,7 @@ class Cell:
 
         with recorded(self.device) as recording:
             seconds = self.step()
-        index = torch.cuda.current_device() if self.device.index is None else self.device.index
-        self.state.memory_at_peak = alive_at_peak(recording, self.settings.tokens_per_step, index)
+        self.state.memory_at_peak = alive_at_peak(recording, self.settings.tokens_per_step, cuda_index(self.device))
         return seconds
 
     def memory_readings(self) -> dict:
@@ -634,9 +633,10 @@ class Cell:
         self.evaluate("before")
         self.setup_training()
         steps = self.settings.train.max_steps
-        for _ in range(steps - 1 if steps and self.settings.trace_memory else steps):
+        traced = steps > 0 and self.settings.trace_memory  # the last step, which holds all a step holds
+        for _ in range(steps - 1 if traced else steps):
             self.step()
-        if steps and self.settings.trace_memory:
+        if traced:
             self.traced_step()
         self.end_training()
         if self.settings.profile_steps:

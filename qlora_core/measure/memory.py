@@ -21,6 +21,11 @@ def tensor_bytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
 
 
+def cuda_index(device: torch.device) -> int:
+    """The number of a CUDA ``device`` (the current one for a plain ``cuda``), where torch wants it numbered."""
+    return torch.cuda.current_device() if device.index is None else device.index
+
+
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
     """Bytes of the optimizer's state tensors, each storage once (0 before its first step, unless made upfront:
     ``LoraTrainer.make_optimizer_state``). 0-d tensors are left out: Adam's step counts, which torch keeps on
@@ -93,7 +98,7 @@ def cap_memory(device: torch.device, cap_bytes: int | None) -> None:
     emptied, so the cap is exact only in a fresh process, which is what every cell of a run gets."""
     if device.type != "cuda":
         return
-    index = torch.cuda.current_device() if device.index is None else device.index  # torch wants it numbered
+    index = cuda_index(device)
     total = torch.cuda.get_device_properties(index).total_memory
     gc.collect()  # an earlier model still in a reference cycle holds its blocks until collected
     torch.cuda.empty_cache()

@@ -23,6 +23,7 @@ MAX_ENTRIES = 2_000_000
 #: Groups kept in the summary, largest first (the rest are summed).
 TOP_GROUPS = 40
 
+
 @dataclass
 class Recording:
     """Filled when ``recorded`` exits: the allocator's snapshot, the bytes allocated when recording began, and
