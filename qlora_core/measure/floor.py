@@ -180,6 +180,7 @@ class Precision:
     linear_out: int  # o, for the MLP's linears
     norm_stats: int  # BLOOM LayerNorm's saved input and statistics (fp32 under CUDA autocast)
     adapter_input_copies: bool = True  # each adapter saves its own copy of its input (see lora_input_bytes_...)
+    dropout_mask: int = 1  # a LoRA dropout's saved mask, a value (0 without dropout)
 
     @classmethod
     def of(cls, mode: Mode, path: str, device_type: str, lora_dropout: float = 0.05) -> Precision:
@@ -188,7 +189,10 @@ class Precision:
         linear_out = residual if mode.is_4bit else compute
         norm_stats = FLOAT32 if device_type == "cuda" else residual
         copies = path != "lean" or lora_dropout > 0
-        return cls(compute, residual, linear_out, norm_stats, copies)
+        # CUDA's fused dropout keeps a bool mask; the CPU's keeps it in the input's dtype (the compute dtype under
+        # autocast: seen storage by storage on a CPU step, 2026-12-03)
+        mask = 0 if lora_dropout == 0 else 1 if device_type == "cuda" else compute
+        return cls(compute, residual, linear_out, norm_stats, copies, mask)
 
 
 #: Adapted linears that read one input tensor (Llama/Qwen2 names): without copies, their adapters save it once.
@@ -201,14 +205,14 @@ INPUTS_SAVED_ELSEWHERE = ("o_proj",)
 
 def lora_input_bytes_per_token(layer_targets: list[Linear], lora, p: Precision) -> int:
     """Per token, what one layer's adapters save: the input of ``lora_A``, the rank-r product ``x A`` for
-    ``lora_B``'s gradient, and with dropout the mask (one byte a value: CUDA's fused dropout).
+    ``lora_B``'s gradient, and with dropout the mask (``p.dropout_mask`` bytes a value).
 
     With ``p.adapter_input_copies`` every adapter saves an input of its own: its dropout's output, or peft's
     cast of it (on the reference path), so q, k and v hold three. Without (the lean path, no dropout: no cast,
     dropout the identity) the adapters of linears reading one tensor save that tensor once (``SHARED_INPUTS``),
     and one reading a tensor the layer saves anyway adds nothing (``INPUTS_SAVED_ELSEWHERE``): checked storage by
     storage against autograd's saved tensors (tests/test_measure_floor.py)."""
-    mask = 1 if lora.dropout > 0 else 0
+    mask = p.dropout_mask
     products = sum(lora.r * p.compute for _ in layer_targets)
     if p.adapter_input_copies:
         return products + sum(t.in_features * (p.compute + mask) for t in layer_targets)
@@ -399,20 +403,44 @@ def logits_phase_bytes(tokens: int, vocab: int, head_cast_bytes: int) -> int:
 
 
 def layer_backward_transient(config, tokens: int, p: Precision, largest: Linear | None,
-                             levers: Levers = Levers()) -> int:
-    """Working set of one layer's backward beyond its saved tensors: the residual gradient coming in and the one
-    going out (h each, e bytes), three MLP-wide gradients (f each, o bytes: the down projection's input, then the
-    gate's and the up's; for one tile's tokens with the MLP in tiles, plus the MLP input's gradient the tiles
-    accumulate, h values in the compute dtype), and the largest quantized weight dequantized to the compute
-    dtype (bitsandbytes does so for each 4-bit matmul and for int8's backward; HQQ for each matmul too, where hqq
-    0.2.8's dequantization holds up to three such tensors at once, the unpacked values, less the zero point,
-    times the scale: counted as one until measured on a GPU)."""
+                             levers: Levers = Levers(), recomputed: bool = True) -> int:
+    """Working set of one layer's backward beyond its saved tensors (bytes): the larger of two moments.
+
+    - The MLP's backward: the gradients coming in (the layer's output gradient and, at the top layer, the loss's
+      gradient of the final hidden states: h each, e bytes), MLP-wide gradients (f each, o bytes; for one
+      tile's tokens with the MLP in tiles, plus the MLP input's gradient the tiles accumulate, h values in the
+      compute dtype) and the largest quantized weight dequantized to the compute dtype (bitsandbytes does so for
+      each 4-bit matmul and for int8's backward; HQQ for each matmul too, where hqq 0.2.8's dequantization holds
+      up to three such tensors at once, counted as one until measured on a GPU). A Llama/Qwen2 MLP's backward
+      holds one such gradient beside its saved tensors (the down projection's input gradient: its adapter's
+      saved input is freed as the next is made, storage by storage on a CPU step, 2026-12-03); BLOOM's is
+      counted with three, unmeasured.
+    - Under checkpointing (``recomputed``), the end of a Llama/Qwen2 layer's recompute (``recompute_end_bytes``),
+      which was the layer's peak on that CPU step.
+    """
     f = getattr(config, "intermediate_size", None) or 4 * config.hidden_size
-    residual = tokens * 2 * config.hidden_size * p.residual
-    mlp = levers.mlp_tokens(tokens) * 3 * f * p.linear_out
+    incoming = tokens * 2 * config.hidden_size * p.residual
+    gated = config.model_type in GATED_MLP_FAMILIES
+    mlp = levers.mlp_tokens(tokens) * (1 if gated else 3) * f * p.linear_out
     tiled_input = 0 if levers.mlp_tile_tokens is None else tokens * config.hidden_size * p.compute
     dequantized = largest.in_features * largest.out_features * p.compute if largest else 0
-    return residual + mlp + tiled_input + dequantized
+    mlp_backward = incoming + mlp + tiled_input + dequantized
+    if not (gated and recomputed):
+        return mlp_backward
+    return max(mlp_backward, incoming + recompute_end_bytes(config, tokens, p, levers))
+
+
+def recompute_end_bytes(config, tokens: int, p: Precision, levers: Levers = Levers()) -> int:
+    """What a Llama/Qwen2 layer's recomputed forward holds when it returns, beyond the tensors it saved: its
+    local results, alive until the forward's frame is gone: the attention block's residual sum (h, e bytes), the
+    second norm's output (h, e bytes; with the MLP in tiles the tiles hold it, counted in ``tiled_mlp_bytes``),
+    the MLP's intermediate (f, o bytes; one tile's) and the down projection's output (h, o bytes). Found storage
+    by storage on a CPU step (2026-12-03): with the incoming gradients, this moment is the untiled layer's peak,
+    and with it the H200's lean-path peaks of issue 10 (4,096 to 65,536 tokens) are predicted within 1 %."""
+    h, f = config.hidden_size, config.intermediate_size
+    norm_output = h * p.residual if levers.mlp_tile_tokens is None else 0
+    return (tokens * (h * p.residual + norm_output + h * p.linear_out)
+            + levers.mlp_tokens(tokens) * f * p.linear_out)
 
 
 #: Bytes a value of RMSNorm's backward holds at its peak beyond its saved tensors and incoming gradient: its fp32
@@ -426,12 +454,14 @@ def tiled_norm_backward_transient(config, tokens: int, p: Precision, mlp_held_by
     """With the MLP in tiles, the other moment of a layer's backward that can be its peak, as a transient beside
     the layer's recomputed activations (``layer_bytes``): the second norm's backward, after the MLP's tiles are
     done. The MLP's tile tensors and its whole input (``mlp_held_bytes``) are freed by then; alive are the
-    residual gradients (2h, e bytes), the norm output's gradient the tiles accumulated (h, compute dtype) and the
-    norm's backward temporaries (``RMS_NORM_BACKWARD_BYTES_PER_VALUE``, h values a token). Untiled, the MLP's
-    moment is always larger (its tensors are all alive); tiled, this one is, once the tile is small: on the CPU
-    at 4,096 tokens with tiles of 512 it was the measured peak, 25 % above the tile's moment, predicted to 2 %."""
+    layer's output gradient (h, e bytes) and the norm's backward temporaries
+    (``RMS_NORM_BACKWARD_BYTES_PER_VALUE``, h values a token): the norm output's gradient the tiles accumulated is
+    freed once the norm's backward has cast it to fp32, and the gradient going out is made last. The H200's
+    allocator history of an 8B step (2026-12-03: seven fp32 and eight bf16 hidden-wide blocks alive at the peak,
+    where the earlier count of three gradients made ten) and a CPU step storage by storage agree. Untiled, the
+    MLP's moments are larger; tiled, this one is, once the tile is small."""
     h = config.hidden_size
-    per_token = 2 * h * p.residual + h * p.compute + RMS_NORM_BACKWARD_BYTES_PER_VALUE * h
+    per_token = h * p.residual + RMS_NORM_BACKWARD_BYTES_PER_VALUE * h
     return tokens * per_token - mlp_held_bytes
 
 
@@ -478,7 +508,8 @@ def activation_terms(config, model, lora, seq_len: int, tokens: int, gradient_ch
     no_checkpoints = layers * per_layer - tokens * first_layer_input
     # The final norm saves like any norm; the loss keeps its labels; RoPE tables are shared by the layers; the
     # lean loss's checkpoints keep the final hidden states (compute dtype).
-    head_saved = tokens * (norm_bytes_per_token(config, p) + INT64) + rope_table_bytes(config, seq_len, p)
+    rope = rope_table_bytes(config, seq_len, p)
+    head_saved = tokens * (norm_bytes_per_token(config, p) + INT64) + rope
     if path == "lean":
         head_saved += tokens * config.hidden_size * p.compute
     # the lean path's int8 linears keep no inputs (backends.bitsandbytes.FrozenInt8Matmul)
@@ -501,6 +532,7 @@ def activation_terms(config, model, lora, seq_len: int, tokens: int, gradient_ch
         "saved_activations_checkpointing_bytes": checkpoints,
         "saved_activations_no_checkpointing_bytes": no_checkpoints,
         "head_saved_bytes": head_saved,
+        "rope_table_bytes": rope,
     }
 
 
@@ -562,8 +594,11 @@ def _phase_parts(terms: dict, phase: str, gradient_checkpointing: bool, layer_tr
     Every phase holds the weights as stored, the upcasts, the adapters and the optimizer state; the loss adds
     every saved activation (the head's too), the int8 matmuls' held inputs and the logits, with no gradient yet
     (zeroed to None); the top layer's backward adds the saved activations, the int8 held inputs (the top
-    layer's are still alive), its working set and, under checkpointing, the layer's recomputed activations; the
-    optimizer step adds the adapters' gradients and AdamW's temporaries.
+    layer's are still alive), its working set and, under checkpointing, the layer's recomputed activations, and
+    (floors since 2026-12-03, which record ``rope_table_bytes``) the adapters' gradients and the RoPE tables,
+    which the layers' backward holds to the last (the H200's allocator history has every layer's gradients
+    alive at the peak, where the peak is the bottom layer's); the optimizer step adds the adapters' gradients
+    and AdamW's temporaries.
     """
     parts = dict.fromkeys(PHASE_COMPONENTS, 0)
     for key in ("quantized_bytes", "quant_constants_bytes", "unquantized_bytes", "upcast_bytes"):
@@ -579,6 +614,9 @@ def _phase_parts(terms: dict, phase: str, gradient_checkpointing: bool, layer_tr
         parts["saved_activations_bytes"] = terms["saved_activations_bytes"]
         parts["int8_held_inputs_bytes"] = held
         parts["layer_backward_bytes"] = layer_transient + recompute
+        if "rope_table_bytes" in terms:  # floors saved before held neither in their backward
+            parts["lora_bytes"] += terms["lora_grad_bytes"]
+            parts["saved_activations_bytes"] += terms["rope_table_bytes"]
     elif phase == "optimizer_step":
         parts["lora_bytes"] += terms["lora_grad_bytes"]
         parts["optimizer_step_bytes"] = optimizer_transient(terms["lora_params"])
@@ -641,7 +679,7 @@ def _path_terms(config, model, mode: Mode, lora, seq_len: int, batch_size: int, 
     }
     quantized = [layer for layer in linears(model) if layer.storage != "dense"]
     largest = max(quantized, key=lambda layer: layer.in_features * layer.out_features, default=None)
-    transient = layer_backward_transient(config, tokens, p, largest, levers)
+    transient = layer_backward_transient(config, tokens, p, largest, levers, gradient_checkpointing)
     if levers.mlp_tile_tokens is not None:
         targets = first_layer_targets(lora_targets(model, lora))
         mlp_held = tiled_mlp_bytes(config, targets, lora, tokens, p, levers)

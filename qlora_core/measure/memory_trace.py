@@ -22,6 +22,15 @@ import torch
 MAX_ENTRIES = 2_000_000
 #: Groups kept in the summary, largest first (the rest are summed).
 TOP_GROUPS = 40
+#: The caching allocator's smallest block and the multiple it rounds every request up to (bytes).
+MIN_BLOCK_BYTES = 512
+
+
+def block_bytes(requested: int) -> int:
+    """The block the allocator counts for a request of ``requested`` bytes (its history records the request):
+    rounded up to ``MIN_BLOCK_BYTES``. A block it takes whole from its cache, unsplit because the rest would be
+    too small to keep (under 1 MiB of a large block), counts that rest too: the history cannot show it."""
+    return max(MIN_BLOCK_BYTES, -(-requested // MIN_BLOCK_BYTES) * MIN_BLOCK_BYTES)
 
 
 @dataclass
@@ -50,22 +59,24 @@ def recorded(device: torch.device, max_entries: int = MAX_ENTRIES):
 
 
 def _replay(events: list[dict], baseline_bytes: int, until: int | None = None):
-    """Allocated bytes after each event up to ``until`` (all: None), as the allocator counts them (a block stops
-    counting when its free is requested, even while a stream it was recorded on still uses it); returns (the
+    """Allocated bytes after each event up to ``until`` (all: None), as the allocator counts them (in
+    ``block_bytes``; a block stops counting when its free is requested, even while a stream it was recorded on
+    still uses it); returns (the
     index of the highest point, its bytes, the blocks made since recording began alive after event ``until`` by
     address, and the bytes freed by then of blocks made before)."""
     allocated, highest, highest_at, baseline_freed = baseline_bytes, baseline_bytes, -1, 0
-    alive: dict[int, dict] = {}
+    alive: dict[int, int] = {}  # address -> block bytes
     for index, event in enumerate(events if until is None else events[:until + 1]):
+        size = block_bytes(event["size"])
         if event["action"] == "alloc":
-            allocated += event["size"]
-            alive[event["addr"]] = event
+            allocated += size
+            alive[event["addr"]] = size
             if allocated > highest:
                 highest, highest_at = allocated, index
         elif event["action"] == "free_requested":
-            allocated -= event["size"]
+            allocated -= size
             if alive.pop(event["addr"], None) is None:
-                baseline_freed += event["size"]
+                baseline_freed += size
     return highest_at, highest, alive, baseline_freed
 
 
@@ -74,12 +85,12 @@ def alive_at_peak(recording: Recording, tokens: int, device_index: int, top: int
     allocator's own peak), ``baseline_bytes``, ``baseline_freed_bytes`` (of the blocks made before recording,
     those freed before the peak), ``events`` and ``complete`` (False when the ring dropped early
     entries: the replay then misses what those made), and ``groups``: the blocks made during the recording and
-    alive at the peak, by block size, each with its ``count``, ``bytes`` and ``bytes_per_token`` of one block,
+    alive at the peak, by block size (``block_bytes``), each with its ``count``, ``bytes`` and ``bytes_per_token`` of one block,
     largest total first; the ``top`` largest kept, the rest summed in ``other_bytes``."""
     events = recording.snapshot.get("device_traces", [[]])[device_index]
     peak_at, peak_bytes, _, _ = _replay(events, recording.baseline_bytes)
     _, _, alive, baseline_freed = _replay(events, recording.baseline_bytes, until=peak_at)
-    counts = collections.Counter(event["size"] for event in alive.values())
+    counts = collections.Counter(alive.values())
     ordered = sorted(counts.items(), key=lambda item: item[0] * item[1], reverse=True)
     return {
         "peak_bytes": peak_bytes,
