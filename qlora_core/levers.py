@@ -99,10 +99,13 @@ class ActivationOffload:
         return self._streams[device]
 
     def _stays(self, tensor: torch.Tensor, size: int) -> bool:
-        """Whether a saved tensor of ``size`` bytes stays where it is: a parameter, a small one, or one that
-        would take the forward's offload past ``max_bytes``."""
+        """Whether a saved tensor of ``size`` bytes stays where it is: a parameter, a leaf that requires grad
+        (the embeddings' output, which transformers' checkpointing makes one: its gradient accumulator holds it
+        to the end of backward, so a host copy would free nothing), a small one, or one that would take the
+        forward's offload past ``max_bytes``."""
         over = self.max_bytes is not None and self._forward_bytes + size > self.max_bytes
-        return isinstance(tensor, torch.nn.Parameter) or size < self.min_bytes or over
+        held = isinstance(tensor, torch.nn.Parameter) or (tensor.is_leaf and tensor.requires_grad)
+        return held or size < self.min_bytes or over
 
     def pack(self, tensor: torch.Tensor):
         size = tensor.numel() * tensor.element_size()

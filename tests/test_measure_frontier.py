@@ -11,8 +11,8 @@ import pytest
 
 from qlora_core.lora import LoraSettings
 from qlora_core.levers import Levers
-from qlora_core.measure.frontier import (TOKEN_GRANULARITY, offloaded_bytes_per_step, predicted_frontier,
-                                            predicted_peak_bytes)
+from qlora_core.measure.frontier import (ALLOCATOR_HEADROOM, TOKEN_GRANULARITY, offloaded_bytes_per_step,
+                                         predicted_frontier, predicted_peak_bytes)
 from qlora_core.measure.memory import GIB
 from qlora_core.modes import get_mode
 from qlora_core.shapes import shape_config
@@ -25,12 +25,14 @@ LORA = LoraSettings(r=16, alpha=32)
     ("tiny-bloom", "bf16", "reference", 0.01),
 ])
 def test_the_frontier_fits_and_one_step_more_does_not(shape, mode, path, capacity_gib):
+    """Fits what the capacity leaves once the allocator's headroom is set aside (``ALLOCATOR_HEADROOM``)."""
     config, capacity = shape_config(shape), int(capacity_gib * GIB)
     found = predicted_frontier(config, get_mode(mode), LORA, capacity, path)
-    tokens = found["tokens"]
+    tokens, usable = found["tokens"], found["usable_bytes"]
+    assert usable == int(capacity * (1 - ALLOCATOR_HEADROOM))
     assert tokens > 0 and tokens % TOKEN_GRANULARITY == 0
-    assert found["peak_bytes"] == predicted_peak_bytes(config, get_mode(mode), LORA, tokens, path) <= capacity
-    assert predicted_peak_bytes(config, get_mode(mode), LORA, tokens + TOKEN_GRANULARITY, path) > capacity
+    assert found["peak_bytes"] == predicted_peak_bytes(config, get_mode(mode), LORA, tokens, path) <= usable
+    assert predicted_peak_bytes(config, get_mode(mode), LORA, tokens + TOKEN_GRANULARITY, path) > usable
     assert found["bytes_per_token"] > 0
 
 

@@ -403,7 +403,7 @@ def logits_phase_bytes(tokens: int, vocab: int, head_cast_bytes: int) -> int:
 
 
 def layer_backward_transient(config, tokens: int, p: Precision, largest: Linear | None,
-                             levers: Levers = Levers(), recomputed: bool = True) -> int:
+                             levers: Levers = Levers(), recomputed: bool = True, brought_back: int = 0) -> int:
     """Working set of one layer's backward beyond its saved tensors (bytes): the larger of two moments.
 
     - The MLP's backward: the gradients coming in (the layer's output gradient and, at the top layer, the loss's
@@ -416,7 +416,8 @@ def layer_backward_transient(config, tokens: int, p: Precision, largest: Linear 
       saved input is freed as the next is made, storage by storage on a CPU step, 2026-12-03); BLOOM's is
       counted with three, unmeasured.
     - Under checkpointing (``recomputed``), the end of a Llama/Qwen2 layer's recompute (``recompute_end_bytes``),
-      which was the layer's peak on that CPU step.
+      which was the layer's peak on that CPU step, with the input the recompute brought back from the host
+      (``brought_back`` bytes: ``activation_terms``).
     """
     f = getattr(config, "intermediate_size", None) or 4 * config.hidden_size
     incoming = tokens * 2 * config.hidden_size * p.residual
@@ -427,7 +428,7 @@ def layer_backward_transient(config, tokens: int, p: Precision, largest: Linear 
     mlp_backward = incoming + mlp + tiled_input + dequantized
     if not (gated and recomputed):
         return mlp_backward
-    return max(mlp_backward, incoming + recompute_end_bytes(config, tokens, p, levers))
+    return max(mlp_backward, incoming + brought_back + recompute_end_bytes(config, tokens, p, levers))
 
 
 def recompute_end_bytes(config, tokens: int, p: Precision, levers: Levers = Levers()) -> int:
@@ -491,10 +492,14 @@ def activation_terms(config, model, lora, seq_len: int, tokens: int, gradient_ch
                      linear_inputs_saved: bool = False, levers: Levers = Levers()) -> dict:
     """Bytes of the activations a step keeps, by component (see the module docstring for the notation).
     ``linear_inputs_saved``: the quantized linears save their inputs (``saves_linear_inputs``). With activations
-    offloaded (``levers``), ``offloaded_activations_bytes`` are in host memory: every layer's input, the final
-    norm's fp32 input and the loss chunks' hidden states; the GPU holds one layer's input, brought back for its
-    backward. Under the levers' cap on host memory (``offload_host_gib``) what does not fit stays on the GPU
-    (``offloaded_split``)."""
+    offloaded (``levers``), ``offloaded_activations_bytes`` are in host memory: every layer's input but the
+    first's, the final norm's fp32 input and the loss chunks' hidden states. The first layer's input stays on
+    the GPU: it is the embeddings' output, a leaf that requires grad (transformers' checkpointing makes it one),
+    held by its gradient accumulator whatever the hooks do (``levers.ActivationOffload``). Under the levers' cap
+    on host memory (``offload_host_gib``) what does not fit stays on the GPU too (``offloaded_split``). With
+    every other layer's input offloaded, the one a layer's recompute brings back is alive until the recompute
+    returns (``brought_back_bytes``: the H200's allocator history of an 8B step without MLP tiles, 2026-12-03,
+    held one hidden-wide bf16 block more than the floor counted before)."""
     targets = first_layer_targets(lora_targets(model, lora))
     linear_inputs = saved_linear_inputs_bytes_per_token(config, p) if linear_inputs_saved else 0
     per_layer = layer_bytes(config, targets, lora, seq_len, tokens, p, levers) + tokens * linear_inputs
@@ -516,18 +521,21 @@ def activation_terms(config, model, lora, seq_len: int, tokens: int, gradient_ch
     held = 0 if path == "lean" else int8_layers_count(model) * tokens * int8_held_inputs_bytes_per_token(
         config, p, device_type, int8_outlier_columns)
     saved = checkpoints if gradient_checkpointing else no_checkpoints
-    offloaded = 0
+    offloaded = brought_back = 0
     if levers.offload_activations:
         layer_input = tokens * config.hidden_size * p.residual
-        layers_off, head_off = offloaded_split(layers, layer_input, offloaded_head_tensors(config, tokens, p),
+        layers_off, head_off = offloaded_split(layers - 1, layer_input, offloaded_head_tensors(config, tokens, p),
                                                levers.offload_host_bytes)
         offloaded = layers_off * layer_input + head_off
-        # the layers' inputs left on the GPU, the top layer's among them; or, all offloaded, the one brought back
-        saved, head_saved = max(layers - layers_off, 1) * layer_input, head_saved - head_off
+        # the layers' inputs left on the GPU, the first layer's among them (and the top one's, which the peak's
+        # layer recomputes from, unless every other went to the host: then the one brought back)
+        saved, head_saved = (layers - layers_off) * layer_input, head_saved - head_off
+        brought_back = layer_input if layers_off == layers - 1 else 0
     return {
         "layer_activation_bytes": per_layer,
         "int8_held_inputs_bytes": held,
         "offloaded_activations_bytes": offloaded,
+        "brought_back_bytes": brought_back,
         "saved_activations_bytes": saved,
         "saved_activations_checkpointing_bytes": checkpoints,
         "saved_activations_no_checkpointing_bytes": no_checkpoints,
@@ -679,7 +687,8 @@ def _path_terms(config, model, mode: Mode, lora, seq_len: int, batch_size: int, 
     }
     quantized = [layer for layer in linears(model) if layer.storage != "dense"]
     largest = max(quantized, key=lambda layer: layer.in_features * layer.out_features, default=None)
-    transient = layer_backward_transient(config, tokens, p, largest, levers, gradient_checkpointing)
+    transient = layer_backward_transient(config, tokens, p, largest, levers, gradient_checkpointing,
+                                         terms["brought_back_bytes"])
     if levers.mlp_tile_tokens is not None:
         targets = first_layer_targets(lora_targets(model, lora))
         mlp_held = tiled_mlp_bytes(config, targets, lora, tokens, p, levers)

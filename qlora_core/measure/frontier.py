@@ -3,9 +3,10 @@ the memory floor predicts it, with the memory each extra token costs there.
 
 Predicted peaks grow with the tokens of a step (linearly for models with SDPA attention: saved activations,
 int8's held inputs and transients all scale with the token count), so the frontier is found by doubling and
-bisection over whole multiples of ``TOKEN_GRANULARITY``. It is a prediction of allocated bytes: the CUDA
-allocator's slack (reserved beyond allocated) comes on top, so a run under a hard cap at the predicted frontier
-is the check, and one a step above it should fail.
+bisection over whole multiples of ``TOKEN_GRANULARITY``. The floor predicts allocated bytes; a hard cap binds
+the bytes the CUDA allocator reserves, which exceed them by what it cannot reuse (blocks split for other sizes,
+blocks a side stream still reads), so the frontier leaves ``ALLOCATOR_HEADROOM`` of the capacity to that. A run
+under the cap at the predicted frontier is the check, and one 5 % above it should fail.
 """
 
 from __future__ import annotations
@@ -18,6 +19,11 @@ from qlora_core.modes import Mode
 
 #: Frontiers are whole multiples of this many tokens (the lean path's loss chunk is 512).
 TOKEN_GRANULARITY = 256
+#: The share of a capacity a frontier leaves to the allocator's slack under a hard cap. On the H200 at 24 GiB
+#: (2026-12-03), with the floor predicting allocated peaks within 0.6 %: probes ran reserving 0.6-1.9 % of the
+#: cap beyond what they allocated, and one whose allocated peak was predicted 0.5 % under the cap (MLP tiles,
+#: 42,496 tokens) ran out of memory.
+ALLOCATOR_HEADROOM = 0.02
 #: The search stops here (2**22 tokens, 4 M): beyond any context a single GPU trains today.
 MAX_TOKENS = 2**22
 
@@ -52,7 +58,7 @@ def predicted_frontier(config, mode: Mode, lora, capacity_bytes: int, path: str,
                        levers: Levers = Levers(), beyond_positions: bool = False,
                        host_capacity_bytes: int | None = None) -> dict:
     """The largest sequence (a multiple of ``TOKEN_GRANULARITY``, batch 1) whose predicted peak fits
-    ``capacity_bytes``, as plain JSON: ``tokens`` (0 when not even the smallest fits; at most the model's
+    ``capacity_bytes`` less ``ALLOCATOR_HEADROOM``, as plain JSON: ``tokens`` (0 when not even the smallest fits; at most the model's
     positions and ``MAX_TOKENS``, ``limited_by`` saying which bound held: ``memory``, ``positions`` or, with
     activations offloaded without a cap of their own (``Levers.offload_host_gib``), ``host memory``: what they
     take there within ``host_capacity_bytes``), its
@@ -66,13 +72,14 @@ def predicted_frontier(config, mode: Mode, lora, capacity_bytes: int, path: str,
     def peak(steps: int) -> int:
         return predicted_peak_bytes(config, mode, lora, steps * TOKEN_GRANULARITY, path, optimizer, levers)
 
-    fits = lambda steps: steps == 0 or peak(steps) <= capacity_bytes  # noqa: E731
+    usable = int(capacity_bytes * (1 - ALLOCATOR_HEADROOM))
+    fits = lambda steps: steps == 0 or peak(steps) <= usable  # noqa: E731
     positions = None if beyond_positions else getattr(config, "max_position_embeddings", None)
     bounds = {"positions": min(MAX_TOKENS, positions or MAX_TOKENS) // TOKEN_GRANULARITY}
     if levers.offload_activations and levers.offload_host_gib is None and host_capacity_bytes is not None:
         bounds["host memory"] = host_capacity_bytes // offloaded_bytes_per_step(config, mode, lora, path, levers)
     bound, limit = min(bounds.items(), key=lambda item: item[1])
-    steps = min(_affine_guess(config, mode, lora, capacity_bytes, path, optimizer, levers), limit)
+    steps = min(_affine_guess(config, mode, lora, usable, path, optimizer, levers), limit)
     if not (fits(steps) and (steps == limit or not fits(steps + 1))):
         low, high = 0, limit + 1  # fits(low); high: beyond the search, or the first that fails
         while high - low > 1:
@@ -80,7 +87,7 @@ def predicted_frontier(config, mode: Mode, lora, capacity_bytes: int, path: str,
             low, high = (middle, high) if fits(middle) else (low, middle)
         steps = low
     found = {"mode": mode.name, "path": path, "levers": levers.describe(), "beyond_positions": beyond_positions,
-             "capacity_bytes": capacity_bytes}
+             "capacity_bytes": capacity_bytes, "usable_bytes": usable}
     if steps == 0:
         return {**found, "tokens": 0, "peak_bytes": peak(1), "bytes_per_token": None, "limited_by": "memory"}
     slope = (peak(steps + 1) - peak(steps)) / TOKEN_GRANULARITY
