@@ -6,7 +6,7 @@ from __future__ import annotations
 import pandas as pd
 
 from qlora_core.frontier_probes import ABOVE_MARGIN, PROBES
-from qlora_core.measure.frontier import TOKEN_GRANULARITY
+from qlora_core.measure.frontier import ALLOCATOR_HEADROOM, TOKEN_GRANULARITY
 from qlora_core.measure.memory import GIB
 from qlora_core.modes import MODES
 from qlora_core.result_model import CellResult
@@ -157,10 +157,11 @@ def notes() -> list[str]:
     return [
         f"predicted: the memory floor's (measure.floor) allocated bytes of one training step at batch 1 with "
         f"gradient checkpointing; predicted tokens: the longest sequence, in whole steps of {TOKEN_GRANULARITY} "
-        f"tokens, whose predicted peak fits the capacity; bound: what held it there (memory, the model's "
-        f"positions, or host memory for offloaded activations); predicted MiB/token: what one more token costs "
-        f"there. The probes ran under a hard cap of the capacity on the CUDA allocator's reserved bytes, so the "
-        f"allocator's slack (reserved beyond allocated) comes on top of the prediction.",
+        f"tokens, whose predicted peak fits the capacity (less {ALLOCATOR_HEADROOM * 100:g} % of it for the "
+        f"allocator's slack, from 2026-12-03: documents with usable_bytes); bound: what held it there (memory, "
+        f"the model's positions, or host memory for offloaded activations); predicted MiB/token: what one more "
+        f"token costs there. The probes ran under a hard cap of the capacity on the CUDA allocator's reserved "
+        f"bytes, so the allocator's slack (reserved beyond allocated) comes on top of the prediction.",
         "probes: cells at batch 1 at half the predicted tokens, at them and above them, each with its status "
         "(ok, oom: out of memory under the cap); measured MiB/token: between the half and the at probe's "
         "allocator peaks; at probe peak: its allocator's peak (allocated, growth since its load began) and its "

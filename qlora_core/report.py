@@ -948,7 +948,7 @@ def frontier_plot(frontiers: list[dict], path: str | Path) -> Path:
         axis.set_ylabel("longest trainable sequence, tokens (batch 1)")
         axis.set_title(f"{shape}: predicted context frontier", fontsize=10, loc="left")
         axis.grid(alpha=0.3, which="both")
-        axis.legend(fontsize=7, loc="upper left")
+        axis.legend(fontsize=7, loc="best")  # away from the points: a frontier can sit on a claim
     figure.tight_layout()
     path = Path(path)
     figure.savefig(path, dpi=PLOT_DPI)

@@ -645,8 +645,8 @@ def true_floor(terms: dict, layer_transient: int) -> tuple[str, int]:
     checkpointed boundary a layer, and the largest unavoidable transient (one layer recomputed with its backward
     working set, one loss chunk, or the optimizer's temporaries). ``terms`` and ``layer_transient`` are the lean
     path's under checkpointing, whose phases hold just that (its int8 linears keep no inputs). It shares the lean
-    path's transient accounting, which issue 10's Llama-3.1-8B runs measured up to 5 % above the real peak: until
-    that is refined it is an upper estimate."""
+    path's transient accounting, which predicts the H200's lean-path peaks closely since 2026-12-03
+    (tests/test_floor_published.py); before, it was up to 5 % above them."""
     phases = step_phases(terms, True, layer_transient)
     phase = max(phases, key=phases.get)
     return phase, phases[phase]
