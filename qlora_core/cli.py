@@ -532,7 +532,7 @@ def command_frontier(args: argparse.Namespace) -> int:
     from qlora_core.paths import check_path
     from qlora_core.report import MIB, frontier_plot
     from qlora_core.results import FRONTIER_SCHEMA, check_writable, environment, write_json_atomic
-    from qlora_core.shapes import check_shape, shape_config
+    from qlora_core.shapes import check_shape, random_weights_int8_outliers, shape_config
 
     if args.measure and not args.out:
         raise ValueError("--measure needs --out: its probe cells and frontier.json go there")
@@ -556,7 +556,8 @@ def command_frontier(args: argparse.Namespace) -> int:
                 for gib in args.capacity_gib:
                     found = {"shape": shape, **predicted_frontier(
                         config, mode, lora, int(gib * GIB), path, levers=levers,
-                        beyond_positions=args.beyond_positions, host_capacity_bytes=host_bytes)}
+                        beyond_positions=args.beyond_positions, host_capacity_bytes=host_bytes,
+                        int8_outlier_columns=random_weights_int8_outliers(config))}
                     frontiers.append(found)
                     slope = found["bytes_per_token"]
                     cost = "-" if slope is None else f"{slope / MIB:.3f}"

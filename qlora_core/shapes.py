@@ -115,6 +115,18 @@ def shape_source(name: str):
     return ModelSource(f"shape:{name}", name, provenance)
 
 
+def random_weights_int8_outliers(config) -> dict[str, float] | None:
+    """LLM.int8's outlier columns a layer that a shape's random weights make, by linear name, for the memory
+    floor (``measure.floor.int8_held_inputs_bytes_per_token``): every column of a Llama/Qwen2 MLP's intermediate,
+    none elsewhere (the ``int8_outliers`` the H200 measured for the Llama-3.1-8B and Qwen2.5-7B shapes,
+    h200-scale-2026-12-02); None for a family not measured."""
+    from qlora_core.measure.floor import GATED_MLP_FAMILIES
+
+    if config.model_type not in GATED_MLP_FAMILIES:
+        return None
+    return {"down_proj": float(config.intermediate_size)}
+
+
 def random_blocks(vocab_size: int, n_blocks: int, seq_len: int, seed: int) -> torch.Tensor:
     """Uniformly random token ids [n_blocks, seq_len]: training data for a shape, whose cost is all we measure."""
     generator = torch.Generator().manual_seed(seed)

@@ -15,7 +15,7 @@ from qlora_core.measure.frontier import (ALLOCATOR_HEADROOM, TOKEN_GRANULARITY, 
                                          predicted_frontier, predicted_peak_bytes)
 from qlora_core.measure.memory import GIB
 from qlora_core.modes import get_mode
-from qlora_core.shapes import shape_config
+from qlora_core.shapes import random_weights_int8_outliers, shape_config
 
 LORA = LoraSettings(r=16, alpha=32)
 
@@ -101,3 +101,18 @@ def test_levers_lengthen_the_frontier_and_host_memory_bounds_an_offloaded_one():
                                 beyond_positions=True, host_capacity_bytes=host)
     assert capped["limited_by"] == "memory" and bounded["tokens"] < capped["tokens"] < beyond["tokens"]
     assert capped["levers"]["offload_host_gib"] == 64.0
+
+
+def test_a_shape_s_int8_frontier_counts_the_outliers_its_random_weights_make():
+    """Random weights make every column of the MLP's intermediate an LLM.int8 outlier, a copy per layer the
+    reference path's int8 matmuls keep: its frontier on a shape is shorter with them; the lean path's int8
+    linears keep none, so its frontier is the same. Other families: none assumed."""
+    config, int8 = shape_config("Llama-3.1-8B"), get_mode("int8")
+    outliers = random_weights_int8_outliers(config)
+    assert outliers == {"down_proj": config.intermediate_size}
+    assert random_weights_int8_outliers(shape_config("tiny-bloom")) is None
+    for path, shorter in (("reference", True), ("lean", False)):
+        plain, counted = (predicted_frontier(config, int8, LORA, 48 * GIB, path, int8_outlier_columns=columns)
+                          for columns in (None, outliers))
+        assert (counted["tokens"] < plain["tokens"]) is shorter and counted["tokens"] <= plain["tokens"]
+        assert counted["int8_outlier_columns"] == outliers

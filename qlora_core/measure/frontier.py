@@ -29,20 +29,22 @@ MAX_TOKENS = 2**22
 
 
 def predicted_peak_bytes(config, mode: Mode, lora, tokens: int, path: str, optimizer: str = "adamw",
-                         levers: Levers = Levers()) -> int:
-    """The predicted training peak of one sequence of ``tokens`` tokens (batch 1, gradient checkpointing)."""
-    return memory_floor(config, mode, lora, tokens, 1, True, path=path, optimizer=optimizer,
-                        levers=levers)["peak_bytes"]
+                         levers: Levers = Levers(), int8_outlier_columns: dict[str, float] | None = None) -> int:
+    """The predicted training peak of one sequence of ``tokens`` tokens (batch 1, gradient checkpointing), with
+    LLM.int8's outlier columns a layer where given (``measure.floor.memory_floor``)."""
+    return memory_floor(config, mode, lora, tokens, 1, True, path=path, optimizer=optimizer, levers=levers,
+                        int8_outlier_columns=int8_outlier_columns)["peak_bytes"]
 
 
 def _affine_guess(config, mode: Mode, lora, capacity_bytes: int, path: str, optimizer: str,
-                  levers: Levers) -> int:
+                  levers: Levers, int8_outlier_columns: dict[str, float] | None) -> int:
     """Where the frontier lies if every phase's predicted bytes are affine in the tokens (true for attention
     without a score matrix, beyond the lean loss's first chunk), in whole steps of ``TOKEN_GRANULARITY``: each
     phase's line through two lengths, solved for the capacity, the tightest phase deciding."""
     short, long = 4 * TOKEN_GRANULARITY, 8 * TOKEN_GRANULARITY
     at = lambda tokens: memory_floor(config, mode, lora, tokens, 1, True, path=path,  # noqa: E731
-                                     optimizer=optimizer, levers=levers)["phase_peak_bytes"]
+                                     optimizer=optimizer, levers=levers,
+                                     int8_outlier_columns=int8_outlier_columns)["phase_peak_bytes"]
     low, high = at(short), at(long)
     limits = []
     for phase, bytes_short in low.items():
@@ -56,21 +58,25 @@ def _affine_guess(config, mode: Mode, lora, capacity_bytes: int, path: str, opti
 
 def predicted_frontier(config, mode: Mode, lora, capacity_bytes: int, path: str, optimizer: str = "adamw",
                        levers: Levers = Levers(), beyond_positions: bool = False,
-                       host_capacity_bytes: int | None = None) -> dict:
+                       host_capacity_bytes: int | None = None,
+                       int8_outlier_columns: dict[str, float] | None = None) -> dict:
     """The largest sequence (a multiple of ``TOKEN_GRANULARITY``, batch 1) whose predicted peak fits
-    ``capacity_bytes`` less ``ALLOCATOR_HEADROOM``, as plain JSON: ``tokens`` (0 when not even the smallest fits; at most the model's
-    positions and ``MAX_TOKENS``, ``limited_by`` saying which bound held: ``memory``, ``positions`` or, with
-    activations offloaded without a cap of their own (``Levers.offload_host_gib``), ``host memory``: what they
-    take there within ``host_capacity_bytes``), its
+    ``capacity_bytes`` less ``ALLOCATOR_HEADROOM`` (``usable_bytes``), as plain JSON: ``tokens`` (0 when not
+    even the smallest fits; at most the model's positions and ``MAX_TOKENS``, ``limited_by`` saying which bound
+    held: ``memory``, ``positions`` or, with activations offloaded without a cap of their own
+    (``Levers.offload_host_gib``), ``host memory``: what they take there within ``host_capacity_bytes``), its
     ``peak_bytes``, ``bytes_per_token``: what one more token costs there, and the lean path's ``levers`` pulled
     (``qlora_core.levers``). ``beyond_positions``: memory alone bounds it, past the positions the model was
     trained for (RoPE computes any position; published context records, Unsloth's, are counted so).
+    ``int8_outlier_columns``: LLM.int8's outlier columns a layer, for an int8 mode (a shape's random weights:
+    ``shapes.random_weights_int8_outliers``); recorded.
 
     The affine guess (``_affine_guess``) is confirmed by two predictions, one at it and one a step above;
     where it does not hold (BLOOM's quadratic attention) the answer comes from bisection."""
     @functools.cache  # the search, the answer and its slope revisit lengths: each is predicted once
     def peak(steps: int) -> int:
-        return predicted_peak_bytes(config, mode, lora, steps * TOKEN_GRANULARITY, path, optimizer, levers)
+        return predicted_peak_bytes(config, mode, lora, steps * TOKEN_GRANULARITY, path, optimizer, levers,
+                                    int8_outlier_columns)
 
     usable = int(capacity_bytes * (1 - ALLOCATOR_HEADROOM))
     fits = lambda steps: steps == 0 or peak(steps) <= usable  # noqa: E731
@@ -79,7 +85,7 @@ def predicted_frontier(config, mode: Mode, lora, capacity_bytes: int, path: str,
     if levers.offload_activations and levers.offload_host_gib is None and host_capacity_bytes is not None:
         bounds["host memory"] = host_capacity_bytes // offloaded_bytes_per_step(config, mode, lora, path, levers)
     bound, limit = min(bounds.items(), key=lambda item: item[1])
-    steps = min(_affine_guess(config, mode, lora, usable, path, optimizer, levers), limit)
+    steps = min(_affine_guess(config, mode, lora, usable, path, optimizer, levers, int8_outlier_columns), limit)
     if not (fits(steps) and (steps == limit or not fits(steps + 1))):
         low, high = 0, limit + 1  # fits(low); high: beyond the search, or the first that fails
         while high - low > 1:
@@ -87,7 +93,8 @@ def predicted_frontier(config, mode: Mode, lora, capacity_bytes: int, path: str,
             low, high = (middle, high) if fits(middle) else (low, middle)
         steps = low
     found = {"mode": mode.name, "path": path, "levers": levers.describe(), "beyond_positions": beyond_positions,
-             "capacity_bytes": capacity_bytes, "usable_bytes": usable}
+             "capacity_bytes": capacity_bytes, "usable_bytes": usable,
+             "int8_outlier_columns": int8_outlier_columns}
     if steps == 0:
         return {**found, "tokens": 0, "peak_bytes": peak(1), "bytes_per_token": None, "limited_by": "memory"}
     slope = (peak(steps + 1) - peak(steps)) / TOKEN_GRANULARITY
