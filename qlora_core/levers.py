@@ -4,8 +4,10 @@ measured on and off, with its term in the memory model (``measure.floor``):
 - ``offload_activations``: every tensor autograd saves outside a checkpointed region (under the lean path's
   checkpointing that is each decoder layer's input, the final norm's input and the loss chunks' hidden states)
   is copied to pinned host memory on a side CUDA stream as soon as it is saved, and copied back when backward
-  needs it. The GPU then holds one layer's input at a time instead of all of them (256 KiB a token at
-  Llama-3.1-8B); the host holds the rest, so host memory bounds the longest sequence instead.
+  needs it. The GPU then holds two layers' inputs instead of all of them (256 KiB a token each at
+  Llama-3.1-8B): the first layer's, the embeddings' output, which stays (``ActivationOffload._stays``), and the
+  one a layer's recompute brought back; the host holds the rest, so host memory bounds the longest sequence
+  instead.
   ``offload_host_gib`` caps what one forward offloads: tensors go to the host in the order they are saved (the
   first layers' inputs first) while they fit, and the rest stay on the GPU, which holds the last layers' inputs,
   needed first in backward. Where host memory, not the GPU's, would bound the frontier (a 70B model's inputs
@@ -26,6 +28,8 @@ from dataclasses import dataclass
 
 import torch
 from torch.utils.checkpoint import checkpoint
+
+from qlora_core.measure.memory import GIB, tensor_bytes
 
 #: Saved tensors smaller than this stay where they are: copying them costs more in launches than it frees.
 OFFLOAD_MIN_BYTES = 1 << 20
@@ -108,7 +112,7 @@ class ActivationOffload:
         return held or size < self.min_bytes or over
 
     def pack(self, tensor: torch.Tensor):
-        size = tensor.numel() * tensor.element_size()
+        size = tensor_bytes(tensor)
         seen = self._packed.get(id(tensor))
         if seen is not None and seen[0]() is tensor:
             return seen[1]
@@ -227,7 +231,7 @@ class Levers:
     @property
     def offload_host_bytes(self) -> int | None:
         """The cap on what one forward offloads (bytes), or None: no cap."""
-        return None if self.offload_host_gib is None else int(self.offload_host_gib * 2**30)
+        return None if self.offload_host_gib is None else int(self.offload_host_gib * GIB)
 
     @property
     def any(self) -> bool:

@@ -917,11 +917,11 @@ def frontier_plot(frontiers: list[dict], path: str | Path) -> Path:
     shapes = list(dict.fromkeys(f["shape"] for f in frontiers))
     figure, axes = plt.subplots(1, len(shapes), figsize=(6.5 * len(shapes), 5.0), squeeze=False)
     palette = plt.get_cmap("tab10")
+    order = {name: index for index, name in enumerate(MODES)}  # lines in the registry's order of modes
     for axis, shape in zip(axes[0], shapes):
         lines = {}
         for found in (f for f in frontiers if f["shape"] == shape and f["tokens"]):
             lines.setdefault((found["mode"], found["path"], tuple(lever_parts(found))), []).append(found)
-        order = {name: index for index, name in enumerate(MODES)}
         for index, ((mode, path_name, levers), points) in enumerate(
                 sorted(lines.items(), key=lambda item: (order.get(item[0][0], len(order)), item[0][1:]))):
             color = palette(index % palette.N)

@@ -347,7 +347,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("offload_activations", "lean path's memory lever: keep what a forward saves outside checkpointed "
                                    "layers (every layer's input, the final norm's, the loss chunks' hidden "
                                    "states) in pinned host memory, copied on a side stream, brought back for "
-                                   "backward: the GPU holds one layer's input at a time, host memory the rest",
+                                   "backward: the GPU holds the first layer's input and the one being "
+                                   "recomputed, host memory the rest",
             None, ("sweep", "bench", "frontier"), cell="offload_activations", on_surface=LEAN_ONLY),
     Setting("offload_host_gib", "with --offload-activations: offload at most this many GiB a forward, whole "
                                 "tensors in the order saved (the first layers' inputs first); the rest stay on "
