@@ -161,7 +161,7 @@ def _add_frontier_command(commands) -> None:
                                                    "with others' published figures marked as claims) here")
     frontier.add_argument("--measure", action="store_true",
                           help="check each frontier on the device: shape cells at batch 1 under the capacity as a "
-                               "hard cap on the CUDA allocator, at the predicted length (should run), 5 % above "
+                               "hard cap on the CUDA allocator, at the predicted length (should run), 5 %% above "
                                "it (should run out of memory) and at half (for the measured cost of a token); "
                                "needs --out, where the cells go to probes/")
     _add_settings("frontier", {"model": frontier})  # --device, where the probe cells run

@@ -15,7 +15,7 @@ import time
 import pytest
 import torch
 
-from qlora_core.cli import main
+from qlora_core.cli import SUBCOMMANDS, main
 from qlora_core.modes import MODES
 
 
@@ -45,6 +45,17 @@ def test_sweep_help_mentions_every_mode(capsys):
     out = " ".join(capsys.readouterr().out.split())
     for name in MODES:
         assert mentions(out, name), name
+
+
+@pytest.mark.parametrize("command", SUBCOMMANDS)
+def test_every_command_help_renders_its_own_words(command, capsys):
+    """argparse formats help with %: a bare '5 % above' once printed an argparse action's repr in --help."""
+    with pytest.raises(SystemExit) as exit_:
+        main([command, "--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: qlora-bench {command}")
+    assert "option_strings" not in out
 
 
 def test_unknown_mode_exits_2_and_writes_nothing(tiny_model_dir, tmp_path, capsys):
