@@ -4,13 +4,15 @@
 # packed to $OUT/NAME.tar.gz. Shape-only: needs the staged libraries, not the model.
 # PRIOR=<an earlier call's NAME.tar.gz, carried under .device/>: unpacked first, so `--resume` keeps the probes
 # that call finished (a machine that went cold between calls kept nothing) and frontier.json holds them all.
+# LIMIT_S (default 570): the frontier stops there, its probe cells with it (timeout signals its process group),
+# so what finished is packed before the device's 10-minute limit cuts the call and nothing would come back.
 source tools/device/env.sh
 name=$1; shift
 out=bench-results/$name
 mkdir -p bench-results
 if [ -n "${PRIOR:-}" ]; then tar xzf "$PRIOR" -C bench-results; fi
 start=$(date +%s%N)
-python -m qlora_core.cli frontier --measure --device cuda --out "$out" "$@" > "bench-results/$name.log" 2>&1
+timeout --kill-after=10 "${LIMIT_S:-570}" python -m qlora_core.cli frontier --measure --device cuda --out "$out" "$@" > "bench-results/$name.log" 2>&1
 status=$?
 end=$(date +%s%N)
 mkdir -p "$out" && mv "bench-results/$name.log" "$out/frontier.log"
