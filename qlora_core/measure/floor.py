@@ -403,7 +403,8 @@ def logits_phase_bytes(tokens: int, vocab: int, head_cast_bytes: int) -> int:
 
 
 def layer_backward_transient(config, tokens: int, p: Precision, largest: Linear | None,
-                             levers: Levers = Levers(), recomputed: bool = True, brought_back: int = 0) -> int:
+                             levers: Levers = Levers(), recomputed: bool = True, brought_back: int = 0,
+                             int8_quantizing: int = 0) -> int:
     """Working set of one layer's backward beyond its saved tensors (bytes): the larger of two moments.
 
     - The MLP's backward: the gradients coming in (the layer's output gradient and, at the top layer, the loss's
@@ -417,7 +418,8 @@ def layer_backward_transient(config, tokens: int, p: Precision, largest: Linear 
       counted with three, unmeasured.
     - Under checkpointing (``recomputed``), the end of a Llama/Qwen2 layer's recompute (``recompute_end_bytes``),
       which was the layer's peak on that CPU step, with the input the recompute brought back from the host
-      (``brought_back`` bytes: ``activation_terms``).
+      (``brought_back`` bytes: ``activation_terms``); where an LLM.int8 down projection quantizes its input in
+      the recompute, the larger moment then (``int8_quantizing`` bytes: ``int8_quantize_transient``).
     """
     f = getattr(config, "intermediate_size", None) or 4 * config.hidden_size
     incoming = tokens * 2 * config.hidden_size * p.residual
@@ -428,7 +430,8 @@ def layer_backward_transient(config, tokens: int, p: Precision, largest: Linear 
     mlp_backward = incoming + mlp + tiled_input + dequantized
     if not (gated and recomputed):
         return mlp_backward
-    return max(mlp_backward, incoming + brought_back + recompute_end_bytes(config, tokens, p, levers))
+    recompute = max(recompute_end_bytes(config, tokens, p, levers), int8_quantizing)
+    return max(mlp_backward, incoming + brought_back + recompute)
 
 
 def recompute_end_bytes(config, tokens: int, p: Precision, levers: Levers = Levers()) -> int:
@@ -442,6 +445,38 @@ def recompute_end_bytes(config, tokens: int, p: Precision, levers: Levers = Leve
     norm_output = h * p.residual if levers.mlp_tile_tokens is None else 0
     return (tokens * (h * p.residual + norm_output + h * p.linear_out)
             + levers.mlp_tokens(tokens) * f * p.linear_out)
+
+
+#: Bytes a value of an LLM.int8 linear's input adds while bitsandbytes (0.50, CUDA: ``int8_vectorwise_quant``)
+#: quantizes it, by whether an outlier threshold is set: the input cast to fp16 (the int8 mode computes in bf16)
+#: and the int8 result, and with a threshold the fp16 absolute values and the bool outlier mask made from them,
+#: all alive at the mask's making. The H200's allocator history of an 8B int8 lean step (2026-12-03) held exactly
+#: these beside the MLP's recomputed tensors at its peak.
+INT8_QUANTIZE_BYTES_PER_VALUE = {False: 2 + 1, True: 2 + 1 + 2 + 1}
+
+
+def int8_quantize_transient(config, tokens: int, p: Precision, layer_targets: list[Linear], lora,
+                            threshold: float, levers: Levers = Levers()) -> int:
+    """What a Llama/Qwen2 layer's recompute holds beyond its recomputed activations (``layer_bytes``) while an
+    LLM.int8 down projection quantizes its input (on CUDA; bitsandbytes' CPU path dequantizes the weight
+    instead): the recompute's locals so far (``recompute_end_bytes`` but the down projection's output, not made
+    yet), the quantization's temporaries (``INT8_QUANTIZE_BYTES_PER_VALUE``, f values a token), less what the
+    down projection's adapter saves, which ``layer_bytes`` counts but peft makes only after the base layer's
+    matmul. The up projections quantize inputs f / h times narrower: the down projection's moment is the larger
+    one in Llama/Qwen2 MLPs (f > h). With the MLP in tiles, one tile's (unmeasured)."""
+    h, f = config.hidden_size, config.intermediate_size
+    mlp_tokens = levers.mlp_tokens(tokens)
+    down = [t for t in layer_targets if t.name.rsplit(".", 1)[-1] == "down_proj"]
+    not_yet_saved = mlp_tokens * lora_input_bytes_per_token(down, lora, p)
+    locals_so_far = recompute_end_bytes(config, tokens, p, levers) - tokens * h * p.linear_out
+    return locals_so_far + mlp_tokens * f * INT8_QUANTIZE_BYTES_PER_VALUE[threshold > 0] - not_yet_saved
+
+
+def quantizes_int8_down_projections(config, model, device_type: str) -> bool:
+    """Whether the layers' down projections are LLM.int8 linears that quantize their input on each call (CUDA:
+    ``int8_quantize_transient``), in a family whose recompute the floor follows (Llama/Qwen2)."""
+    return (device_type == "cuda" and config.model_type in GATED_MLP_FAMILIES
+            and any(layer.storage == "int8" and layer.name.endswith(".down_proj") for layer in linears(model)))
 
 
 #: Bytes a value of RMSNorm's backward holds at its peak beyond its saved tensors and incoming gradient: its fp32
@@ -687,10 +722,13 @@ def _path_terms(config, model, mode: Mode, lora, seq_len: int, batch_size: int, 
     }
     quantized = [layer for layer in linears(model) if layer.storage != "dense"]
     largest = max(quantized, key=lambda layer: layer.in_features * layer.out_features, default=None)
+    targets = first_layer_targets(lora_targets(model, lora))
+    int8_quantizing = 0
+    if quantizes_int8_down_projections(config, model, device_type):
+        int8_quantizing = int8_quantize_transient(config, tokens, p, targets, lora, mode.int8_threshold, levers)
     transient = layer_backward_transient(config, tokens, p, largest, levers, gradient_checkpointing,
-                                         terms["brought_back_bytes"])
+                                         terms["brought_back_bytes"], int8_quantizing)
     if levers.mlp_tile_tokens is not None:
-        targets = first_layer_targets(lora_targets(model, lora))
         mlp_held = tiled_mlp_bytes(config, targets, lora, tokens, p, levers)
         transient = max(transient, tiled_norm_backward_transient(config, tokens, p, mlp_held))
     return p, terms, transient
