@@ -553,12 +553,13 @@ def command_frontier(args: argparse.Namespace) -> int:
         config = shape_config(check_shape(shape))
         outliers = random_weights_int8_outliers(config)  # the probes run random weights
         for mode in modes:
+            mode_outliers = outliers if mode.int8_threshold is not None else None  # LLM.int8's alone
             for path in paths:
                 for gib in args.capacity_gib:
                     found = {"shape": shape, **predicted_frontier(
                         config, mode, lora, int(gib * GIB), path, levers=levers,
                         beyond_positions=args.beyond_positions, host_capacity_bytes=host_bytes,
-                        int8_outlier_columns=outliers)}
+                        int8_outlier_columns=mode_outliers)}
                     frontiers.append(found)
                     slope = found["bytes_per_token"]
                     cost = "-" if slope is None else f"{slope / MIB:.3f}"

@@ -17,6 +17,7 @@ import torch
 
 from qlora_core.cli import SUBCOMMANDS, main
 from qlora_core.modes import MODES
+from qlora_core.shapes import shape_config
 
 
 def mentions(text: str, name: str) -> bool:
@@ -393,3 +394,14 @@ def test_a_warning_repeated_every_step_is_shown_once(monkeypatch, recwarn):
     monkeypatch.setitem(cli.COMMANDS, "report", noisy_command)
     assert main(["report", "anything"]) == 0
     assert sum(str(w.message) == "inputs will be cast" for w in recwarn) == 1
+
+
+def test_frontier_records_random_weights_outliers_for_int8_alone(tmp_path):
+    """A shape's random weights make LLM.int8 outlier columns; only the int8 mode's frontier counts and records
+    them (the other modes have no such columns)."""
+    assert main(["frontier", "--shapes", "tiny-llama", "--modes", "bf16,int8", "--paths", "lean",
+                 "--capacity-gib", "1", "--out", str(tmp_path)]) == 0
+    frontiers = json.loads((tmp_path / "frontier.json").read_text())["frontiers"]
+    outliers = {frontier["mode"]: frontier["int8_outlier_columns"] for frontier in frontiers}
+    assert outliers["bf16"] is None
+    assert outliers["int8"] == {"down_proj": float(shape_config("tiny-llama").intermediate_size)}
