@@ -56,10 +56,31 @@ def _allocator_conf(frontier: dict) -> str | None:
     return frontier["probe_allocator_conf"] or "PyTorch defaults"
 
 
+def _above_predicted_bytes(frontier: dict) -> float | None:
+    """The peak predicted at the above probe's length, by the frontier's cost of one more token (bytes); None
+    where either is not recorded."""
+    above, slope = frontier["probes"].get("above", {}).get("tokens"), frontier.get("bytes_per_token")
+    return None if above is None or slope is None else frontier["peak_bytes"] + slope * (above - frontier["tokens"])
+
+
 def _confirmed(frontier: dict) -> str:
+    """yes, not measured, or no with what the probes found. "above ran within the headroom": the above probe's
+    predicted peak fits the capacity itself, short only of the part left to the allocator (``usable_bytes``,
+    since 2026-12-03), so its running is what the prediction expects: where the weights take most of the cap or
+    the frontier is a few 256-token steps long, that part is worth more tokens than the above probe's margin."""
     if "probes" not in frontier:
         return "not measured"
-    return "yes" if frontier["confirmed"] else "no"
+    if frontier["confirmed"]:
+        return "yes"
+    at, above = frontier["probes"].get("at", {}), frontier["probes"].get("above", {})
+    if at.get("status") != "ok":
+        return f"no: at probe {at.get('status', 'not run')}"
+    if above.get("status") != "ok":
+        return f"no: above probe {above.get('status', 'not run')}"
+    predicted = _above_predicted_bytes(frontier)
+    if "usable_bytes" in frontier and predicted is not None and predicted <= frontier["capacity_bytes"]:
+        return "no: above ran within the headroom"
+    return "no: above ran"
 
 
 def _probe_setup(shape: str, mode: str, path: str, levers: dict, capacity_bytes: int | None, tokens: int) -> tuple:
@@ -168,7 +189,12 @@ def notes() -> list[str]:
         "ratio to the predicted peak; tokens/s at the frontier: the at probe's step (its cell's row above; '-' "
         "where its cell was not read with the frontier).",
         f"confirmed: the at probe ran and the above probe ran out of memory (bound by positions or host memory: "
-        f"the at probe ran); not measured: no probes. Older documents ran the above probe one "
+        f"the at probe ran); not measured: no probes; no, with what the probes found; 'above ran within the "
+        f"headroom': the above probe's predicted peak fits the capacity, short only of the "
+        f"{ALLOCATOR_HEADROOM * 100:g} % left to the allocator, so the peak's prediction held and the frontier lies "
+        f"beyond the above probe (where the weights take most of the capacity or the frontier is a few "
+        f"{TOKEN_GRANULARITY}-token steps long, that part is worth more tokens than the above probe's margin). "
+        f"Older documents ran the above probe one "
         f"{TOKEN_GRANULARITY}-token step above the prediction, newer ones {ABOVE_MARGIN * 100:g} % above: its tokens are "
         f"shown.",
         "levers: the lean path's memory levers (offload: activations to pinned host memory; MLP tiles: each MLP "

@@ -375,26 +375,45 @@ def _describe_environment(env: Environment | None) -> str:
     return f"{device}; {libraries}; commit {env.commit}"
 
 
-def _describe_settings(settings: Settings) -> str:
+def _describe_settings(settings: Settings, seq_len: str | None = None) -> str:
+    """The set-up in words; ``seq_len``: the sequence length as written instead of the settings' own."""
     train, lora = settings.train, settings.lora
     timed = train.max_steps - settings.timing_warmup
     checkpointing = "gradient checkpointing" if settings.gradient_checkpointing else "no checkpointing"
-    return (f"{settings.batch_size} x {settings.seq_len} tokens a step, {timed} timed steps after "
+    return (f"{settings.batch_size} x {seq_len or settings.seq_len} tokens a step, {timed} timed steps after "
             f"{settings.timing_warmup} warm-up; LoRA r={lora.r}, alpha={lora.alpha} on "
             f"{lora.target_modules}; {train.optimizer} lr {train.learning_rate:g}; {checkpointing}")
 
 
+#: Where a summary line's sequence length goes while lines that differ in it alone are gathered.
+_LENGTHS = "\0lengths\0"
+
+
+def _lengths(seq_lens: set[int]) -> str:
+    """'4,096' or, for a frontier's probes, '1,536 to 131,072 (40 lengths)'."""
+    if len(seq_lens) == 1:
+        return f"{next(iter(seq_lens)):,}"
+    return f"{min(seq_lens):,} to {max(seq_lens):,} ({len(seq_lens)} lengths)"
+
+
 def run_summary(results: list[CellResult | dict]) -> list[str]:
-    """Where and how the results were measured: each distinct machine and set-up once, with its dates."""
-    lines: dict[str, set[str]] = {}
+    """Where and how the results were measured: each distinct machine and set-up once, with its dates. Set-ups
+    that differ in their sequence length alone (a frontier's probes, one length each) share a line naming the
+    lengths."""
+    lines: dict[str, tuple[set[str], set[int]]] = {}
     for r in as_cells(results):
         env = r.environment
         line = _describe_environment(env)
         if r.settings.train:
-            line = f"{model_label(r)}: {_describe_settings(r.settings)}; {line}"
-        lines.setdefault(line, set()).add(((env and env.timestamp) or "")[:10])
-    return [f"{line}; {', '.join(sorted(d for d in dates if d)) or 'date not recorded'}"
-            for line, dates in lines.items()]
+            # label_setups names the length where it alone tells set-ups apart: the line names the lengths
+            label = model_label(r).replace(f" [seq_len={r.settings.seq_len}]", "")
+            line = f"{label}: {_describe_settings(r.settings, _LENGTHS)}; {line}"
+        dates, seq_lens = lines.setdefault(line, (set(), set()))
+        dates.add(((env and env.timestamp) or "")[:10])
+        seq_lens.add(r.settings.seq_len)
+    return [f"{line.replace(_LENGTHS, _lengths(seq_lens))}; "
+            f"{', '.join(sorted(d for d in dates if d)) or 'date not recorded'}"
+            for line, (dates, seq_lens) in lines.items()]
 
 
 def _seconds(value: float | None) -> str:
@@ -948,10 +967,11 @@ def frontier_plot(frontiers: list[dict], path: str | Path) -> Path:
         axis.set_ylabel("longest trainable sequence, tokens (batch 1)")
         axis.set_title(f"{shape}: predicted context frontier", fontsize=10, loc="left")
         axis.grid(alpha=0.3, which="both")
-        axis.legend(fontsize=7, loc="best")  # away from the points: a frontier can sit on a claim
+        # under the panel, off every line and point: with the reference path's lines a panel has no empty corner
+        axis.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2, frameon=False)
     figure.tight_layout()
     path = Path(path)
-    figure.savefig(path, dpi=PLOT_DPI)
+    figure.savefig(path, dpi=PLOT_DPI, bbox_inches="tight")
     plt.close(figure)
     return path
 

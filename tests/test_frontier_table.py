@@ -19,6 +19,9 @@ RESULTS = Path(__file__).resolve().parents[1] / "results"
 LEVERS_RUN = RESULTS / "h200-frontier-levers-2026-12-03"
 #: One-step probes: the 8B with both levers at 24 and 80 GiB (80: the at probe alone), each lever alone at 24.
 PROBES_RUN = RESULTS / "h200-frontier-350k-2026-12-03"
+#: The reference path's frontiers and the lean path's per mode at 24, 48 and 80 GiB (int8's lean ones twice: at
+#: 98f363f, where they ran out of memory, and at fe17686, whose floor counts LLM.int8's input quantization).
+PATHS_RUN = RESULTS / "h200-frontier-paths-2026-12-03"
 #: The first measured frontiers: no levers, no ``probe_allocator_conf``.
 FIRST_RUN = RESULTS / "h200-lean-adapters-2026-12-03"
 
@@ -47,7 +50,7 @@ def test_the_levers_run_is_a_row_per_frontier_with_its_figures(levers_frame):
         assert row["commit"] == frontier["document"]["environment"]["commit"][:12]
     # without levers every probe ran, the above one too (so none is confirmed); with them the at probe ran out
     assert list(levers_frame["at_status"]) == ["ok", "ok", "ok", "oom"]
-    assert list(levers_frame["confirmed"]) == ["no"] * 4
+    assert list(levers_frame["confirmed"]) == ["no: above ran"] * 3 + ["no: at probe oom"]  # before the headroom
     measured = expected[0]["measured_bytes_per_token"] / expected[0]["bytes_per_token"]
     assert levers_frame["measured_over_predicted"][0] == pytest.approx(measured) and 0.9 < measured < 1
     assert pd.isna(levers_frame["measured_over_predicted"][3])  # its at probe measured nothing
@@ -85,7 +88,26 @@ def test_levers_read_as_words_and_none_as_a_dash(levers_frame):
 def test_the_first_frontiers_say_their_allocator_was_not_recorded():
     frame = frontier_table.frontier_frame(read_paths([FIRST_RUN]).frontiers)
     assert list(frame["allocator_conf"]) == ["not recorded"] * 2
-    assert list(frame["confirmed"]) == ["no"] * 2 and list(frame["at_status"]) == ["oom"] * 2
+    assert list(frame["confirmed"]) == ["no: at probe oom"] * 2 and list(frame["at_status"]) == ["oom"] * 2
+
+
+def test_an_above_probe_that_ran_within_the_allocator_s_headroom_says_so():
+    """Since the headroom, an above probe predicted to fit the capacity itself ran where the prediction said it
+    could (bf16 at 24 GiB: the weights take most of it; int8's reference path: a few 256-token steps); one
+    predicted past the capacity that ran would be "no: above ran"."""
+    frontiers = read_paths(sorted(PATHS_RUN.glob("frontier-8b-*"))).frontiers  # not the traced half probe's
+    frame = frontier_table.frontier_frame(frontiers)
+    by_cell = {(row["mode"], row["path"], row["capacity_gib"], row["commit"][:7]): row for _, row in frame.iterrows()}
+    for cell in [("bf16", "lean", 24), ("bf16", "reference", 24), ("int8", "reference", 24),
+                 ("int8", "reference", 48)]:
+        row = by_cell[(*cell, "98f363f")]
+        assert row["confirmed"] == "no: above ran within the headroom" and row["above_status"] == "ok", cell
+    assert by_cell[("int8", "lean", 24, "98f363f")]["confirmed"] == "no: at probe oom"  # before fe17686's floor
+    assert by_cell[("int8", "lean", 24, "fe17686")]["confirmed"] == "yes"
+    frontier = next(f for f in frontiers if f["mode"] == "bf16" and f["path"] == "lean"
+                    and f["capacity_bytes"] == 24 * GIB)
+    moved = {**frontier, "bytes_per_token": frontier["bytes_per_token"] * 10}  # the above predicted past the cap
+    assert frontier_table.frontier_row(moved)["confirmed"] == "no: above ran"
 
 
 def test_a_frontier_without_probes_is_not_measured(tmp_path):

@@ -697,3 +697,18 @@ def test_the_frontier_picture_draws_each_set_of_levers_as_its_own_line(tmp_path,
     frontier_plot(frontiers, tmp_path / "f.png")
     drawn = {label: gib for label, gib in lines if label and label.startswith("nf4-dq")}
     assert drawn == {"nf4-dq, lean": [24.0, 48.0, 80.0], "nf4-dq, lean + offload + MLP tiles of 4,096": [12.0]}
+
+
+def test_a_frontier_s_probes_are_summarised_as_one_set_up_with_their_lengths():
+    """Probe cells differ in their sequence length alone: one 'Measured:' line per path and commit, naming how many
+    lengths and their range, not one line a probe."""
+    from qlora_core.report import run_summary
+    from qlora_core.results import read_paths
+
+    folder = Path(__file__).resolve().parents[1] / "results" / "h200-frontier-paths-2026-12-03" / "frontier-8b-lean-24"
+    results = read_paths([folder]).results
+    lengths = {result.settings.seq_len for result in results}
+    (line,) = run_summary(results)
+    assert line.startswith(f"Llama-3.1-8B (lean path): 1 x {min(lengths):,} to {max(lengths):,} "
+                           f"({len(lengths)} lengths) tokens a step")
+    assert "seq_len=" not in line and len(lengths) > 1
