@@ -78,3 +78,22 @@ def test_every_published_probe_the_frontier_s_headroom_says_fits_ran():
             fitting.append((path.stem, result["status"]))
     assert len(fitting) >= 20
     assert [stem for stem, status in fitting if status == "oom"] == []  # not errors of another kind
+
+
+def test_int8_s_quantization_moment_holds_the_mlp_wide_blocks_the_h200_trace_found():
+    """The traced int8 lean half probe (2026-12-03): at its peak the allocator held MLP-wide blocks (f values a
+    token: 1, 2 or 4 bytes each) adding up to what the floor's quantization moment counts: the recomputed gate,
+    silu(gate), up (``gated_mlp_bytes_per_token``) and their product, beside bitsandbytes' temporaries of the
+    down projection's input (``INT8_QUANTIZE_BYTES_PER_VALUE``)."""
+    from qlora_core.measure.floor import INT8_QUANTIZE_BYTES_PER_VALUE, Precision, gated_mlp_bytes_per_token
+
+    probe = RESULTS / "h200-frontier-paths-2026-12-03" / "trace-8b-int8-lean-24-half" / "probes"
+    result = json.loads((probe / "Llama-3.1-8B-int8-lean-24gib-half.json").read_text())
+    settings = CellSettings.from_dict(result["settings"])
+    config = shape_config(settings.shape)
+    f = config.intermediate_size
+    at_peak = result["memory_at_peak"]
+    mlp_wide = sum(group["bytes"] for group in at_peak["groups"] if group["bytes_per_token"] in (f, 2 * f, 4 * f))
+    p = Precision(**predicted_floor(settings, config, "cuda")["precision_bytes"])
+    counted = gated_mlp_bytes_per_token(config, p) + f * p.linear_out + f * INT8_QUANTIZE_BYTES_PER_VALUE[True]
+    assert mlp_wide == at_peak["tokens"] * counted
