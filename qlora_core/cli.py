@@ -165,11 +165,13 @@ def _add_frontier_command(commands) -> None:
                                "it (should run out of memory) and at half (for the measured cost of a token); "
                                "needs --out, where the cells go to probes/")
     _add_settings("frontier", {"model": frontier})  # --device, where the probe cells run
-    frontier.add_argument("--resume", action="store_true", help="with --measure: keep probe cells that finished")
+    frontier.add_argument("--resume", action="store_true",
+                          help="with --measure: keep probe cells that finished; frontier.json then holds every "
+                               "probe of these frontiers finished in --out, those of earlier calls too")
     frontier.add_argument("--probes", default="half,at,above", type=lambda text: text.split(","),
                           help="with --measure: which probes to run, of half, at and above (default all): a probe "
                                "at an 80 GiB frontier can take minutes, so long ones can go one command each, "
-                               "the later ones with --resume; frontier.json says 'not run' for the others")
+                               "the later ones with --resume; frontier.json says 'not run' for those not run yet")
     frontier.add_argument("--trace-memory", action="store_true",
                           help="with --measure: each probe records the CUDA allocator's history over its step and "
                                "its result says what was alive at the peak, by block size in bytes a token "
@@ -583,7 +585,7 @@ def command_frontier(args: argparse.Namespace) -> int:
 def _measure_frontiers(frontiers: list[dict], lora: LoraSettings, args: argparse.Namespace) -> list[dict]:
     """Run every frontier's probe cells (``frontier_probes``) into ``--out/probes`` (checked to be given) and
     return the frontiers with what they measured, printed one line each."""
-    from qlora_core.frontier_probes import probe_cells, with_probes
+    from qlora_core.frontier_probes import PROBE_OUTCOMES, finished_probes, probe_cells, with_probes
     from qlora_core.measure.memory import GIB
     from qlora_core.report import MIB
     from qlora_core.sweep import run_cells
@@ -591,8 +593,11 @@ def _measure_frontiers(frontiers: list[dict], lora: LoraSettings, args: argparse
     cells = {name: cell for found in frontiers
              for name, cell in probe_cells(found, lora, args.device, args.probes, args.trace_memory).items()}
     with allocator_conf_for_children(args.allocator_conf):
-        done = run_cells(cells, args.out / "probes", resume=args.resume, command=args.command_line)
-    results = dict(zip(cells, done))
+        done = run_cells(cells, args.out / "probes", resume=args.resume, command=args.command_line,
+                         kept=PROBE_OUTCOMES)  # a probe out of memory is measured: not run again
+    earlier = {} if not args.resume else finished_probes(frontiers, lora, args.out / "probes", args.device,
+                                                         args.trace_memory)
+    results = {**earlier, **dict(zip(cells, done))}
     measured = [with_probes(found, results) for found in frontiers]
     for found in measured:
         statuses = ", ".join(f"{probe} {p['tokens']:,}: {p['status']}" for probe, p in found["probes"].items())

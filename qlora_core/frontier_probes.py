@@ -11,12 +11,15 @@ one more token costs, measured. One training step each, with the optimizer's sta
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+from pathlib import Path
 
 from qlora_core.cell import CellSettings
 from qlora_core.levers import Levers
 from qlora_core.measure.frontier import TOKEN_GRANULARITY
 from qlora_core.measure.memory import GIB
+from qlora_core.sweep import ResumeMismatchError, cell_path, reusable
 from qlora_core.trainer import TrainSettings
 
 #: How far above the predicted frontier the ``above`` probe runs: issue 13's target for the prediction (within
@@ -72,6 +75,29 @@ def probe_cells(frontier: dict, lora, device: str = "cuda", probes=tuple(PROBES)
                         beyond_positions=frontier.get("beyond_positions", False), trace_memory=trace_memory)
     return {probe_name(frontier, probe): dataclasses.replace(base, seq_len=PROBES[probe](frontier["tokens"]))
             for probe in check_probes(list(probes)) if probe != "above" or frontier["limited_by"] == "memory"}
+
+
+#: What a probe finds, either way a result a resumed frontier keeps: the length trained, or it ran out of memory.
+PROBE_OUTCOMES = ("ok", "oom")
+
+
+def finished_probes(frontiers: list[dict], lora, out_dir: Path, device: str = "cuda",
+                    trace_memory: bool = False) -> dict[str, dict]:
+    """Results of the probe cells of ``frontiers`` that an earlier call finished (``PROBE_OUTCOMES``) in
+    ``out_dir`` with the settings they have now, by cell name: a frontier is measured one probe at a time
+    (``--probes at``, then ``--probes above --resume``), and its document holds them all. A cell of the same
+    name measured with other settings (a frontier predicted since at another length) is another frontier's
+    probe, left out."""
+    found = {}
+    for frontier in frontiers:
+        for name, cell in probe_cells(frontier, lora, device, trace_memory=trace_memory).items():
+            path = cell_path(out_dir, name)
+            try:
+                if reusable(path, cell, PROBE_OUTCOMES):
+                    found[name] = json.loads(path.read_text())
+            except ResumeMismatchError:
+                continue
+    return found
 
 
 def _measured_peak(result: dict | None) -> int | None:

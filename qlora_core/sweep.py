@@ -36,11 +36,15 @@ class ResumeMismatchError(ValueError):
     """A finished result to resume from was measured with other settings than the run being resumed."""
 
 
-def finished(path: Path) -> bool:
-    """True when ``path`` holds a completed cell (status ok)."""
+#: The statuses of a cell that a resumed run keeps by default: it trained.
+KEPT_STATUSES = ("ok",)
+
+
+def finished(path: Path, kept: tuple[str, ...] = KEPT_STATUSES) -> bool:
+    """True when ``path`` holds a completed cell: one whose status is among ``kept``."""
     if not path.is_file():
         return False
-    return json.loads(path.read_text()).get("status") == "ok"
+    return json.loads(path.read_text()).get("status") in kept
 
 
 def _differences(old: dict, new: dict) -> list[str]:
@@ -61,14 +65,14 @@ def _as_saved(described: dict) -> dict:
     return json.loads(json.dumps(described))
 
 
-def reusable(path: Path, settings: CellSettings) -> bool:
-    """True when ``path`` holds a finished cell measured with ``settings``: a resumed run keeps it. False when
-    there is no finished cell (it runs again).
+def reusable(path: Path, settings: CellSettings, kept: tuple[str, ...] = KEPT_STATUSES) -> bool:
+    """True when ``path`` holds a finished cell (``finished``, with the ``kept`` statuses) measured with
+    ``settings``: a resumed run keeps it. False when there is no finished cell (it runs again).
 
     Raises ``ResumeMismatchError`` naming each differing setting (dotted key, old -> new) when the finished cell
     was measured with other settings: reusing it would mix two set-ups in one table.
     """
-    if not finished(path):
+    if not finished(path, kept):
         return False
     old, new = _as_saved(json.loads(path.read_text())["settings"]), _as_saved(settings.describe())
     if differences := _differences(old, new):
@@ -100,17 +104,19 @@ def run_cells(
     on_event: Callable[[str, dict], None] = lambda name, event: None,
     inputs: CellInputs | None = None,
     command: list[str] | None = None,
+    kept: tuple[str, ...] = KEPT_STATUSES,
 ) -> list[dict]:
     """Measure each named cell in its own process; results go to ``out_dir/<name>.json`` (logs beside them),
     the run's manifest to ``out_dir/run.json``, in the order given.
 
     ``inputs``: the tokenized data every cell shares, prepared once here rather than once per cell process
     (None: each cell prepares its own, as cells of different sequence lengths must); ``command``: the command
-    line the manifest records. With ``resume``, finished cells measured with the same settings are kept; one
-    measured with other settings raises ``ResumeMismatchError`` before any cell runs.
+    line the manifest records. With ``resume``, finished cells (a status among ``kept``) measured with the same
+    settings are kept; one measured with other settings raises ``ResumeMismatchError`` before any cell runs.
     """
     # every cell checked before the first one runs, so a mismatch costs no measurement
-    reused = {name for name, settings in cells.items() if resume and reusable(cell_path(out_dir, name), settings)}
+    reused = {name for name, settings in cells.items()
+              if resume and reusable(cell_path(out_dir, name), settings, kept)}
     out_dir.mkdir(parents=True, exist_ok=True)
     manifest = RunManifest(out_dir, command)
     payload = serialize_inputs(inputs)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -10,7 +11,7 @@ import sys
 import pytest
 
 from qlora_core.cli import FRONTIER_ALLOCATOR_CONF, allocator_conf_for_children
-from qlora_core.frontier_probes import probe_cells, probe_name, with_probes
+from qlora_core.frontier_probes import finished_probes, probe_cells, probe_name, with_probes
 from qlora_core.lora import LoraSettings
 from qlora_core.measure.frontier import TOKEN_GRANULARITY
 
@@ -78,8 +79,25 @@ def test_confirmed_when_the_at_probe_runs_and_the_one_above_runs_out_of_memory()
     assert with_probes(FRONTIER, {})["probes"]["at"]["status"] == "not run"
 
 
+def test_a_resumed_frontier_keeps_earlier_probes_of_its_own_settings_out_of_memory_ones_too(tmp_path):
+    """An earlier call's probe that ran out of memory is a result (not run again, in the document); one of the
+    same name at another length belongs to another prediction and is left out; a failure of another kind is
+    run again."""
+    cells = probe_cells(FRONTIER, LORA)
+    names = {probe: probe_name(FRONTIER, probe) for probe in ("half", "at", "above")}
+    write = lambda name, status, settings: (tmp_path / f"{name}.json").write_text(  # noqa: E731
+        json.dumps({"status": status, "settings": settings.describe()}))
+    write(names["at"], "oom", cells[names["at"]])
+    write(names["above"], "ok", dataclasses.replace(cells[names["above"]], seq_len=99 * TOKEN_GRANULARITY))
+    write(names["half"], "error", cells[names["half"]])
+    kept = finished_probes([FRONTIER], LORA, tmp_path)
+    assert list(kept) == [names["at"]] and kept[names["at"]]["status"] == "oom"
+    assert with_probes(FRONTIER, kept)["probes"]["at"]["status"] == "oom"
+
+
 def test_measure_dry_runs_the_probes_on_cpu_and_records_them(tmp_path):
-    """The probes run one command at a time as a long frontier's would (``--probes``, then ``--resume``)."""
+    """The probes run one command at a time as a long frontier's would (``--probes``, then ``--resume``), each
+    call's document holding every probe finished so far."""
     command = [sys.executable, "-m", "qlora_core.cli", "frontier", "--shapes", "tiny-llama", "--modes", "nf4",
                "--paths", "lean", "--capacity-gib", "0.0018", "--lora-r", "4", "--measure", "--device", "cpu",
                "--out", str(tmp_path)]
@@ -87,6 +105,11 @@ def test_measure_dry_runs_the_probes_on_cpu_and_records_them(tmp_path):
     assert first.returncode == 0, first.stderr
     (found,) = json.loads((tmp_path / "frontier.json").read_text())["frontiers"]
     assert [found["probes"][probe]["status"] for probe in ("half", "at", "above")] == ["not run", "ok", "not run"]
+    # a later call for another probe keeps the earlier one in the frontier's document
+    half = subprocess.run([*command, "--probes", "half", "--resume"], capture_output=True, text=True, timeout=600)
+    assert half.returncode == 0, half.stderr
+    (found,) = json.loads((tmp_path / "frontier.json").read_text())["frontiers"]
+    assert [found["probes"][probe]["status"] for probe in ("half", "at", "above")] == ["ok", "ok", "not run"]
     run = subprocess.run([*command, "--resume"], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr
     (found,) = json.loads((tmp_path / "frontier.json").read_text())["frontiers"]
@@ -94,7 +117,7 @@ def test_measure_dry_runs_the_probes_on_cpu_and_records_them(tmp_path):
     assert (tmp_path / "frontier.png").stat().st_size > 0  # the checked frontier marked on its line
     manifest = json.loads((tmp_path / "probes" / "run.json").read_text())
     assert [cell["name"] for cell in manifest["cells"]] == [probe_name(found, p) for p in ("half", "at", "above")]
-    assert [cell["resumed"] for cell in manifest["cells"]] == [False, True, False]
+    assert [cell["resumed"] for cell in manifest["cells"]] == [True, True, False]
     # the probes' processes ran under the frontier's allocator configuration, and their results say so
     assert json.loads((tmp_path / "frontier.json").read_text())["probe_allocator_conf"] == FRONTIER_ALLOCATOR_CONF
     probe = json.loads((tmp_path / "probes" / f"{probe_name(found, 'at')}.json").read_text())
