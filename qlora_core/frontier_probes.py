@@ -100,7 +100,7 @@ def finished_probes(frontiers: list[dict], lora, out_dir: Path, device: str = "c
     return found
 
 
-def _measured_peak(result: dict | None) -> int | None:
+def probe_peak_bytes(result: dict | None) -> int | None:
     """The training peak the CUDA allocator measured for a probe (growth since its load began), or None: not
     run, failed, or run where the allocator is not read."""
     row = ((result or {}).get("predicted_vs_measured") or {}).get("training_peak") or {}
@@ -116,7 +116,13 @@ def with_probes(frontier: dict, results: dict[str, dict]) -> dict:
         result = results.get(probe_name(frontier, probe))
         probes[probe] = {"tokens": length(frontier["tokens"]),
                          "status": result["status"] if result else "not run",
-                         "peak_bytes": _measured_peak(result)}
+                         "peak_bytes": probe_peak_bytes(result)}
+    return summarized(frontier, probes)
+
+
+def summarized(frontier: dict, probes: dict[str, dict]) -> dict:
+    """The frontier with ``probes`` (by probe: tokens, status, peak bytes) and what they make of it (see
+    ``with_probes``)."""
     half, at = probes["half"], probes["at"]
     slope = None
     if half["peak_bytes"] is not None and at["peak_bytes"] is not None and at["tokens"] > half["tokens"]:

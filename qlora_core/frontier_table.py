@@ -1,11 +1,15 @@
-"""The context frontier's table, rendered from ``qlora-bench frontier`` documents only: one row per frontier
-(``results.Reading.frontiers``), the prediction beside what its probe cells measured."""
+"""The context frontier's table, rendered from ``qlora-bench frontier`` documents and their probe cells only: one
+row per frontier (``results.Reading.frontiers``), the prediction beside what its probe cells measured."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pandas as pd
 
-from qlora_core.frontier_probes import ABOVE_MARGIN, PROBES
+from qlora_core.frontier_probes import (ABOVE_MARGIN, PROBE_OUTCOMES, PROBES, probe_name, probe_peak_bytes,
+                                        summarized)
 from qlora_core.measure.frontier import ALLOCATOR_HEADROOM, TOKEN_GRANULARITY
 from qlora_core.measure.memory import GIB
 from qlora_core.modes import MODES
@@ -102,14 +106,37 @@ def probe_cells_by_setup(results: list[CellResult]) -> dict[tuple, CellResult]:
     return cells
 
 
+def _probe_cell(frontier: dict, probe: str, probe_cells: dict[tuple, CellResult]) -> CellResult | None:
+    """The cell of one of the frontier's probes among those read, whatever its status; None if not read."""
+    tokens = ((frontier.get("probes") or {}).get(probe) or {}).get("tokens")
+    setup = _probe_setup(frontier["shape"], frontier["mode"], frontier["path"], frontier.get("levers") or {},
+                         frontier["capacity_bytes"], tokens)
+    return probe_cells.get(setup)
+
+
+def with_later_probes(frontier: dict) -> dict:
+    """The frontier with each probe its document says was not run filled in from the probe's own cell file in
+    the document's ``probes/`` folder, where one of the probe's length is there: a probe run by a later call,
+    which a document written before ``--resume`` kept earlier probes (2026-12-03) does not hold; and what the
+    probes then make of it (``frontier_probes.summarized``)."""
+    probes = dict(frontier.get("probes") or {})
+    folder = Path(frontier["document"]).parent / "probes"
+    for probe, entry in probes.items():
+        path = folder / f"{probe_name(frontier, probe)}.json"
+        if entry["status"] != "not run" or not path.is_file():
+            continue
+        result = json.loads(path.read_text())
+        if result["settings"]["seq_len"] == entry["tokens"] and result["status"] in PROBE_OUTCOMES:
+            probes[probe] = {**entry, "status": result["status"], "peak_bytes": probe_peak_bytes(result)}
+    return frontier if probes == frontier.get("probes", {}) else summarized(frontier, probes)
+
+
 def _at_probe_figures(frontier: dict, probe_cells: dict[tuple, CellResult]) -> dict:
     """The at probe's measured peak (GiB), its ratio to the predicted peak, and its cell's tokens a second where
     its cell was read beside the frontier (None otherwise): what training at the frontier holds and gets."""
     at = (frontier.get("probes") or {}).get("at") or {}
     peak = at.get("peak_bytes")
-    setup = _probe_setup(frontier["shape"], frontier["mode"], frontier["path"], frontier.get("levers") or {},
-                         frontier["capacity_bytes"], at.get("tokens"))
-    cell = probe_cells.get(setup) if at.get("status") == "ok" else None  # not another frontier's probe that ran
+    cell = _probe_cell(frontier, "at", probe_cells) if at.get("status") == "ok" else None
     return {
         "at_peak_gib": None if peak is None else peak / GIB,
         "at_over_predicted": None if peak is None else peak / frontier["peak_bytes"],
@@ -119,7 +146,9 @@ def _at_probe_figures(frontier: dict, probe_cells: dict[tuple, CellResult]) -> d
 
 def frontier_row(frontier: dict, probe_cells: dict[tuple, CellResult] | None = None) -> dict:
     """One row (plain numbers, units in the keys) from a frontier as ``results.read_paths`` gives it, with its
-    at probe's cell from ``probe_cells`` (``probe_cells_by_setup``) where read."""
+    probes' cells from ``probe_cells`` (``probe_cells_by_setup``) where read."""
+    probe_cells = probe_cells or {}
+    frontier = with_later_probes(frontier)
     predicted, measured = frontier["bytes_per_token"], frontier.get("measured_bytes_per_token")
     row = {
         "shape": frontier["shape"],
@@ -136,7 +165,7 @@ def frontier_row(frontier: dict, probe_cells: dict[tuple, CellResult] | None = N
     for probe in PROBES:
         row[f"{probe}_tokens"] = probes.get(probe, {}).get("tokens")
         row[f"{probe}_status"] = probes.get(probe, {}).get("status")
-    return row | _at_probe_figures(frontier, probe_cells or {}) | {
+    return row | _at_probe_figures(frontier, probe_cells) | {
         "measured_mib_per_token": None if measured is None else measured / MIB,
         "measured_over_predicted": None if measured is None or not predicted else measured / predicted,
         "confirmed": _confirmed(frontier),
@@ -185,7 +214,8 @@ def notes() -> list[str]:
         f"bytes, so the allocator's slack (reserved beyond allocated) comes on top of the prediction.",
         "probes: cells at batch 1 at half the predicted tokens, at them and above them, each with its status "
         "(ok, oom: out of memory under the cap); measured MiB/token: between the half and the at probe's "
-        "allocator peaks; at probe peak: its allocator's peak (allocated, growth since its load began) and its "
+        "allocator peaks; a probe the frontier's document says was not run is shown from its own cell in the "
+        "document's probes/ folder where a later call ran it; at probe peak: its allocator's peak (allocated, growth since its load began) and its "
         "ratio to the predicted peak; tokens/s at the frontier: the at probe's step (its cell's row above; '-' "
         "where its cell was not read with the frontier).",
         f"confirmed: the at probe ran and the above probe ran out of memory (bound by positions or host memory: "

@@ -174,3 +174,25 @@ def test_the_picture_marks_what_each_frontier_s_probes_found():
     for frontier, state in zip(frontiers, states):
         assert (state == confirmed) == frontier["confirmed"]
         assert (state == failed) == (frontier["probes"]["at"]["status"] != "ok")
+
+
+def test_a_probe_a_later_call_ran_is_read_from_its_cell_beside_the_document():
+    """The reference path's half probes at 24 and 48 GiB ran in a later call whose document (written before
+    ``--resume`` kept earlier probes) was left out: their cells, in the at/above document's probes/ folder,
+    fill in its half probe and the measured cost of a token, the cells' own peaks' slope."""
+    folders = [PATHS_RUN / f"frontier-8b-reference-{gib}" for gib in (24, 48)]
+    frame = frontier_table.frontier_frame(read_paths(folders).frontiers)
+    assert len(frame) == 8 and set(frame["half_status"]) == {"ok"}
+    assert all(json.loads((folder / "frontier.json").read_text())["frontiers"][0]["probes"]["half"]["status"]
+               == "not run" for folder in folders)
+    peaks = {}
+    for folder in folders:
+        for probe in ("half", "at"):
+            for cell in (folder / "probes").glob(f"*-{probe}.json"):
+                result = json.loads(cell.read_text())
+                key = (result["settings"]["mode"], result["settings"]["memory_cap_bytes"])
+                peaks.setdefault(key, {})[result["settings"]["seq_len"]] = (
+                    result["predicted_vs_measured"]["training_peak"]["measured_bytes"])
+    for _, row in frame.iterrows():
+        (short, low), (long, high) = sorted(peaks[(row["mode"], row["capacity_gib"] * GIB)].items())
+        assert row["measured_mib_per_token"] == pytest.approx((high - low) / (long - short) / MIB)
