@@ -215,8 +215,8 @@ def notes() -> list[str]:
         "probes: cells at batch 1 at half the predicted tokens, at them and above them, each with its status "
         "(ok, oom: out of memory under the cap); measured MiB/token: between the half and the at probe's "
         "allocator peaks; a probe the frontier's document says was not run is shown from its own cell in the "
-        "document's probes/ folder where a later call ran it; at probe peak: its allocator's peak (allocated, growth since its load began) and its "
-        "ratio to the predicted peak; tokens/s at the frontier: the at probe's step (its cell's row above; '-' "
+        "document's probes/ folder where a later call ran it; at probe peak: its allocator's peak (allocated, "
+        "growth since its load began) and its ratio to the predicted peak; tokens/s at the frontier: the at probe's step (its cell's row above; '-' "
         "where its cell was not read with the frontier).",
         f"confirmed: the at probe ran and the above probe ran out of memory (bound by positions or host memory: "
         f"the at probe ran); not measured: no probes; no, with what the probes found; 'above ran within the "

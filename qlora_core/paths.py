@@ -77,7 +77,7 @@ def causal_lm_loss(model, input_ids: torch.Tensor) -> torch.Tensor:
     return model(input_ids=input_ids, labels=input_ids).loss
 
 
-def _body_and_head(model):
+def body_and_head(model):
     """The decoder stack (returns final hidden states) and the output head of a causal LM, peft-wrapped or not."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return getattr(base, base.base_model_prefix), base.get_output_embeddings()
@@ -106,7 +106,7 @@ def chunked_causal_lm_nll(model, input_ids: torch.Tensor, *, labels: torch.Tenso
     states) and labels; backward recomputes the chunk's logits. The sum, not the mean, so a caller that
     accumulates micro-batches can divide by the tokens of all of them (as transformers' Trainer does).
     """
-    body, head = _body_and_head(model)
+    body, head = body_and_head(model)
     hidden = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
     hidden = hidden.reshape(-1, hidden.shape[-1])  # [batch * seq, h], contiguous: a view
     targets = next_token_labels(input_ids if labels is None else labels).reshape(-1)

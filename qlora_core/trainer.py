@@ -3,13 +3,13 @@
 The mode enters only through ``compute_dtype`` (autocast) and the model it was loaded into; nothing here
 branches on a mode's name. The step runs through ``accelerate.Accelerator`` (``distributed.make_accelerator``):
 in one process that changes nothing (the same losses and weights, bit for bit); in several processes of one
-host (``distributed.launch``) each rank trains on its share of every global batch (``data.rank_rows``) with the
-adapters' gradients all-reduced (DDP).
+host (``distributed.launch``) each rank trains on its share of every global batch (``data.rank_rows``), the
+ranks sharing the training as a ``strategies`` strategy says (DDP: the adapters' gradients all-reduced; FSDP:
+every parameter sharded).
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import os
 from collections.abc import Iterator
@@ -23,6 +23,7 @@ from qlora_core.data import rank_rows
 from qlora_core.distributed import make_accelerator
 from qlora_core.measure.timing import timed
 from qlora_core.paths import check_path
+from qlora_core.strategies import check_strategy, gradient_sync, wrap
 
 if TYPE_CHECKING:
     from qlora_core.modes import Mode
@@ -240,11 +241,13 @@ class LoraTrainer:
     ``batches`` (the same seed) and trains on its rows of each (``data.rank_rows``); ``batch`` must divide by the
     number of processes. The loss is computed in the forward of a module around the model (``LossModule``), the
     module DDP wraps, so both paths' losses run under DDP: the lean path's reaches the decoder and head directly,
-    around the model's own forward, which DDP would otherwise never see.
+    around the model's own forward, which DDP would otherwise never see. ``strategy`` (``strategies``): how the
+    ranks share the training, ``ddp`` or ``fsdp``; under FSDP the model must have been loaded as
+    ``strategies.mode_for`` says, and its parameters are sharded in place.
     """
 
     def __init__(self, model, batches: Iterator[torch.Tensor], settings: TrainSettings, compute_dtype: torch.dtype,
-                 loss_fn=None, compile: bool = False):
+                 loss_fn=None, compile: bool = False, strategy: str = "ddp"):
         from transformers import get_scheduler
 
         from qlora_core.paths import causal_lm_loss
@@ -255,17 +258,19 @@ class LoraTrainer:
         self.settings = settings
         self.compute_dtype = compute_dtype
         self.device = next(model.parameters()).device
-        self.trainable = [p for p in model.parameters() if p.requires_grad]
-        if not self.trainable:
+        if not any(p.requires_grad for p in model.parameters()):
             raise ValueError("the model has no trainable parameters: attach LoRA adapters first")
+        self.strategy = check_strategy(strategy)
         self.accelerator = make_accelerator(self.device)
-        # The loss as trained (``LossModule``): in DistributedDataParallel with several processes (every rank holds
-        # the whole quantized model; the adapters' gradients are all-reduced in backward), as it is with one.
+        # The loss as trained (``LossModule``), as the strategy shares it between processes (DDP: in
+        # DistributedDataParallel, every rank holding the whole quantized model, as it is with one process).
         # The optimizer and the schedule stay unprepared: accelerate's optimizer wrapper only adds its own
         # scaler and gradient-accumulation bookkeeping, neither used here, and its scheduler wrapper advances
         # the schedule once per process each step (it assumes each process saw 1/N of an epoch's batches) and
         # not at all after a step the scaler skipped, which would change today's fp16 schedule.
-        self.training_model = self.accelerator.prepare_model(LossModule(model, self.loss_fn))
+        self.training_model = wrap(self.accelerator, LossModule(model, self.loss_fn), self.strategy)
+        # taken after wrapping: FSDP replaces the parameters with their shards, which the optimizer must step
+        self.trainable = [p for p in self.training_model.parameters() if p.requires_grad]
         if compile:  # forward and backward through torch.compile; the first step compiles (``compile_report``)
             reset_compile_counters()
             self.training_model = torch.compile(self.training_model)
@@ -299,12 +304,11 @@ class LoraTrainer:
     def _micro_step(self, sync: bool) -> tuple[torch.Tensor, int]:
         """Forward and backward of this rank's share of the next global batch; returns its loss and the global
         batch's token count. Only a ``sync`` micro-batch all-reduces the gradients: the earlier ones of a step
-        accumulate locally (DDP's ``no_sync``), so a step costs one all-reduce whatever ``grad_accum``."""
+        accumulate locally (``strategies.gradient_sync``), so a step reduces once whatever ``grad_accum``."""
         batch = next(self.batches)
         accelerator = self.accelerator
         shard = rank_rows(batch, accelerator.process_index, accelerator.num_processes).to(self.device)
-        # The context must hold the forward too: DDP decides at forward time whether backward will sync.
-        with contextlib.nullcontext() if sync else accelerator.no_sync(self.training_model):
+        with gradient_sync(accelerator, self.training_model, self.strategy, sync):
             # torch's autocast rather than accelerate's mixed precision: see distributed.make_accelerator.
             with torch.autocast(self.device.type, dtype=self.compute_dtype):
                 loss = self.training_model(shard)
@@ -319,8 +323,8 @@ class LoraTrainer:
             losses.append(loss)
             tokens += n
         # Our own scaler, not accelerate's (mixed precision is off there): unscale before the clipping reads
-        # the norm. accelerate's clipping computes torch's norm for DDP (the same bits: tests/test_trainer.py)
-        # and is where an FSDP strategy's sharded gradients would be clipped.
+        # the norm. accelerate's clipping computes torch's norm (the same bits: tests/test_trainer.py), over
+        # the whole gradient for FSDP's sharded ones too (torch's norm of DTensors reduces across the ranks).
         self.scaler.unscale_(self.optimizer)
         self.accelerator.clip_grad_norm_(self.trainable, self.settings.max_grad_norm)
         self.scaler.step(self.optimizer)

@@ -1,14 +1,17 @@
 """Several processes of one host (``qlora_core.distributed``): 2 CPU ranks joined with gloo train the tiny model
-as one process does with the same global batch, and end with the same adapters on every rank."""
+as one process does with the same global batch, and end with the same adapters on every rank, whether they share
+it by DDP or by FSDP (``qlora_core.strategies``)."""
 
 from __future__ import annotations
 
 import itertools
+import os
 
 import pytest
 import torch
 
 from qlora_core.distributed import launch
+from qlora_core.strategies import STRATEGIES
 
 CPU = torch.device("cpu")
 RANKS = 2
@@ -32,10 +35,12 @@ def global_batch(step: int) -> torch.Tensor:
     return torch.randint(0, 256, (GLOBAL_BATCH, SEQ_LEN), generator=torch.Generator().manual_seed(step))
 
 
-def train_modes(model_dir: str) -> dict[str, dict]:
+def train_modes(model_dir: str, strategy: str = "ddp", device: str = "cpu") -> dict[str, dict]:
     """Train the tiny model's adapters in each of MODES in this process (a launched rank, or the test's own
-    process as the one-process reference); per mode: step losses and tokens, step seconds (the step's, every
-    rank's), the adapter weights before and after, and what the process holds after (``memory_snapshot``)."""
+    process as the one-process reference), the ranks sharing the training as ``strategy`` says; per mode: step
+    losses and tokens, step seconds (the step's, every rank's), the adapter weights before and after (whole:
+    FSDP's shards gathered), and what the process holds after (``memory_snapshot``). ``device``: where it trains
+    (a rank on CUDA takes its local rank's GPU)."""
     from peft.utils import get_peft_model_state_dict
 
     from qlora_core.lora import LoraSettings, attach_lora
@@ -43,28 +48,40 @@ def train_modes(model_dir: str) -> dict[str, dict]:
     from qlora_core.models import load_model, prepare_for_training, resolve_model
     from qlora_core.modes import get_mode
     from qlora_core.paths import loss_function
+    from qlora_core.strategies import mode_for
     from qlora_core.trainer import LoraTrainer, TrainSettings
 
+    def whole(adapters: dict) -> dict[str, torch.Tensor]:
+        return {key: (value.full_tensor() if hasattr(value, "full_tensor") else value).clone()
+                for key, value in adapters.items()}
+
     source = resolve_model(model_dir)
+    where = torch.device(device, int(os.environ.get("LOCAL_RANK", 0))) if device == "cuda" else CPU
     settings = TrainSettings(learning_rate=1e-2, grad_accum=2, warmup_steps=1, max_steps=4, max_grad_norm=0.1)
     runs = {}
     for name in RUNS:
         path = "lean" if name.endswith("-lean") else "reference"
-        mode = get_mode(name.removesuffix("-lean"))
-        model = prepare_for_training(load_model(source, mode, CPU), mode, gradient_checkpointing=False, path=path)
+        mode = mode_for(get_mode(name.removesuffix("-lean")), strategy)
+        model = prepare_for_training(load_model(source, mode, where), mode, gradient_checkpointing=False, path=path)
         torch.manual_seed(0)  # the same initial adapters on every rank and in the reference
         model = attach_lora(model, LoraSettings(r=8, alpha=16, dropout=0.0))
-        initial = {key: value.clone() for key, value in get_peft_model_state_dict(model).items()}
+        initial = whole(get_peft_model_state_dict(model))
         batches = (global_batch(step) for step in itertools.count())
-        records = LoraTrainer(model, batches, settings, mode.torch_compute_dtype, loss_fn=loss_function(path)).train()
+        trainer = LoraTrainer(model, batches, settings, mode.torch_compute_dtype, loss_fn=loss_function(path),
+                              strategy=strategy)
+        records = trainer.train()
+        held = [(p.to_local() if hasattr(p, "to_local") else p) for p in trainer.training_model.parameters()]
         runs[name] = {
             "losses": [r.loss for r in records],
             "tokens": [r.tokens for r in records],
             "seconds": [r.seconds for r in records],
             "rank_seconds": [r.rank_seconds for r in records],
             "initial_adapters": initial,
-            "adapters": {key: value.clone() for key, value in get_peft_model_state_dict(model).items()},
-            "memory": memory_snapshot(CPU),
+            "adapters": whole(get_peft_model_state_dict(model)),
+            "memory": memory_snapshot(where),
+            # the parameters' elements this rank holds, of all the model's (FSDP's shards hold part of each)
+            "strategy": strategy,
+            "held_share": sum(t.numel() for t in held) / sum(p.numel() for p in trainer.training_model.parameters()),
         }
     return runs
 
@@ -88,10 +105,11 @@ def one_process(tiny_model_dir) -> dict[str, dict]:
     return train_modes(str(tiny_model_dir))
 
 
-@pytest.fixture(scope="module")
-def two_ranks(tiny_model_dir) -> list[dict[str, dict]]:
-    """``train_modes`` in 2 launched CPU processes (gloo, DDP), by rank."""
-    return launch(train_modes, (str(tiny_model_dir),), num_processes=RANKS)
+@pytest.fixture(scope="module", params=STRATEGIES)
+def two_ranks(request, tiny_model_dir) -> list[dict[str, dict]]:
+    """``train_modes`` in 2 launched CPU processes (gloo), by rank, under each strategy: DDP, and FSDP (every
+    parameter sharded, the 4-bit weights stored in bf16 for it: FSDP-QLoRA)."""
+    return launch(train_modes, (str(tiny_model_dir), request.param), num_processes=RANKS)
 
 
 def test_launch_returns_each_ranks_value_with_its_own_rank():
@@ -151,14 +169,23 @@ def test_step_time_is_the_slowest_ranks_and_every_rank_reports_it(two_ranks):
     assert all(rank["bf16"]["memory"]["peak_rss_bytes"] > 0 for rank in two_ranks)  # per rank: its own process
 
 
-@pytest.mark.skip(reason=(
-    "no FSDP strategy yet: the trainer's only multi-process strategy is DDP, through accelerate, and accelerate "
-    "1.16 does not do FSDP on CPU: in 2 gloo processes Accelerator(cpu=True, fsdp_plugin="
-    "FullyShardedDataParallelPlugin(fsdp_version=2)).distributed_type is DistributedType.MULTI_CPU, the plugin "
-    "silently ignored (its FSDP branch is under the accelerator device types, accelerate/state.py). torch 2.13's "
-    "own fully_shard does run 2 training steps of the tiny bf16 and nf4 models on CPU with gloo (tried; results "
-    "not checked)"
-))
-def test_two_fsdp_ranks_follow_the_one_process_loss_trajectory():
-    """FSDP-QLoRA (4-bit weights stored for sharding, bnb_4bit_quant_storage) across 2 CPU ranks: the same test
-    as the DDP one above, once the trainer has an FSDP strategy that runs on CPU."""
+@pytest.mark.parametrize("name", RUNS)
+def test_fsdp_ranks_hold_half_the_parameters_and_ddp_ranks_all(two_ranks, name):
+    """Under FSDP each of 2 ranks holds about half of every parameter, the 4-bit weights included (a shard is
+    padded to a whole share of dim 0); under DDP each holds the whole model."""
+    shares = [rank[name]["held_share"] for rank in two_ranks]
+    if two_ranks[0][name]["strategy"] == "ddp":
+        assert shares == [1.0, 1.0]
+    else:
+        assert sum(shares) == pytest.approx(1.0, abs=0.02) and all(0.4 < share < 0.6 for share in shares)
+
+
+@pytest.mark.gpu
+def test_one_fsdp_rank_on_cuda_trains_as_one_process_does(tiny_model_dir):
+    """FSDP with a single rank on one GPU (a process group of one: NCCL) against the same training unwrapped: the
+    same loss trajectory within LOSS_TOLERANCE, in every run of ``train_modes``."""
+    (sharded,) = launch(train_modes, (str(tiny_model_dir), "fsdp", "cuda"), num_processes=1)
+    (plain,) = launch(train_modes, (str(tiny_model_dir), "ddp", "cuda"), num_processes=1)
+    for name in RUNS:
+        torch.testing.assert_close(sharded[name]["losses"], plain[name]["losses"], rtol=0, atol=LOSS_TOLERANCE)
+        assert sharded[name]["held_share"] == pytest.approx(1.0, abs=0.02)  # one rank holds every shard
