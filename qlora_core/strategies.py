@@ -3,10 +3,11 @@
 - ``ddp``: every rank holds the whole model as loaded; the adapters' gradients are all-reduced in backward
   (accelerate's ``prepare_model``: DistributedDataParallel).
 - ``fsdp``: torch's FSDP2 (``fully_shard``) shards every parameter across the ranks, the frozen base's too. Each
-  decoder layer, the decoder body (embeddings, final norm) and the output head are units of their own, gathered
-  for their forward and backward and resharded after: the lean path's loss and evaluation call the body and head
-  around the model's own forward, which a unit holding them would never see. The adapters' gradients are
-  reduce-scattered, so each rank steps the optimizer on its shard of them. bitsandbytes' 4-bit weights are stored
+  decoder layer, the input embeddings and the output head are units of their own, each gathered for its own
+  forward and backward and resharded after (the embeddings are not held whole while the layers run, and the lean
+  path's loss calls the head around the model's own forward); the rest (the final norm; tied embeddings and head,
+  one parameter) belongs to the root, the module the loss is computed in. The adapters' gradients are reduce-scattered, so each rank steps the optimizer
+  on its shard of them. bitsandbytes' 4-bit weights are stored
   in the compute dtype for it (``bnb_4bit_quant_storage``; FSDP shards floating-point tensors only: FSDP-QLoRA as
   bitsandbytes documents it); LLM.int8's int8 weights and HQQ's cannot be, and are refused.
 
@@ -58,15 +59,15 @@ def wrap(accelerator, loss_module: torch.nn.Module, strategy: str) -> torch.nn.M
     """``loss_module`` (``trainer.LossModule``, its ``model`` inside) as ``strategy`` trains it: in accelerate's
     DistributedDataParallel, or sharded in place by FSDP2, every unit the module docstring names and the loss
     module itself as the root. Optimizers must take the parameters after this: FSDP replaces them with shards."""
-    from qlora_core.paths import body_and_head
-
     if check_strategy(strategy) == "ddp":
         return accelerator.prepare_model(loss_module)
     from torch.distributed.fsdp import fully_shard
 
     model = loss_module.model
     _process_group(next(model.parameters()).device)
-    for unit in [*decoder_layers(model), *body_and_head(model)]:
+    embeddings, head = model.get_input_embeddings(), model.get_output_embeddings()
+    tied = head is not None and head.weight is embeddings.weight  # one parameter: the root's, not two units'
+    for unit in [*decoder_layers(model), *([] if tied else [embeddings, head])]:
         fully_shard(unit)
     fully_shard(loss_module)
     return loss_module

@@ -76,3 +76,18 @@ print(json.dumps(losses))
     losses = json.loads(run.stdout.strip().splitlines()[-1])
     assert losses["group"] == 1
     torch.testing.assert_close(losses["fsdp"], losses["ddp"], rtol=0, atol=5e-4)
+
+
+def test_fsdp_trains_a_model_whose_head_is_its_embeddings(tmp_path):
+    """Tied input embeddings and head (SmolLM2, Qwen2): one parameter, which the root shards; 2 CPU ranks train
+    along one process's losses as with an untied head (tests/test_distributed.py)."""
+    from tiny import make_model_folder
+
+    from qlora_core.distributed import launch
+    from test_distributed import LOSS_TOLERANCE, train_modes
+
+    folder = str(make_model_folder(tmp_path / "tied", tie_word_embeddings=True))
+    alone = train_modes(folder)
+    for rank in launch(train_modes, (folder, "fsdp"), num_processes=2):
+        for name in alone:
+            torch.testing.assert_close(rank[name]["losses"], alone[name]["losses"], rtol=0, atol=LOSS_TOLERANCE)
