@@ -50,6 +50,7 @@ from qlora_core.shapes import (
     shape_config,
     shape_source,
 )
+from qlora_core.strategies import check_strategy, mode_for
 from qlora_core.trainer import LoraTrainer, StepRecord, TrainSettings, compile_report
 
 #: The dtype bitsandbytes' int8 matmul (MatMul8bitLt) really computes in: it casts its inputs to float16
@@ -86,8 +87,12 @@ class CellSettings:
         compile: step through ``torch.compile`` (``--path lean`` with it is issue 14's compiled path); the first
             step compiles: its time is reported apart (the result's ``compile``) and warm-up keeps it out of the
             step-time statistics.
-        num_processes: train on this many processes of one host (``qlora_core.cell_ranks``: DDP, every rank
-            holding the whole quantized model, ``batch_size`` rows a step shared between them; rank 0 evaluates).
+        num_processes: train on this many processes of one host (``qlora_core.cell_ranks``: ``batch_size`` rows a
+            step shared between them; rank 0 evaluates).
+        strategy: how those processes share the training (``qlora_core.strategies``): ``ddp``, every rank holding
+            the whole quantized model, or ``fsdp``, every parameter sharded (shape cells only: a checkpoint's
+            evaluations of a sharded model are not written; and modes whose weights FSDP can shard). The memory
+            floor does not model FSDP's shards and gathers yet: its cells carry no prediction.
         trace_memory: on CUDA, record the allocator's history over the last training step and put what was alive
             at its peak, by block size in bytes a token, in the result (``measure.memory_trace``): where a
             prediction misses, this says what it missed. Off CUDA: nothing to record, and nothing is.
@@ -127,6 +132,7 @@ class CellSettings:
     memory_cap_bytes: int | None = None
     compile: bool = False
     num_processes: int = 1
+    strategy: str = "ddp"
     profile_steps: int = 0
     offload_activations: bool = False
     mlp_tile_tokens: int | None = None
@@ -164,6 +170,11 @@ class CellSettings:
     def _check_processes(self) -> None:
         if self.num_processes < 1:
             raise ValueError(f"num_processes must be >= 1, got {self.num_processes}")
+        if check_strategy(self.strategy) == "fsdp":
+            if self.shape is None:
+                raise ValueError("strategy fsdp is for shape cells (random weights) so far: a checkpoint's "
+                                 "evaluations of a sharded model are not written; use ddp")
+            mode_for(get_mode(self.mode), self.strategy)  # refuses a mode FSDP cannot shard, naming it
         if self.batch_size % self.num_processes:
             raise ValueError(f"batch_size ({self.batch_size}) must divide by num_processes ({self.num_processes}): "
                              f"each process trains on an equal share of every step's rows")
@@ -280,7 +291,10 @@ def predicted_floor(settings: CellSettings, config, device_type: str,
                     int8_outlier_columns: dict[str, float] | None = None) -> dict | None:
     """The memory floor of the cell's set-up on its path (``measure.floor``), with int8's outlier columns where
     measured; None for an architecture the floor has no activation accounting for (NotImplementedError) or that
-    transformers cannot build from its config alone (ValueError: e.g. remote code)."""
+    transformers cannot build from its config alone (ValueError: e.g. remote code), and for FSDP, whose shards
+    and gathers it does not model yet."""
+    if settings.strategy == "fsdp":
+        return None
     try:
         return memory_floor(  # of one process: with several, each holds the model and trains on its rows
             config, get_mode(settings.mode), settings.lora, settings.seq_len, settings.rows_per_process,
@@ -367,7 +381,7 @@ class Cell:
 
         self.settings = settings
         self.report = report
-        self.mode = get_mode(settings.mode)
+        self.mode = mode_for(get_mode(settings.mode), settings.strategy)  # as the strategy stores its weights
         # a rank started by ``cell_ranks``: its number, and its own GPU; evaluations are rank 0's alone
         self.rank = int(os.environ.get("RANK", "0")) if settings.num_processes > 1 else 0
         self.device = rank_device(resolve_device(settings.device), settings.num_processes)
@@ -436,7 +450,7 @@ class Cell:
             state.model, loss_fn = settings.levers.apply(model, loss_function(path))
             batches = datalib.batches(self.inputs.train_blocks, settings.batch_size, settings.train.seed)
             state.trainer = LoraTrainer(state.model, batches, settings.train, self.mode.torch_compute_dtype,
-                                        loss_fn=loss_fn, compile=settings.compile)
+                                        loss_fn=loss_fn, compile=settings.compile, strategy=settings.strategy)
         state.memory["after_setup"] = memory_snapshot(self.device)
         state.tensors_after_setup_bytes = (weight_footprint(state.model)["weights_bytes"]
                                            + optimizer_state_bytes(state.trainer.optimizer))

@@ -208,8 +208,10 @@ def _processes_note(result: CellResult) -> str:
     shown = ", ".join("-" if peak is None else f"{peak / GIB:.2f}" for peak in peaks)
     largest = max((peak for peak in peaks if peak is not None), default=None)
     most = "" if largest is None else f" (largest {largest / GIB:.2f})"
+    sharing = {"fsdp": "FSDP: each held its shard of every parameter", "ddp": "DDP: each held the whole model"}
+    strategy = sharing[result.settings.extra.get("strategy", "ddp")]  # results before strategies were DDP's
     return (f"{model_label(result)} {result.mode.name}: trained on {len(peaks)} processes; peak GiB by "
-            f"process {shown}{most}; the table shows process 0's, which also evaluated.")
+            f"process {shown}{most} ({strategy}); the table shows process 0's, which also evaluated.")
 
 
 def _scaling_notes(ok: list[CellResult]) -> list[str]:
@@ -218,6 +220,7 @@ def _scaling_notes(ok: list[CellResult]) -> list[str]:
     def without_processes(result: CellResult) -> str:
         flat = flatten_settings(result.settings.to_json())
         flat.pop("num_processes", None)
+        flat.pop("strategy", None)  # one process shares nothing, whatever its strategy
         return json.dumps(flat, sort_keys=True, default=str)
 
     def processes(result: CellResult) -> int:

@@ -35,6 +35,7 @@ from qlora_core.cell import CellSettings
 from qlora_core.lora import ALL_LINEAR, LoraSettings
 from qlora_core.paths import PATHS
 from qlora_core.profiles import PROFILES
+from qlora_core.strategies import STRATEGIES
 from qlora_core.trainer import OPTIMIZERS, FinetuneSettings, TrainSettings
 
 #: The entry points generated from the declaration: the sweep's command line, bench/'s pytest options, and the
@@ -364,6 +365,11 @@ SETTINGS: tuple[Setting, ...] = (
                              "batch size must divide by it; one GPU each on CUDA; rank 0 evaluates). Not in "
                              "bench/, whose suites drive a cell's phases in one process", positive, ("sweep",),
             cell="num_processes"),
+    Setting("strategy", "how --num-processes processes share each cell's training: 'ddp' (each holds the whole "
+                        "model; the adapters' gradients all-reduced) or 'fsdp' (torch's FSDP2 shards every "
+                        "parameter across them, the 4-bit weights stored in the compute dtype for it; shape cells "
+                        "of the half-precision and bitsandbytes 4-bit modes; qlora_core/strategies.py)", str,
+            ("sweep",), cell="strategy", choices=STRATEGIES),
     Setting("profile_steps", HELP_PROFILE_STEPS, non_negative, cell="profile_steps",
             finetune="settings.profile_steps"),
     Setting("lora_r", "LoRA rank", positive, (*TRAINING_SURFACES, "frontier"), cell="lora.r", finetune="lora.r",

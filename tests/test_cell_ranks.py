@@ -15,10 +15,14 @@ from qlora_core.report import footnotes
 @pytest.mark.parametrize("overrides, message", [
     (dict(batch_size=3, num_processes=2), r"batch_size \(3\) must divide by num_processes \(2\)"),
     (dict(num_processes=0), "num_processes must be >= 1"),
+    (dict(num_processes=2, strategy="zero3"), "unknown strategy 'zero3'; choose from ddp, fsdp"),
+    (dict(num_processes=2, strategy="fsdp"), "strategy fsdp is for shape cells"),
+    (dict(num_processes=2, strategy="fsdp", shape="tiny-llama", mode="int8"),
+     "mode 'int8' cannot be trained with fsdp"),
 ])
 def test_settings_several_processes_cannot_run_are_refused(overrides, message):
     with pytest.raises(ValueError, match=message):
-        CellSettings(mode="bf16", batch_size=overrides.pop("batch_size", 4), **overrides)
+        CellSettings(mode=overrides.pop("mode", "bf16"), batch_size=overrides.pop("batch_size", 4), **overrides)
 
 
 def test_a_failed_or_silent_rank_fails_the_cell():
@@ -50,3 +54,22 @@ def test_two_processes_train_the_one_process_cell(tiny_model_dir, eval_text_file
     assert ranked["settings"]["num_processes"] == 2
     assert ranked["floor"]["tokens_per_micro_batch"] == one.seq_len * one.batch_size // 2  # one process's rows
     assert any("trained on 2 processes; peak GiB by process" in note for note in footnotes([ranked]))
+
+
+def test_two_fsdp_processes_train_the_one_process_shape_cell():
+    """A shape cell (the tiny Llama in nf4) across two gloo ranks sharing it by FSDP: the one-process losses within
+    the DDP cell's tolerance, the 4-bit weights stored in bf16 as the result's mode records, each rank's memory
+    and steps beside it, and no floor prediction (the floor does not model FSDP yet)."""
+    one = CellSettings(mode="nf4", shape="tiny-llama", seq_len=32, batch_size=2, timing_warmup=1, device="cpu",
+                       lora=dataclasses.replace(tiny_cell_settings("", "nf4").lora, dropout=0.0),
+                       train=tiny_cell_settings("", "nf4").train)
+    two = dataclasses.replace(one, num_processes=2, strategy="fsdp")
+    single, ranked = run_cell(one), run_cell(two)
+    assert ranked["status"] == "ok", ranked.get("error")
+    assert ranked["training"]["losses"] == pytest.approx(single["training"]["losses"], abs=5e-4)
+    assert ranked["settings"]["strategy"] == "fsdp" and ranked["mode"]["quant_storage"] == "bfloat16"
+    assert single["mode"]["quant_storage"] != "bfloat16"
+    assert [rank["rank"] for rank in ranked["ranks"]] == [0, 1]
+    assert ranked["floor"] is None and single["floor"] is not None
+    (note,) = [note for note in footnotes([ranked]) if "trained on 2 processes" in note]
+    assert "FSDP: each held its shard of every parameter" in note

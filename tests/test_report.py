@@ -245,7 +245,8 @@ def test_footnotes_give_each_processs_peak_for_a_cell_on_several(results):
     several["ranks"] = [{"rank": 0, **peak(8.5)}, {"rank": 1, **peak(8.25)}]
     (note,) = [note for note in footnotes([several]) if "processes" in note]
     assert note.endswith(f"{several['mode']['name']}: trained on 2 processes; peak GiB by process 8.50, 8.25 "
-                         f"(largest 8.50); the table shows process 0's, which also evaluated.")
+                         f"(largest 8.50) (DDP: each held the whole model); the table shows process 0's, which "
+                         f"also evaluated.")
     assert not any("processes;" in note for note in footnotes(results))
 
 
