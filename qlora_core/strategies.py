@@ -6,8 +6,8 @@
   decoder layer, the input embeddings and the output head are units of their own, each gathered for its own
   forward and backward and resharded after (the embeddings are not held whole while the layers run, and the lean
   path's loss calls the head around the model's own forward); the rest (the final norm; tied embeddings and head,
-  one parameter) belongs to the root, the module the loss is computed in. The adapters' gradients are reduce-scattered, so each rank steps the optimizer
-  on its shard of them. bitsandbytes' 4-bit weights are stored
+  one parameter) belongs to the root, the module the loss is computed in. The adapters' gradients are
+  reduce-scattered, so each rank steps the optimizer on its shard of them. bitsandbytes' 4-bit weights are stored
   in the compute dtype for it (``bnb_4bit_quant_storage``; FSDP shards floating-point tensors only: FSDP-QLoRA as
   bitsandbytes documents it); LLM.int8's int8 weights and HQQ's cannot be, and are refused.
 
