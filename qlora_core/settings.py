@@ -344,7 +344,11 @@ SETTINGS: tuple[Setting, ...] = (
             finetune="settings.seed"),
     Setting("compile", "step through torch.compile (with the lean path: the compiled path); the first step "
                        "compiles and is reported apart with the graph breaks, so keep a warm-up step", None,
-            ("sweep", "bench"), cell="compile"),
+            TRAINING_SURFACES, cell="compile", finetune="settings.compile",
+            on_surface={"finetune": {"help": "each micro-batch's loss, forward and backward, through torch.compile: "
+                                             "the first step compiles (the summary's training.compile; the step "
+                                             "times leave that step out), and a micro-batch of a padded length not "
+                                             "seen before compiles again"}}),
     Setting("offload_activations", "lean path's memory lever: keep what a forward saves outside checkpointed "
                                    "layers (every layer's input, the final norm's, the loss chunks' hidden "
                                    "states) in pinned host memory, copied on a side stream, brought back for "

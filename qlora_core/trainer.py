@@ -104,6 +104,9 @@ class FinetuneSettings:
         path: ``"reference"`` (the tutorial's: peft's k-bit preparation, the model's own loss) or ``"lean"``
             (``qlora_core.paths``: no upcasts, compute-dtype adapters, the loss in chunks), mixed precision on
             every device (the lean adapters take their input as autocast gives it).
+        compile: each micro-batch's loss, forward and backward, through torch.compile (``workflow.WorkflowTrainer``):
+            the first step compiles, and a micro-batch of a padded length not seen before compiles again. Not in
+            the tutorial.
     """
 
     batch_size: int = 2
@@ -119,6 +122,7 @@ class FinetuneSettings:
     seed: int = 0
     profile_steps: int = 0
     path: str = "reference"
+    compile: bool = False
 
     def __post_init__(self) -> None:
         check_path(self.path)

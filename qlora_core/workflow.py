@@ -45,7 +45,7 @@ from qlora_core.modes import BASELINE_MODE, Mode, get_mode
 from qlora_core.paths import attach_adapters, check_path, chunked_causal_lm_nll
 from qlora_core.results import (FINETUNE_SCHEMA, MERGE_SCHEMA, environment, publish_folder, share_as_umask_allows,
                                 write_json_atomic)
-from qlora_core.trainer import FinetuneSettings, save_adapter
+from qlora_core.trainer import FinetuneSettings, compile_report, reset_compile_counters, save_adapter
 
 #: The tutorial's prompt.
 TUTORIAL_PROMPT = "Two things are infinite: "
@@ -224,9 +224,24 @@ class AdapterOnlyCheckpointCallback(TrainerCallback):
 # ---- training ----
 
 
+class LeanLoss(torch.nn.Module):
+    """The lean path's loss of a micro-batch (``paths.chunked_causal_lm_nll``: summed NLL and scored tokens) as
+    the forward of a module holding the model: what torch.compile takes whole, forward and backward, since the
+    chunked loss reaches the decoder and head around the model's own forward."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor,
+                attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        return chunked_causal_lm_nll(self.model, input_ids, labels=labels, attention_mask=attention_mask)
+
+
 class WorkflowTrainer(Trainer):
     """transformers' ``Trainer``, counting FLOPs (``trainer_state.json``'s ``total_flos``) as it does, with the
-    model's parameter count taken once, and the loss of the training ``path``.
+    model's parameter count taken once, and the loss of the training ``path``; with ``compile``, that loss through
+    torch.compile (the model's forward on the reference path, ``LeanLoss`` on the lean path).
 
     The base class recounts the parameters every micro-batch by walking every module (18 ms on SmolLM2-135M with
     LoRA on all linears, measured on one CPU core: 70 ms of each 4-micro-batch step); the count never changes.
@@ -234,26 +249,30 @@ class WorkflowTrainer(Trainer):
 
     _non_embedding_parameters: int | None = None
 
-    def __init__(self, *args, path: str = "reference", **kwargs):
+    def __init__(self, *args, path: str = "reference", compile: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.path = check_path(path)
         if self.path == "lean":
             # ``compute_loss`` divides by the tokens of the whole optimizer step when the Trainer counts them, as
             # the model's own loss does; this tells the Trainer (of every version) not to divide again
             self.model_accepts_loss_kwargs = True
+        self.compiled = None
+        if compile:  # the first micro-batch compiles (``compile_report``); the eager model trains the same weights
+            reset_compile_counters()
+            self.compiled = torch.compile(self.model if self.path == "reference" else LeanLoss(self.model))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """The reference path's loss is the model's own; the lean path's ``paths.chunked_causal_lm_nll`` over the
         micro-batch, divided by the step's scored tokens (``num_items_in_batch``) or, without them, its own."""
         if self.path == "reference":
-            return super().compute_loss(model, inputs, return_outputs=return_outputs,
-                                        num_items_in_batch=num_items_in_batch)
+            return super().compute_loss(model if self.compiled is None else self.compiled, inputs,
+                                        return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
         if return_outputs:  # the Trainer asks for outputs when it evaluates, which the workflow never has it do
             raise ValueError("the lean path's loss keeps no logits to return")
+        loss = LeanLoss(model) if self.compiled is None else self.compiled
         # accelerate autocasts the model's forward, which the chunked loss goes around (body, then head)
         with self.accelerator.autocast():
-            total, scored = chunked_causal_lm_nll(model, inputs["input_ids"], labels=inputs["labels"],
-                                                  attention_mask=inputs.get("attention_mask"))
+            total, scored = loss(inputs["input_ids"], inputs["labels"], inputs.get("attention_mask"))
         return total / (scored if num_items_in_batch is None else num_items_in_batch)
 
     def floating_point_ops(self, inputs: dict) -> int:
@@ -408,7 +427,9 @@ def finetune(
     The summary holds the per-step losses, the training wall time (s, synchronized), each optimizer step's wall
     time (``step_seconds``, s, synchronized; ``step_time``: their median and spread, see ``StepTimer``), memory
     after loading and at the training peak (``memory_snapshot``), parameter counts, mode and model descriptions
-    with provenance, the settings, the environment, and a greedy sample from ``prompt``.
+    with provenance, the settings, the environment, and a greedy sample from ``prompt``; with
+    ``settings.compile``, what torch.compile made of the step (``trainer.compile_report``) and the first step's
+    time, its compilation included (``training.compile``; the step-time statistics leave that step out).
     """
     from transformers import set_seed
 
@@ -435,6 +456,7 @@ def finetune(
         data_collator=training_collator(tokenizer),
         callbacks=[checkpointing, step_timer, *([profiled] if settings.profile_steps else []), *callbacks],
         path=settings.path,
+        compile=settings.compile,
     )
     reset_peak(device)
     _, wall_s = timed(lambda: trainer.train(resume_from_checkpoint=str(start_from) if start_from else None), device)
@@ -464,6 +486,7 @@ def finetune(
             "step_seconds": step_timer.seconds,
             "step_time": step_timer.stats(leave_out_last=settings.profile_steps if profiled.summary else 0),
             "profile": profiled.summary,
+            "compile": {**compile_report(), "first_step_s": step_timer.seconds[0]} if settings.compile else None,
         },
         "memory": memory,
         "checkpoints": [folder.name for folder in list_checkpoints(output_dir) if checkpoint_is_complete(folder)],

@@ -16,6 +16,7 @@ COLUMNS = [
     ("rows_by_micro_batches", "rows x micro-batches", "{}"),
     ("path", "path", "{}"),
     ("checkpointing", "checkpointing", "{}"),
+    ("compile_first_step_s", "compiled: first step s", "{:.1f}"),
     ("torch_threads", "torch threads", "{:d}"),
     ("steps", "steps", "{:d}"),
     ("tokens_per_step", "tokens/step (mean)", "{:,.0f}"),
@@ -59,6 +60,7 @@ def finetune_row(summary: dict, merge: dict | None) -> dict:
         # summaries written before the workflow had a lean path trained on the reference one
         "path": summary["settings"].get("path", "reference"),
         "checkpointing": "yes" if summary["settings"]["gradient_checkpointing"] else "no",
+        "compile_first_step_s": (training.get("compile") or {}).get("first_step_s"),
         # host-bound steps depend on the threads the host runs (OMP_NUM_THREADS)
         "torch_threads": (summary.get("environment") or {}).get("torch_threads"),
         "steps": training["global_step"],
@@ -127,6 +129,8 @@ def notes(frame: pd.DataFrame) -> list[str]:
         "better.",
         "device busy (profiled): the share of the profiled steps' wall time the device spent in kernels "
         "(finetune --profile-steps; low: the host bounds the step).",
+        "compiled: the step through torch.compile (finetune --compile), with its first step's wall time, "
+        "compilation included (the median leaves it out); '-': eager.",
     ]
     if "merge_tolerance" in frame:
         tolerances = ", ".join(f"{mode} {tol:.0%}" for mode, tol in zip(frame["mode"], frame["merge_tolerance"])

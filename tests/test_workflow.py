@@ -496,3 +496,28 @@ def test_whole_workflow_on_smollm2(tmp_path):
     assert report["tolerance"]["within"], report["merged"]["relative_delta"]
     assert report["merged_into_quantized"]["lossy"] is True
 
+
+
+@pytest.mark.parametrize("path", ["reference", "lean"])
+def test_the_compiled_step_trains_as_the_eager_one(tiny_source, tmp_path, path):
+    """``finetune --compile``: the same losses as the eager step within the compiled cell's tolerance
+    (tests/test_compiled.py), and what torch.compile made of the step in the summary. nf4-dq, no dropout
+    (inductor's dropout draws other masks); a few minutes on one CPU thread."""
+    import pandas as pd
+    from test_compiled import LOSS_TOLERANCE
+
+    mode = get_mode("nf4-dq")
+    settings = replace(TINY_SETTINGS, path=path, max_steps=3, save_steps=3)
+    eager_lora = replace(TINY_LORA, dropout=0.0)
+    eager = workflow.finetune(tiny_source, mode, tmp_path / "eager", device=CPU, settings=settings,
+                              lora=eager_lora, max_new_tokens=2).summary
+    compiled = workflow.finetune(tiny_source, mode, tmp_path / "compiled", device=CPU,
+                                 settings=replace(settings, compile=True), lora=eager_lora, max_new_tokens=2).summary
+    assert compiled["training"]["losses"] == pytest.approx(eager["training"]["losses"], abs=LOSS_TOLERANCE)
+    report = compiled["training"]["compile"]
+    assert eager["training"]["compile"] is None and report["unique_graphs"] >= 1
+    assert report["first_step_s"] == compiled["training"]["step_seconds"][0]
+    assert isinstance(report["graph_breaks"], dict) and compiled["settings"]["compile"] is True
+    frame = workflow_table.workflow_frame([eager | {"path": "eager"}, compiled | {"path": "compiled"}], [])
+    first_step = dict(zip(frame["summary"], frame["compile_first_step_s"]))
+    assert first_step["compiled"] == report["first_step_s"] and pd.isna(first_step["eager"])
