@@ -26,11 +26,24 @@ def cuda_index(device: torch.device) -> int:
     return torch.cuda.current_device() if device.index is None else device.index
 
 
+def held(tensor: torch.Tensor) -> torch.Tensor:
+    """What this process holds of ``tensor``: where it is a DTensor (FSDP's parameters and the optimizer's state
+    of them), its local shard's whole storage, as a flat tensor: FSDP pads a parameter's shards to equal shares
+    of its dim 0, which every rank allocates; else the tensor itself."""
+    from torch.distributed.tensor import DTensor
+
+    if not isinstance(tensor, DTensor):
+        return tensor
+    local = tensor.to_local()
+    with torch.no_grad():
+        return local.new_empty(0).set_(local.untyped_storage())
+
+
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Bytes of the optimizer's state tensors, each storage once (0 before its first step, unless made upfront:
-    ``LoraTrainer.make_optimizer_state``). 0-d tensors are left out: Adam's step counts, which torch keeps on
-    the host even beside CUDA parameters."""
-    storages = {value.untyped_storage().data_ptr(): tensor_bytes(value)
+    """Bytes of the optimizer's state tensors this process holds, each storage once (0 before its first step,
+    unless made upfront: ``LoraTrainer.make_optimizer_state``). 0-d tensors are left out: Adam's step counts,
+    which torch keeps on the host even beside CUDA parameters."""
+    storages = {held(value).untyped_storage().data_ptr(): tensor_bytes(held(value))
                 for state in optimizer.state.values() for value in state.values()
                 if torch.is_tensor(value) and value.dim() > 0}
     return sum(storages.values())
@@ -41,7 +54,8 @@ def weight_footprint(model: torch.nn.Module) -> dict:
 
     Returns plain JSON: ``weights_bytes`` (everything), ``quantized_bytes`` (packed 4-bit or int8 data),
     ``quant_constants_bytes``, ``unquantized_bytes``, ``quantized_params`` (logical count),
-    ``bits_per_quantized_param`` (data plus constants; None when nothing is quantized), ``total_params``.
+    ``bits_per_quantized_param`` (data plus constants; None when nothing is quantized), ``total_params``. Of a
+    model sharded by FSDP, the bytes are this process's shards (``stored``); the counts are the whole model's.
     """
     seen: set[int] = set()
     counts = {"quantized_bytes": 0, "quant_constants_bytes": 0, "unquantized_bytes": 0}
@@ -54,15 +68,16 @@ def weight_footprint(model: torch.nn.Module) -> dict:
         counts[key] += tensor_bytes(tensor)
         return True
 
-    for param in model.parameters():
-        constants = quant_constants(param)
-        if not add(param, "quantized_bytes" if constants else "unquantized_bytes"):
-            continue
-        total_params += logical_numel(param)
-        if constants:
-            quantized_params += logical_numel(param)
-            for constant in constants:
-                add(constant, "quant_constants_bytes")
+    for module in model.modules():
+        for param in module.parameters(recurse=False):
+            tensor, constants, numel = stored(module, param)
+            if not add(tensor, "quantized_bytes" if constants else "unquantized_bytes"):
+                continue
+            total_params += numel
+            if constants:
+                quantized_params += numel
+                for constant in constants:
+                    add(constant, "quant_constants_bytes")
     for buffer in model.buffers():
         add(buffer, "unquantized_bytes")
     quantized_total = counts["quantized_bytes"] + counts["quant_constants_bytes"]
@@ -73,6 +88,16 @@ def weight_footprint(model: torch.nn.Module) -> dict:
         "bits_per_quantized_param": 8 * quantized_total / quantized_params if quantized_params else None,
         "total_params": total_params,
     }
+
+
+def stored(module: torch.nn.Module, param: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], int]:
+    """(what this process holds of ``module``'s parameter ``param``, its quantization constants, how many weights
+    it represents). FSDP's shard of a 4-bit weight is a plain DTensor: bitsandbytes keeps the weight's quant state
+    on its module (``Linear4bit.quant_state``), every rank all of it."""
+    if held(param) is param:
+        return param, quant_constants(param), logical_numel(param)
+    constants = quant_constants(module)
+    return held(param), constants, logical_numel(module) if constants else param.numel()
 
 
 def reset_peak(device: torch.device) -> None:
