@@ -92,7 +92,7 @@ class CellSettings:
         strategy: how those processes share the training (``qlora_core.strategies``): ``ddp``, every rank holding
             the whole quantized model, or ``fsdp``, every parameter sharded (shape cells only: a checkpoint's
             evaluations of a sharded model are not written; and modes whose weights FSDP can shard). The memory
-            floor does not model FSDP's shards and gathers yet: its cells carry no prediction.
+            floor predicts one rank's: its shards and the units it gathers (``measure.floor.fsdp_terms``).
         trace_memory: on CUDA, record the allocator's history over the last training step and put what was alive
             at its peak, by block size in bytes a token, in the result (``measure.memory_trace``): where a
             prediction misses, this says what it missed. Off CUDA: nothing to record, and nothing is.
@@ -290,17 +290,16 @@ def shape_inputs(settings: CellSettings) -> CellInputs:
 def predicted_floor(settings: CellSettings, config, device_type: str,
                     int8_outlier_columns: dict[str, float] | None = None) -> dict | None:
     """The memory floor of the cell's set-up on its path (``measure.floor``), with int8's outlier columns where
-    measured; None for an architecture the floor has no activation accounting for (NotImplementedError) or that
-    transformers cannot build from its config alone (ValueError: e.g. remote code), and for FSDP, whose shards
-    and gathers it does not model yet."""
-    if settings.strategy == "fsdp":
-        return None
+    measured: one process's, on its rows (under DDP each holds the whole model; under FSDP its shards, beside the
+    units it gathers); None for an architecture the floor has no activation accounting for (NotImplementedError)
+    or that transformers cannot build from its config alone (ValueError: e.g. remote code)."""
     try:
-        return memory_floor(  # of one process: with several, each holds the model and trains on its rows
+        return memory_floor(
             config, get_mode(settings.mode), settings.lora, settings.seq_len, settings.rows_per_process,
             settings.gradient_checkpointing, path=settings.path, optimizer=settings.train.optimizer,
             device_type=device_type, int8_outlier_columns=int8_outlier_columns, levers=settings.levers,
-            optimizer_state_upfront=settings.train.optimizer_state_upfront,
+            optimizer_state_upfront=settings.train.optimizer_state_upfront, strategy=settings.strategy,
+            num_processes=settings.num_processes,
         )
     except (NotImplementedError, ValueError):
         return None

@@ -699,6 +699,7 @@ COMPONENT_COLORS = {
     "lora_bytes": "#41ab5d",
     "saved_activations_bytes": "#fd8d3c",
     "int8_held_inputs_bytes": "#d94801",
+    "fsdp_gathered_bytes": "#e7298a",
     "logits_loss_bytes": "#8c510a",
     "layer_backward_bytes": "#fee391",
     "optimizer_step_bytes": "#c7e9c0",

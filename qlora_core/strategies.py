@@ -65,12 +65,20 @@ def wrap(accelerator, loss_module: torch.nn.Module, strategy: str) -> torch.nn.M
 
     model = loss_module.model
     _process_group(next(model.parameters()).device)
-    embeddings, head = model.get_input_embeddings(), model.get_output_embeddings()
-    tied = head is not None and head.weight is embeddings.weight  # one parameter: the root's, not two units'
-    for unit in [*decoder_layers(model), *([] if tied else [embeddings, head])]:
+    for unit in fsdp_units(model):
         fully_shard(unit)
     fully_shard(loss_module)
     return loss_module
+
+
+def fsdp_units(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The modules of a (peft-wrapped) transformers model that ``wrap`` shards as units of their own, in forward
+    order: the input embeddings, every decoder layer and the output head, the embeddings and head only where they
+    are two parameters (tied, they are one, the root's). The memory floor reads the same units
+    (``measure.floor.sharded_params``)."""
+    embeddings, head = model.get_input_embeddings(), model.get_output_embeddings()
+    tied = head is not None and head.weight is embeddings.weight
+    return [embeddings, *decoder_layers(model), head] if not tied else decoder_layers(model)
 
 
 def _process_group(device: torch.device) -> None:

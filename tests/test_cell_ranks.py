@@ -59,7 +59,7 @@ def test_two_processes_train_the_one_process_cell(tiny_model_dir, eval_text_file
 def test_two_fsdp_processes_train_the_one_process_shape_cell():
     """A shape cell (the tiny Llama in nf4) across two gloo ranks sharing it by FSDP: the one-process losses within
     the DDP cell's tolerance, the 4-bit weights stored in bf16 as the result's mode records, each rank's memory
-    and steps beside it, and no floor prediction (the floor does not model FSDP yet)."""
+    and steps beside it, and the floor of one rank: its shards, which are what rank 0 holds after set-up."""
     one = CellSettings(mode="nf4", shape="tiny-llama", seq_len=32, batch_size=2, timing_warmup=1, device="cpu",
                        lora=dataclasses.replace(tiny_cell_settings("", "nf4").lora, dropout=0.0),
                        train=tiny_cell_settings("", "nf4").train)
@@ -70,6 +70,7 @@ def test_two_fsdp_processes_train_the_one_process_shape_cell():
     assert ranked["settings"]["strategy"] == "fsdp" and ranked["mode"]["quant_storage"] == "bfloat16"
     assert single["mode"]["quant_storage"] != "bfloat16"
     assert [rank["rank"] for rank in ranked["ranks"]] == [0, 1]
-    assert ranked["floor"] is None and single["floor"] is not None
+    assert ranked["floor"]["sharding"]["num_processes"] == 2 and "sharding" not in single["floor"]
+    assert ranked["predicted_vs_measured"]["after_setup"]["ratio"] == 1.0  # its tensors' bytes, on the CPU
     (note,) = [note for note in footnotes([ranked]) if "trained on 2 processes" in note]
     assert "FSDP: each held its shard of every parameter" in note

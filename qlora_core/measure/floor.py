@@ -34,6 +34,7 @@ from qlora_core.levers import Levers
 from qlora_core.measure.flops import head_dim
 from qlora_core.modes import Mode
 from qlora_core.paths import LOSS_CHUNK_TOKENS, check_path
+from qlora_core.strategies import check_strategy, fsdp_units, mode_for
 
 FLOAT32 = 4
 INT64 = 8
@@ -507,6 +508,178 @@ def optimizer_transient(lora_params: int) -> int:
     return FLOAT32 * lora_params
 
 
+# --- FSDP: one rank's shards and the units it gathers -------------------------------------------------------------
+
+#: The FSDP unit of every parameter that no unit of its own holds (``strategies.wrap``: the loss module).
+ROOT_UNIT = "root"
+#: The kinds of FSDP unit, as ``sharding["unit_bytes"]`` names them.
+UNIT_KINDS = ("root", "embeddings", "layer", "head")
+
+
+@dataclass(frozen=True)
+class ShardedParam:
+    """One parameter as FSDP2 holds it: ``rows`` along dim 0, the dim it shards, and one row's bytes as trained
+    by floor component (``quantized_bytes``: 4-bit data in its storage dtype; ``unquantized_bytes`` in the load
+    dtype, the reference path's fp32 upcast adding ``upcast_bytes``; ``lora_param_bytes``: an fp32 adapter), in
+    ``unit``: the module name of the FSDP unit that gathers it, or ``ROOT_UNIT``."""
+
+    unit: str
+    rows: int
+    row_bytes: dict[str, int]
+
+    def shard_bytes(self, num_processes: int, component: str | None = None) -> int:
+        """Bytes of one rank's shard, of one component (None: all of them). FSDP2 pads dim 0 to a multiple of
+        the ranks and every rank allocates its padded share, ceil(rows / N) rows (rank 0's all real rows)."""
+        row = sum(self.row_bytes.values()) if component is None else self.row_bytes.get(component, 0)
+        return math.ceil(self.rows / num_processes) * row
+
+    def gathered_bytes(self, num_processes: int, component: str | None = None) -> int:
+        """Bytes of the parameter gathered whole: every rank's padded shard."""
+        return num_processes * self.shard_bytes(num_processes, component)
+
+
+def fsdp_unit_kinds(model) -> dict[str, str]:
+    """The FSDP units of a skeleton (``strategies.fsdp_units``) by module name, each with its kind: ``layer``,
+    ``embeddings`` or ``head``."""
+    kinds = {id(model.get_input_embeddings()): "embeddings", id(model.get_output_embeddings()): "head"}
+    names = {id(module): name for name, module in model.named_modules()}
+    return {names[id(unit)]: kinds.get(id(unit), "layer") for unit in fsdp_units(model)}
+
+
+def sharded_params(model, mode: Mode, lora, path: str) -> list[ShardedParam]:
+    """Every parameter FSDP2 shards when the skeleton ``model`` trains on ``path``, the adapters included: a
+    4-bit weight as bitsandbytes stores it for FSDP (``strategies.mode_for``: its packed data as a column of
+    values of the storage dtype), every other parameter (a tied one once) by its own dim 0, each adapter's A
+    (r x in) and B (out x r) in fp32. Buffers and quantization constants are not parameters: every rank keeps
+    them whole (bitsandbytes keeps a 4-bit weight's constants on its module, ``Linear4bit.quant_state``, where
+    FSDP does not look)."""
+    units = [f"{name}." for name in fsdp_unit_kinds(model)]
+
+    def unit_of(name: str) -> str:
+        return next((unit[:-1] for unit in units if name.startswith(unit)), ROOT_UNIT)
+
+    quantized = {f"{layer.name}.weight": layer for layer in linears(model) if layer.storage != "dense"}
+    load, storage = mode.load_dtype.itemsize, mode.torch_quant_storage.itemsize
+    upcast = FLOAT32 - load if reference_upcasts(mode, path) else 0
+    params = []
+    for name, param in model.named_parameters():
+        if (layer := quantized.get(name)) is not None:
+            data, _ = backends.backend_of(mode).stored_bytes(layer.storage, layer.in_features, layer.out_features,
+                                                             mode)
+            params.append(ShardedParam(unit_of(name), math.ceil(data / storage), {"quantized_bytes": storage}))
+            continue
+        values = param.numel() // param.shape[0]  # a row's
+        row = {"unquantized_bytes": values * load} | ({"upcast_bytes": values * upcast} if upcast else {})
+        params.append(ShardedParam(unit_of(name), param.shape[0], row))
+    for target in lora_targets(model, lora):
+        unit = unit_of(f"{target.name}.")
+        params.append(ShardedParam(unit, lora.r, {"lora_param_bytes": target.in_features * FLOAT32}))
+        params.append(ShardedParam(unit, target.out_features, {"lora_param_bytes": lora.r * FLOAT32}))
+    return params
+
+
+def fsdp_terms(model, mode: Mode, lora, path: str, optimizer: str, num_processes: int, weights: dict) -> dict:
+    """What one rank of ``num_processes`` holds under FSDP2 (``strategies.wrap``), rank 0's, the most any holds:
+    the weight and adapter components as its shards (``ShardedParam``; the quantization constants and buffers
+    whole; the adapters' gradients, views of each unit's reduce-scatter output, and AdamW's state on the local
+    shards: all / N), and ``sharding``, what the step gathers beside them (``fsdp_gathered_bytes``). ``weights``:
+    ``weight_bytes`` of the skeleton, whole as every rank loads it before it is sharded."""
+    n = num_processes
+    params = sharded_params(model, mode, lora, path)
+    shards = {key: sum(p.shard_bytes(n, key) for p in params)
+              for key in ("quantized_bytes", "unquantized_bytes", "upcast_bytes", "lora_param_bytes")}
+    adapters = [p for p in params if "lora_param_bytes" in p.row_bytes]
+    local_numels = [p.shard_bytes(n, "lora_param_bytes") // FLOAT32 for p in adapters]
+    buffers = sum(b.numel() * b.element_size() for b in model.buffers())
+    per_rank = {
+        "quantized_bytes": shards["quantized_bytes"],
+        "quant_constants_bytes": weights["quant_constants_bytes"],
+        "unquantized_bytes": shards["unquantized_bytes"] + buffers,
+    }
+    return {
+        **per_rank,
+        "weights_bytes": sum(per_rank.values()),
+        "upcast_bytes": shards["upcast_bytes"],
+        "lora_params": sum(local_numels),
+        "lora_param_bytes": shards["lora_param_bytes"],
+        "lora_grad_bytes": shards["lora_param_bytes"],
+        "optimizer_state_bytes": optimizer_state_bytes(local_numels, optimizer),
+        "sharding": sharding(model, params, path, n, weights["weights_bytes"]),
+    }
+
+
+def sharding(model, params: list[ShardedParam], path: str, num_processes: int, loaded_weights_bytes: int) -> dict:
+    """The FSDP2 terms of one rank (bytes; plain JSON): ``num_processes``; ``loaded_weights_bytes``, the weights
+    whole as each rank loads them; ``shard_bytes``, its shards of every parameter (weights, upcasts, adapters);
+    ``unit_bytes``, each kind of unit (``UNIT_KINDS``) gathered whole; ``layer_grad_bytes``, a decoder layer's
+    adapter gradients as autograd makes them (unsharded, fp32); ``reduce_scatter_bytes``, the buffer they are
+    copied into, padded, for the reduce-scatter; and ``gathered_bytes``, what each step phase holds of these
+    beside the shards (``fsdp_gathered_bytes``).
+
+    Read in torch 2.13's FSDP2 (``torch/distributed/fsdp/_fully_shard``), default settings as ``wrap`` uses them:
+
+    - A unit is gathered for its forward and again for its backward, resharded after each; the root, never
+      resharded after forward, stays gathered from the forward's start to the backward's end. A decoder layer's
+      recompute under checkpointing runs inside its backward's gather (the pre-forward hook skips the unshard
+      in backward), so it gathers nothing more.
+    - In backward each unit prefetches the one before it in forward order: the all-gather's output buffer
+      (the unit's padded bytes) is held until that unit's backward copies it out. With one rank there is no
+      all-gather: the unshard copies the shard into the unsharded parameter itself, so nothing is prefetched.
+      In forward, without explicit prefetching, a unit is gathered only when it runs.
+    - A unit's gradients are copied into a reduce-scatter input and freed; the input is kept until the next
+      unit's reduce-scatter (one in flight). The sharded gradients are views of the reduce-scatter's output.
+
+    So a decoder layer's backward holds the root, the layer, its gradients unsharded (in place of its shard of
+    them, which the sharded gradients count, as one process's floor counts every layer's gradients at that
+    phase), the unit it prefetches (the layer below; the bottom layer the embeddings, where they are a unit)
+    and the layer above's reduce-scatter input (the top layer's neighbour, the head or the root, has no
+    adapters): the most of these over the layers, beside one process's layer backward. The loss, at its
+    logits' backward, holds the root and what the root's backward prefetched first, the unit that ran last: the
+    head, or (tied) the top layer. On the lean path that head buffer becomes the head gathered for each chunk's
+    recompute (the head's own prefetch of the top layer comes after the logits' backward); on the reference
+    path the head is gathered only after the loss's backward.
+
+    Checked on 1 and 2 gloo ranks on the CPU (tests/test_floor_fsdp.py): each rank's shards byte for byte, and
+    its heap's peak over a step, read after every op, against one process's. On CUDA the all-gathers and
+    reduce-scatters allocate on streams of their own, and the caching allocator gives a freed block back to its
+    own stream only: how that shifts the peak a CPU cannot show, so a one-process FSDP cell's measured peak is
+    checked against this on a GPU (tests/test_floor_fsdp.py, marked ``gpu``)."""
+    n = num_processes
+    kinds = {ROOT_UNIT: "root", **fsdp_unit_kinds(model)}
+    gathered = dict.fromkeys(kinds, 0)
+    for p in params:
+        gathered[p.unit] += p.gathered_bytes(n)
+    units = {kind: next((gathered[name] for name, k in kinds.items() if k == kind), 0) for kind in UNIT_KINDS}
+    first_layer = next(name for name, kind in kinds.items() if kind == "layer")  # every layer has the same
+    layer_adapters = [p for p in params if p.unit == first_layer and "lora_param_bytes" in p.row_bytes]
+    layer_grad = sum(p.rows * p.row_bytes["lora_param_bytes"] for p in layer_adapters)
+    layer_grad_shard = sum(p.shard_bytes(n, "lora_param_bytes") for p in layer_adapters)
+    reduce_scatter = sum(p.gathered_bytes(n, "lora_param_bytes") for p in layer_adapters)
+    prefetched = units if n > 1 else dict.fromkeys(units, 0)
+    layers = sum(kind == "layer" for kind in kinds.values())
+    # layer i (bottom first) prefetches the unit before it and keeps layer i + 1's reduce-scatter input
+    before = [prefetched["embeddings"]] + [prefetched["layer"]] * (layers - 1)
+    after = [reduce_scatter] * (layers - 1) + [0]
+    # the layer's gradients exist unsharded, in place of its shard of them, which ``lora_grad_bytes`` counts
+    unreduced = layer_grad - layer_grad_shard
+    layer_backward = units["root"] + units["layer"] + unreduced + max(b + a for b, a in zip(before, after))
+    # The root's backward starts by prefetching the unit that ran last: the head, or (tied) the top layer. On the
+    # lean path the head's buffer becomes the head gathered for the chunks' recompute.
+    if path == "lean":
+        loss = units["root"] + units["head"] + (0 if units["head"] else prefetched["layer"])
+    else:
+        loss = units["root"] + (prefetched["head"] or prefetched["layer"])
+    return {
+        "num_processes": n,
+        "loaded_weights_bytes": loaded_weights_bytes,
+        "shard_bytes": sum(p.shard_bytes(n) for p in params),
+        "unit_bytes": units,
+        "layer_grad_bytes": layer_grad,
+        "reduce_scatter_bytes": reduce_scatter,
+        "gathered_bytes": {"loss": loss, "layer_backward": layer_backward, "optimizer_step": 0},
+    }
+
+
 # --- the floor ----------------------------------------------------------------------------------------------------
 
 
@@ -624,6 +797,7 @@ PHASE_COMPONENTS = {
     "lora_bytes": "LoRA adapters + gradients + optimizer state",
     "saved_activations_bytes": "saved activations",
     "int8_held_inputs_bytes": "int8 matmul inputs (kept by bitsandbytes)",
+    "fsdp_gathered_bytes": "FSDP: units gathered whole, a layer's gradients unreduced (transient)",
     "logits_loss_bytes": "logits and loss (transient)",
     "layer_backward_bytes": "one layer's backward (transient)",
     "optimizer_step_bytes": "optimizer step temporaries (transient)",
@@ -642,7 +816,8 @@ def _phase_parts(terms: dict, phase: str, gradient_checkpointing: bool, layer_tr
     (floors since 2026-12-03, which record ``rope_table_bytes``) the adapters' gradients and the RoPE tables,
     which the layers' backward holds to the last (the H200's allocator history has every layer's gradients
     alive at the peak, where the peak is the bottom layer's); the optimizer step adds the adapters' gradients
-    and AdamW's temporaries.
+    and AdamW's temporaries. Under FSDP (``terms["sharding"]``) the weights and adapters are one rank's shards,
+    and each phase adds the units it holds gathered (``sharding``).
     """
     parts = dict.fromkeys(PHASE_COMPONENTS, 0)
     for key in ("quantized_bytes", "quant_constants_bytes", "unquantized_bytes", "upcast_bytes"):
@@ -666,6 +841,8 @@ def _phase_parts(terms: dict, phase: str, gradient_checkpointing: bool, layer_tr
         parts["optimizer_step_bytes"] = optimizer_transient(terms["lora_params"])
     else:
         raise ValueError(f"unknown phase {phase!r}; phases: {', '.join(STEP_PHASES)}")
+    if "sharding" in terms:  # FSDP: the components above are one rank's shards; it holds these beside them
+        parts["fsdp_gathered_bytes"] = terms["sharding"]["gathered_bytes"][phase]
     return parts
 
 
@@ -706,9 +883,10 @@ def phase_components(floor: dict, phase: str) -> dict[str, int]:
 
 def _path_terms(config, model, mode: Mode, lora, seq_len: int, batch_size: int, gradient_checkpointing: bool,
                 path: str, optimizer: str, device_type: str, int8_outlier_columns: dict[str, float] | None,
-                levers: Levers = Levers()) -> tuple[Precision, dict, int]:
+                levers: Levers = Levers(), fsdp_ranks: int | None = None) -> tuple[Precision, dict, int]:
     """(precision, bytes by component, one layer's backward transient) of training the skeleton ``model`` on
-    ``path``: what ``memory_floor`` composes into phases, for its own path and for the true floor's."""
+    ``path``: what ``memory_floor`` composes into phases, for its own path and for the true floor's. With
+    ``fsdp_ranks``, one of that many FSDP ranks' (``fsdp_terms``)."""
     tokens = batch_size * seq_len
     p = Precision.of(mode, check_path(path), device_type, lora.dropout)
     weights = weight_bytes(model, mode)
@@ -721,6 +899,8 @@ def _path_terms(config, model, mode: Mode, lora, seq_len: int, batch_size: int, 
                            int8_outlier_columns, saves_linear_inputs(mode, path), levers),
         **loss_terms(config, tokens, path, config.vocab_size * config.hidden_size * p.compute if upcast else 0),
     }
+    if fsdp_ranks is not None:
+        terms |= fsdp_terms(model, mode, lora, path, optimizer, fsdp_ranks, weights)
     quantized = [layer for layer in linears(model) if layer.storage != "dense"]
     largest = max(quantized, key=lambda layer: layer.in_features * layer.out_features, default=None)
     targets = first_layer_targets(lora_targets(model, lora))
@@ -738,7 +918,7 @@ def _path_terms(config, model, mode: Mode, lora, seq_len: int, batch_size: int, 
 def memory_floor(config, mode: Mode, lora, seq_len: int, batch_size: int, gradient_checkpointing: bool,
                  path: str = "lean", optimizer: str = "adamw", device_type: str = "cuda",
                  int8_outlier_columns: dict[str, float] | None = None, levers: Levers = Levers(),
-                 optimizer_state_upfront: bool = False) -> dict:
+                 optimizer_state_upfront: bool = False, strategy: str = "ddp", num_processes: int = 1) -> dict:
     """Predicted bytes of each memory component of LoRA training on ``path``, and the resulting totals.
     ``int8_outlier_columns``: LLM.int8's outlier columns a layer by linear name, where measured
     (``int8_held_inputs_bytes_per_token``); recorded in the result. ``levers``: the lean path's memory levers
@@ -751,15 +931,25 @@ def memory_floor(config, mode: Mode, lora, seq_len: int, batch_size: int, gradie
     ``phase_peak_bytes`` (``step_phases``), and ``peak_phase``: the prediction for ``path``. Beside it
     ``true_floor_bytes`` and ``true_floor_phase``: the least any path could hold (``true_floor``).
     ``device_type`` selects autocast's behaviour ("cuda" or "cpu"). Plain JSON.
+
+    ``strategy`` and ``num_processes``: how the processes share the training (``qlora_core.strategies``). Under
+    ``ddp`` (and with one process) the floor is one process's, whatever ``num_processes``: pass each process's
+    rows as ``batch_size``. Under ``fsdp`` it is one rank's of ``num_processes`` (``fsdp_terms``): the weights
+    and adapters are its shards, ``after_load_bytes`` is the whole model each rank loads before it is sharded,
+    ``sharding`` says what the step gathers beside the shards, and ``mode`` is taken as FSDP stores it
+    (``strategies.mode_for``).
     """
+    fsdp_ranks = num_processes if check_strategy(strategy) == "fsdp" else None
+    mode = mode_for(mode, strategy)
     model = skeleton(config, mode)  # built once: the true floor's lean terms read the same skeleton
     set_up = (config, model, mode, lora, seq_len, batch_size)
     levers.check(path, gradient_checkpointing)
     p, terms, layer_transient = _path_terms(*set_up, gradient_checkpointing, path, optimizer, device_type,
-                                            int8_outlier_columns, levers)
+                                            int8_outlier_columns, levers, fsdp_ranks)
     lean_terms, lean_transient = terms, layer_transient
     if path != "lean" or not gradient_checkpointing:  # levers pull only there: none to carry over
-        _, lean_terms, lean_transient = _path_terms(*set_up, True, "lean", optimizer, device_type, None)
+        _, lean_terms, lean_transient = _path_terms(*set_up, True, "lean", optimizer, device_type, None,
+                                                    fsdp_ranks=fsdp_ranks)
     floor_phase, floor_bytes = true_floor(lean_terms, lean_transient)
     phases = step_phases(terms, gradient_checkpointing, layer_transient)
     peak_phase = max(phases, key=phases.get)
@@ -774,7 +964,7 @@ def memory_floor(config, mode: Mode, lora, seq_len: int, batch_size: int, gradie
         **terms,
         "layer_backward_transient_bytes": layer_transient,
         "largest_transient_bytes": max(terms["logits_phase_bytes"], layer_transient),
-        "after_load_bytes": terms["weights_bytes"],
+        "after_load_bytes": terms["sharding"]["loaded_weights_bytes"] if fsdp_ranks else terms["weights_bytes"],
         "optimizer_state_upfront": optimizer_state_upfront,
         "after_setup_bytes": terms["weights_bytes"] + terms["upcast_bytes"] + terms["lora_param_bytes"]
         + (terms["optimizer_state_bytes"] if optimizer_state_upfront else 0),
@@ -853,10 +1043,15 @@ SUMMARY_COMPONENTS = {
 
 
 def summary_lines(floor: dict, comparison: dict | None) -> list[str]:
-    """Plain-text lines: the predicted components (GiB), then predicted vs measured with the remainder."""
+    """Plain-text lines: the predicted components (GiB; under FSDP one rank's, with the units it gathers at the
+    peak), then predicted vs measured with the remainder."""
     gib = 2**30
     lines = [f"memory floor, {floor['path']} path (GiB):"]
     lines += [f"  {label:<40} {floor[key] / gib:9.3f}" for key, label in SUMMARY_COMPONENTS.items()]
+    if "sharding" in floor:  # FSDP: the components above are one rank's shards
+        gathered = floor["sharding"]["gathered_bytes"][floor["peak_phase"]]
+        label = f"FSDP units gathered (1 rank of {floor['sharding']['num_processes']})"
+        lines.append(f"  {label:<40} {gathered / gib:9.3f}")
     lines.append(f"  {'predicted peak (' + floor['peak_phase'] + ')':<40} {floor['peak_bytes'] / gib:9.3f}")
     for name, row in (comparison or {}).items():
         if row["measured_bytes"] is None:
