@@ -13,7 +13,7 @@ import math
 import os
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -50,7 +50,7 @@ from qlora_core.shapes import (
     shape_config,
     shape_source,
 )
-from qlora_core.strategies import check_strategy, mode_for
+from qlora_core.strategies import check_strategy, mode_for, whole_trainable
 from qlora_core.trainer import LoraTrainer, StepRecord, TrainSettings, compile_report
 
 #: The dtype bitsandbytes' int8 matmul (MatMul8bitLt) really computes in: it casts its inputs to float16
@@ -88,11 +88,11 @@ class CellSettings:
             step compiles: its time is reported apart (the result's ``compile``) and warm-up keeps it out of the
             step-time statistics.
         num_processes: train on this many processes of one host (``qlora_core.cell_ranks``: ``batch_size`` rows a
-            step shared between them; rank 0 evaluates).
+            step shared between them; each evaluation computed once and recorded by rank 0, ``Cell.evaluate``).
         strategy: how those processes share the training (``qlora_core.strategies``): ``ddp``, every rank holding
-            the whole quantized model, or ``fsdp``, every parameter sharded (shape cells only: a checkpoint's
-            evaluations of a sharded model are not written; and modes whose weights FSDP can shard). The memory
-            floor predicts one rank's: its shards and the units it gathers (``measure.floor.fsdp_terms``).
+            the whole quantized model, or ``fsdp``, every parameter sharded (modes whose weights FSDP can shard).
+            The memory floor predicts one rank's: its shards and the units it gathers
+            (``measure.floor.fsdp_terms``).
         trace_memory: on CUDA, record the allocator's history over the last training step and put what was alive
             at its peak, by block size in bytes a token, in the result (``measure.memory_trace``): where a
             prediction misses, this says what it missed. Off CUDA: nothing to record, and nothing is.
@@ -170,11 +170,7 @@ class CellSettings:
     def _check_processes(self) -> None:
         if self.num_processes < 1:
             raise ValueError(f"num_processes must be >= 1, got {self.num_processes}")
-        if check_strategy(self.strategy) == "fsdp":
-            if self.shape is None:
-                raise ValueError("strategy fsdp is for shape cells (random weights) so far: a checkpoint's "
-                                 "evaluations of a sharded model are not written; use ddp")
-            mode_for(get_mode(self.mode), self.strategy)  # refuses a mode FSDP cannot shard, naming it
+        mode_for(get_mode(self.mode), check_strategy(self.strategy))  # refuses a mode FSDP cannot shard, naming it
         if self.batch_size % self.num_processes:
             raise ValueError(f"batch_size ({self.batch_size}) must divide by num_processes ({self.num_processes}): "
                              f"each process trains on an equal share of every step's rows")
@@ -381,7 +377,7 @@ class Cell:
         self.settings = settings
         self.report = report
         self.mode = mode_for(get_mode(settings.mode), settings.strategy)  # as the strategy stores its weights
-        # a rank started by ``cell_ranks``: its number, and its own GPU; evaluations are rank 0's alone
+        # a rank started by ``cell_ranks``: its number, and its own GPU; evaluations are recorded by rank 0 alone
         self.rank = int(os.environ.get("RANK", "0")) if settings.num_processes > 1 else 0
         self.device = rank_device(resolve_device(settings.device), settings.num_processes)
         # a shape's random weights have no perplexity or quantization error worth computing
@@ -425,12 +421,22 @@ class Cell:
 
     def evaluate(self, when: str) -> dict:
         """Perplexity of the model as it is now on every evaluation text, saved under ``when`` (nothing for a
-        shape: its weights are random; nothing on a rank but the first: it is computed once)."""
-        if not self.evaluates:
+        shape: its weights are random; nothing on a rank but the first: it is computed once, recorded once).
+
+        While every rank holds the whole model (DDP; FSDP before ``setup_training`` shards it) rank 0 computes
+        it alone. A sharded model's forwards gather each unit's shards from every rank, so then every rank runs
+        the same windows in lock-step (``LoraTrainer.evaluating``): the one process's figures, computed alike on
+        each rank, recorded by rank 0."""
+        if self.settings.shape or not (self.rank == 0 or self._sharded()):
             return {}
-        with self._phase(f"evaluating {when}"):
+        forwards = self.state.trainer.evaluating() if self.state.trainer else nullcontext()
+        with self._phase(f"evaluating {when}"), forwards:
             figures = evaluate(self.state.model, self.inputs.token_sets, self.settings, self.mode.torch_compute_dtype)
-        return self._keep_perplexity(when, figures)
+        return self._keep_perplexity(when, figures) if self.evaluates else {}
+
+    def _sharded(self) -> bool:
+        """Whether the model's parameters are FSDP's shards now: from ``setup_training`` on, under FSDP."""
+        return self.settings.strategy == "fsdp" and self.state.trainer is not None
 
     def _keep_perplexity(self, when: str, figures: dict[str, dict]) -> dict:
         """Save an evaluation's perplexities under ``when`` and return them; ``NonFiniteError`` when one is not
@@ -527,11 +533,18 @@ class Cell:
     def evaluate_merged(self) -> dict:
         """Perplexity after merging the adapters into a bf16 copy of the base as stored in this mode
         (dequantized for 8-/4-bit modes), i.e. the deployable model; saved under ``"merged"`` (nothing for a
-        shape, nor on a rank but the first)."""
+        shape, nor on a rank but the first).
+
+        Every rank gathers the adapters whole first (under FSDP a collective; else they are whole already);
+        rank 0 alone then merges and evaluates: the merged model is a plain one, no rank's shards."""
+        if self.settings.shape:
+            return {}
+        adapters = whole_trainable(self.state.model)
         if not self.evaluates:
             return {}
         with self._phase("evaluating merged"):
-            merged = merge_into_bf16(self.inputs.source, self.mode, self.state.model, self.device)
+            merged = merge_into_bf16(self.inputs.source, self.mode, self.state.model, self.device,
+                                     adapter_state=adapters)
             figures = evaluate(merged, self.inputs.token_sets, self.settings, torch.bfloat16)
             del merged
         return self._keep_perplexity("merged", figures)

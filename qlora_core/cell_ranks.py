@@ -1,6 +1,7 @@
-"""One cell across several processes of one host (``CellSettings.num_processes``): every rank holds the whole
-quantized model and trains on its rows of each global batch (DDP: the adapters' gradients all-reduced), rank 0
-alone evaluates, and the result is rank 0's with each rank's memory and step times beside it.
+"""One cell across several processes of one host (``CellSettings.num_processes``): every rank trains on its rows of
+each global batch, holding the whole quantized model (DDP: the adapters' gradients all-reduced) or its shards
+(FSDP), each evaluation is computed once and recorded by rank 0 (``Cell.evaluate``), and the result is rank 0's
+with each rank's memory and step times beside it.
 
 ``run_on_ranks`` (in the cell's own process) writes the settings and the tokenized inputs to a folder, starts
 the ranks with ``distributed.torchrun`` on this module, and merges the per-rank results they write there. Each

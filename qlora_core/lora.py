@@ -86,16 +86,17 @@ def parameter_counts(model) -> dict:
     return {"trainable_params": trainable, "total_params": total}
 
 
-def merge_into_bf16(source, mode, adapter, device, *, base: str = "dequantized"):
+def merge_into_bf16(source, mode, adapter, device, *, base: str = "dequantized", adapter_state=None):
     """The one merge, of the cell's merged evaluation and the workflow's ``merge`` command: a standalone bf16 model
     (eval mode) with ``adapter`` merged into a base of ``source``.
 
     ``adapter``: a saved adapter folder (or checkpoint folder), or a ``PeftModel``, whose adapters are saved to a
-    temporary folder first (peft merges a saved adapter into a freshly loaded base). ``base``: ``"dequantized"``
-    (default), the base as ``mode`` stores it dequantized (``models.load_dequantized``): exactly the weights the
-    adapter was trained against, so merged outputs match base-plus-adapter; or ``"original"``, the checkpoint's
-    own weights in the unquantized baseline mode (the adapter then meets weights it never saw: the difference is
-    the mode's quantization error).
+    temporary folder first (peft merges a saved adapter into a freshly loaded base): its own, or with
+    ``adapter_state`` those weights (by its state-dict keys: FSDP's shards gathered whole,
+    ``strategies.whole_trainable``). ``base``: ``"dequantized"`` (default), the base as ``mode`` stores it
+    dequantized (``models.load_dequantized``): exactly the weights the adapter was trained against, so merged
+    outputs match base-plus-adapter; or ``"original"``, the checkpoint's own weights in the unquantized baseline
+    mode (the adapter then meets weights it never saw: the difference is the mode's quantization error).
     """
     from peft import PeftModel
 
@@ -105,18 +106,18 @@ def merge_into_bf16(source, mode, adapter, device, *, base: str = "dequantized")
     if base not in MERGE_BASES:
         raise ValueError(f"unknown merge base {base!r}; choose from {', '.join(MERGE_BASES)}")
     weights = load_dequantized(source, mode if base == "dequantized" else get_mode(BASELINE_MODE), device)
-    with _adapter_folder(adapter) as folder:
+    with _adapter_folder(adapter, adapter_state) as folder:
         return PeftModel.from_pretrained(weights, str(folder)).merge_and_unload().eval()
 
 
 @contextlib.contextmanager
-def _adapter_folder(adapter):
-    """``adapter`` when it is a folder; else a ``PeftModel``'s adapters saved to a temporary folder (removed
-    after: peft has read them into memory by then)."""
+def _adapter_folder(adapter, adapter_state=None):
+    """``adapter`` when it is a folder; else a ``PeftModel``'s adapters (or ``adapter_state``, see
+    ``merge_into_bf16``) saved to a temporary folder (removed after: peft has read them into memory by then)."""
     from qlora_core.trainer import save_adapter
 
     if isinstance(adapter, (str, os.PathLike)):
         yield adapter
         return
     with tempfile.TemporaryDirectory(prefix="qlora-merge-") as tmp:
-        yield save_adapter(adapter, Path(tmp) / "adapter")
+        yield save_adapter(adapter, Path(tmp) / "adapter", adapter_state)

@@ -366,13 +366,13 @@ SETTINGS: tuple[Setting, ...] = (
             ("sweep", "bench", "frontier"), cell="mlp_tile_tokens", on_surface=LEAN_ONLY),
     Setting("num_processes", "train each cell on this many processes of this host through torchrun (DDP: each "
                              "holds the whole model and trains on an equal share of every step's blocks, so the "
-                             "batch size must divide by it; one GPU each on CUDA; rank 0 evaluates). Not in "
-                             "bench/, whose suites drive a cell's phases in one process", positive, ("sweep",),
-            cell="num_processes"),
+                             "batch size must divide by it; one GPU each on CUDA; rank 0 records the "
+                             "evaluations). Not in bench/, whose suites drive a cell's phases in one process",
+            positive, ("sweep",), cell="num_processes"),
     Setting("strategy", "how --num-processes processes share each cell's training: 'ddp' (each holds the whole "
                         "model; the adapters' gradients all-reduced) or 'fsdp' (torch's FSDP2 shards every "
-                        "parameter across them, the 4-bit weights stored in the compute dtype for it; shape cells "
-                        "of the half-precision and bitsandbytes 4-bit modes; qlora_core/strategies.py)", str,
+                        "parameter across them, the 4-bit weights stored in the compute dtype for it; the "
+                        "half-precision and bitsandbytes 4-bit modes; qlora_core/strategies.py)", str,
             ("sweep",), cell="strategy", choices=STRATEGIES),
     Setting("profile_steps", HELP_PROFILE_STEPS, non_negative, cell="profile_steps",
             finetune="settings.profile_steps"),

@@ -13,6 +13,11 @@
 
 With several processes both run inside their process group (``distributed``); FSDP needs one even for a single
 process, which gets a group of its own.
+
+Outside the training steps (a cell's evaluations after training) the model inside the wrapper is called on its
+own: under DDP every rank holds it whole; under FSDP every rank must run the same forwards in lock-step, each unit
+gathering its shards from all of them, inside ``forwards_outside_training``, and ``whole_trainable`` gathers the
+adapters whole (for the merged model).
 """
 
 from __future__ import annotations
@@ -106,3 +111,29 @@ def gradient_sync(accelerator, wrapped: torch.nn.Module, strategy: str, sync: bo
             yield
         finally:
             wrapped.set_requires_gradient_sync(True)
+
+
+@contextlib.contextmanager
+def forwards_outside_training(wrapped: torch.nn.Module, strategy: str) -> Iterator[None]:
+    """Around forwards of the model inside ``wrapped`` called on their own, not through ``wrapped`` (an
+    evaluation). Under FSDP the root's own parameters (final norm; tied embeddings and head) are gathered for the
+    duration, since only the root's forward gathers them; the units gather theirs in their own forwards, as in
+    training, so every rank must run the same forwards inside it (each gather is a collective). Under DDP nothing
+    is needed: every rank holds the whole model."""
+    if check_strategy(strategy) == "ddp":
+        yield
+        return
+    wrapped.unshard()
+    try:
+        yield
+    finally:
+        wrapped.reshard()
+
+
+def whole_trainable(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """``model``'s trainable parameters (its adapters), detached, by state-dict key: FSDP's shards all-gathered
+    into whole tensors (a collective: every rank must call it), other parameters as they are."""
+    from torch.distributed.tensor import DTensor
+
+    return {name: param.detach().full_tensor() if isinstance(param, DTensor) else param.detach()
+            for name, param in model.named_parameters() if param.requires_grad}

@@ -11,6 +11,7 @@ every parameter sharded).
 from __future__ import annotations
 
 import copy
+import functools
 import os
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -23,7 +24,7 @@ from qlora_core.data import rank_rows
 from qlora_core.distributed import make_accelerator
 from qlora_core.measure.timing import timed
 from qlora_core.paths import check_path
-from qlora_core.strategies import check_strategy, gradient_sync, wrap
+from qlora_core.strategies import check_strategy, forwards_outside_training, gradient_sync, wrap
 
 if TYPE_CHECKING:
     from qlora_core.modes import Mode
@@ -272,12 +273,14 @@ class LoraTrainer:
         # scaler and gradient-accumulation bookkeeping, neither used here, and its scheduler wrapper advances
         # the schedule once per process each step (it assumes each process saw 1/N of an epoch's batches) and
         # not at all after a step the scaler skipped, which would change today's fp16 schedule.
-        self.training_model = wrap(self.accelerator, LossModule(model, self.loss_fn), self.strategy)
+        # ``wrapped``: the strategy's wrapper, uncompiled (under FSDP the root, which ``evaluating`` gathers)
+        self.wrapped = wrap(self.accelerator, LossModule(model, self.loss_fn), self.strategy)
         # taken after wrapping: FSDP replaces the parameters with their shards, which the optimizer must step
-        self.trainable = [p for p in self.training_model.parameters() if p.requires_grad]
+        self.trainable = [p for p in self.wrapped.parameters() if p.requires_grad]
+        self.training_model = self.wrapped
         if compile:  # forward and backward through torch.compile; the first step compiles (``compile_report``)
             reset_compile_counters()
-            self.training_model = torch.compile(self.training_model)
+            self.training_model = torch.compile(self.wrapped)
         self.optimizer = build_optimizer(self.trainable, settings)
         self.scheduler = get_scheduler(
             settings.schedule, self.optimizer, num_warmup_steps=settings.warmup_steps,
@@ -288,6 +291,11 @@ class LoraTrainer:
         self.steps_done = 0
         if settings.optimizer_state_upfront:
             self.make_optimizer_state()
+
+    def evaluating(self):
+        """A context for forwards of ``model`` called on their own between steps (an evaluation): under FSDP
+        every rank must run the same ones in it (``strategies.forwards_outside_training``)."""
+        return forwards_outside_training(self.wrapped, self.strategy)
 
     def make_optimizer_state(self) -> None:
         """Make the optimizer's state now, as a first step would, and leave every parameter as it is: one
@@ -402,8 +410,10 @@ class LoraTrainer:
         return save_adapter(self.model, Path(folder))
 
 
-def save_adapter(model, folder: Path) -> Path:
-    """Write ``model``'s adapters to ``folder`` atomically (see ``LoraTrainer.save_adapter``)."""
+def save_adapter(model, folder: Path, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write ``model``'s adapters to ``folder`` atomically (see ``LoraTrainer.save_adapter``): its own, or those of
+    ``state_dict`` (keys as in ``model.state_dict()``; e.g. FSDP's shards gathered whole,
+    ``strategies.whole_trainable``)."""
     from qlora_core.results import publish_folder
 
-    return publish_folder(folder, model.save_pretrained)
+    return publish_folder(folder, functools.partial(model.save_pretrained, state_dict=state_dict))
