@@ -43,10 +43,9 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
     """Bytes of the optimizer's state tensors this process holds, each storage once (0 before its first step,
     unless made upfront: ``LoraTrainer.make_optimizer_state``). 0-d tensors are left out: Adam's step counts,
     which torch keeps on the host even beside CUDA parameters."""
-    storages = {held(value).untyped_storage().data_ptr(): tensor_bytes(held(value))
-                for state in optimizer.state.values() for value in state.values()
-                if torch.is_tensor(value) and value.dim() > 0}
-    return sum(storages.values())
+    tensors = [held(value) for state in optimizer.state.values() for value in state.values()
+               if torch.is_tensor(value) and value.dim() > 0]
+    return sum({tensor.untyped_storage().data_ptr(): tensor_bytes(tensor) for tensor in tensors}.values())
 
 
 def weight_footprint(model: torch.nn.Module) -> dict:
@@ -94,10 +93,11 @@ def stored(module: torch.nn.Module, param: torch.Tensor) -> tuple[torch.Tensor, 
     """(what this process holds of ``module``'s parameter ``param``, its quantization constants, how many weights
     it represents). FSDP's shard of a 4-bit weight is a plain DTensor: bitsandbytes keeps the weight's quant state
     on its module (``Linear4bit.quant_state``), every rank all of it."""
-    if held(param) is param:
+    local = held(param)
+    if local is param:
         return param, quant_constants(param), logical_numel(param)
     constants = quant_constants(module)
-    return held(param), constants, logical_numel(module) if constants else param.numel()
+    return local, constants, logical_numel(module) if constants else param.numel()
 
 
 def reset_peak(device: torch.device) -> None:
