@@ -107,26 +107,42 @@ def probe_peak_bytes(result: dict | None) -> int | None:
     return row.get("measured_bytes")
 
 
+def probe_predicted_bytes(result: dict | None) -> int | None:
+    """The training peak the memory floor predicted for a probe's own length and settings, or None where its cell
+    has no floor (not run, failed before its prediction)."""
+    row = ((result or {}).get("predicted_vs_measured") or {}).get("training_peak") or {}
+    return row.get("predicted_bytes")
+
+
 def with_probes(frontier: dict, results: dict[str, dict]) -> dict:
     """The frontier with what its probes measured (``results`` by cell name): each probe's tokens, status and
-    peak allocated bytes; ``measured_bytes_per_token`` between the half and the at probe; ``confirmed`` when the
-    at probe ran and the above probe ran out of memory (or, bound by positions or host memory, the at probe ran)."""
+    peak allocated bytes and the peak its cell predicted; ``measured_bytes_per_token`` between the half and the at
+    probe, and ``predicted_span_bytes_per_token``, the same span's as predicted; ``confirmed`` when the at probe
+    ran and the above probe ran out of memory (or, bound by positions or host memory, the at probe ran)."""
     probes = {}
     for probe, length in PROBES.items():
         result = results.get(probe_name(frontier, probe))
         probes[probe] = {"tokens": length(frontier["tokens"]),
                          "status": result["status"] if result else "not run",
-                         "peak_bytes": probe_peak_bytes(result)}
+                         "peak_bytes": probe_peak_bytes(result),
+                         "predicted_bytes": probe_predicted_bytes(result)}
     return summarized(frontier, probes)
 
 
+def _slope(half: dict, at: dict, key: str) -> float | None:
+    """Bytes a token between the half and the at probe's ``key`` bytes; None where either is missing."""
+    if half.get(key) is None or at.get(key) is None or at["tokens"] <= half["tokens"]:
+        return None
+    return (at[key] - half[key]) / (at["tokens"] - half["tokens"])
+
+
 def summarized(frontier: dict, probes: dict[str, dict]) -> dict:
-    """The frontier with ``probes`` (by probe: tokens, status, peak bytes) and what they make of it (see
-    ``with_probes``)."""
+    """The frontier with ``probes`` (by probe: tokens, status, peak bytes, predicted peak bytes) and what they make
+    of it (see ``with_probes``). The measured slope is compared with the prediction's over the same span, not with
+    the frontier's own cost of a token (``bytes_per_token``): the two differ where the cost changes between the
+    probes, e.g. once offloaded activations outgrow the host's share and the rest stay on the GPU."""
     half, at = probes["half"], probes["at"]
-    slope = None
-    if half["peak_bytes"] is not None and at["peak_bytes"] is not None and at["tokens"] > half["tokens"]:
-        slope = (at["peak_bytes"] - half["peak_bytes"]) / (at["tokens"] - half["tokens"])
     above_failed = probes["above"]["status"] == "oom" or frontier["limited_by"] != "memory"
     confirmed = at["status"] == "ok" and above_failed
-    return {**frontier, "probes": probes, "measured_bytes_per_token": slope, "confirmed": confirmed}
+    return {**frontier, "probes": probes, "measured_bytes_per_token": _slope(half, at, "peak_bytes"),
+            "predicted_span_bytes_per_token": _slope(half, at, "predicted_bytes"), "confirmed": confirmed}

@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 
 from qlora_core.frontier_probes import (ABOVE_MARGIN, PROBE_OUTCOMES, PROBES, probe_name, probe_peak_bytes,
-                                        summarized)
+                                        probe_predicted_bytes, summarized)
 from qlora_core.measure.frontier import ALLOCATOR_HEADROOM, TOKEN_GRANULARITY
 from qlora_core.measure.memory import GIB
 from qlora_core.modes import MODES
@@ -115,19 +115,23 @@ def _probe_cell(frontier: dict, probe: str, probe_cells: dict[tuple, CellResult]
 
 
 def with_later_probes(frontier: dict) -> dict:
-    """The frontier with each probe its document says was not run filled in from the probe's own cell file in
-    the document's ``probes/`` folder, where one of the probe's length is there: a probe run by a later call,
-    which a document written before ``--resume`` kept earlier probes (2026-12-03) does not hold; and what the
-    probes then make of it (``frontier_probes.summarized``)."""
+    """The frontier with its probes completed from their own cell files in the document's ``probes/`` folder,
+    where one of the probe's length is there: a probe its document says was not run, run by a later call (a
+    document written before ``--resume`` kept earlier probes, 2026-12-03, does not hold it), and each probe's
+    predicted peak, which documents before 2026-12-07 did not record; and what the probes then make of it
+    (``frontier_probes.summarized``)."""
     probes = dict(frontier.get("probes") or {})
     folder = Path(frontier["document"]).parent / "probes"
     for probe, entry in probes.items():
         path = folder / f"{probe_name(frontier, probe)}.json"
-        if entry["status"] != "not run" or not path.is_file():
+        if not path.is_file():
             continue
         result = json.loads(path.read_text())
-        if result["settings"]["seq_len"] == entry["tokens"] and result["status"] in PROBE_OUTCOMES:
-            probes[probe] = {**entry, "status": result["status"], "peak_bytes": probe_peak_bytes(result)}
+        if result["settings"]["seq_len"] != entry["tokens"]:
+            continue
+        if entry["status"] == "not run" and result["status"] in PROBE_OUTCOMES:
+            entry = {**entry, "status": result["status"], "peak_bytes": probe_peak_bytes(result)}
+        probes[probe] = {**entry, "predicted_bytes": probe_predicted_bytes(result)}
     return frontier if probes == frontier.get("probes", {}) else summarized(frontier, probes)
 
 
@@ -150,6 +154,7 @@ def frontier_row(frontier: dict, probe_cells: dict[tuple, CellResult] | None = N
     probe_cells = probe_cells or {}
     frontier = with_later_probes(frontier)
     predicted, measured = frontier["bytes_per_token"], frontier.get("measured_bytes_per_token")
+    span = frontier.get("predicted_span_bytes_per_token") or predicted
     row = {
         "shape": frontier["shape"],
         "mode": frontier["mode"],
@@ -167,7 +172,7 @@ def frontier_row(frontier: dict, probe_cells: dict[tuple, CellResult] | None = N
         row[f"{probe}_status"] = probes.get(probe, {}).get("status")
     return row | _at_probe_figures(frontier, probe_cells) | {
         "measured_mib_per_token": None if measured is None else measured / MIB,
-        "measured_over_predicted": None if measured is None or not predicted else measured / predicted,
+        "measured_over_predicted": None if measured is None or not span else measured / span,
         "confirmed": _confirmed(frontier),
         "allocator_conf": _allocator_conf(frontier),
         "commit": _short_commit(frontier.get("commit")),
@@ -214,7 +219,8 @@ def notes() -> list[str]:
         f"bytes, so the allocator's slack (reserved beyond allocated) comes on top of the prediction.",
         "probes: cells at batch 1 at half the predicted tokens, at them and above them, each with its status "
         "(ok, oom: out of memory under the cap); measured MiB/token: between the half and the at probe's "
-        "allocator peaks; a probe the frontier's document says was not run is shown from its own cell in the "
+        "allocator peaks, and its ratio to the predicted peaks' slope over the same span (the probes' own "
+        "predictions; where none was recorded, the frontier's predicted MiB/token); a probe the frontier's document says was not run is shown from its own cell in the "
         "document's probes/ folder where a later call ran it; at probe peak: its allocator's peak (allocated, "
         "growth since its load began) and its ratio to the predicted peak; tokens/s at the frontier: the at probe's step (its cell's row above; '-' "
         "where its cell was not read with the frontier).",

@@ -62,18 +62,21 @@ def test_probes_of_a_frontier_with_levers_pull_them_and_say_so_in_their_names():
     assert all(cell.offload_activations and cell.mlp_tile_tokens == 4096 for cell in cells.values())
 
 
-def result(status: str, peak: int | None = None) -> dict:
-    rows = {"training_peak": {"measured_bytes": peak}} if peak is not None else None
+def result(status: str, peak: int | None = None, predicted: int | None = None) -> dict:
+    rows = {"training_peak": {"measured_bytes": peak, "predicted_bytes": predicted}} if peak is not None else None
     return {"status": status, "predicted_vs_measured": rows}
 
 
 def test_confirmed_when_the_at_probe_runs_and_the_one_above_runs_out_of_memory():
-    results = {probe_name(FRONTIER, "half"): result("ok", 10 * 2**30),
-               probe_name(FRONTIER, "at"): result("ok", 19 * 2**30),
+    results = {probe_name(FRONTIER, "half"): result("ok", 10 * 2**30, 11 * 2**30),
+               probe_name(FRONTIER, "at"): result("ok", 19 * 2**30, 21 * 2**30),
                probe_name(FRONTIER, "above"): result("oom")}
     checked = with_probes(FRONTIER, results)
-    assert checked["confirmed"] and checked["probes"]["above"] == {"tokens": 33024, "status": "oom", "peak_bytes": None}
+    assert checked["confirmed"]
+    assert checked["probes"]["above"] == {"tokens": 33024, "status": "oom", "peak_bytes": None, "predicted_bytes": None}
     assert checked["measured_bytes_per_token"] == 9 * 2**30 / (31232 - 15616)
+    # the prediction's slope over the same span: the cells' own predicted peaks, not the frontier's last token
+    assert checked["predicted_span_bytes_per_token"] == 10 * 2**30 / (31232 - 15616)
     results[probe_name(FRONTIER, "above")] = result("ok", 20 * 2**30)
     assert not with_probes(FRONTIER, results)["confirmed"]  # the prediction was short of the real frontier
     assert with_probes(FRONTIER, {})["probes"]["at"]["status"] == "not run"

@@ -22,6 +22,8 @@ PROBES_RUN = RESULTS / "h200-frontier-350k-2026-12-03"
 #: The reference path's frontiers and the lean path's per mode at 24, 48 and 80 GiB (int8's lean ones twice: at
 #: 98f363f, where they ran out of memory, and at fe17686, whose floor counts LLM.int8's input quantization).
 PATHS_RUN = RESULTS / "h200-frontier-paths-2026-12-03"
+#: The 70B frontier whose offload is capped by the host: its cost of a token changes between its probes.
+HOST_BOUND_70B = RESULTS / "h200-frontier-80-2026-12-07" / "frontier-70b-nf4-dq-lean-offload-host105-tile-80"
 #: The first measured frontiers: no levers, no ``probe_allocator_conf``.
 FIRST_RUN = RESULTS / "h200-lean-adapters-2026-12-03"
 
@@ -196,3 +198,20 @@ def test_a_probe_a_later_call_ran_is_read_from_its_cell_beside_the_document():
     for _, row in frame.iterrows():
         (short, low), (long, high) = sorted(peaks[(row["mode"], row["capacity_gib"] * GIB)].items())
         assert row["measured_mib_per_token"] == pytest.approx((high - low) / (long - short) / MIB)
+
+
+def test_the_measured_cost_of_a_token_is_set_beside_the_prediction_over_the_same_span():
+    """Between the 70B frontier's half probe (every layer's input offloaded) and its at probe (past the host's
+    105 GiB, the last layers' inputs kept on the GPU) a token's cost changes: the measured slope is compared with
+    the probes' own predicted peaks' slope, not with the frontier's last token's cost, many times larger."""
+    (row,) = frontier_table.frontier_frame(read_paths([HOST_BOUND_70B]).frontiers).to_dict("records")
+    cells = {probe: json.loads(next((HOST_BOUND_70B / "probes").glob(f"*-{probe}.json")).read_text())
+             for probe in ("half", "at")}
+    peaks = {probe: cell["predicted_vs_measured"]["training_peak"] for probe, cell in cells.items()}
+    tokens = {probe: cell["settings"]["seq_len"] for probe, cell in cells.items()}
+    span = tokens["at"] - tokens["half"]
+    measured = (peaks["at"]["measured_bytes"] - peaks["half"]["measured_bytes"]) / span
+    predicted = (peaks["at"]["predicted_bytes"] - peaks["half"]["predicted_bytes"]) / span
+    assert row["measured_mib_per_token"] == pytest.approx(measured / MIB)
+    assert row["measured_over_predicted"] == pytest.approx(measured / predicted)
+    assert row["mib_per_token"] > 5 * predicted / MIB
