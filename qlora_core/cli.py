@@ -172,10 +172,6 @@ def _add_frontier_command(commands) -> None:
                           help="with --measure: which probes to run, of half, at and above (default all): a probe "
                                "at an 80 GiB frontier can take minutes, so long ones can go one command each, "
                                "the later ones with --resume; frontier.json says 'not run' for those not run yet")
-    frontier.add_argument("--trace-memory", action="store_true",
-                          help="with --measure: each probe records the CUDA allocator's history over its step and "
-                               "its result says what was alive at the peak, by block size in bytes a token "
-                               "(memory_at_peak): where the prediction misses, what it missed")
     frontier.add_argument("--allocator-conf", default=FRONTIER_ALLOCATOR_CONF,
                           help="with --measure: PYTORCH_CUDA_ALLOC_CONF for the probe cells' processes (default "
                                f"'{FRONTIER_ALLOCATOR_CONF}': the cap holds what the allocator reserves, the "

@@ -364,6 +364,14 @@ SETTINGS: tuple[Setting, ...] = (
                                "under its own checkpoint, so its MLP-wide tensors exist for one tile at a time "
                                "(the MLP is computed a third time; Llama/Qwen2 families)", positive,
             ("sweep", "bench", "frontier"), cell="mlp_tile_tokens", on_surface=LEAN_ONLY),
+    Setting("trace_memory", "on CUDA, record the allocator's history over a cell's last training step and put "
+                            "what was alive at its peak in its result, by block size in bytes a token "
+                            "(memory_at_peak, beside the floor): where the prediction misses, what it missed",
+            None, ("sweep", "bench", "frontier"), cell="trace_memory",
+            on_surface={"frontier": {"help": "with --measure: each probe records the CUDA allocator's history over "
+                                             "its step and its result says what was alive at the peak, by block "
+                                             "size in bytes a token (memory_at_peak): where the prediction misses, "
+                                             "what it missed"}}),
     Setting("num_processes", "train each cell on this many processes of this host through torchrun (DDP: each "
                              "holds the whole model and trains on an equal share of every step's blocks, so the "
                              "batch size must divide by it; one GPU each on CUDA; rank 0 records the "
