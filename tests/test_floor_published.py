@@ -99,18 +99,20 @@ def test_int8_s_quantization_moment_holds_the_mlp_wide_blocks_the_h200_trace_fou
     assert mlp_wide == at_peak["tokens"] * counted
 
 
-#: One process under FSDP beside the same cell under DDP (8B shape, lean path, 4 x 1,024 tokens; an H100 at
-#: cd30ddf, before the floor modelled FSDP): its gathers on CUDA, which no CPU test shows.
-FSDP_ONE_PROCESS = RESULTS / "h100-frontier-fsdp1-2026-12-07" / "fsdp1"
-#: 2026-12-07: DDP 0.987-0.995 of the floor, FSDP 1.005-1.011 (FSDP's addition measured some 600 MiB in both
-#: modes, predicted some 400: CUDA's gathers hold more than the CPU's heap shows).
+#: One process under FSDP beside the same cell under DDP (8B shape, lean path, 4 x 1,024 tokens): on an H100 at
+#: cd30ddf, before the floor modelled FSDP, and on an H200 at 7411488, whose cells carry today's floor: its gathers
+#: on CUDA, which no CPU test shows.
+FSDP_ONE_PROCESS = [RESULTS / "h100-frontier-fsdp1-2026-12-07" / "fsdp1", RESULTS / "h200-frontier-80-2026-12-07" / "fsdp1"]
+#: 2026-12-07: DDP 0.987-0.995 of the floor, FSDP 1.004-1.011 on both GPUs (FSDP's addition measured some 600 MiB
+#: in both modes, predicted some 400: CUDA's gathers hold more than the CPU's heap shows).
 FSDP_REL_TOL = 0.02
 
 
+@pytest.mark.parametrize("folder", FSDP_ONE_PROCESS, ids=lambda folder: folder.parent.name)
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 @pytest.mark.parametrize("mode", ["bf16", "nf4-dq"])
-def test_today_s_floor_predicts_the_one_process_fsdp_and_ddp_cells_peaks(mode, strategy):
-    result = json.loads((FSDP_ONE_PROCESS / f"fsdp1-{strategy}" / f"{mode}.json").read_text())
+def test_today_s_floor_predicts_the_one_process_fsdp_and_ddp_cells_peaks(mode, strategy, folder):
+    result = json.loads((folder / f"fsdp1-{strategy}" / f"{mode}.json").read_text())
     settings = CellSettings.from_dict(result["settings"])
     assert settings.strategy == strategy and settings.num_processes == 1
     floor = predicted_floor(settings, shape_config(settings.shape), "cuda")
