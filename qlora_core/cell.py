@@ -51,7 +51,7 @@ from qlora_core.shapes import (
     shape_source,
 )
 from qlora_core.strategies import check_strategy, mode_for, whole_trainable
-from qlora_core.trainer import LoraTrainer, StepRecord, TrainSettings, compile_report
+from qlora_core.trainer import LoraTrainer, StepRecord, TrainSettings, check_compile_mode, compile_report
 
 #: The dtype bitsandbytes' int8 matmul (MatMul8bitLt) really computes in: it casts its inputs to float16
 #: whatever the mode's compute dtype (bitsandbytes 0.50 autograd/_functions.py; stack-facts.md).
@@ -87,6 +87,8 @@ class CellSettings:
         compile: step through ``torch.compile`` (``--path lean`` with it is issue 14's compiled path); the first
             step compiles: its time is reported apart (the result's ``compile``) and warm-up keeps it out of the
             step-time statistics.
+        compile_mode: torch.compile's mode (``trainer.COMPILE_MODES``; ``reduce-overhead``: CUDA graphs), with
+            ``compile`` only.
         num_processes: train on this many processes of one host (``qlora_core.cell_ranks``: ``batch_size`` rows a
             step shared between them; each evaluation computed once and recorded by rank 0, ``Cell.evaluate``).
         strategy: how those processes share the training (``qlora_core.strategies``): ``ddp``, every rank holding
@@ -131,6 +133,7 @@ class CellSettings:
     path: str = "reference"
     memory_cap_bytes: int | None = None
     compile: bool = False
+    compile_mode: str = "default"
     num_processes: int = 1
     strategy: str = "ddp"
     profile_steps: int = 0
@@ -158,6 +161,8 @@ class CellSettings:
             raise ValueError(f"batch sizes must be >= 1, got {self.batch_size} and {self.eval_batch_size}")
         if self.compile and self.timing_warmup < 1:
             raise ValueError("a compiled cell needs a timing warm-up of at least 1 step: its first step compiles")
+        if check_compile_mode(self.compile_mode) != "default" and not self.compile:
+            raise ValueError(f"compile mode {self.compile_mode!r} needs compile (--compile)")
         self._check_steps()
 
     def _check_steps(self) -> None:
@@ -455,7 +460,8 @@ class Cell:
             state.model, loss_fn = settings.levers.apply(model, loss_function(path))
             batches = datalib.batches(self.inputs.train_blocks, settings.batch_size, settings.train.seed)
             state.trainer = LoraTrainer(state.model, batches, settings.train, self.mode.torch_compute_dtype,
-                                        loss_fn=loss_fn, compile=settings.compile, strategy=settings.strategy)
+                                        loss_fn=loss_fn, compile=settings.compile, strategy=settings.strategy,
+                                        compile_mode=settings.compile_mode)
         state.memory["after_setup"] = memory_snapshot(self.device)
         state.tensors_after_setup_bytes = (weight_footprint(state.model)["weights_bytes"]
                                            + optimizer_state_bytes(state.trainer.optimizer))

@@ -240,7 +240,9 @@ def _compile_note(result: CellResult) -> str:
     """How torch.compile handled a compiled cell: its first step (compilation included), graphs, graph breaks."""
     compiled = result.compile
     breaks = "; ".join(f"{reason} (x{count})" for reason, count in compiled.graph_breaks.items()) or "none"
-    return (f"{model_label(result)} {result.mode.name}: compiled (torch.compile): first step "
+    mode = result.settings.extra.get("compile_mode", "default")
+    how = "torch.compile" if mode == "default" else f"torch.compile, mode {mode}"
+    return (f"{model_label(result)} {result.mode.name}: compiled ({how}): first step "
             f"{compiled.first_step_s:.1f} s with compilation, {compiled.unique_graphs} graphs; graph breaks: "
             f"{breaks}.")
 

@@ -36,7 +36,7 @@ from qlora_core.lora import ALL_LINEAR, LoraSettings
 from qlora_core.paths import PATHS
 from qlora_core.profiles import PROFILES
 from qlora_core.strategies import STRATEGIES
-from qlora_core.trainer import OPTIMIZERS, FinetuneSettings, TrainSettings
+from qlora_core.trainer import COMPILE_MODES, OPTIMIZERS, FinetuneSettings, TrainSettings
 
 #: The entry points generated from the declaration: the sweep's command line, bench/'s pytest options, and the
 #: finetune, frontier, generate and merge sub-commands'.
@@ -349,6 +349,9 @@ SETTINGS: tuple[Setting, ...] = (
                                              "the first step compiles (the summary's training.compile; the step "
                                              "times leave that step out), and a micro-batch of a padded length not "
                                              "seen before compiles again"}}),
+    Setting("compile_mode", "with --compile: torch.compile's mode; 'reduce-overhead' replays the compiled step as "
+                            "CUDA graphs, a launch per graph instead of per kernel (for a small, launch-bound "
+                            "model's step)", str, ("sweep", "bench"), cell="compile_mode", choices=COMPILE_MODES),
     Setting("offload_activations", "lean path's memory lever: keep what a forward saves outside checkpointed "
                                    "layers (every layer's input, the final norm's, the loss chunks' hidden "
                                    "states) in pinned host memory, copied on a side stream, brought back for "

@@ -29,6 +29,23 @@ from qlora_core.strategies import check_strategy, forwards_outside_training, gra
 if TYPE_CHECKING:
     from qlora_core.modes import Mode
 
+#: torch.compile's modes (``torch.compile(mode=...)``): ``reduce-overhead`` replays each compiled graph as a CUDA
+#: graph, one launch for its kernels, which a small model's launch-bound step needs (the GPU idles between
+#: kernels otherwise); ``max-autotune`` benchmarks kernel choices too, and with CUDA graphs unless
+#: ``-no-cudagraphs``. On a CPU there are no CUDA graphs: inductor skips them.
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+#: The modes that capture CUDA graphs: their outputs live in the graph's memory pool, overwritten by the next
+#: replay, so a loss kept past the next micro-batch must be copied out.
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+
+
+def check_compile_mode(mode: str) -> str:
+    """``mode`` if torch.compile has it (``COMPILE_MODES``), else ValueError naming them."""
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"unknown compile mode {mode!r}; choose from {', '.join(COMPILE_MODES)}")
+    return mode
+
+
 #: The one optimizer vocabulary of every command and suite: name -> (module, class, the same optimizer's name
 #: in transformers' ``TrainingArguments.optim``, which the classic workflow's Trainer takes). bitsandbytes' paged
 #: optimizers fall back to non-paged on CPU.
@@ -252,7 +269,7 @@ class LoraTrainer:
     """
 
     def __init__(self, model, batches: Iterator[torch.Tensor], settings: TrainSettings, compute_dtype: torch.dtype,
-                 loss_fn=None, compile: bool = False, strategy: str = "ddp"):
+                 loss_fn=None, compile: bool = False, strategy: str = "ddp", compile_mode: str = "default"):
         from transformers import get_scheduler
 
         from qlora_core.paths import causal_lm_loss
@@ -278,9 +295,10 @@ class LoraTrainer:
         # taken after wrapping: FSDP replaces the parameters with their shards, which the optimizer must step
         self.trainable = [p for p in self.wrapped.parameters() if p.requires_grad]
         self.training_model = self.wrapped
+        self.cuda_graphs = compile and check_compile_mode(compile_mode) in CUDA_GRAPH_MODES
         if compile:  # forward and backward through torch.compile; the first step compiles (``compile_report``)
             reset_compile_counters()
-            self.training_model = torch.compile(self.wrapped)
+            self.training_model = torch.compile(self.wrapped, mode=None if compile_mode == "default" else compile_mode)
         self.optimizer = build_optimizer(self.trainable, settings)
         self.scheduler = get_scheduler(
             settings.schedule, self.optimizer, num_warmup_steps=settings.warmup_steps,
@@ -320,12 +338,15 @@ class LoraTrainer:
         batch = next(self.batches)
         accelerator = self.accelerator
         shard = rank_rows(batch, accelerator.process_index, accelerator.num_processes).to(self.device)
+        if self.cuda_graphs:  # a new replay: the previous micro-batch's graph outputs may be overwritten now
+            torch.compiler.cudagraph_mark_step_begin()
         with gradient_sync(accelerator, self.training_model, self.strategy, sync):
             # torch's autocast rather than accelerate's mixed precision: see distributed.make_accelerator.
             with torch.autocast(self.device.type, dtype=self.compute_dtype):
                 loss = self.training_model(shard)
             accelerator.backward(self.scaler.scale(loss / self.settings.grad_accum))
-        return loss.detach(), batch.numel()
+        # a copy: a CUDA graph's output is overwritten by its next replay, and the step averages every loss
+        return (loss.detach().clone() if self.cuda_graphs else loss.detach()), batch.numel()
 
     def _optimizer_step(self) -> tuple[float, int]:
         self.training_model.train()

@@ -21,28 +21,50 @@ def test_a_compiled_cell_needs_a_warm_up_step():
         CellSettings(mode="nf4", compile=True, timing_warmup=0)
 
 
-def test_the_compiled_lean_path_trains_as_the_eager_one(tiny_model_dir):
-    """The same losses within tolerance, the first step's compile time and the graph breaks in the result and
-    the report. A few minutes on one CPU thread: inductor compiles forward and backward."""
-    eager = tiny_cell_settings(tiny_model_dir, "nf4", path="lean", eval_merged=False)
-    eager = dataclasses.replace(eager, lora=dataclasses.replace(eager.lora, dropout=0.0))
-    plain, compiled = run_cell(eager), run_cell(dataclasses.replace(eager, compile=True))
-    assert compiled["status"] == "ok", compiled.get("error")
-    assert compiled["training"]["losses"] == pytest.approx(plain["training"]["losses"], abs=LOSS_TOLERANCE)
-    report = compiled["compile"]
-    assert plain["compile"] is None and report["unique_graphs"] >= 1
-    assert report["first_step_s"] == compiled["training"]["step_seconds"][0]
-    assert report["first_step_s"] > compiled["training"]["timing"]["median_s"]  # compilation in the first
-    assert isinstance(report["graph_breaks"], dict)
-    assert any("compiled (torch.compile): first step" in note for note in footnotes([compiled]))
+def test_a_compile_mode_is_torch_s_and_needs_compile():
+    with pytest.raises(ValueError, match="needs compile"):
+        CellSettings(mode="nf4", compile_mode="reduce-overhead")
+    with pytest.raises(ValueError, match="unknown compile mode 'fast'"):
+        CellSettings(mode="nf4", compile=True, compile_mode="fast")
+
+
+@pytest.mark.parametrize("mode, passed, copies", [("default", None, False), ("reduce-overhead", "reduce-overhead", True),
+                                                  ("max-autotune-no-cudagraphs", "max-autotune-no-cudagraphs", False)])
+def test_the_trainer_compiles_in_the_mode_asked_and_copies_the_losses_a_cuda_graph_overwrites(
+        monkeypatch, mode, passed, copies):
+    """torch.compile gets the mode (torch's own default where none is asked); under a mode with CUDA graphs each
+    micro-batch's loss is copied out of the graph's memory before the next replay (its mark) overwrites it."""
+    import torch
+
+    from qlora_core.trainer import LoraTrainer, TrainSettings
+
+    asked, marks = {}, []
+
+    def compile_(module, mode=None):
+        asked["mode"] = mode
+        return module
+
+    monkeypatch.setattr(torch, "compile", compile_)
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    model = torch.nn.Linear(4, 1)
+    batches = iter(lambda: torch.ones(2, 4), None)
+    trainer = LoraTrainer(model, batches, TrainSettings(max_steps=1, grad_accum=2), torch.bfloat16,
+                          loss_fn=lambda model, x: model(x).float().mean(), compile=True, compile_mode=mode)
+    assert asked["mode"] == passed and trainer.cuda_graphs == copies
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        before = model(torch.ones(2, 4)).float().mean().item()  # both micro-batches' loss: the step comes after
+    record = trainer.step()
+    assert len(marks) == (2 if copies else 0) and record.loss == pytest.approx(before, rel=1e-6)
 
 
 @pytest.mark.gpu
-def test_the_compiled_lean_path_trains_as_the_eager_one_on_cuda(tiny_model_dir):
-    """As on CPU, on the GPU: inductor's CUDA kernels (Triton) instead of its C++ ones."""
+@pytest.mark.parametrize("compile_mode", ["default", "reduce-overhead"])
+def test_the_compiled_lean_path_trains_as_the_eager_one_on_cuda(tiny_model_dir, compile_mode):
+    """As on CPU, on the GPU: inductor's CUDA kernels (Triton) instead of its C++ ones; with ``reduce-overhead``
+    replayed as CUDA graphs."""
     eager = tiny_cell_settings(tiny_model_dir, "nf4", path="lean", eval_merged=False, device="cuda")
     eager = dataclasses.replace(eager, lora=dataclasses.replace(eager.lora, dropout=0.0))
-    plain, compiled = run_cell(eager), run_cell(dataclasses.replace(eager, compile=True))
+    plain, compiled = run_cell(eager), run_cell(dataclasses.replace(eager, compile=True, compile_mode=compile_mode))
     assert compiled["status"] == "ok", compiled.get("error")
     assert compiled["training"]["losses"] == pytest.approx(plain["training"]["losses"], abs=LOSS_TOLERANCE)
     assert compiled["compile"]["unique_graphs"] >= 1
