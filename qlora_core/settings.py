@@ -351,7 +351,8 @@ SETTINGS: tuple[Setting, ...] = (
                                              "seen before compiles again"}}),
     Setting("compile_mode", "with --compile: torch.compile's mode; 'reduce-overhead' replays the compiled step as "
                             "CUDA graphs, a launch per graph instead of per kernel (for a small, launch-bound "
-                            "model's step)", str, ("sweep", "bench"), cell="compile_mode", choices=COMPILE_MODES),
+                            "model's step)", str, TRAINING_SURFACES, cell="compile_mode",
+            finetune="settings.compile_mode", choices=COMPILE_MODES),
     Setting("offload_activations", "lean path's memory lever: keep what a forward saves outside checkpointed "
                                    "layers (every layer's input, the final norm's, the loss chunks' hidden "
                                    "states) in pinned host memory, copied on a side stream, brought back for "

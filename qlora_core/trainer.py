@@ -125,6 +125,8 @@ class FinetuneSettings:
         compile: each micro-batch's loss, forward and backward, through torch.compile (``workflow.WorkflowTrainer``):
             the first step compiles, and a micro-batch of a padded length not seen before compiles again. Not in
             the tutorial.
+        compile_mode: torch.compile's mode (``COMPILE_MODES``; ``reduce-overhead``: CUDA graphs), with ``compile``
+            only.
     """
 
     batch_size: int = 2
@@ -141,9 +143,12 @@ class FinetuneSettings:
     profile_steps: int = 0
     path: str = "reference"
     compile: bool = False
+    compile_mode: str = "default"
 
     def __post_init__(self) -> None:
         check_path(self.path)
+        if check_compile_mode(self.compile_mode) != "default" and not self.compile:
+            raise ValueError(f"compile mode {self.compile_mode!r} needs compile (--compile)")
         for name in ("batch_size", "grad_accum", "max_steps", "logging_steps", "save_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -45,7 +45,8 @@ from qlora_core.modes import BASELINE_MODE, Mode, get_mode
 from qlora_core.paths import attach_adapters, check_path, chunked_causal_lm_nll
 from qlora_core.results import (FINETUNE_SCHEMA, MERGE_SCHEMA, environment, publish_folder, share_as_umask_allows,
                                 write_json_atomic)
-from qlora_core.trainer import FinetuneSettings, compile_report, reset_compile_counters, save_adapter
+from qlora_core.trainer import (CUDA_GRAPH_MODES, FinetuneSettings, compile_report, reset_compile_counters,
+                               save_adapter)
 
 #: The tutorial's prompt.
 TUTORIAL_PROMPT = "Two things are infinite: "
@@ -249,7 +250,8 @@ class WorkflowTrainer(Trainer):
 
     _non_embedding_parameters: int | None = None
 
-    def __init__(self, *args, path: str = "reference", compile: bool = False, **kwargs):
+    def __init__(self, *args, path: str = "reference", compile: bool = False, compile_mode: str = "default",
+                 **kwargs):
         super().__init__(*args, **kwargs)
         self.path = check_path(path)
         if self.path == "lean":
@@ -257,16 +259,23 @@ class WorkflowTrainer(Trainer):
             # the model's own loss does; this tells the Trainer (of every version) not to divide again
             self.model_accepts_loss_kwargs = True
         self.compiled = None
+        self.cuda_graphs = compile and compile_mode in CUDA_GRAPH_MODES
         if compile:  # the first micro-batch compiles (``compile_report``); the eager model trains the same weights
             reset_compile_counters()
-            self.compiled = torch.compile(self.model if self.path == "reference" else LeanLoss(self.model))
+            self.compiled = torch.compile(self.model if self.path == "reference" else LeanLoss(self.model),
+                                          mode=None if compile_mode == "default" else compile_mode)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """The reference path's loss is the model's own; the lean path's ``paths.chunked_causal_lm_nll`` over the
         micro-batch, divided by the step's scored tokens (``num_items_in_batch``) or, without them, its own."""
+        if self.cuda_graphs:  # a new replay: the previous micro-batch's graph outputs may be overwritten now
+            torch.compiler.cudagraph_mark_step_begin()
         if self.path == "reference":
-            return super().compute_loss(model if self.compiled is None else self.compiled, inputs,
+            loss = super().compute_loss(model if self.compiled is None else self.compiled, inputs,
                                         return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+            # a copy out of the CUDA graph's memory, which its next replay overwrites (the lean path's division
+            # below makes one)
+            return loss.clone() if self.cuda_graphs and not return_outputs else loss
         if return_outputs:  # the Trainer asks for outputs when it evaluates, which the workflow never has it do
             raise ValueError("the lean path's loss keeps no logits to return")
         loss = LeanLoss(model) if self.compiled is None else self.compiled
@@ -457,6 +466,7 @@ def finetune(
         callbacks=[checkpointing, step_timer, *([profiled] if settings.profile_steps else []), *callbacks],
         path=settings.path,
         compile=settings.compile,
+        compile_mode=settings.compile_mode,
     )
     reset_peak(device)
     _, wall_s = timed(lambda: trainer.train(resume_from_checkpoint=str(start_from) if start_from else None), device)

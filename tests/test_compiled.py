@@ -21,6 +21,22 @@ def test_a_compiled_cell_needs_a_warm_up_step():
         CellSettings(mode="nf4", compile=True, timing_warmup=0)
 
 
+def test_the_compiled_lean_path_trains_as_the_eager_one(tiny_model_dir):
+    """The same losses within tolerance, the first step's compile time and the graph breaks in the result and
+    the report. A few minutes on one CPU thread: inductor compiles forward and backward."""
+    eager = tiny_cell_settings(tiny_model_dir, "nf4", path="lean", eval_merged=False)
+    eager = dataclasses.replace(eager, lora=dataclasses.replace(eager.lora, dropout=0.0))
+    plain, compiled = run_cell(eager), run_cell(dataclasses.replace(eager, compile=True))
+    assert compiled["status"] == "ok", compiled.get("error")
+    assert compiled["training"]["losses"] == pytest.approx(plain["training"]["losses"], abs=LOSS_TOLERANCE)
+    report = compiled["compile"]
+    assert plain["compile"] is None and report["unique_graphs"] >= 1
+    assert report["first_step_s"] == compiled["training"]["step_seconds"][0]
+    assert report["first_step_s"] > compiled["training"]["timing"]["median_s"]  # compilation in the first
+    assert isinstance(report["graph_breaks"], dict)
+    assert any("compiled (torch.compile): first step" in note for note in footnotes([compiled]))
+
+
 def test_a_compile_mode_is_torch_s_and_needs_compile():
     with pytest.raises(ValueError, match="needs compile"):
         CellSettings(mode="nf4", compile_mode="reduce-overhead")
@@ -28,8 +44,11 @@ def test_a_compile_mode_is_torch_s_and_needs_compile():
         CellSettings(mode="nf4", compile=True, compile_mode="fast")
 
 
-@pytest.mark.parametrize("mode, passed, copies", [("default", None, False), ("reduce-overhead", "reduce-overhead", True),
-                                                  ("max-autotune-no-cudagraphs", "max-autotune-no-cudagraphs", False)])
+@pytest.mark.parametrize("mode, passed, copies", [
+    ("default", None, False),
+    ("reduce-overhead", "reduce-overhead", True),
+    ("max-autotune-no-cudagraphs", "max-autotune-no-cudagraphs", False),
+])
 def test_the_trainer_compiles_in_the_mode_asked_and_copies_the_losses_a_cuda_graph_overwrites(
         monkeypatch, mode, passed, copies):
     """torch.compile gets the mode (torch's own default where none is asked); under a mode with CUDA graphs each

@@ -521,3 +521,28 @@ def test_the_compiled_step_trains_as_the_eager_one(tiny_source, tmp_path, path):
     frame = workflow_table.workflow_frame([eager | {"path": "eager"}, compiled | {"path": "compiled"}], [])
     first_step = dict(zip(frame["summary"], frame["compile_first_step_s"]))
     assert first_step["compiled"] == report["first_step_s"] and pd.isna(first_step["eager"])
+
+
+def test_a_compile_mode_needs_compile():
+    with pytest.raises(ValueError, match="needs compile"):
+        replace(TINY_SETTINGS, compile_mode="reduce-overhead")
+    with pytest.raises(ValueError, match="unknown compile mode"):
+        replace(TINY_SETTINGS, compile=True, compile_mode="fast")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("path", ["reference", "lean"])
+def test_the_step_replayed_as_cuda_graphs_trains_as_the_eager_one(tiny_source, tmp_path, path):
+    """``finetune --compile --compile-mode reduce-overhead`` on CUDA: each padded length's step captured and
+    replayed as CUDA graphs, the same losses as the eager step within the compiled cell's tolerance."""
+    from test_compiled import LOSS_TOLERANCE
+
+    cuda, mode = torch.device("cuda"), get_mode("nf4-dq")
+    settings = replace(TINY_SETTINGS, path=path, max_steps=3, save_steps=3)
+    lora = replace(TINY_LORA, dropout=0.0)
+    eager = workflow.finetune(tiny_source, mode, tmp_path / "eager", device=cuda, settings=settings, lora=lora,
+                              max_new_tokens=2).summary
+    graphs = workflow.finetune(tiny_source, mode, tmp_path / "graphs", device=cuda, lora=lora, max_new_tokens=2,
+                               settings=replace(settings, compile=True, compile_mode="reduce-overhead")).summary
+    assert graphs["training"]["losses"] == pytest.approx(eager["training"]["losses"], abs=LOSS_TOLERANCE)
+    assert graphs["settings"]["compile_mode"] == "reduce-overhead"
