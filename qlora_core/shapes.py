@@ -54,6 +54,13 @@ SHAPES: dict[str, dict] = {
         tie_word_embeddings=False, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
         use_sliding_window=False,
     ),
+    # The embedded default model's architecture (its config.json): its speed figures without staging the model,
+    # which a GPU machine without network must be sent in pieces.
+    "SmolLM2-135M": dict(
+        model_type="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+        num_key_value_heads=3, head_dim=64, vocab_size=49152, max_position_embeddings=8192, rms_norm_eps=1e-5,
+        tie_word_embeddings=True, rope_parameters={"rope_type": "default", "rope_theta": 100000.0},
+    ),
     # The classic QLoRA tutorial's base: ALiBi positions (no length limit in the config), fused query_key_value,
     # a 4x GELU MLP, LayerNorms with biases, tied embeddings; transformers implements only eager attention.
     "BLOOM-3B": dict(
@@ -84,7 +91,7 @@ SHAPES: dict[str, dict] = {
 #: Published parameter counts (embeddings and head included, a tied matrix once), for checking SHAPES.
 PUBLISHED_PARAMS = {
     "Llama-3.2-1B": 1.236e9, "Llama-3.1-8B": 8.030e9, "Llama-2-13B": 13.016e9, "Llama-3.1-70B": 70.554e9,
-    "Qwen2.5-7B": 7.616e9, "BLOOM-3B": 3.003e9,
+    "Qwen2.5-7B": 7.616e9, "BLOOM-3B": 3.003e9, "SmolLM2-135M": 134.515e6,
 }
 
 

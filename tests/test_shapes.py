@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -25,7 +26,8 @@ from qlora_core.trainer import LoraTrainer, TrainSettings
 CPU = torch.device("cpu")
 TINY_SHAPES = [name for name in SHAPES if name.startswith("tiny-")]
 #: The issue's shapes: the 1B-70B Llamas, Qwen2.5-7B and the classic tutorial's BLOOM-3B.
-ISSUE_SHAPES = ("Llama-3.2-1B", "Llama-3.1-8B", "Llama-2-13B", "Llama-3.1-70B", "Qwen2.5-7B", "BLOOM-3B")
+ISSUE_SHAPES = ("Llama-3.2-1B", "Llama-3.1-8B", "Llama-2-13B", "Llama-3.1-70B", "Qwen2.5-7B", "BLOOM-3B",
+                "SmolLM2-135M")
 #: Published counts are rounded to four significant figures.
 PUBLISHED_REL_TOL = 1e-3
 #: Attributes transformers' quantizer (or a backend quantizing after loading: ``hqq_quantized``) sets and peft's
@@ -66,6 +68,21 @@ def test_shape_parameter_counts_match_the_published_models(name):
     assert n_params == pytest.approx(PUBLISHED_PARAMS[name], rel=PUBLISHED_REL_TOL)
     tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
     assert tied is shape_config(name).tie_word_embeddings
+
+
+def test_the_embedded_model_s_shape_is_its_architecture():
+    """The SmolLM2-135M shape against the default model's own config.json, where this machine has converted it
+    (the README's main job does; CI does not): every architecture number the shape states."""
+    from qlora_core.default_model import FOLDER_NAME, cache_root
+
+    config_file = cache_root() / FOLDER_NAME / "config.json"
+    if not config_file.is_file():
+        pytest.skip(f"the default model is not converted here ({config_file})")
+    model_config = json.loads(config_file.read_text())
+    stated = {key: value for key, value in SHAPES["SmolLM2-135M"].items() if key != "rms_norm_eps"}
+    assert {key: model_config[key] for key in stated} == stated
+    # the GGUF stores the epsilon as a float32: 1e-5 as near as that holds it
+    assert model_config["rms_norm_eps"] == pytest.approx(SHAPES["SmolLM2-135M"]["rms_norm_eps"], rel=1e-7)
 
 
 def test_unknown_shape_lists_the_valid_ones():
