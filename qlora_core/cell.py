@@ -161,8 +161,7 @@ class CellSettings:
             raise ValueError(f"batch sizes must be >= 1, got {self.batch_size} and {self.eval_batch_size}")
         if self.compile and self.timing_warmup < 1:
             raise ValueError("a compiled cell needs a timing warm-up of at least 1 step: its first step compiles")
-        if check_compile_mode(self.compile_mode) != "default" and not self.compile:
-            raise ValueError(f"compile mode {self.compile_mode!r} needs compile (--compile)")
+        check_compile_mode(self.compile_mode, self.compile)
         self._check_steps()
 
     def _check_steps(self) -> None:

@@ -39,11 +39,14 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 
 
-def check_compile_mode(mode: str) -> str:
-    """``mode`` if torch.compile has it (``COMPILE_MODES``), else ValueError naming them."""
+def check_compile_mode(mode: str, compile: bool) -> str | None:
+    """What ``torch.compile(mode=...)`` takes for ``mode`` (None: its default); ValueError for a mode it does not
+    have (``COMPILE_MODES``) or one asked for without ``compile``."""
     if mode not in COMPILE_MODES:
         raise ValueError(f"unknown compile mode {mode!r}; choose from {', '.join(COMPILE_MODES)}")
-    return mode
+    if mode != "default" and not compile:
+        raise ValueError(f"compile mode {mode!r} needs compile (--compile)")
+    return None if mode == "default" else mode
 
 
 #: The one optimizer vocabulary of every command and suite: name -> (module, class, the same optimizer's name
@@ -147,8 +150,7 @@ class FinetuneSettings:
 
     def __post_init__(self) -> None:
         check_path(self.path)
-        if check_compile_mode(self.compile_mode) != "default" and not self.compile:
-            raise ValueError(f"compile mode {self.compile_mode!r} needs compile (--compile)")
+        check_compile_mode(self.compile_mode, self.compile)
         for name in ("batch_size", "grad_accum", "max_steps", "logging_steps", "save_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -300,10 +302,11 @@ class LoraTrainer:
         # taken after wrapping: FSDP replaces the parameters with their shards, which the optimizer must step
         self.trainable = [p for p in self.wrapped.parameters() if p.requires_grad]
         self.training_model = self.wrapped
-        self.cuda_graphs = compile and check_compile_mode(compile_mode) in CUDA_GRAPH_MODES
+        torch_mode = check_compile_mode(compile_mode, compile)
+        self.cuda_graphs = compile and compile_mode in CUDA_GRAPH_MODES
         if compile:  # forward and backward through torch.compile; the first step compiles (``compile_report``)
             reset_compile_counters()
-            self.training_model = torch.compile(self.wrapped, mode=None if compile_mode == "default" else compile_mode)
+            self.training_model = torch.compile(self.wrapped, mode=torch_mode)
         self.optimizer = build_optimizer(self.trainable, settings)
         self.scheduler = get_scheduler(
             settings.schedule, self.optimizer, num_warmup_steps=settings.warmup_steps,
