@@ -597,8 +597,10 @@ def _measure_frontiers(frontiers: list[dict], lora: LoraSettings, args: argparse
     measured = [with_probes(found, results) for found in frontiers]
     for found in measured:
         statuses = ", ".join(f"{probe} {p['tokens']:,}: {p['status']}" for probe, p in found["probes"].items())
-        slope = found["measured_bytes_per_token"]
+        slope, span = found["measured_bytes_per_token"], found["predicted_span_bytes_per_token"]
         cost = "not measured" if slope is None else f"{slope / MIB:.3f} MiB/token measured"
+        if slope is not None and span:
+            cost += f", {slope / span:.3f} x predicted over the same span"
         print(f"{found['shape']} {found['mode']} {found['path']} {found['capacity_bytes'] / GIB:g} GiB: "
               f"{'confirmed' if found['confirmed'] else 'NOT confirmed'} ({statuses}; {cost})")
     return measured
