@@ -581,7 +581,8 @@ def command_frontier(args: argparse.Namespace) -> int:
 def _measure_frontiers(frontiers: list[dict], lora: LoraSettings, args: argparse.Namespace) -> list[dict]:
     """Run every frontier's probe cells (``frontier_probes``) into ``--out/probes`` (checked to be given) and
     return the frontiers with what they measured, printed one line each."""
-    from qlora_core.frontier_probes import PROBE_OUTCOMES, finished_probes, probe_cells, with_probes
+    from qlora_core.frontier_probes import (PROBE_OUTCOMES, finished_probes, measured_over_predicted, probe_cells,
+                                            with_probes)
     from qlora_core.measure.memory import GIB
     from qlora_core.report import MIB
     from qlora_core.sweep import run_cells
@@ -597,10 +598,10 @@ def _measure_frontiers(frontiers: list[dict], lora: LoraSettings, args: argparse
     measured = [with_probes(found, results) for found in frontiers]
     for found in measured:
         statuses = ", ".join(f"{probe} {p['tokens']:,}: {p['status']}" for probe, p in found["probes"].items())
-        slope, span = found["measured_bytes_per_token"], found["predicted_span_bytes_per_token"]
+        slope, ratio = found["measured_bytes_per_token"], measured_over_predicted(found)
         cost = "not measured" if slope is None else f"{slope / MIB:.3f} MiB/token measured"
-        if slope is not None and span:
-            cost += f", {slope / span:.3f} x predicted over the same span"
+        if ratio is not None:
+            cost += f", {ratio:.3f} x predicted over the same span"
         print(f"{found['shape']} {found['mode']} {found['path']} {found['capacity_bytes'] / GIB:g} GiB: "
               f"{'confirmed' if found['confirmed'] else 'NOT confirmed'} ({statuses}; {cost})")
     return measured

@@ -114,6 +114,15 @@ def probe_predicted_bytes(result: dict | None) -> int | None:
     return row.get("predicted_bytes")
 
 
+def measured_over_predicted(frontier: dict) -> float | None:
+    """The measured cost of a token ÷ the prediction's over the same span (``summarized``); where the probes
+    recorded no predicted peaks (documents before 2026-12-07 read without their cells), ÷ the frontier's own
+    ``bytes_per_token``. None where nothing was measured."""
+    measured = frontier.get("measured_bytes_per_token")
+    predicted = frontier.get("predicted_span_bytes_per_token") or frontier["bytes_per_token"]
+    return None if measured is None or not predicted else measured / predicted
+
+
 def with_probes(frontier: dict, results: dict[str, dict]) -> dict:
     """The frontier with what its probes measured (``results`` by cell name): each probe's tokens, status and
     peak allocated bytes and the peak its cell predicted; ``measured_bytes_per_token`` between the half and the at

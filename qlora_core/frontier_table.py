@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from qlora_core.frontier_probes import (ABOVE_MARGIN, PROBE_OUTCOMES, PROBES, probe_name, probe_peak_bytes,
-                                        probe_predicted_bytes, summarized)
+from qlora_core.frontier_probes import (ABOVE_MARGIN, PROBE_OUTCOMES, PROBES, measured_over_predicted, probe_name,
+                                        probe_peak_bytes, probe_predicted_bytes, summarized)
 from qlora_core.measure.frontier import ALLOCATOR_HEADROOM, TOKEN_GRANULARITY
 from qlora_core.measure.memory import GIB
 from qlora_core.modes import MODES
@@ -154,7 +154,6 @@ def frontier_row(frontier: dict, probe_cells: dict[tuple, CellResult] | None = N
     probe_cells = probe_cells or {}
     frontier = with_later_probes(frontier)
     predicted, measured = frontier["bytes_per_token"], frontier.get("measured_bytes_per_token")
-    span = frontier.get("predicted_span_bytes_per_token") or predicted
     row = {
         "shape": frontier["shape"],
         "mode": frontier["mode"],
@@ -172,7 +171,7 @@ def frontier_row(frontier: dict, probe_cells: dict[tuple, CellResult] | None = N
         row[f"{probe}_status"] = probes.get(probe, {}).get("status")
     return row | _at_probe_figures(frontier, probe_cells) | {
         "measured_mib_per_token": None if measured is None else measured / MIB,
-        "measured_over_predicted": None if measured is None or not span else measured / span,
+        "measured_over_predicted": measured_over_predicted(frontier),
         "confirmed": _confirmed(frontier),
         "allocator_conf": _allocator_conf(frontier),
         "commit": _short_commit(frontier.get("commit")),
@@ -220,10 +219,11 @@ def notes() -> list[str]:
         "probes: cells at batch 1 at half the predicted tokens, at them and above them, each with its status "
         "(ok, oom: out of memory under the cap); measured MiB/token: between the half and the at probe's "
         "allocator peaks, and its ratio to the predicted peaks' slope over the same span (the probes' own "
-        "predictions; where none was recorded, the frontier's predicted MiB/token); a probe the frontier's document says was not run is shown from its own cell in the "
-        "document's probes/ folder where a later call ran it; at probe peak: its allocator's peak (allocated, "
-        "growth since its load began) and its ratio to the predicted peak; tokens/s at the frontier: the at probe's step (its cell's row above; '-' "
-        "where its cell was not read with the frontier).",
+        "predictions; where none was recorded, the frontier's predicted MiB/token); a probe the frontier's "
+        "document says was not run is shown from its own cell in the document's probes/ folder where a later "
+        "call ran it; at probe peak: its allocator's peak (allocated, growth since its load began) and its ratio "
+        "to the predicted peak; tokens/s at the frontier: the at probe's step (its cell's row above; '-' where "
+        "its cell was not read with the frontier).",
         f"confirmed: the at probe ran and the above probe ran out of memory (bound by positions or host memory: "
         f"the at probe ran); not measured: no probes; no, with what the probes found; 'above ran within the "
         f"headroom': the above probe's predicted peak fits the capacity, short only of the "

@@ -232,6 +232,17 @@ def reset_compile_counters() -> None:
     counters.clear()
 
 
+def compiled_if(module: torch.nn.Module, compile: bool, mode: str) -> tuple[torch.nn.Module | None, bool]:
+    """(``module`` through torch.compile in ``mode`` when ``compile``, else None; whether its replays are CUDA
+    graphs, whose outputs the next replay overwrites). Compiling restarts the counts ``compile_report`` reads,
+    so they cover this module."""
+    torch_mode = check_compile_mode(mode, compile)
+    if not compile:
+        return None, False
+    reset_compile_counters()
+    return torch.compile(module, mode=torch_mode), mode in CUDA_GRAPH_MODES
+
+
 def compile_report() -> dict:
     """What torch.compile made of the training step in this process: graphs compiled, and each distinct graph
     break (its reason's first line) with how many times it split the step. Graph breaks are where the step left
@@ -301,12 +312,9 @@ class LoraTrainer:
         self.wrapped = wrap(self.accelerator, LossModule(model, self.loss_fn), self.strategy)
         # taken after wrapping: FSDP replaces the parameters with their shards, which the optimizer must step
         self.trainable = [p for p in self.wrapped.parameters() if p.requires_grad]
-        self.training_model = self.wrapped
-        torch_mode = check_compile_mode(compile_mode, compile)
-        self.cuda_graphs = compile and compile_mode in CUDA_GRAPH_MODES
-        if compile:  # forward and backward through torch.compile; the first step compiles (``compile_report``)
-            reset_compile_counters()
-            self.training_model = torch.compile(self.wrapped, mode=torch_mode)
+        # forward and backward through torch.compile when asked; the first step compiles (``compile_report``)
+        compiled, self.cuda_graphs = compiled_if(self.wrapped, compile, compile_mode)
+        self.training_model = self.wrapped if compiled is None else compiled
         self.optimizer = build_optimizer(self.trainable, settings)
         self.scheduler = get_scheduler(
             settings.schedule, self.optimizer, num_warmup_steps=settings.warmup_steps,

@@ -45,8 +45,7 @@ from qlora_core.modes import BASELINE_MODE, Mode, get_mode
 from qlora_core.paths import attach_adapters, check_path, chunked_causal_lm_nll
 from qlora_core.results import (FINETUNE_SCHEMA, MERGE_SCHEMA, environment, publish_folder, share_as_umask_allows,
                                 write_json_atomic)
-from qlora_core.trainer import (CUDA_GRAPH_MODES, FinetuneSettings, check_compile_mode, compile_report,
-                               reset_compile_counters, save_adapter)
+from qlora_core.trainer import FinetuneSettings, compile_report, compiled_if, save_adapter
 
 #: The tutorial's prompt.
 TUTORIAL_PROMPT = "Two things are infinite: "
@@ -258,13 +257,9 @@ class WorkflowTrainer(Trainer):
             # ``compute_loss`` divides by the tokens of the whole optimizer step when the Trainer counts them, as
             # the model's own loss does; this tells the Trainer (of every version) not to divide again
             self.model_accepts_loss_kwargs = True
-        self.compiled = None
-        torch_mode = check_compile_mode(compile_mode, compile)
-        self.cuda_graphs = compile and compile_mode in CUDA_GRAPH_MODES
-        if compile:  # the first micro-batch compiles (``compile_report``); the eager model trains the same weights
-            reset_compile_counters()
-            self.compiled = torch.compile(self.model if self.path == "reference" else LeanLoss(self.model),
-                                          mode=torch_mode)
+        # the first micro-batch compiles (``compile_report``); the eager model trains the same weights
+        self.compiled, self.cuda_graphs = compiled_if(self.model if self.path == "reference" else LeanLoss(self.model),
+                                                      compile, compile_mode)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """The reference path's loss is the model's own; the lean path's ``paths.chunked_causal_lm_nll`` over the
