@@ -20,6 +20,7 @@ import torch
 
 from qlora_core import backends
 from qlora_core import data as datalib
+from qlora_core.kernels import apply_kernels, check_kernels
 from qlora_core.levers import Levers
 from qlora_core.lora import LoraSettings, merge_into_bf16, parameter_counts
 from qlora_core.measure.floor import memory_floor, predicted_vs_measured
@@ -104,6 +105,8 @@ class CellSettings:
             (``qlora_core.levers``): saved activations kept in host memory between forward and backward, at most
             ``offload_host_gib`` of them (None: all); the MLP recomputed in tiles of this many tokens (None:
             untiled).
+        kernels: fused kernels of the lean path (``qlora_core.kernels``: Liger-Kernel's RMSNorm, SwiGLU and fused
+            linear cross-entropy), by name; none by default. The floor does not model them: no prediction.
         profile_steps: after the timed steps (and the peak's reading), this many more steps under
             ``torch.profiler`` (``Cell.profile``), then the adapters and optimizer put back as they were: where a
             step's time goes, at no cost to the other figures. 0: none.
@@ -142,6 +145,7 @@ class CellSettings:
     offload_host_gib: float | None = None
     beyond_positions: bool = False
     trace_memory: bool = False
+    kernels: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         check_path(self.path)
@@ -149,6 +153,7 @@ class CellSettings:
             raise ValueError("beyond_positions is for shape cells (random weights): a real model's perplexity means "
                              "nothing past the positions it was trained for")
         self.levers.check(self.path, self.gradient_checkpointing)
+        check_kernels(self.kernels, self.path, self.strategy)
         if self.profile_steps < 0:
             raise ValueError(f"profile_steps must be >= 0, got {self.profile_steps}")
         self._check_processes()
@@ -203,6 +208,7 @@ class CellSettings:
         train = TrainSettings(**values.pop("train", {}))
         if isinstance(lora.get("target_modules"), list):
             lora["target_modules"] = tuple(lora["target_modules"])
+        values["kernels"] = tuple(values.get("kernels", ()))
         return cls(**values, lora=LoraSettings(**lora), train=train)
 
 
@@ -292,7 +298,10 @@ def predicted_floor(settings: CellSettings, config, device_type: str,
     """The memory floor of the cell's set-up on its path (``measure.floor``), with int8's outlier columns where
     measured: one process's, on its rows (under DDP each holds the whole model; under FSDP its shards, beside the
     units it gathers); None for an architecture the floor has no activation accounting for (NotImplementedError)
-    or that transformers cannot build from its config alone (ValueError: e.g. remote code)."""
+    or that transformers cannot build from its config alone (ValueError: e.g. remote code), and for a set-up with
+    fused kernels, whose saved tensors and transients it does not model."""
+    if settings.kernels:
+        return None
     try:
         return memory_floor(
             config, get_mode(settings.mode), settings.lora, settings.seq_len, settings.rows_per_process,
@@ -456,7 +465,8 @@ class Cell:
             checkpointing, path = settings.gradient_checkpointing, settings.path
             model = prepare_for_training(state.model, self.mode, gradient_checkpointing=checkpointing, path=path)
             model = attach_adapters(model, settings.lora, path)
-            state.model, loss_fn = settings.levers.apply(model, loss_function(path))
+            model, loss_fn = apply_kernels(model, settings.kernels, loss_function(path))
+            state.model, loss_fn = settings.levers.apply(model, loss_fn)
             batches = datalib.batches(self.inputs.train_blocks, settings.batch_size, settings.train.seed)
             state.trainer = LoraTrainer(state.model, batches, settings.train, self.mode.torch_compute_dtype,
                                         loss_fn=loss_fn, compile=settings.compile, strategy=settings.strategy,

@@ -180,13 +180,12 @@ def with_offload(loss_fn, offload: ActivationOffload | None):
     return offloaded
 
 
-def _tiled_mlp_forward(mlp: torch.nn.Module, tile_tokens: int, hidden: torch.Tensor) -> torch.Tensor:
-    """The MLP of ``hidden`` [..., h] computed ``tile_tokens`` tokens at a time, each tile under non-reentrant
-    checkpointing (the RNG state kept, so LoRA dropout draws the same mask in its recompute). Per token the MLP
-    is independent of the others: the result equals the untiled one."""
-    forward = type(mlp).forward
+def _tiled_mlp_forward(forward, tile_tokens: int, hidden: torch.Tensor) -> torch.Tensor:
+    """The MLP ``forward`` of ``hidden`` [..., h] computed ``tile_tokens`` tokens at a time, each tile under
+    non-reentrant checkpointing (the RNG state kept, so LoRA dropout draws the same mask in its recompute). Per
+    token the MLP is independent of the others: the result equals the untiled one."""
     flat = hidden.reshape(-1, hidden.shape[-1])
-    tiles = [checkpoint(forward, mlp, flat[start:start + tile_tokens], use_reentrant=False)
+    tiles = [checkpoint(forward, flat[start:start + tile_tokens], use_reentrant=False)
              for start in range(0, flat.shape[0], tile_tokens)]
     return torch.cat(tiles).reshape(*hidden.shape[:-1], -1)
 
@@ -207,8 +206,8 @@ def tile_mlps(model, tile_tokens: int):
     if not mlps:
         raise ValueError("mlp tiling needs decoder layers with an 'mlp' holding a 'down_proj' (Llama, Qwen2, "
                          "Mistral); this model has none")
-    for mlp in mlps:
-        mlp.forward = functools.partial(_tiled_mlp_forward, mlp, tile_tokens)
+    for mlp in mlps:  # the forward it has now: a fused kernel's (``kernels.apply_kernels``) or its class's
+        mlp.forward = functools.partial(_tiled_mlp_forward, mlp.forward, tile_tokens)
     return model
 
 

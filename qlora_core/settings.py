@@ -32,6 +32,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from qlora_core.cell import CellSettings
+from qlora_core.kernels import KERNELS
 from qlora_core.lora import ALL_LINEAR, LoraSettings
 from qlora_core.paths import PATHS
 from qlora_core.profiles import PROFILES
@@ -130,6 +131,18 @@ def target_modules(text: str) -> str | tuple[str, ...]:
     names = tuple(name.strip() for name in text.split(",") if name.strip())
     if not names:
         raise argparse.ArgumentTypeError(f"names no module: {text!r} (give names, or '{ALL_LINEAR}')")
+    return names
+
+
+def kernel_names(text: str) -> tuple[str, ...]:
+    """The comma-separated names of fused kernels (``kernels.KERNELS``), checked; ``none`` for none."""
+    if text == "none":
+        return ()
+    names = tuple(name.strip() for name in text.split(",") if name.strip())
+    unknown = [name for name in names if name not in KERNELS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown kernel(s) {', '.join(unknown) or repr(text)}; give some of "
+                                         f"{', '.join(KERNELS)}, comma-separated, or 'none'")
     return names
 
 
@@ -368,6 +381,11 @@ SETTINGS: tuple[Setting, ...] = (
                                "under its own checkpoint, so its MLP-wide tensors exist for one tile at a time "
                                "(the MLP is computed a third time; Llama/Qwen2 families)", positive,
             ("sweep", "bench", "frontier"), cell="mlp_tile_tokens", on_surface=LEAN_ONLY),
+    Setting("kernels", "lean path's fused kernels, comma-separated: Liger-Kernel's rms-norm (every RMSNorm in "
+                       "one kernel), swiglu (silu(gate) * up in one, the silu recomputed in backward) and "
+                       "fused-linear-cross-entropy (head and loss in one, no logits kept; not under FSDP); CUDA "
+                       "and the [liger] extra only, and the memory floor does not model them (no prediction)",
+            kernel_names, ("sweep", "bench"), cell="kernels", shown_default="none"),
     Setting("trace_memory", "on CUDA, record the allocator's history over a cell's last training step and put "
                             "what was alive at its peak in its result, by block size in bytes a token "
                             "(memory_at_peak, beside the floor): where the prediction misses, what it missed",
