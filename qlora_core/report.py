@@ -247,6 +247,13 @@ def _compile_note(result: CellResult) -> str:
             f"{breaks}.")
 
 
+def _kernels_note(result: CellResult) -> str:
+    """Which fused kernels a cell ran (``qlora_core.kernels``) and why it has no predicted peak."""
+    kernels = ", ".join(result.settings.extra["kernels"])
+    return (f"{model_label(result)} {result.mode.name}: fused kernels (Liger-Kernel): {kernels}; the memory floor "
+            f"does not model them (no prediction).")
+
+
 def _text_name(result: CellResult, name: str) -> str:
     """'held-out quotes', or 'evaluation text (wiki.test.raw)' with the file the cell read."""
     eval_text = result.settings.eval_text
@@ -305,6 +312,7 @@ def footnotes(results: list[CellResult | dict]) -> list[str]:
     notes += [_processes_note(r) for r in ok if r.ranks]
     notes += _scaling_notes(ok)
     notes += [_compile_note(r) for r in ok if r.compile]
+    notes += [_kernels_note(r) for r in ok if r.settings.extra.get("kernels")]
     notes.append(f"(xN): ratio to {BASELINE_MODE} of the same model and run.")
     notes.append(f"'~' marks a step time whose IQR exceeds {NOISY_RELATIVE_IQR:.0%} of its median: too noisy to "
                  f"rank.")

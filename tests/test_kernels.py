@@ -17,6 +17,7 @@ from qlora_core.kernels import (FUSED_LINEAR_CROSS_ENTROPY, KERNELS, RMS_NORM, S
                                 apply_kernels, check_kernels, liger_functions, rms_norms)
 from qlora_core.levers import tile_mlps
 from qlora_core.paths import IGNORE_INDEX, chunked_causal_lm_loss
+from qlora_core.report import footnotes
 from qlora_core.settings import kernel_names
 from test_levers import TILED_GRADIENT_REL_TOL, ids, loss_and_gradient
 from test_paths import adapted
@@ -185,3 +186,6 @@ def test_a_cell_with_every_kernel_trains_as_the_lean_path_on_cuda(tiny_model_dir
     assert fused["status"] == "ok", fused.get("error")
     assert fused["training"]["losses"] == pytest.approx(plain["training"]["losses"], abs=LOSS_TOLERANCE)
     assert fused["settings"]["kernels"] == list(KERNELS) and fused["floor"] is None
+    assert any("(Liger-Kernel): rms-norm, swiglu, fused-linear-cross-entropy;" in note
+               for note in footnotes([plain, fused]))
+    assert not any("Liger-Kernel" in note for note in footnotes([plain]))

@@ -272,6 +272,15 @@ def test_footnotes_give_each_int8_linears_outlier_share(results):
     assert not any("outlier columns" in note for note in footnotes(results))
 
 
+def test_footnotes_name_the_fused_kernels_a_cell_ran(results):
+    fused = copy.deepcopy(results[0])
+    fused["settings"]["kernels"] = ["rms-norm", "swiglu"]
+    (note,) = [note for note in footnotes([fused, results[1]]) if "Liger-Kernel" in note]
+    assert note.endswith(f"{fused['mode']['name']}: fused kernels (Liger-Kernel): rms-norm, swiglu; the memory "
+                         f"floor does not model them (no prediction).")
+    assert not any("Liger-Kernel" in note for note in footnotes(results))
+
+
 def test_noisy_step_time_is_marked(results):
     steady = copy.deepcopy(results)
     for result in steady:
