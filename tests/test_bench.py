@@ -4,6 +4,7 @@ that does not exist yet, two modes of the tiny model, every suite."""
 from __future__ import annotations
 
 import datetime
+import importlib.util
 import json
 import os
 import shutil
@@ -127,7 +128,8 @@ def test_benchmark_json_may_not_overwrite_the_manifest(tmp_path):
 
 
 @pytest.mark.parametrize("option, message", [("--bench-modes=nf4,nf5", "unknown mode 'nf5'"),
-                                             ("--bench-shapes=Llama-9B", "unknown shape 'Llama-9B'")])
+                                             ("--bench-shapes=Llama-9B", "unknown shape 'Llama-9B'"),
+                                             ("--bench-kernels=rmsnorm", "unknown kernel(s) rmsnorm")])
 def test_an_unknown_cell_option_is_refused_before_anything_runs(tmp_path, option, message):
     out = tmp_path / "out"
     command = [sys.executable, "-m", "pytest", "bench/", "--benchmark-only", "-q", "-p", "no:cacheprovider",
@@ -135,3 +137,18 @@ def test_an_unknown_cell_option_is_refused_before_anything_runs(tmp_path, option
     run = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert run.returncode == 4, run.stdout + run.stderr  # pytest's usage error
     assert message in run.stderr and not out.exists()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("liger_kernel") is not None,
+                    reason="Liger-Kernel is installed: its absence cannot be seen")
+def test_fused_kernels_reach_the_lean_cells_and_fail_loudly_without_liger(tmp_path):
+    """--bench-kernels goes into each cell's settings (the cells' shared inputs are made without it): on a machine
+    without Liger-Kernel every cell fails saying how to install it, rather than run without the kernels."""
+    command = [sys.executable, "-m", "pytest", "bench/", "--benchmark-only", "-q", "-p", "no:cacheprovider",
+               "--bench-device", "cpu", "--bench-shapes", "tiny-llama", "--bench-paths", "lean", "--bench-modes",
+               "bf16", "--bench-kernels", "swiglu", "--bench-steps", "2", "--bench-warmup", "1", "--bench-seq-len",
+               "32", "--bench-batch-size", "2", "--bench-out", str(tmp_path / "out")]
+    run = subprocess.run(command, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 1, run.stdout + run.stderr
+    assert "pip install 'qlora-bench[liger]'" in run.stdout
