@@ -199,7 +199,8 @@ class CellSettings:
         return self.batch_size * self.seq_len * self.train.grad_accum
 
     def describe(self) -> dict:
-        return {**dataclasses.asdict(self), "lora": self.lora.describe(), "train": self.train.describe()}
+        return {**dataclasses.asdict(self), "lora": self.lora.describe(), "train": self.train.describe(),
+                "kernels": list(self.kernels)}  # as JSON holds it
 
     @classmethod
     def from_dict(cls, values: dict) -> CellSettings:
