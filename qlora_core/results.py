@@ -608,11 +608,15 @@ def _setup(result: CellResult) -> dict:
 def _setup_suffixes(setups: dict[str, dict]) -> dict[str, str]:
     """For several set-ups of one model (signature -> flat settings): each one's suffix naming the settings
     that differ, ``SETUP_KEYS_FIRST`` first, as few as tell every set-up apart (all of them if need be: two
-    labels alike would make two cells one row). A setting one set-up lacks reads ``unset`` there."""
+    labels alike would make two cells one row). A setting one set-up lacks reads ``unset`` there; a list reads
+    as its items comma-separated, ``none`` when empty (``kernels=rms-norm,swiglu``, ``kernels=none``)."""
     first = {key: rank for rank, key in enumerate(SETUP_KEYS_FIRST)}
 
     def shown(setup: dict, key: str) -> str:
-        return str(setup[key]) if key in setup else "unset"
+        if key not in setup:
+            return "unset"
+        value = setup[key]
+        return (",".join(map(str, value)) or "none") if isinstance(value, list) else str(value)
 
     differing = sorted((key for key in set().union(*setups.values())
                         if len({shown(setup, key) for setup in setups.values()}) > 1),

@@ -132,6 +132,17 @@ def test_two_set_ups_on_the_lean_path_name_the_path_once(results, tmp_path):
     assert sorted(set(results_frame(read_results([tmp_path]))["model"])) == [
         f"tiny-llama [seq_len={seq_len}] (lean path)", f"tiny-llama [seq_len={2 * seq_len}] (lean path)"]
 
+def test_a_list_setting_reads_as_its_items_in_a_label(results, tmp_path):
+    from qlora_core.results import write_json_atomic
+
+    for run, kernels in enumerate(([], ["rms-norm", "swiglu"])):
+        for result in copy.deepcopy(results):
+            result["settings"]["kernels"] = kernels
+            write_json_atomic(result, tmp_path / f"run-{run}" / f"{result['mode']['name']}.json")
+    labels = sorted(set(results_frame(read_results([tmp_path]))["model"]))
+    assert labels == ["tiny-llama [kernels=none]", "tiny-llama [kernels=rms-norm,swiglu]"]
+
+
 def test_set_ups_alike_in_their_first_settings_still_get_labels_of_their_own(results, tmp_path):
     """Three set-ups whose first differing settings (tokens, steps, LoRA rank) leave two alike: their labels
     name settings until each is its own, so no two cells become one row (``report results/`` crashed on it)."""
