@@ -53,8 +53,9 @@ class KernelFunctions:
 def liger_functions() -> KernelFunctions:
     """Liger-Kernel's functional API as ``KernelFunctions``; an ImportError saying how to install it otherwise.
 
-    The RMSNorm does not write its input's gradient into its output's (``in_place=False``): under checkpointing
-    the output's gradient may be read again, and the in-place form saves one activation-sized buffer at most."""
+    The RMSNorm does not write its input's gradient into its output's (``in_place=False``): Liger documents that
+    form as wrong wherever that gradient is read again (Gemma 2's norms around a residual), and it saves one
+    hidden-sized buffer in a norm's backward at most; out of place holds for every family."""
     try:
         from liger_kernel.transformers.functional import (liger_fused_linear_cross_entropy, liger_rms_norm,
                                                           liger_swiglu)
