@@ -344,9 +344,15 @@ def _wait_for(condition, timeout_s: float) -> bool:
     return False
 
 
+#: Steps of each cell of the Ctrl-C test: enough that nf4's cell is still training when the signal comes, even
+#: where this test's own process gets no CPU for seconds (with 50, on CI's two cores under load, nf4's cell once
+#: finished between the test's seeing bf16's result and its signal: the sweep exited 0).
+CTRL_C_STEPS = 400
+
+
 def test_ctrl_c_ends_the_worker_and_says_how_to_resume(tiny_model_dir, tmp_path):
     out = tmp_path / "run"
-    args = tiny_sweep_args(tiny_model_dir, out, "--modes", "bf16,nf4", "--steps", "50")
+    args = tiny_sweep_args(tiny_model_dir, out, "--modes", "bf16,nf4", "--steps", str(CTRL_C_STEPS))
     sweep = subprocess.Popen([sys.executable, "-m", "qlora_core.cli", *args], stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
     try:
