@@ -61,29 +61,25 @@ def liger_functions() -> KernelFunctions:
                                                           liger_swiglu)
     except ImportError as error:
         raise ImportError(f"the kernels option needs Liger-Kernel: {INSTALL_HINT}") from error
+    # Liger's functions take the arguments KernelFunctions names in the same order; the rest by keyword
     return KernelFunctions(
-        rms_norm=functools.partial(_liger_rms_norm, liger_rms_norm),
+        rms_norm=functools.partial(liger_rms_norm, casting_mode="llama", in_place=False),
         swiglu=liger_swiglu,
-        linear_cross_entropy=functools.partial(_liger_linear_cross_entropy, liger_fused_linear_cross_entropy),
+        linear_cross_entropy=functools.partial(liger_fused_linear_cross_entropy, ignore_index=IGNORE_INDEX,
+                                               reduction="mean"),
     )
 
 
-def _liger_rms_norm(liger_rms_norm, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    return liger_rms_norm(x, weight, eps, casting_mode="llama", in_place=False)
-
-
-def _liger_linear_cross_entropy(liger_fused_linear_cross_entropy, hidden: torch.Tensor, weight: torch.Tensor,
-                                labels: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return liger_fused_linear_cross_entropy(hidden, weight, labels, bias, ignore_index=IGNORE_INDEX,
-                                            reduction="mean")
+def unknown_kernels(names) -> list[str]:
+    """The names among ``names`` that are not ``KERNELS``, in order."""
+    return [name for name in names if name not in KERNELS]
 
 
 def check_kernels(kernels: tuple[str, ...], path: str, strategy: str = "ddp") -> tuple[str, ...]:
     """``kernels`` when a training set-up can run them; a ValueError naming what is wrong otherwise: an unknown
     or repeated name, a path other than the lean one (whose loss and adapters they replace or wrap), or the
     fused loss under FSDP (it reads the head's weight outside the head, where FSDP holds only a shard)."""
-    unknown = [name for name in kernels if name not in KERNELS]
-    if unknown:
+    if unknown := unknown_kernels(kernels):
         raise ValueError(f"unknown kernel(s) {', '.join(map(repr, unknown))}; choose from {', '.join(KERNELS)}")
     if len(set(kernels)) != len(kernels):
         raise ValueError(f"a kernel named twice: {', '.join(kernels)}")

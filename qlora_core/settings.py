@@ -32,7 +32,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from qlora_core.cell import CellSettings
-from qlora_core.kernels import KERNELS
+from qlora_core.kernels import KERNELS, unknown_kernels
 from qlora_core.lora import ALL_LINEAR, LoraSettings
 from qlora_core.paths import PATHS
 from qlora_core.profiles import PROFILES
@@ -139,7 +139,7 @@ def kernel_names(text: str) -> tuple[str, ...]:
     if text == "none":
         return ()
     names = tuple(name.strip() for name in text.split(",") if name.strip())
-    unknown = [name for name in names if name not in KERNELS]
+    unknown = unknown_kernels(names)
     if unknown or not names:
         raise argparse.ArgumentTypeError(f"unknown kernel(s) {', '.join(unknown) or repr(text)}; give some of "
                                          f"{', '.join(KERNELS)}, comma-separated, or 'none'")
