@@ -236,10 +236,24 @@ def _scaling_notes(ok: list[CellResult]) -> list[str]:
     return notes
 
 
+#: Source lines a graph break's reason lists before the rest are counted: a break in every layer is one line.
+SHOWN_SITES = 3
+
+
+def _sites(sites: list[str] | None) -> str:
+    """`` at`` the first ``SHOWN_SITES`` source lines of a graph break, and how many more; nothing when none."""
+    if not sites:
+        return ""
+    more = f" and {len(sites) - SHOWN_SITES} more" if len(sites) > SHOWN_SITES else ""
+    return f" at {', '.join(sites[:SHOWN_SITES])}{more}"
+
+
 def _compile_note(result: CellResult) -> str:
-    """How torch.compile handled a compiled cell: its first step (compilation included), graphs, graph breaks."""
+    """How torch.compile handled a compiled cell: its first step (compilation included), graphs, graph breaks and
+    where they broke."""
     compiled = result.compile
-    breaks = "; ".join(f"{reason} (x{count})" for reason, count in compiled.graph_breaks.items()) or "none"
+    breaks = "; ".join(f"{reason} (x{count}){_sites(compiled.graph_break_sites.get(reason))}"
+                       for reason, count in compiled.graph_breaks.items()) or "none"
     mode = result.settings.extra.get("compile_mode", "default")
     how = "torch.compile" if mode == "default" else f"torch.compile, mode {mode}"
     return (f"{model_label(result)} {result.mode.name}: compiled ({how}): first step "

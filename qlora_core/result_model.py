@@ -544,10 +544,12 @@ class MemoryAtPeak(Section):
 
 @dataclass(kw_only=True)
 class Compile(Section):
-    """How torch.compile handled a compiled cell."""
+    """How torch.compile handled a compiled cell: graph breaks by reason, and where each broke (source lines;
+    results before 2026-12-07 have none)."""
     first_step_s: float | None
     unique_graphs: int
     graph_breaks: dict[str, int]
+    graph_break_sites: dict[str, list[str]] = field(default_factory=dict)
 
 
 @dataclass(kw_only=True)

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import copy
 import functools
+import logging
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -224,12 +226,54 @@ def build_optimizer(params: list[torch.nn.Parameter], settings: TrainSettings) -
     return optimizer_class(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
 
 
+#: torch.compile's log of graph breaks (the ``graph_breaks`` logging artifact, ``TORCH_LOGS=graph_breaks``): each
+#: record names a break's source line, then its reason (where torch's counters keep the reason without the line).
+GRAPH_BREAK_LOGGER = "torch._dynamo.symbolic_convert.__graph_breaks"
+_BREAK_RECORD = re.compile(r"in user code at (?P<file>.+?):(?P<line>\d+)\s*\nGraph Break Reason: "
+                           r"(?P<reason>.*?)(?:\nUser code traceback:|$)", re.DOTALL)
+#: Installed packages are named from their package on: a site there reads the same on every machine.
+_PACKAGE_ROOT = re.compile(r".*[/\\](?:site|dist)-packages[/\\]")
+
+
+class GraphBreakSites(logging.Handler):
+    """Collects where torch.compile broke the graph, from its graph-break log: (source line as
+    ``package/module.py:line``, the reason's text) for each break logged."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.breaks: list[tuple[str, str]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if found := _BREAK_RECORD.search(record.getMessage()):
+            self.breaks.append((f"{_PACKAGE_ROOT.sub('', found['file'])}:{found['line']}", found["reason"]))
+
+    def sites(self, reason: str) -> list[str]:
+        """The source lines of the breaks whose reason's text holds ``reason``, each once, in order seen."""
+        return list(dict.fromkeys(site for site, text in self.breaks if reason in text))
+
+
+def _graph_break_sites() -> GraphBreakSites:
+    """The one ``GraphBreakSites`` of this process, installed on torch's graph-break log at the first call. The log
+    is enabled for it, and kept from torch's handlers unless ``TORCH_LOGS`` asked for it (then it prints too)."""
+    logger = logging.getLogger(GRAPH_BREAK_LOGGER)
+    installed = next((handler for handler in logger.handlers if isinstance(handler, GraphBreakSites)), None)
+    if installed is None:
+        installed = GraphBreakSites()
+        if not logger.isEnabledFor(logging.DEBUG):
+            logger.setLevel(logging.DEBUG)
+            logger.propagate = False
+        logger.addHandler(installed)
+    return installed
+
+
 def reset_compile_counters() -> None:
-    """Forget what torch.compile compiled and counted in this process, so ``compile_report`` covers one model."""
+    """Forget what torch.compile compiled, counted and logged in this process, so ``compile_report`` covers one
+    model."""
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
     counters.clear()
+    _graph_break_sites().breaks.clear()
 
 
 def compiled_if(module: torch.nn.Module, compile: bool, mode: str) -> tuple[torch.nn.Module | None, bool]:
@@ -244,16 +288,19 @@ def compiled_if(module: torch.nn.Module, compile: bool, mode: str) -> tuple[torc
 
 
 def compile_report() -> dict:
-    """What torch.compile made of the training step in this process: graphs compiled, and each distinct graph
-    break (its reason's first line) with how many times it split the step. Graph breaks are where the step left
-    the compiled graph for eager Python (a quantized layer, a ``requires_grad_`` call...)."""
+    """What torch.compile made of the training step in this process: graphs compiled, each distinct graph
+    break (its reason's first line) with how many times it split the step, and where: the source lines each
+    reason broke at (``GraphBreakSites``). Graph breaks are where the step left the compiled graph for eager
+    Python (a quantized layer, a ``requires_grad_`` call...)."""
     from torch._dynamo.utils import counters
 
     breaks: dict[str, int] = {}
     for reason, count in counters["graph_break"].items():
         first_line = reason.strip().splitlines()[0]
         breaks[first_line] = breaks.get(first_line, 0) + count
-    return {"unique_graphs": counters["stats"]["unique_graphs"], "graph_breaks": breaks}
+    logged = _graph_break_sites()
+    return {"unique_graphs": counters["stats"]["unique_graphs"], "graph_breaks": breaks,
+            "graph_break_sites": {reason: logged.sites(reason) for reason in breaks}}
 
 
 class LossModule(torch.nn.Module):

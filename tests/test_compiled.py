@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
+import torch
 
 from tiny import tiny_cell_settings
 from qlora_core.cell import CellSettings, run_cell
 from qlora_core.report import footnotes
+from qlora_core.trainer import compile_report, compiled_if
 
 #: Largest |loss difference| (nats) between the compiled and the eager lean path over the tiny cell's 3 steps:
 #: inductor fuses and orders the bf16 arithmetic differently. Measured on this 2-core CPU (torch 2.13, nf4):
@@ -34,7 +37,10 @@ def test_the_compiled_lean_path_trains_as_the_eager_one(tiny_model_dir):
     assert report["first_step_s"] == compiled["training"]["step_seconds"][0]
     assert report["first_step_s"] > compiled["training"]["timing"]["median_s"]  # compilation in the first
     assert isinstance(report["graph_breaks"], dict)
-    assert any("compiled (torch.compile): first step" in note for note in footnotes([compiled]))
+    assert all(report["graph_break_sites"][reason] for reason in report["graph_breaks"])  # each break located
+    note = next(note for note in footnotes([compiled]) if "compiled (torch.compile): first step" in note)
+    assert all(f"{reason} (x{count}) at {report['graph_break_sites'][reason][0]}" in note
+               for reason, count in report["graph_breaks"].items())
 
 
 def test_a_compile_mode_is_torch_s_and_needs_compile():
@@ -87,3 +93,26 @@ def test_the_compiled_lean_path_trains_as_the_eager_one_on_cuda(tiny_model_dir, 
     assert compiled["status"] == "ok", compiled.get("error")
     assert compiled["training"]["losses"] == pytest.approx(plain["training"]["losses"], abs=LOSS_TOLERANCE)
     assert compiled["compile"]["unique_graphs"] >= 1
+
+
+class _BreaksTwice(torch.nn.Module):
+    """A step that leaves the graph twice: at an operator whose output's shape depends on the data (the line
+    after ``def``), and where its author asks (the next)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kept = x[x.nonzero().squeeze(1)]
+        torch._dynamo.graph_break()
+        return (kept * 2).sum()
+
+
+def test_the_compile_report_says_where_each_graph_break_is_and_prints_nothing(capfd):
+    compiled, _ = compiled_if(_BreaksTwice(), True, "default")
+    compiled(torch.tensor([0.0, 1.0, 2.0]))
+    report = compile_report()
+    forward = _BreaksTwice.forward.__code__.co_firstlineno
+    here = Path(__file__).name
+    sites = {reason: [site.rsplit("/", 1)[-1] for site in found]
+             for reason, found in report["graph_break_sites"].items()}
+    assert sites == {"Dynamic shape operator": [f"{here}:{forward + 1}"],
+                     "Call to `torch._dynamo.graph_break()`": [f"{here}:{forward + 2}"]}
+    assert "Graph break" not in capfd.readouterr().err  # torch's own log stays off unless TORCH_LOGS asks
