@@ -15,6 +15,7 @@ import functools
 import logging
 import os
 import re
+import sys
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -231,8 +232,13 @@ def build_optimizer(params: list[torch.nn.Parameter], settings: TrainSettings) -
 GRAPH_BREAK_LOGGER = "torch._dynamo.symbolic_convert.__graph_breaks"
 _BREAK_RECORD = re.compile(r"in user code at (?P<file>.+?):(?P<line>\d+)\s*\nGraph Break Reason: "
                            r"(?P<reason>.*?)(?:\nUser code traceback:|$)", re.DOTALL)
-#: Installed packages are named from their package on: a site there reads the same on every machine.
-_PACKAGE_ROOT = re.compile(r".*[/\\](?:site|dist)-packages[/\\]")
+
+
+def import_path(file: str) -> str:
+    """``file`` as Python imports it: from its package on, under the longest ``sys.path`` entry holding it, so a
+    site reads the same wherever the package is installed (site-packages, a staged folder); as given otherwise."""
+    roots = [os.path.join(root, "") for root in sys.path if root and file.startswith(os.path.join(root, ""))]
+    return file[len(max(roots, key=len)):] if roots else file
 
 
 class GraphBreakSites(logging.Handler):
@@ -245,7 +251,7 @@ class GraphBreakSites(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         if found := _BREAK_RECORD.search(record.getMessage()):
-            self.breaks.append((f"{_PACKAGE_ROOT.sub('', found['file'])}:{found['line']}", found["reason"]))
+            self.breaks.append((f"{import_path(found['file'])}:{found['line']}", found["reason"]))
 
     def sites(self, reason: str) -> list[str]:
         """The source lines of the breaks whose reason's text holds ``reason``, each once, in order seen."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ import torch
 from tiny import tiny_cell_settings
 from qlora_core.cell import CellSettings, run_cell
 from qlora_core.report import footnotes
-from qlora_core.trainer import compile_report, compiled_if
+from qlora_core.trainer import GraphBreakSites, compile_report, compiled_if
 
 #: Largest |loss difference| (nats) between the compiled and the eager lean path over the tiny cell's 3 steps:
 #: inductor fuses and orders the bf16 arithmetic differently. Measured on this 2-core CPU (torch 2.13, nf4):
@@ -116,3 +117,14 @@ def test_the_compile_report_says_where_each_graph_break_is_and_prints_nothing(ca
     assert sites == {"Dynamic shape operator": [f"{here}:{forward + 1}"],
                      "Call to `torch._dynamo.graph_break()`": [f"{here}:{forward + 2}"]}
     assert "Graph break" not in capfd.readouterr().err  # torch's own log stays off unless TORCH_LOGS asks
+
+
+def test_a_graph_break_site_is_named_from_its_package_on_wherever_it_is_installed(tmp_path, monkeypatch):
+    staged = tmp_path / "staged-site"  # bitsandbytes staged outside site-packages, as on the GPU machine
+    monkeypatch.syspath_prepend(str(staged))
+    sites = GraphBreakSites()
+    for file, line in ((staged / "bitsandbytes" / "functional.py", 1673), (tmp_path / "elsewhere.py", 7)):
+        message = f"Graph break in user code at {file}:{line}\nGraph Break Reason: Dynamic shape operator\n"
+        sites.emit(logging.LogRecord("graph_breaks", logging.DEBUG, __file__, 0, message, None, None))
+    assert sites.sites("Dynamic shape operator") == ["bitsandbytes/functional.py:1673", f"{tmp_path}/elsewhere.py:7"]
+    assert sites.sites("Call to `torch._dynamo.graph_break()`") == []
