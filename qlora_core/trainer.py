@@ -53,13 +53,17 @@ def check_compile_mode(mode: str, compile: bool) -> str | None:
 
 
 #: The one optimizer vocabulary of every command and suite: name -> (module, class, the same optimizer's name
-#: in transformers' ``TrainingArguments.optim``, which the classic workflow's Trainer takes). bitsandbytes' paged
-#: optimizers fall back to non-paged on CPU.
+#: in transformers' ``TrainingArguments.optim``, which the classic workflow's Trainer takes, and the class's
+#: keyword arguments). bitsandbytes' paged optimizers fall back to non-paged on CPU. ``adamw_fused`` is torch's
+#: AdamW as one kernel over all parameters a step (``fused=True``) where ``adamw`` launches several per step for
+#: each group of tensors: for a small model's step bound by launches (the compiled SmolLM2 step's optimizer is
+#: outside its CUDA graphs).
 OPTIMIZERS = {
-    "adamw": ("torch.optim", "AdamW", "adamw_torch"),
-    "adamw8bit": ("bitsandbytes.optim", "AdamW8bit", "adamw_bnb_8bit"),
-    "paged_adamw8bit": ("bitsandbytes.optim", "PagedAdamW8bit", "paged_adamw_8bit"),
-    "paged_adamw32bit": ("bitsandbytes.optim", "PagedAdamW32bit", "paged_adamw_32bit"),
+    "adamw": ("torch.optim", "AdamW", "adamw_torch", {}),
+    "adamw_fused": ("torch.optim", "AdamW", "adamw_torch_fused", {"fused": True}),
+    "adamw8bit": ("bitsandbytes.optim", "AdamW8bit", "adamw_bnb_8bit", {}),
+    "paged_adamw8bit": ("bitsandbytes.optim", "PagedAdamW8bit", "paged_adamw_8bit", {}),
+    "paged_adamw32bit": ("bitsandbytes.optim", "PagedAdamW32bit", "paged_adamw_32bit", {}),
 }
 
 
@@ -222,9 +226,9 @@ class StepRecord:
 def build_optimizer(params: list[torch.nn.Parameter], settings: TrainSettings) -> torch.optim.Optimizer:
     import importlib
 
-    module_name, class_name, _ = OPTIMIZERS[settings.optimizer]
+    module_name, class_name, _, options = OPTIMIZERS[settings.optimizer]
     optimizer_class = getattr(importlib.import_module(module_name), class_name)
-    return optimizer_class(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
+    return optimizer_class(params, lr=settings.learning_rate, weight_decay=settings.weight_decay, **options)
 
 
 #: torch.compile's log of graph breaks (the ``graph_breaks`` logging artifact, ``TORCH_LOGS=graph_breaks``): each

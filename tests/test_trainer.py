@@ -141,6 +141,20 @@ def test_8bit_optimizer_trains(tiny_source):
     assert losses[-1] < losses[0]
 
 
+def test_the_fused_adamw_trains_as_adamw(tiny_source):
+    """One kernel a step instead of several per group of tensors, the same arithmetic: the same losses."""
+    mode = get_mode("bf16")
+    losses = {}
+    for optimizer in ("adamw", "adamw_fused"):
+        settings = TrainSettings(learning_rate=1e-2, optimizer=optimizer, schedule="constant", max_steps=4)
+        trainer = LoraTrainer(lora_model(tiny_source, mode), itertools.repeat(fixed_batch()), settings,
+                              mode.torch_compute_dtype)
+        assert trainer.optimizer.defaults["fused"] is (optimizer == "adamw_fused" or None)
+        losses[optimizer] = [r.loss for r in trainer.train()]
+    assert losses["adamw_fused"] == pytest.approx(losses["adamw"], rel=1e-4)
+    assert losses["adamw"][-1] < losses["adamw"][0]
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [

@@ -151,7 +151,8 @@ def test_training_arguments_do_not_filter_the_loss(mode, tmp_path):
     assert TINY_SETTINGS.training_arguments(tmp_path, mode, CPU).logging_nan_inf_filter is False
 
 
-@pytest.mark.parametrize("name, transformers_name", [("adamw", "adamw_torch"), ("paged_adamw8bit", "paged_adamw_8bit")])
+@pytest.mark.parametrize("name, transformers_name", [("adamw", "adamw_torch"), ("adamw_fused", "adamw_torch_fused"),
+                                                    ("paged_adamw8bit", "paged_adamw_8bit")])
 def test_the_workflow_takes_the_sweeps_optimizer_names(mode, tmp_path, name, transformers_name):
     """One vocabulary: finetune names its optimizer as the sweep does, and hands the Trainer transformers' name."""
     settings = replace(TINY_SETTINGS, optim=name)
