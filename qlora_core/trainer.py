@@ -55,9 +55,9 @@ def check_compile_mode(mode: str, compile: bool) -> str | None:
 #: The one optimizer vocabulary of every command and suite: name -> (module, class, the same optimizer's name
 #: in transformers' ``TrainingArguments.optim``, which the classic workflow's Trainer takes, and the class's
 #: keyword arguments). bitsandbytes' paged optimizers fall back to non-paged on CPU. ``adamw_fused`` is torch's
-#: AdamW as one kernel over all parameters a step (``fused=True``) where ``adamw`` launches several per step for
-#: each group of tensors: for a small model's step bound by launches (the compiled SmolLM2 step's optimizer is
-#: outside its CUDA graphs).
+#: AdamW with ``fused=True``: each step's whole update in fused kernels, where ``adamw`` (torch's multi-tensor
+#: "foreach" form on a GPU) launches one kernel per arithmetic operation for each chunk of tensors; for a step
+#: bound by launches (the compiled SmolLM2 step's optimizer runs outside its CUDA graphs).
 OPTIMIZERS = {
     "adamw": ("torch.optim", "AdamW", "adamw_torch", {}),
     "adamw_fused": ("torch.optim", "AdamW", "adamw_torch_fused", {"fused": True}),
