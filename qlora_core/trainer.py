@@ -241,7 +241,7 @@ _BREAK_RECORD = re.compile(r"in user code at (?P<file>.+?):(?P<line>\d+)\s*\nGra
 def import_path(file: str) -> str:
     """``file`` as Python imports it: from its package on, under the longest ``sys.path`` entry holding it, so a
     site reads the same wherever the package is installed (site-packages, a staged folder); as given otherwise."""
-    roots = [os.path.join(root, "") for root in sys.path if root and file.startswith(os.path.join(root, ""))]
+    roots = [root for root in (os.path.join(entry, "") for entry in sys.path if entry) if file.startswith(root)]
     return file[len(max(roots, key=len)):] if roots else file
 
 

@@ -132,6 +132,7 @@ def test_two_set_ups_on_the_lean_path_name_the_path_once(results, tmp_path):
     assert sorted(set(results_frame(read_results([tmp_path]))["model"])) == [
         f"tiny-llama [seq_len={seq_len}] (lean path)", f"tiny-llama [seq_len={2 * seq_len}] (lean path)"]
 
+
 def test_a_list_setting_reads_as_its_items_in_a_label(results, tmp_path):
     from qlora_core.results import write_json_atomic
 

@@ -142,7 +142,8 @@ def test_8bit_optimizer_trains(tiny_source):
 
 
 def test_the_fused_adamw_trains_as_adamw(tiny_source):
-    """One kernel a step instead of several per group of tensors, the same arithmetic: the same losses."""
+    """The update in fused kernels instead of one per operation and chunk of tensors, the same arithmetic: the
+    same losses."""
     mode = get_mode("bf16")
     losses = {}
     for optimizer in ("adamw", "adamw_fused"):
