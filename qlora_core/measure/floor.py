@@ -41,7 +41,7 @@ INT64 = 8
 #: bytes per trainable parameter of each optimizer's state (bitsandbytes' 8-bit states apply to tensors of
 #: >= 4096 elements only, with one float32 absmax per 256 values a state; smaller tensors keep 32-bit states).
 #: Paged states live in CUDA managed memory, outside PyTorch's allocator: the allocator will not show them.
-OPTIMIZER_STATE_BYTES = {"adamw": 8, "paged_adamw32bit": 8, "adamw8bit": 2, "paged_adamw8bit": 2}
+OPTIMIZER_STATE_BYTES = {"adamw": 8, "adamw_fused": 8, "paged_adamw32bit": 8, "adamw8bit": 2, "paged_adamw8bit": 2}
 BNB_8BIT_OPTIMIZER_MIN_SIZE = 4096
 BNB_8BIT_OPTIMIZER_BLOCKSIZE = 256
 GATED_MLP_FAMILIES = ("llama", "qwen2", "mistral")
