@@ -52,7 +52,8 @@ from qlora_core.shapes import (
     shape_source,
 )
 from qlora_core.strategies import check_strategy, mode_for, whole_trainable
-from qlora_core.trainer import LoraTrainer, StepRecord, TrainSettings, check_compile_mode, compile_report
+from qlora_core.trainer import (LoraTrainer, StepRecord, TrainSettings, check_compile_mode, check_compile_scope,
+                               compile_report)
 
 #: The dtype bitsandbytes' int8 matmul (MatMul8bitLt) really computes in: it casts its inputs to float16
 #: whatever the mode's compute dtype (bitsandbytes 0.50 autograd/_functions.py; stack-facts.md).
@@ -90,6 +91,8 @@ class CellSettings:
             step-time statistics.
         compile_mode: torch.compile's mode (``trainer.COMPILE_MODES``; ``reduce-overhead``: CUDA graphs), with
             ``compile`` only.
+        compile_scope: what is compiled (``trainer.COMPILE_SCOPES``): the step, or each decoder layer (a compile
+            that does not grow with the depth), with ``compile`` only.
         num_processes: train on this many processes of one host (``qlora_core.cell_ranks``: ``batch_size`` rows a
             step shared between them; each evaluation computed once and recorded by rank 0, ``Cell.evaluate``).
         strategy: how those processes share the training (``qlora_core.strategies``): ``ddp``, every rank holding
@@ -137,6 +140,7 @@ class CellSettings:
     memory_cap_bytes: int | None = None
     compile: bool = False
     compile_mode: str = "default"
+    compile_scope: str = "step"
     num_processes: int = 1
     strategy: str = "ddp"
     profile_steps: int = 0
@@ -167,6 +171,7 @@ class CellSettings:
         if self.compile and self.timing_warmup < 1:
             raise ValueError("a compiled cell needs a timing warm-up of at least 1 step: its first step compiles")
         check_compile_mode(self.compile_mode, self.compile)
+        check_compile_scope(self.compile_scope, self.compile)
         self._check_steps()
 
     def _check_steps(self) -> None:
@@ -471,7 +476,7 @@ class Cell:
             batches = datalib.batches(self.inputs.train_blocks, settings.batch_size, settings.train.seed)
             state.trainer = LoraTrainer(state.model, batches, settings.train, self.mode.torch_compute_dtype,
                                         loss_fn=loss_fn, compile=settings.compile, strategy=settings.strategy,
-                                        compile_mode=settings.compile_mode)
+                                        compile_mode=settings.compile_mode, compile_scope=settings.compile_scope)
         state.memory["after_setup"] = memory_snapshot(self.device)
         state.tensors_after_setup_bytes = (weight_footprint(state.model)["weights_bytes"]
                                            + optimizer_state_bytes(state.trainer.optimizer))

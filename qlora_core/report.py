@@ -256,6 +256,8 @@ def _compile_note(result: CellResult) -> str:
                        for reason, count in compiled.graph_breaks.items()) or "none"
     mode = result.settings.extra.get("compile_mode", "default")
     how = "torch.compile" if mode == "default" else f"torch.compile, mode {mode}"
+    if result.settings.extra.get("compile_scope", "step") == "layers":
+        how += ", each decoder layer"
     return (f"{model_label(result)} {result.mode.name}: compiled ({how}): first step "
             f"{compiled.first_step_s:.1f} s with compilation, {compiled.unique_graphs} graphs; graph breaks: "
             f"{breaks}.")

@@ -37,7 +37,7 @@ from qlora_core.lora import ALL_LINEAR, LoraSettings
 from qlora_core.paths import PATHS
 from qlora_core.profiles import PROFILES
 from qlora_core.strategies import STRATEGIES
-from qlora_core.trainer import COMPILE_MODES, OPTIMIZERS, FinetuneSettings, TrainSettings
+from qlora_core.trainer import COMPILE_MODES, COMPILE_SCOPES, OPTIMIZERS, FinetuneSettings, TrainSettings
 
 #: The entry points generated from the declaration: the sweep's command line, bench/'s pytest options, and the
 #: finetune, frontier, generate and merge sub-commands'.
@@ -366,6 +366,11 @@ SETTINGS: tuple[Setting, ...] = (
                             "CUDA graphs, a launch per graph instead of per kernel (for a small, launch-bound "
                             "model's step)", str, TRAINING_SURFACES, cell="compile_mode",
             finetune="settings.compile_mode", choices=COMPILE_MODES),
+    Setting("compile_scope", "with --compile: what is compiled; 'step' the whole loss, forward and backward "
+                             "(fewest launches; its compile grows with the model's depth), 'layers' each decoder "
+                             "layer, sharing one compiled graph (one layer's compile at any depth: for large "
+                             "models)", str, TRAINING_SURFACES, cell="compile_scope",
+            finetune="settings.compile_scope", choices=COMPILE_SCOPES),
     Setting("offload_activations", "lean path's memory lever: keep what a forward saves outside checkpointed "
                                    "layers (every layer's input, the final norm's, the loss chunks' hidden "
                                    "states) in pinned host memory, copied on a side stream, brought back for "

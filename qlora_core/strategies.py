@@ -53,10 +53,10 @@ def mode_for(mode: Mode, strategy: str) -> Mode:
 
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The repeated blocks of a (peft-wrapped) transformers model: instances of the classes its base model names
-    in ``_no_split_modules`` (Llama's ``LlamaDecoderLayer``), in module order."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    names = set(getattr(base, "_no_split_modules", None) or ())
+    """The repeated blocks of a transformers model, peft-wrapped or inside any other module (``trainer.LossModule``,
+    DDP): instances of the classes its models name in ``_no_split_modules`` (Llama's ``LlamaDecoderLayer``), in
+    module order."""
+    names = {name for module in model.modules() for name in (getattr(module, "_no_split_modules", None) or ())}
     return [module for module in model.modules() if type(module).__name__ in names]
 
 

@@ -10,6 +10,7 @@ every parameter sharded).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import logging
@@ -27,7 +28,7 @@ from qlora_core.data import rank_rows
 from qlora_core.distributed import make_accelerator
 from qlora_core.measure.timing import timed
 from qlora_core.paths import check_path
-from qlora_core.strategies import check_strategy, forwards_outside_training, gradient_sync, wrap
+from qlora_core.strategies import check_strategy, decoder_layers, forwards_outside_training, gradient_sync, wrap
 
 if TYPE_CHECKING:
     from qlora_core.modes import Mode
@@ -42,6 +43,14 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 
 
+#: What torch.compile compiles (``compiled_if``): ``step``, the micro-batch's whole loss, forward and backward, as
+#: few graphs as it can (fewest launches, and under CUDA graphs a replay or two a step, but its compile grows
+#: with the depth: dynamo traces every layer); ``layers``, each decoder layer on its own (PyTorch's "regional
+#: compilation"), the layers sharing one compiled graph, so the compile is one layer's whatever the depth, and
+#: the embeddings, head and loss stay eager.
+COMPILE_SCOPES = ("step", "layers")
+
+
 def check_compile_mode(mode: str, compile: bool) -> str | None:
     """What ``torch.compile(mode=...)`` takes for ``mode`` (None: its default); ValueError for a mode it does not
     have (``COMPILE_MODES``) or one asked for without ``compile``."""
@@ -50,6 +59,16 @@ def check_compile_mode(mode: str, compile: bool) -> str | None:
     if mode != "default" and not compile:
         raise ValueError(f"compile mode {mode!r} needs compile (--compile)")
     return None if mode == "default" else mode
+
+
+def check_compile_scope(scope: str, compile: bool) -> str:
+    """``scope`` itself when it is one of ``COMPILE_SCOPES``, asked for with ``compile`` where not ``step``;
+    ValueError otherwise."""
+    if scope not in COMPILE_SCOPES:
+        raise ValueError(f"unknown compile scope {scope!r}; choose from {', '.join(COMPILE_SCOPES)}")
+    if scope != "step" and not compile:
+        raise ValueError(f"compile scope {scope!r} needs compile (--compile)")
+    return scope
 
 
 #: The one optimizer vocabulary of every command and suite: name -> (module, class, the same optimizer's name
@@ -137,6 +156,8 @@ class FinetuneSettings:
             the tutorial.
         compile_mode: torch.compile's mode (``COMPILE_MODES``; ``reduce-overhead``: CUDA graphs), with ``compile``
             only.
+        compile_scope: what is compiled (``COMPILE_SCOPES``: the step, or each decoder layer), with ``compile``
+            only.
     """
 
     batch_size: int = 2
@@ -154,10 +175,12 @@ class FinetuneSettings:
     path: str = "reference"
     compile: bool = False
     compile_mode: str = "default"
+    compile_scope: str = "step"
 
     def __post_init__(self) -> None:
         check_path(self.path)
         check_compile_mode(self.compile_mode, self.compile)
+        check_compile_scope(self.compile_scope, self.compile)
         for name in ("batch_size", "grad_accum", "max_steps", "logging_steps", "save_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -286,15 +309,26 @@ def reset_compile_counters() -> None:
     _graph_break_sites().breaks.clear()
 
 
-def compiled_if(module: torch.nn.Module, compile: bool, mode: str) -> tuple[torch.nn.Module | None, bool]:
-    """(``module`` through torch.compile in ``mode`` when ``compile``, else None; whether its replays are CUDA
-    graphs, whose outputs the next replay overwrites). Compiling restarts the counts ``compile_report`` reads,
-    so they cover this module."""
+def compiled_if(module: torch.nn.Module, compile: bool, mode: str,
+                scope: str = "step") -> tuple[torch.nn.Module | None, bool]:
+    """(``module`` compiled in ``mode`` when ``compile``, else None; whether its replays are CUDA graphs, whose
+    outputs the next replay overwrites). ``scope`` (``COMPILE_SCOPES``): ``step`` returns ``module`` through
+    torch.compile; ``layers`` compiles each of its decoder layers in place (``Module.compile``) and returns
+    ``module`` itself. Compiling restarts the counts ``compile_report`` reads, so they cover this module."""
     torch_mode = check_compile_mode(mode, compile)
+    check_compile_scope(scope, compile)
     if not compile:
         return None, False
     reset_compile_counters()
-    return torch.compile(module, mode=torch_mode), mode in CUDA_GRAPH_MODES
+    if scope == "step":
+        return torch.compile(module, mode=torch_mode), mode in CUDA_GRAPH_MODES
+    layers = decoder_layers(module)
+    if not layers:
+        raise ValueError(f"compile scope 'layers': {type(module).__name__} has no decoder layers to compile "
+                         f"(none of the classes its transformers model names in _no_split_modules)")
+    for layer in layers:
+        layer.compile(mode=torch_mode)
+    return module, mode in CUDA_GRAPH_MODES
 
 
 def compile_report() -> dict:
@@ -344,7 +378,8 @@ class LoraTrainer:
     """
 
     def __init__(self, model, batches: Iterator[torch.Tensor], settings: TrainSettings, compute_dtype: torch.dtype,
-                 loss_fn=None, compile: bool = False, strategy: str = "ddp", compile_mode: str = "default"):
+                 loss_fn=None, compile: bool = False, strategy: str = "ddp", compile_mode: str = "default",
+                 compile_scope: str = "step"):
         from transformers import get_scheduler
 
         from qlora_core.paths import causal_lm_loss
@@ -370,7 +405,7 @@ class LoraTrainer:
         # taken after wrapping: FSDP replaces the parameters with their shards, which the optimizer must step
         self.trainable = [p for p in self.wrapped.parameters() if p.requires_grad]
         # forward and backward through torch.compile when asked; the first step compiles (``compile_report``)
-        compiled, self.cuda_graphs = compiled_if(self.wrapped, compile, compile_mode)
+        compiled, self.cuda_graphs = compiled_if(self.wrapped, compile, compile_mode, compile_scope)
         self.training_model = self.wrapped if compiled is None else compiled
         self.optimizer = build_optimizer(self.trainable, settings)
         self.scheduler = get_scheduler(
@@ -383,10 +418,14 @@ class LoraTrainer:
         if settings.optimizer_state_upfront:
             self.make_optimizer_state()
 
-    def evaluating(self):
+    @contextlib.contextmanager
+    def evaluating(self) -> Iterator[None]:
         """A context for forwards of ``model`` called on their own between steps (an evaluation): under FSDP
-        every rank must run the same ones in it (``strategies.forwards_outside_training``)."""
-        return forwards_outside_training(self.wrapped, self.strategy)
+        every rank must run the same ones in it (``strategies.forwards_outside_training``). They run eager, as
+        the model is evaluated before training: layers compiled in place (compile scope ``layers``) would
+        otherwise compile again for forwards without gradients and the evaluation's lengths."""
+        with forwards_outside_training(self.wrapped, self.strategy), torch.compiler.set_stance("force_eager"):
+            yield
 
     def make_optimizer_state(self) -> None:
         """Make the optimizer's state now, as a first step would, and leave every parameter as it is: one

@@ -250,7 +250,7 @@ class WorkflowTrainer(Trainer):
     _non_embedding_parameters: int | None = None
 
     def __init__(self, *args, path: str = "reference", compile: bool = False, compile_mode: str = "default",
-                 **kwargs):
+                 compile_scope: str = "step", **kwargs):
         super().__init__(*args, **kwargs)
         self.path = check_path(path)
         if self.path == "lean":
@@ -259,7 +259,7 @@ class WorkflowTrainer(Trainer):
             self.model_accepts_loss_kwargs = True
         # the first micro-batch compiles (``compile_report``); the eager model trains the same weights
         self.compiled, self.cuda_graphs = compiled_if(self.model if self.path == "reference" else LeanLoss(self.model),
-                                                      compile, compile_mode)
+                                                      compile, compile_mode, compile_scope)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """The reference path's loss is the model's own; the lean path's ``paths.chunked_causal_lm_nll`` over the
@@ -463,6 +463,7 @@ def finetune(
         path=settings.path,
         compile=settings.compile,
         compile_mode=settings.compile_mode,
+        compile_scope=settings.compile_scope,
     )
     reset_peak(device)
     _, wall_s = timed(lambda: trainer.train(resume_from_checkpoint=str(start_from) if start_from else None), device)

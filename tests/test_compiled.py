@@ -44,6 +44,56 @@ def test_the_compiled_lean_path_trains_as_the_eager_one(tiny_model_dir):
                for reason, count in report["graph_breaks"].items())
 
 
+def test_the_layers_scope_trains_as_the_eager_one_and_says_so(tiny_model_dir):
+    """Each decoder layer compiled on its own: the same losses as eager, no graph break, and the report's note
+    names the scope. Without checkpointing: transformers' hub-kernel wrappers (with
+    the ``kernels`` package installed, as here) set a global inside each layer, which torch.compile refuses
+    inside a checkpointed region, leaving nothing compiled."""
+    eager = tiny_cell_settings(tiny_model_dir, "nf4", path="lean", eval_merged=False, gradient_checkpointing=False)
+    eager = dataclasses.replace(eager, lora=dataclasses.replace(eager.lora, dropout=0.0))
+    plain, compiled = run_cell(eager), run_cell(dataclasses.replace(eager, compile=True, compile_scope="layers"))
+    assert compiled["status"] == "ok", compiled.get("error")
+    assert compiled["training"]["losses"] == pytest.approx(plain["training"]["losses"], abs=LOSS_TOLERANCE)
+    assert compiled["compile"]["graph_breaks"] == {}
+    note = next(note for note in footnotes([compiled]) if "compiled (torch.compile" in note)
+    assert "each decoder layer" in note
+
+
+def test_the_layers_scope_compiles_the_same_graphs_at_any_depth_and_evaluates_eager():
+    """Four decoder layers, two graphs: the first layer's (its input needs no gradient: the embeddings are
+    frozen) and one the other three share. An evaluation's forwards, without gradients, compile nothing more."""
+    from qlora_core.lora import LoraSettings
+    from qlora_core.models import prepare_for_training
+    from qlora_core.modes import get_mode
+    from qlora_core.paths import attach_adapters, loss_function
+    from qlora_core.shapes import build_shape_model, shape_config
+    from qlora_core.trainer import LoraTrainer, TrainSettings
+
+    config = shape_config("tiny-llama")
+    config.num_hidden_layers = 4
+    mode = get_mode("nf4")
+    model = build_shape_model(config, mode, torch.device("cpu"))
+    model = attach_adapters(prepare_for_training(model, mode, gradient_checkpointing=False, path="lean"),
+                            LoraSettings(r=4, alpha=8, dropout=0.0), "lean")
+    batches = iter(lambda: torch.ones(2, 16, dtype=torch.long), None)
+    trainer = LoraTrainer(model, batches, TrainSettings(max_steps=2), mode.torch_compute_dtype,
+                          loss_fn=loss_function("lean"), compile=True, compile_scope="layers")
+    trainer.train(2)
+    assert compile_report()["unique_graphs"] == 2
+    with trainer.evaluating(), torch.no_grad(), torch.autocast("cpu", dtype=mode.torch_compute_dtype):
+        model(torch.ones(1, 8, dtype=torch.long))
+    assert compile_report()["unique_graphs"] == 2
+
+
+def test_the_layers_scope_needs_decoder_layers_and_compile():
+    with pytest.raises(ValueError, match="Linear has no decoder layers to compile"):
+        compiled_if(torch.nn.Linear(2, 2), True, "default", "layers")
+    with pytest.raises(ValueError, match="compile scope 'layers' needs compile"):
+        CellSettings(mode="nf4", compile_scope="layers")
+    with pytest.raises(ValueError, match="unknown compile scope 'model'"):
+        CellSettings(mode="nf4", compile=True, compile_scope="model")
+
+
 def test_a_compile_mode_is_torch_s_and_needs_compile():
     with pytest.raises(ValueError, match="needs compile"):
         CellSettings(mode="nf4", compile_mode="reduce-overhead")
@@ -84,13 +134,15 @@ def test_the_trainer_compiles_in_the_mode_asked_and_copies_the_losses_a_cuda_gra
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("compile_mode", ["default", "reduce-overhead"])
-def test_the_compiled_lean_path_trains_as_the_eager_one_on_cuda(tiny_model_dir, compile_mode):
+@pytest.mark.parametrize("compile_mode, compile_scope", [("default", "step"), ("reduce-overhead", "step"),
+                                                         ("default", "layers"), ("reduce-overhead", "layers")])
+def test_the_compiled_lean_path_trains_as_the_eager_one_on_cuda(tiny_model_dir, compile_mode, compile_scope):
     """As on CPU, on the GPU: inductor's CUDA kernels (Triton) instead of its C++ ones; with ``reduce-overhead``
-    replayed as CUDA graphs."""
+    replayed as CUDA graphs, the step's or each layer's; checkpointed, as the bench runs it."""
     eager = tiny_cell_settings(tiny_model_dir, "nf4", path="lean", eval_merged=False, device="cuda")
     eager = dataclasses.replace(eager, lora=dataclasses.replace(eager.lora, dropout=0.0))
-    plain, compiled = run_cell(eager), run_cell(dataclasses.replace(eager, compile=True, compile_mode=compile_mode))
+    plain, compiled = run_cell(eager), run_cell(dataclasses.replace(eager, compile=True, compile_mode=compile_mode,
+                                                                    compile_scope=compile_scope))
     assert compiled["status"] == "ok", compiled.get("error")
     assert compiled["training"]["losses"] == pytest.approx(plain["training"]["losses"], abs=LOSS_TOLERANCE)
     assert compiled["compile"]["unique_graphs"] >= 1
