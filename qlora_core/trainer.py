@@ -320,6 +320,10 @@ def compiled_if(module: torch.nn.Module, compile: bool, mode: str,
     if not compile:
         return None, False
     reset_compile_counters()
+    # transformers' hub-kernel wrappers (with the ``kernels`` package it requires since 5.2x) set a global around
+    # each attention's forward and restore it after; inside a checkpointed layer torch.compile refuses such a
+    # mutation unless told it need not replay it in the backward's recompute, which a set-and-restore needs not
+    torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
     if scope == "step":
         return torch.compile(module, mode=torch_mode), mode in CUDA_GRAPH_MODES
     layers = decoder_layers(module)
