@@ -470,8 +470,12 @@ def finetune(
     memory["training_peak"] = memory_snapshot(device)
     adapter_dir = save_adapter(model, output_dir / ADAPTER_DIR_NAME)
 
-    completion = generate(model, tokenizer, prompt, max_new_tokens=max_new_tokens,
-                          compute_dtype=mode.torch_compute_dtype)
+    compiled = {**compile_report(), "first_step_s": step_timer.seconds[0]} if settings.compile else None
+    # the sample decoded eager, as the uncompiled model decodes it when the whole step was compiled: layers
+    # compiled in place (compile scope "layers") would otherwise compile again for decoding
+    with torch.compiler.set_stance("force_eager"):
+        completion = generate(model, tokenizer, prompt, max_new_tokens=max_new_tokens,
+                              compute_dtype=mode.torch_compute_dtype)
     records = step_losses(trainer.state.log_history)
     summary = {
         "schema": FINETUNE_SCHEMA,
@@ -493,7 +497,7 @@ def finetune(
             "step_seconds": step_timer.seconds,
             "step_time": step_timer.stats(leave_out_last=settings.profile_steps if profiled.summary else 0),
             "profile": profiled.summary,
-            "compile": {**compile_report(), "first_step_s": step_timer.seconds[0]} if settings.compile else None,
+            "compile": compiled,
         },
         "memory": memory,
         "checkpoints": [folder.name for folder in list_checkpoints(output_dir) if checkpoint_is_complete(folder)],

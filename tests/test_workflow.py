@@ -499,13 +499,26 @@ def test_whole_workflow_on_smollm2(tmp_path):
 
 
 
-@pytest.mark.parametrize("path", ["reference", "lean"])
-def test_the_compiled_step_trains_as_the_eager_one(tiny_source, tmp_path, path):
-    """``finetune --compile``: the same losses as the eager step within the compiled cell's tolerance
-    (tests/test_compiled.py), and what torch.compile made of the step in the summary. nf4-dq, no dropout
-    (inductor's dropout draws other masks); a few minutes on one CPU thread."""
+@pytest.mark.parametrize("path, scope", [("reference", "step"), ("lean", "step"), ("lean", "layers")])
+def test_the_compiled_step_trains_as_the_eager_one(tiny_source, tmp_path, monkeypatch, path, scope):
+    """``finetune --compile`` (and ``--compile-scope``): the same losses as the eager step within the compiled
+    cell's tolerance (tests/test_compiled.py), what torch.compile made of the step in the summary, and the sample
+    decoded without compiling anything (layers compiled in place would). nf4-dq, no dropout (inductor's dropout
+    draws other masks); a few minutes on one CPU thread."""
     import pandas as pd
     from test_compiled import LOSS_TOLERANCE
+    from torch._dynamo.utils import counters
+
+    graphs_while_decoding = []
+
+    def counting_generate(*args, **kwargs):
+        before = counters["stats"]["unique_graphs"]
+        completion = generate(*args, **kwargs)
+        graphs_while_decoding.append(counters["stats"]["unique_graphs"] - before)
+        return completion
+
+    generate = workflow.generate
+    monkeypatch.setattr(workflow, "generate", counting_generate)
 
     mode = get_mode("nf4-dq")
     settings = replace(TINY_SETTINGS, path=path, max_steps=3, save_steps=3)
@@ -513,10 +526,12 @@ def test_the_compiled_step_trains_as_the_eager_one(tiny_source, tmp_path, path):
     eager = workflow.finetune(tiny_source, mode, tmp_path / "eager", device=CPU, settings=settings,
                               lora=eager_lora, max_new_tokens=2).summary
     compiled = workflow.finetune(tiny_source, mode, tmp_path / "compiled", device=CPU,
-                                 settings=replace(settings, compile=True), lora=eager_lora, max_new_tokens=2).summary
+                                 settings=replace(settings, compile=True, compile_scope=scope), lora=eager_lora,
+                                 max_new_tokens=2).summary
     assert compiled["training"]["losses"] == pytest.approx(eager["training"]["losses"], abs=LOSS_TOLERANCE)
     report = compiled["training"]["compile"]
     assert eager["training"]["compile"] is None and report["unique_graphs"] >= 1
+    assert graphs_while_decoding == [0, 0]  # the eager run's sample, then the compiled run's
     assert report["first_step_s"] == compiled["training"]["step_seconds"][0]
     assert isinstance(report["graph_breaks"], dict) and compiled["settings"]["compile"] is True
     frame = workflow_table.workflow_frame([eager | {"path": "eager"}, compiled | {"path": "compiled"}], [])
