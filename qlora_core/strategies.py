@@ -54,10 +54,11 @@ def mode_for(mode: Mode, strategy: str) -> Mode:
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The repeated blocks of a transformers model, peft-wrapped or inside any other module (``trainer.LossModule``,
-    DDP): instances of the classes its models name in ``_no_split_modules`` (Llama's ``LlamaDecoderLayer``), in
-    module order."""
+    DDP): instances of the classes its models name in ``_no_split_modules`` (Llama's ``LlamaDecoderLayer``) or of
+    their subclasses (FSDP2 gives each unit it shards a class of its own, ``FSDPLlamaDecoderLayer``), in module
+    order."""
     names = {name for module in model.modules() for name in (getattr(module, "_no_split_modules", None) or ())}
-    return [module for module in model.modules() if type(module).__name__ in names]
+    return [module for module in model.modules() if any(cls.__name__ in names for cls in type(module).__mro__)]
 
 
 def wrap(accelerator, loss_module: torch.nn.Module, strategy: str) -> torch.nn.Module:

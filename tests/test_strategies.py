@@ -8,6 +8,7 @@ import torch
 
 from qlora_core.modes import MODES, get_mode
 from qlora_core.strategies import STRATEGIES, check_strategy, decoder_layers, mode_for
+from qlora_core.trainer import LossModule
 
 
 def test_an_unknown_strategy_is_refused_naming_the_known_ones():
@@ -40,6 +41,11 @@ def test_the_decoder_layers_are_the_units_fsdp_shards_one_by_one(tiny_model_dir)
     layers = decoder_layers(model)
     assert len(layers) == model.config.num_hidden_layers
     assert {type(layer).__name__ for layer in layers} == {"LlamaDecoderLayer"}
+    # inside the trainer's loss module, and each given a subclass of its own as FSDP2 gives the units it shards
+    # (where ``compiled_if`` finds them to compile)
+    for layer in layers:
+        layer.__class__ = type(f"FSDP{type(layer).__name__}", (type(layer),), {})
+    assert decoder_layers(LossModule(model, loss_fn=None)) == layers
 
 
 def test_fsdp_in_a_single_process_outside_any_group_trains_as_the_plain_trainer(tiny_model_dir):
