@@ -52,8 +52,7 @@ from qlora_core.shapes import (
     shape_source,
 )
 from qlora_core.strategies import check_strategy, mode_for, whole_trainable
-from qlora_core.trainer import (LoraTrainer, StepRecord, TrainSettings, check_compile_mode, check_compile_scope,
-                               compile_report)
+from qlora_core.trainer import LoraTrainer, StepRecord, TrainSettings, check_compile, compile_report
 
 #: The dtype bitsandbytes' int8 matmul (MatMul8bitLt) really computes in: it casts its inputs to float16
 #: whatever the mode's compute dtype (bitsandbytes 0.50 autograd/_functions.py; stack-facts.md).
@@ -170,8 +169,7 @@ class CellSettings:
             raise ValueError(f"batch sizes must be >= 1, got {self.batch_size} and {self.eval_batch_size}")
         if self.compile and self.timing_warmup < 1:
             raise ValueError("a compiled cell needs a timing warm-up of at least 1 step: its first step compiles")
-        check_compile_mode(self.compile_mode, self.compile)
-        check_compile_scope(self.compile_scope, self.compile)
+        check_compile(self.compile, self.compile_mode, self.compile_scope)
         self._check_steps()
 
     def _check_steps(self) -> None:

@@ -51,24 +51,18 @@ CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 COMPILE_SCOPES = ("step", "layers")
 
 
-def check_compile_mode(mode: str, compile: bool) -> str | None:
+def check_compile(compile: bool, mode: str, scope: str) -> str | None:
     """What ``torch.compile(mode=...)`` takes for ``mode`` (None: its default); ValueError for a mode it does not
-    have (``COMPILE_MODES``) or one asked for without ``compile``."""
+    have (``COMPILE_MODES``), a scope not in ``COMPILE_SCOPES``, or either asked for without ``compile``."""
     if mode not in COMPILE_MODES:
         raise ValueError(f"unknown compile mode {mode!r}; choose from {', '.join(COMPILE_MODES)}")
-    if mode != "default" and not compile:
-        raise ValueError(f"compile mode {mode!r} needs compile (--compile)")
-    return None if mode == "default" else mode
-
-
-def check_compile_scope(scope: str, compile: bool) -> str:
-    """``scope`` itself when it is one of ``COMPILE_SCOPES``, asked for with ``compile`` where not ``step``;
-    ValueError otherwise."""
     if scope not in COMPILE_SCOPES:
         raise ValueError(f"unknown compile scope {scope!r}; choose from {', '.join(COMPILE_SCOPES)}")
+    if mode != "default" and not compile:
+        raise ValueError(f"compile mode {mode!r} needs compile (--compile)")
     if scope != "step" and not compile:
         raise ValueError(f"compile scope {scope!r} needs compile (--compile)")
-    return scope
+    return None if mode == "default" else mode
 
 
 #: The one optimizer vocabulary of every command and suite: name -> (module, class, the same optimizer's name
@@ -179,8 +173,7 @@ class FinetuneSettings:
 
     def __post_init__(self) -> None:
         check_path(self.path)
-        check_compile_mode(self.compile_mode, self.compile)
-        check_compile_scope(self.compile_scope, self.compile)
+        check_compile(self.compile, self.compile_mode, self.compile_scope)
         for name in ("batch_size", "grad_accum", "max_steps", "logging_steps", "save_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -315,10 +308,13 @@ def compiled_if(module: torch.nn.Module, compile: bool, mode: str,
     outputs the next replay overwrites). ``scope`` (``COMPILE_SCOPES``): ``step`` returns ``module`` through
     torch.compile; ``layers`` compiles each of its decoder layers in place (``Module.compile``) and returns
     ``module`` itself. Compiling restarts the counts ``compile_report`` reads, so they cover this module."""
-    torch_mode = check_compile_mode(mode, compile)
-    check_compile_scope(scope, compile)
+    torch_mode = check_compile(compile, mode, scope)
     if not compile:
         return None, False
+    layers = decoder_layers(module) if scope == "layers" else []
+    if scope == "layers" and not layers:
+        raise ValueError(f"compile scope 'layers': {type(module).__name__} has no decoder layers to compile "
+                         f"(none of the classes its transformers model names in _no_split_modules)")
     reset_compile_counters()
     # transformers' hub-kernel wrappers (with the ``kernels`` package it requires since 5.2x) set a global around
     # each attention's forward and restore it after; inside a checkpointed layer torch.compile refuses such a
@@ -326,10 +322,6 @@ def compiled_if(module: torch.nn.Module, compile: bool, mode: str,
     torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
     if scope == "step":
         return torch.compile(module, mode=torch_mode), mode in CUDA_GRAPH_MODES
-    layers = decoder_layers(module)
-    if not layers:
-        raise ValueError(f"compile scope 'layers': {type(module).__name__} has no decoder layers to compile "
-                         f"(none of the classes its transformers model names in _no_split_modules)")
     for layer in layers:
         layer.compile(mode=torch_mode)
     return module, mode in CUDA_GRAPH_MODES
