@@ -34,10 +34,11 @@ from dataclasses import dataclass, field
 from qlora_core.cell import CellSettings
 from qlora_core.kernels import KERNELS, unknown_kernels
 from qlora_core.lora import ALL_LINEAR, LoraSettings
+from qlora_core.optimizers import OPTIMIZERS
 from qlora_core.paths import PATHS
 from qlora_core.profiles import PROFILES
 from qlora_core.strategies import STRATEGIES
-from qlora_core.trainer import COMPILE_MODES, COMPILE_SCOPES, OPTIMIZERS, FinetuneSettings, TrainSettings
+from qlora_core.trainer import COMPILE_MODES, COMPILE_SCOPES, FinetuneSettings, TrainSettings
 
 #: The entry points generated from the declaration: the sweep's command line, bench/'s pytest options, and the
 #: finetune, frontier, generate and merge sub-commands'.
@@ -345,7 +346,7 @@ SETTINGS: tuple[Setting, ...] = (
             finetune="settings.learning_rate", aliases=("lr",)),
     Setting("warmup_steps", "optimizer steps of linear learning-rate warm-up", non_negative,
             cell="train.warmup_steps", finetune="settings.warmup_steps"),
-    Setting("optimizer", "optimizer (trainer.OPTIMIZERS, the one vocabulary; the tutorial's is paged_adamw8bit; "
+    Setting("optimizer", "optimizer (optimizers.OPTIMIZERS, the one vocabulary; the tutorial's is paged_adamw8bit; "
                          "paged ones are not paged on a CPU)", str, cell="train.optimizer",
             finetune="settings.optim", aliases=("optim",), choices=tuple(sorted(OPTIMIZERS))),
     Setting("grad_accum", "micro-batches per optimizer step", positive, cell="train.grad_accum",

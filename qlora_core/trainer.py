@@ -27,6 +27,7 @@ import torch
 from qlora_core.data import rank_rows
 from qlora_core.distributed import make_accelerator
 from qlora_core.measure.timing import timed
+from qlora_core.optimizers import OPTIMIZERS, check_optimizer
 from qlora_core.paths import check_path
 from qlora_core.strategies import check_strategy, decoder_layers, forwards_outside_training, gradient_sync, wrap
 
@@ -65,26 +66,6 @@ def check_compile(compile: bool, mode: str, scope: str) -> str | None:
     return None if mode == "default" else mode
 
 
-#: The one optimizer vocabulary of every command and suite: name -> (module, class, the same optimizer's name
-#: in transformers' ``TrainingArguments.optim``, which the classic workflow's Trainer takes, and the class's
-#: keyword arguments). bitsandbytes' paged optimizers fall back to non-paged on CPU. ``adamw_fused`` is torch's
-#: AdamW with ``fused=True``: each step's whole update in fused kernels, where ``adamw`` (torch's multi-tensor
-#: "foreach" form on a GPU) launches one kernel per arithmetic operation for each chunk of tensors; for a step
-#: bound by launches (the compiled SmolLM2 step's optimizer runs outside its CUDA graphs).
-OPTIMIZERS = {
-    "adamw": ("torch.optim", "AdamW", "adamw_torch", {}),
-    "adamw_fused": ("torch.optim", "AdamW", "adamw_torch_fused", {"fused": True}),
-    "adamw8bit": ("bitsandbytes.optim", "AdamW8bit", "adamw_bnb_8bit", {}),
-    "paged_adamw8bit": ("bitsandbytes.optim", "PagedAdamW8bit", "paged_adamw_8bit", {}),
-    "paged_adamw32bit": ("bitsandbytes.optim", "PagedAdamW32bit", "paged_adamw_32bit", {}),
-}
-
-
-def check_optimizer(name: str) -> str:
-    """``name`` itself when it is in ``OPTIMIZERS``; otherwise a ValueError listing them."""
-    if name not in OPTIMIZERS:
-        raise ValueError(f"unknown optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}")
-    return name
 SCHEDULES = ("constant", "linear", "cosine")
 
 
@@ -136,7 +117,7 @@ class FinetuneSettings:
         warmup_steps / max_steps: optimizer steps. learning_rate: peak of the linear schedule.
         logging_steps: log (and record) the loss every this many steps. save_steps: checkpoint interval (steps).
         max_length: tokens per row; longer rows are truncated (the tutorial tokenizes each quote whole).
-        optim: a name of ``trainer.OPTIMIZERS`` (the sweep's vocabulary: ``adamw``, ``paged_adamw8bit``...),
+        optim: a name of ``optimizers.OPTIMIZERS`` (the sweep's vocabulary: ``adamw``, ``paged_adamw8bit``...),
             given to the Trainer as transformers' name for the same optimizer.
         gradient_checkpointing: recompute activations in the backward pass (the tutorial's k-bit recipe).
         seed: model init, data order and dropout.
@@ -210,7 +191,7 @@ class FinetuneSettings:
             logging_steps=self.logging_steps,
             save_strategy="steps",
             save_steps=self.save_steps,
-            optim=OPTIMIZERS[self.optim][2],
+            optim=OPTIMIZERS[self.optim].trainer_name,
             seed=self.seed,
             data_seed=self.seed,
             bf16=mixed and mode.torch_compute_dtype == torch.bfloat16,
@@ -240,11 +221,8 @@ class StepRecord:
 
 
 def build_optimizer(params: list[torch.nn.Parameter], settings: TrainSettings) -> torch.optim.Optimizer:
-    import importlib
-
-    module_name, class_name, _, options = OPTIMIZERS[settings.optimizer]
-    optimizer_class = getattr(importlib.import_module(module_name), class_name)
-    return optimizer_class(params, lr=settings.learning_rate, weight_decay=settings.weight_decay, **options)
+    return OPTIMIZERS[settings.optimizer].build(params, lr=settings.learning_rate,
+                                                weight_decay=settings.weight_decay)
 
 
 #: torch.compile's log of graph breaks (the ``graph_breaks`` logging artifact, ``TORCH_LOGS=graph_breaks``): each

@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from qlora_core.cell import CellSettings, does_not_fit_result, run_cell
 from qlora_core.lora import LoraSettings

@@ -33,17 +33,12 @@ from qlora_core import backends
 from qlora_core.levers import Levers
 from qlora_core.measure.flops import head_dim
 from qlora_core.modes import Mode
+from qlora_core.optimizers import OPTIMIZERS
 from qlora_core.paths import LOSS_CHUNK_TOKENS, check_path
 from qlora_core.strategies import check_strategy, fsdp_units, mode_for
 
 FLOAT32 = 4
 INT64 = 8
-#: bytes per trainable parameter of each optimizer's state (bitsandbytes' 8-bit states apply to tensors of
-#: >= 4096 elements only, with one float32 absmax per 256 values a state; smaller tensors keep 32-bit states).
-#: Paged states live in CUDA managed memory, outside PyTorch's allocator: the allocator will not show them.
-OPTIMIZER_STATE_BYTES = {"adamw": 8, "adamw_fused": 8, "paged_adamw32bit": 8, "adamw8bit": 2, "paged_adamw8bit": 2}
-BNB_8BIT_OPTIMIZER_MIN_SIZE = 4096
-BNB_8BIT_OPTIMIZER_BLOCKSIZE = 256
 GATED_MLP_FAMILIES = ("llama", "qwen2", "mistral")
 #: A decoder layer's module path in a linear's name: Llama/Qwen2 ``model.layers.N.``, BLOOM ``transformer.h.N.``.
 DECODER_LAYER = re.compile(r"(.*\.(?:layers|h)\.\d+)\.")
@@ -143,17 +138,8 @@ def lora_targets(model, lora) -> list[Linear]:
 
 
 def optimizer_state_bytes(tensor_numels: list[int], optimizer: str) -> int:
-    """Bytes of the optimizer's state for trainable tensors of these sizes (AdamW: two fp32 moments a value)."""
-    per_value = OPTIMIZER_STATE_BYTES[optimizer]
-    if per_value == OPTIMIZER_STATE_BYTES["adamw"]:
-        return per_value * sum(tensor_numels)
-    total = 0
-    for n in tensor_numels:
-        if n < BNB_8BIT_OPTIMIZER_MIN_SIZE:
-            total += OPTIMIZER_STATE_BYTES["adamw"] * n
-        else:
-            total += per_value * n + 2 * math.ceil(n / BNB_8BIT_OPTIMIZER_BLOCKSIZE) * FLOAT32
-    return total
+    """Bytes of the optimizer's state for trainable tensors of these sizes (``optimizers.Optimizer``)."""
+    return OPTIMIZERS[optimizer].state_bytes_for(tensor_numels)
 
 
 def lora_bytes(targets: list[Linear], lora, optimizer: str) -> dict:
