@@ -298,9 +298,10 @@ def shape_inputs(settings: CellSettings) -> CellInputs:
 
 
 def predicted_floor(settings: CellSettings, config, device_type: str,
-                    int8_outlier_columns: dict[str, float] | None = None) -> dict | None:
+                    int8_outlier_columns: dict[str, float] | None = None,
+                    embeddings_output_held: bool = False) -> dict | None:
     """The memory floor of the cell's set-up on its path (``measure.floor``), with int8's outlier columns where
-    measured: one process's, on its rows (under DDP each holds the whole model; under FSDP its shards, beside the
+    measured (and ``embeddings_output_held`` for a cell run before ``paths.drop_input_gradients``): one process's, on its rows (under DDP each holds the whole model; under FSDP its shards, beside the
     units it gathers); None for an architecture the floor has no activation accounting for (NotImplementedError)
     or that transformers cannot build from its config alone (ValueError: e.g. remote code), and for a set-up with
     fused kernels, whose saved tensors and transients it does not model."""
@@ -312,7 +313,7 @@ def predicted_floor(settings: CellSettings, config, device_type: str,
             settings.gradient_checkpointing, path=settings.path, optimizer=settings.train.optimizer,
             device_type=device_type, int8_outlier_columns=int8_outlier_columns, levers=settings.levers,
             optimizer_state_upfront=settings.train.optimizer_state_upfront, strategy=settings.strategy,
-            num_processes=settings.num_processes,
+            num_processes=settings.num_processes, embeddings_output_held=embeddings_output_held,
         )
     except (NotImplementedError, ValueError):
         return None

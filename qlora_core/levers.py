@@ -4,10 +4,10 @@ measured on and off, with its term in the memory model (``measure.floor``):
 - ``offload_activations``: every tensor autograd saves outside a checkpointed region (under the lean path's
   checkpointing that is each decoder layer's input, the final norm's input and the loss chunks' hidden states)
   is copied to pinned host memory on a side CUDA stream as soon as it is saved, and copied back when backward
-  needs it. The GPU then holds two layers' inputs instead of all of them (256 KiB a token each at
-  Llama-3.1-8B): the first layer's, the embeddings' output, which stays (``ActivationOffload._stays``), and the
-  one a layer's recompute brought back; the host holds the rest, so host memory bounds the longest sequence
-  instead.
+  needs it. The GPU then holds one layer's input instead of all of them (256 KiB a token each at
+  Llama-3.1-8B): the one a layer's recompute brought back; the host holds the rest, the embeddings' output
+  among them (the lean path makes it need no gradient: ``paths.drop_input_gradients``), so host memory bounds
+  the longest sequence instead.
   ``offload_host_gib`` caps what one forward offloads: tensors go to the host in the order they are saved (the
   first layers' inputs first) while they fit, and the rest stay on the GPU, which holds the last layers' inputs,
   needed first in backward. Where host memory, not the GPU's, would bound the frontier (a 70B model's inputs
@@ -104,8 +104,8 @@ class ActivationOffload:
 
     def _stays(self, tensor: torch.Tensor, size: int) -> bool:
         """Whether a saved tensor of ``size`` bytes stays where it is: a parameter, a leaf that requires grad
-        (the embeddings' output, which transformers' checkpointing makes one: its gradient accumulator holds it
-        to the end of backward, so a host copy would free nothing), a small one, or one that would take the
+        (as the embeddings' output is where transformers' hook is left on: its gradient accumulator holds it to
+        the end of backward, so a host copy would free nothing), a small one, or one that would take the
         forward's offload past ``max_bytes``."""
         over = self.max_bytes is not None and self._forward_bytes + size > self.max_bytes
         held = isinstance(tensor, torch.nn.Parameter) or (tensor.is_leaf and tensor.requires_grad)

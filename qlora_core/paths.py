@@ -5,7 +5,8 @@ floor (``qlora_core.measure.floor``) says is needed.
   the head to fp32), and the model's own loss, which materializes full-vocabulary logits and their fp32 copy.
 - ``lean``: the base frozen as loaded (no upcast), non-reentrant gradient checkpointing, LLM.int8 linears that
   keep nothing for backward but their weights (``backends.bitsandbytes.FrozenInt8Matmul``), adapters that take
-  their input in the compute dtype (``lean_adapters``), and the loss computed in chunks of tokens, each chunk's
+  their input in the compute dtype (``lean_adapters``), an embeddings' output that needs no gradient
+  (``drop_input_gradients``), and the loss computed in chunks of tokens, each chunk's
   head and cross-entropy under checkpointing, so only one chunk's logits exist at a time, in forward and in
   backward. Mathematically the same loss (a mean token NLL in fp32) and the same gradients.
 """
@@ -41,9 +42,21 @@ def prepare_lean(model, *, gradient_checkpointing: bool):
     backends.prepare_lean(model)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        drop_input_gradients(model)
         model.config.use_cache = False
     model.train()  # from_pretrained returns eval mode, where HF skips checkpointing and LoRA dropout
     return model
+
+
+def drop_input_gradients(model) -> None:
+    """Remove the hook that makes the embeddings' output need a gradient. transformers adds it whenever
+    checkpointing is turned on, and peft again when adapters go on an unquantized model; only reentrant
+    checkpointing needs it. Left on, it costs the first layer's input gradient, which nothing reads; it keeps the
+    embeddings' output on the GPU under the activation offload (a leaf that requires grad: its gradient
+    accumulator holds it); and under torch.compile its ``requires_grad_()`` breaks the step into several graphs.
+    Each ``enable_input_require_grads`` replaces the handles the previous one kept, so each is removed before
+    the next is added."""
+    model.disable_input_require_grads()
 
 
 def lean_adapters(peft_model):
@@ -56,12 +69,13 @@ def lean_adapters(peft_model):
     (H200 profile of 2026-12-02: the copies and fp32 dropout are why SmolLM2 stepped slower in bf16 than in
     hqq4). The adapters stay fp32, so the optimizer is unchanged; the model must run under autocast, as the
     trainer and evaluation do (without it the adapters' fp32 weights meet a bf16 input and torch raises).
-    Returns the model."""
+    The embeddings' output needs no gradient (``drop_input_gradients``). Returns the model."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     for module in peft_model.modules():
         if isinstance(module, BaseTunerLayer):
             module.cast_input_dtype_enabled = False  # peft's switch (peft.helpers.disable_input_dtype_casting)
+    drop_input_gradients(peft_model.get_base_model())
     return peft_model
 
 

@@ -259,7 +259,8 @@ def _compile_note(result: CellResult) -> str:
     if result.settings.extra.get("compile_scope", "step") == "layers":
         how += ", each decoder layer"
     return (f"{model_label(result)} {result.mode.name}: compiled ({how}): first step "
-            f"{compiled.first_step_s:.1f} s with compilation, {compiled.unique_graphs} graphs; graph breaks: "
+            f"{compiled.first_step_s:.1f} s with compilation, {compiled.unique_graphs} "
+            f"graph{'' if compiled.unique_graphs == 1 else 's'}; graph breaks: "
             f"{breaks}.")
 
 

@@ -18,6 +18,7 @@ from qlora_core.paths import (
     check_path,
     chunked_causal_lm_loss,
     chunked_causal_lm_nll,
+    drop_input_gradients,
     loss_function,
     next_token_labels,
 )
@@ -82,6 +83,26 @@ def test_lean_adapters_take_their_input_in_the_compute_dtype(mode):
     assert seen["lean"] == {torch.bfloat16}
     if mode == "bf16":  # peft's own cast; on bitsandbytes' layers peft skips it under autocast
         assert seen["reference"] == {torch.float32}
+
+
+@pytest.mark.parametrize("mode", ["bf16", "nf4-dq"])
+def test_the_lean_path_s_embeddings_output_needs_no_gradient_and_the_gradients_stay(mode):
+    """transformers' checkpointing and peft (on an unquantized model) each hook the embeddings to make their output
+    need a gradient; the lean path drops both, the reference path keeps them. The adapters' gradients are the
+    same to the bit with the hook on: nothing reads the embeddings' output's gradient."""
+    def embeddings_output(model):
+        return model.get_input_embeddings()(torch.ones(1, 2, dtype=torch.long))
+
+    lean, hooked = adapted("tiny-llama", mode, "lean"), adapted("tiny-llama", mode, "lean")
+    hooked.get_base_model().enable_input_require_grads()
+    assert not embeddings_output(lean).requires_grad and embeddings_output(hooked).requires_grad
+    assert embeddings_output(adapted("tiny-llama", mode, "reference")).requires_grad
+    ids = batch(320)
+    lean_loss, lean_gradient = loss_and_gradient(lean, chunked_causal_lm_loss, ids)
+    hooked_loss, hooked_gradient = loss_and_gradient(hooked, chunked_causal_lm_loss, ids)
+    assert lean_loss == hooked_loss and torch.equal(lean_gradient, hooked_gradient)
+    drop_input_gradients(hooked.get_base_model())
+    assert not embeddings_output(hooked).requires_grad
 
 
 def test_next_token_labels():

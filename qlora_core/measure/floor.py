@@ -699,17 +699,19 @@ def saves_linear_inputs(mode: Mode, path: str) -> bool:
 
 def activation_terms(config, model, lora, seq_len: int, tokens: int, gradient_checkpointing: bool, path: str,
                      p: Precision, device_type: str, int8_outlier_columns: dict[str, float] | None = None,
-                     linear_inputs_saved: bool = False, levers: Levers = Levers()) -> dict:
+                     linear_inputs_saved: bool = False, levers: Levers = Levers(),
+                     embeddings_output_held: bool = False) -> dict:
     """Bytes of the activations a step keeps, by component (see the module docstring for the notation).
     ``linear_inputs_saved``: the quantized linears save their inputs (``saves_linear_inputs``). With activations
-    offloaded (``levers``), ``offloaded_activations_bytes`` are in host memory: every layer's input but the
-    first's, the final norm's fp32 input and the loss chunks' hidden states. The first layer's input stays on
-    the GPU: it is the embeddings' output, a leaf that requires grad (transformers' checkpointing makes it one),
-    held by its gradient accumulator whatever the hooks do (``levers.ActivationOffload``). Under the levers' cap
-    on host memory (``offload_host_gib``) what does not fit stays on the GPU too (``offloaded_split``). With
-    every other layer's input offloaded, the one a layer's recompute brings back is alive until the recompute
-    returns (``brought_back_bytes``: the H200's allocator history of an 8B step without MLP tiles, 2026-12-03,
-    held one hidden-wide bf16 block more than the floor counted before)."""
+    offloaded (``levers``), ``offloaded_activations_bytes`` are in host memory: every layer's input (the first's,
+    the embeddings' output, too: the lean path makes it need no gradient, ``paths.drop_input_gradients``), the
+    final norm's fp32 input and the loss chunks' hidden states. ``embeddings_output_held``: the embeddings'
+    output needs a gradient, so its gradient accumulator holds it on the GPU whatever the offload does (runs
+    published before ``drop_input_gradients``, whose floors do not record it). Under the levers' cap on host memory
+    (``offload_host_gib``) what does not fit stays on the GPU (``offloaded_split``). With every layer's input
+    offloaded, the one a layer's recompute brings back is alive until the recompute returns
+    (``brought_back_bytes``: the H200's allocator history of an 8B step without MLP tiles, 2026-12-03, held one
+    hidden-wide bf16 block more than the floor counted before)."""
     targets = first_layer_targets(lora_targets(model, lora))
     linear_inputs = saved_linear_inputs_bytes_per_token(config, p) if linear_inputs_saved else 0
     per_layer = layer_bytes(config, targets, lora, seq_len, tokens, p, levers) + tokens * linear_inputs
@@ -734,13 +736,14 @@ def activation_terms(config, model, lora, seq_len: int, tokens: int, gradient_ch
     offloaded = brought_back = 0
     if levers.offload_activations:
         layer_input = tokens * config.hidden_size * p.residual
-        layers_off, head_off = offloaded_split(layers - 1, layer_input, offloaded_head_tensors(config, tokens, p),
+        offloadable = layers - 1 if embeddings_output_held else layers
+        layers_off, head_off = offloaded_split(offloadable, layer_input, offloaded_head_tensors(config, tokens, p),
                                                levers.offload_host_bytes)
         offloaded = layers_off * layer_input + head_off
-        # the layers' inputs left on the GPU, the first layer's among them (and the top one's, which the peak's
-        # layer recomputes from, unless every other went to the host: then the one brought back)
+        # the layers' inputs left on the GPU (the top one's among them, which the peak's layer recomputes from,
+        # unless every one went to the host: then the one brought back)
         saved, head_saved = (layers - layers_off) * layer_input, head_saved - head_off
-        brought_back = layer_input if layers_off == layers - 1 else 0
+        brought_back = layer_input if layers_off == offloadable else 0
     return {
         "layer_activation_bytes": per_layer,
         "int8_held_inputs_bytes": held,
@@ -884,7 +887,8 @@ def phase_components(floor: dict, phase: str) -> dict[str, int]:
 
 def _path_terms(config, model, mode: Mode, lora, seq_len: int, batch_size: int, gradient_checkpointing: bool,
                 path: str, optimizer: str, device_type: str, int8_outlier_columns: dict[str, float] | None,
-                levers: Levers = Levers(), fsdp_ranks: int | None = None) -> tuple[Precision, dict, int]:
+                levers: Levers = Levers(), fsdp_ranks: int | None = None,
+                embeddings_output_held: bool = False) -> tuple[Precision, dict, int]:
     """(precision, bytes by component, one layer's backward transient) of training the skeleton ``model`` on
     ``path``: what ``memory_floor`` composes into phases, for its own path and for the true floor's. With
     ``fsdp_ranks``, one of that many FSDP ranks' (``fsdp_terms``)."""
@@ -897,7 +901,7 @@ def _path_terms(config, model, mode: Mode, lora, seq_len: int, batch_size: int, 
         "upcast_bytes": upcast,
         **lora_bytes(lora_targets(model, lora), lora, optimizer),
         **activation_terms(config, model, lora, seq_len, tokens, gradient_checkpointing, path, p, device_type,
-                           int8_outlier_columns, saves_linear_inputs(mode, path), levers),
+                           int8_outlier_columns, saves_linear_inputs(mode, path), levers, embeddings_output_held),
         **loss_terms(config, tokens, path, config.vocab_size * config.hidden_size * p.compute if upcast else 0),
     }
     if fsdp_ranks is not None:
@@ -919,12 +923,15 @@ def _path_terms(config, model, mode: Mode, lora, seq_len: int, batch_size: int, 
 def memory_floor(config, mode: Mode, lora, seq_len: int, batch_size: int, gradient_checkpointing: bool,
                  path: str = "lean", optimizer: str = "adamw", device_type: str = "cuda",
                  int8_outlier_columns: dict[str, float] | None = None, levers: Levers = Levers(),
-                 optimizer_state_upfront: bool = False, strategy: str = "ddp", num_processes: int = 1) -> dict:
+                 optimizer_state_upfront: bool = False, strategy: str = "ddp", num_processes: int = 1,
+                 embeddings_output_held: bool = False) -> dict:
     """Predicted bytes of each memory component of LoRA training on ``path``, and the resulting totals.
     ``int8_outlier_columns``: LLM.int8's outlier columns a layer by linear name, where measured
     (``int8_held_inputs_bytes_per_token``); recorded in the result. ``levers``: the lean path's memory levers
     pulled (``qlora_core.levers``; recorded), which the true floor assumes too: with activations offloaded the
     GPU need not hold the checkpointed boundaries, so a floor without them would sit above what was measured.
+    ``embeddings_output_held``: the first layer's input stays on the GPU under the offload (``activation_terms``;
+    recorded).
 
     Totals: ``after_load_bytes`` (weights as stored), ``after_setup_bytes`` (plus the path's upcasts and the
     adapters; the optimizer state is allocated at the first step, or at set-up with ``optimizer_state_upfront``,
@@ -946,7 +953,7 @@ def memory_floor(config, mode: Mode, lora, seq_len: int, batch_size: int, gradie
     set_up = (config, model, mode, lora, seq_len, batch_size)
     levers.check(path, gradient_checkpointing)
     p, terms, layer_transient = _path_terms(*set_up, gradient_checkpointing, path, optimizer, device_type,
-                                            int8_outlier_columns, levers, fsdp_ranks)
+                                            int8_outlier_columns, levers, fsdp_ranks, embeddings_output_held)
     lean_terms, lean_transient = terms, layer_transient
     if path != "lean" or not gradient_checkpointing:  # levers pull only there: none to carry over
         _, lean_terms, lean_transient = _path_terms(*set_up, True, "lean", optimizer, device_type, None,
@@ -962,6 +969,7 @@ def memory_floor(config, mode: Mode, lora, seq_len: int, batch_size: int, gradie
         "gradient_checkpointing": gradient_checkpointing,
         "levers": levers.describe(),
         "int8_outlier_columns": int8_outlier_columns,
+        "embeddings_output_held": embeddings_output_held,
         **terms,
         "layer_backward_transient_bytes": layer_transient,
         "largest_transient_bytes": max(terms["logits_phase_bytes"], layer_transient),
