@@ -47,14 +47,18 @@ CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 #: What torch.compile compiles (``compiled_if``): ``step``, the micro-batch's whole loss, forward and backward, as
 #: few graphs as it can (fewest launches, and under CUDA graphs a replay or two a step, but its compile grows
 #: with the depth: dynamo traces every layer); ``layers``, each decoder layer on its own (PyTorch's "regional
-#: compilation"), the layers sharing one compiled graph, so the compile is one layer's whatever the depth, and
-#: the embeddings, head and loss stay eager.
+#: compilation"), the layers sharing their compiled graphs (two: the first layer's, whose input needs no
+#: gradient, and the others'), so the compile is a layer's whatever the depth, and the embeddings, head and loss
+#: stay eager. Not under CUDA graphs: torch's CUDA graph trees fail on checkpointed layers captured one by one
+#: (an H100 with torch 2.11, 2026-12-07: "graph recording observed an input tensor deallocate during graph
+#: recording that did not occur during replay"), and the large models the scope is for are not launch-bound.
 COMPILE_SCOPES = ("step", "layers")
 
 
 def check_compile(compile: bool, mode: str, scope: str) -> str | None:
     """What ``torch.compile(mode=...)`` takes for ``mode`` (None: its default); ValueError for a mode it does not
-    have (``COMPILE_MODES``), a scope not in ``COMPILE_SCOPES``, or either asked for without ``compile``."""
+    have (``COMPILE_MODES``), a scope not in ``COMPILE_SCOPES``, either asked for without ``compile``, or the
+    ``layers`` scope with CUDA graphs."""
     if mode not in COMPILE_MODES:
         raise ValueError(f"unknown compile mode {mode!r}; choose from {', '.join(COMPILE_MODES)}")
     if scope not in COMPILE_SCOPES:
@@ -63,6 +67,10 @@ def check_compile(compile: bool, mode: str, scope: str) -> str | None:
         raise ValueError(f"compile mode {mode!r} needs compile (--compile)")
     if scope != "step" and not compile:
         raise ValueError(f"compile scope {scope!r} needs compile (--compile)")
+    if scope == "layers" and mode in CUDA_GRAPH_MODES:
+        raise ValueError(f"compile scope 'layers' cannot take compile mode {mode!r}: CUDA graphs of checkpointed "
+                         f"layers fail in torch's CUDA graph trees; use mode default or "
+                         f"max-autotune-no-cudagraphs, or scope step")
     return None if mode == "default" else mode
 
 

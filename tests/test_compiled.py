@@ -93,6 +93,10 @@ def test_the_layers_scope_needs_decoder_layers_and_compile():
         CellSettings(mode="nf4", compile_scope="layers")
     with pytest.raises(ValueError, match="unknown compile scope 'model'"):
         CellSettings(mode="nf4", compile=True, compile_scope="model")
+    for mode in ("reduce-overhead", "max-autotune"):  # CUDA graphs of the layers failed on an H100 (trainer.py)
+        with pytest.raises(ValueError, match=f"scope 'layers' cannot take compile mode '{mode}'"):
+            CellSettings(mode="nf4", compile=True, compile_mode=mode, compile_scope="layers")
+    CellSettings(mode="nf4", compile=True, compile_mode="max-autotune-no-cudagraphs", compile_scope="layers")
 
 
 def test_a_compile_mode_is_torch_s_and_needs_compile():
@@ -136,10 +140,10 @@ def test_the_trainer_compiles_in_the_mode_asked_and_copies_the_losses_a_cuda_gra
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("compile_mode, compile_scope", [("default", "step"), ("reduce-overhead", "step"),
-                                                         ("default", "layers"), ("reduce-overhead", "layers")])
+                                                         ("default", "layers")])
 def test_the_compiled_lean_path_trains_as_the_eager_one_on_cuda(tiny_model_dir, compile_mode, compile_scope):
     """As on CPU, on the GPU: inductor's CUDA kernels (Triton) instead of its C++ ones; with ``reduce-overhead``
-    replayed as CUDA graphs, the step's or each layer's; checkpointed, as the bench runs it."""
+    the step replayed as CUDA graphs; each layer compiled; checkpointed, as the bench runs it."""
     eager = tiny_cell_settings(tiny_model_dir, "nf4", path="lean", eval_merged=False, device="cuda")
     eager = dataclasses.replace(eager, lora=dataclasses.replace(eager.lora, dropout=0.0))
     plain, compiled = run_cell(eager), run_cell(dataclasses.replace(eager, compile=True, compile_mode=compile_mode,

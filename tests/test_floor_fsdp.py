@@ -149,8 +149,12 @@ HEAP_REL_TOL = 0.05
 #: rank) and +1.8 % (2) with the layers' peak, +1.0 % and -0.8 % with the loss's. On 2 ranks the layers' peak
 #: moves up from the bottom layer to the middle one, which prefetches a whole layer (the bottom one prefetches
 #: the embeddings) and holds one more layer's checkpointed input (the floor's phases hold every layer's): at 512
-#: tokens a rank this made +4.9 %.
-HEAP_ADDED_REL_TOL = 0.05
+#: tokens a rank this made +4.9 %. Since the lean path's embeddings' output needs no gradient (b197ffa), the bottom
+#: layer's backward makes no input gradient and holds less: one process's peak, there, fell (-2.7 % to -5.3 %
+#: against the floor) while the 2 ranks' in the middle layer did not, so FSDP adds more: +5.0 % and +5.1 %
+#: (2 ranks; CI's run +5.5 %), +1.4 % (1 rank, whose peak stays at the bottom). The floor does not model the
+#: bottom layer apart (at 8B its peak moment is a layer's MLP backward or recompute, the same in every layer).
+HEAP_ADDED_REL_TOL = 0.08
 
 
 def heap_config(name: str):
