@@ -301,8 +301,9 @@ def predicted_floor(settings: CellSettings, config, device_type: str,
                     int8_outlier_columns: dict[str, float] | None = None,
                     embeddings_output_held: bool = False) -> dict | None:
     """The memory floor of the cell's set-up on its path (``measure.floor``), with int8's outlier columns where
-    measured (and ``embeddings_output_held`` for a cell run before ``paths.drop_input_gradients``): one process's, on its rows (under DDP each holds the whole model; under FSDP its shards, beside the
-    units it gathers); None for an architecture the floor has no activation accounting for (NotImplementedError)
+    measured (and ``embeddings_output_held`` for a cell run before ``paths.drop_input_gradients``): one
+    process's, on its rows (under DDP each holds the whole model; under FSDP its shards, beside the units it
+    gathers); None for an architecture the floor has no activation accounting for (NotImplementedError)
     or that transformers cannot build from its config alone (ValueError: e.g. remote code), and for a set-up with
     fused kernels, whose saved tensors and transients it does not model."""
     if settings.kernels:

@@ -8,6 +8,7 @@ A name added here is therefore trained, offered on every command line and predic
 from __future__ import annotations
 
 import importlib
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -44,7 +45,7 @@ class Optimizer:
         if self.state_bytes == FP32_MOMENTS:
             return FP32_MOMENTS * sum(tensor_numels)
         return sum(FP32_MOMENTS * n if n < BNB_8BIT_MIN_SIZE
-                   else self.state_bytes * n + 2 * -(-n // BNB_8BIT_BLOCKSIZE) * FLOAT32
+                   else self.state_bytes * n + 2 * math.ceil(n / BNB_8BIT_BLOCKSIZE) * FLOAT32
                    for n in tensor_numels)
 
 

@@ -165,8 +165,8 @@ def test_each_lever_lowers_the_measured_peak_on_cuda(levers):
 def test_a_capped_offload_keeps_what_does_not_fit_and_the_floor_says_which():
     """With a cap of 3.5 layer inputs on tiny-llama (2 layers), both layers' inputs go to the host, then of the
     head only what still fits, whole tensors in the order saved: not the final norm's fp32 input (two layer
-    inputs' worth would pass the cap), the loss chunk's hidden states (one). The hooks and the floor agree to the byte, and the
-    loss and gradients are those of no offload."""
+    inputs' worth would pass the cap), the loss chunk's hidden states (one). The hooks and the floor agree to the
+    byte, and the loss and gradients are those of no offload."""
     rows, seq, config = 2, 64, shape_config("tiny-llama")
     layer_input = rows * seq * config.hidden_size * 2
     cap = int(3.5 * layer_input)
