@@ -259,9 +259,19 @@ def _compile_note(result: CellResult) -> str:
     if result.settings.extra.get("compile_scope", "step") == "layers":
         how += ", each decoder layer"
     return (f"{model_label(result)} {result.mode.name}: compiled ({how}): first step "
-            f"{compiled.first_step_s:.1f} s with compilation, {compiled.unique_graphs} "
-            f"graph{'' if compiled.unique_graphs == 1 else 's'}; graph breaks: "
+            f"{compiled.first_step_s:.1f} s with compilation{_cache_note(compiled.inductor_cache)}, "
+            f"{compiled.unique_graphs} graph{'' if compiled.unique_graphs == 1 else 's'}; graph breaks: "
             f"{breaks}.")
+
+
+def _cache_note(inductor_cache: dict[str, int] | None) -> str:
+    """' (inductor's code for N forward and backward graphs, H from torch's compile cache)'; nothing for results
+    that do not say."""
+    if inductor_cache is None:
+        return ""
+    graphs = sum(inductor_cache.values())
+    return (f" (inductor's code for {graphs} forward and backward graph{'' if graphs == 1 else 's'}, "
+            f"{inductor_cache['hit']} from torch's compile cache)")
 
 
 def _kernels_note(result: CellResult) -> str:

@@ -545,11 +545,13 @@ class MemoryAtPeak(Section):
 @dataclass(kw_only=True)
 class Compile(Section):
     """How torch.compile handled a compiled cell: graph breaks by reason, and where each broke (source lines;
-    results before 2026-12-07 have none)."""
+    results before 2026-12-07 have none), and how many graphs' code came from torch's compile cache
+    (``trainer.compile_report``; results before 2026-12-08 do not say)."""
     first_step_s: float | None
     unique_graphs: int
     graph_breaks: dict[str, int]
     graph_break_sites: dict[str, list[str]] = field(default_factory=dict)
+    inductor_cache: dict[str, int] | None = None
 
 
 @dataclass(kw_only=True)

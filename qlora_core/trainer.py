@@ -313,11 +313,19 @@ def compiled_if(module: torch.nn.Module, compile: bool, mode: str,
     return module, mode in CUDA_GRAPH_MODES
 
 
+#: What inductor's cache of compiled code did with each forward or backward graph it was asked for (torch's
+#: counters ``fxgraph_cache_<outcome>``): its code loaded from the cache (``hit``: compiled before, in this or an
+#: earlier process on this machine), compiled and stored (``miss``), or compiled and not storable (``bypass``).
+INDUCTOR_CACHE_OUTCOMES = ("hit", "miss", "bypass")
+
+
 def compile_report() -> dict:
     """What torch.compile made of the training step in this process: graphs compiled, each distinct graph
     break (its reason's first line) with how many times it split the step, and where: the source lines each
     reason broke at (``GraphBreakSites``). Graph breaks are where the step left the compiled graph for eager
-    Python (a quantized layer, a ``requires_grad_`` call...)."""
+    Python (a quantized layer, a ``requires_grad_`` call...). ``inductor_cache``: how many forward and backward
+    graphs' code came from torch's compile cache (``INDUCTOR_CACHE_OUTCOMES``): a warm cache (``TORCHINDUCTOR_
+    CACHE_DIR``, kept between runs) makes the first step many times shorter, so a compile time says which."""
     from torch._dynamo.utils import counters
 
     breaks: dict[str, int] = {}
@@ -326,7 +334,9 @@ def compile_report() -> dict:
         breaks[first_line] = breaks.get(first_line, 0) + count
     logged = _graph_break_sites()
     return {"unique_graphs": counters["stats"]["unique_graphs"], "graph_breaks": breaks,
-            "graph_break_sites": {reason: logged.sites(reason) for reason in breaks}}
+            "graph_break_sites": {reason: logged.sites(reason) for reason in breaks},
+            "inductor_cache": {outcome: counters["inductor"][f"fxgraph_cache_{outcome}"]
+                               for outcome in INDUCTOR_CACHE_OUTCOMES}}
 
 
 class LossModule(torch.nn.Module):

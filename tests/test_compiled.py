@@ -41,7 +41,10 @@ def test_the_compiled_lean_path_trains_as_the_eager_one(tiny_model_dir):
     # whose requires_grad_() hook broke the step in two before
     assert report["graph_breaks"] == {} and report["unique_graphs"] == 1
     note = next(note for note in footnotes([compiled]) if "compiled (torch.compile): first step" in note)
-    assert "with compilation, 1 graph; graph breaks: none." in note
+    cache = report["inductor_cache"]
+    assert sum(cache.values()) >= 2  # forward and backward each compiled, or loaded from the cache
+    assert (f"with compilation (inductor's code for {sum(cache.values())} forward and backward graphs, "
+            f"{cache['hit']} from torch's compile cache), 1 graph; graph breaks: none.") in note
 
 
 def test_the_layers_scope_trains_as_the_eager_one_and_says_so(tiny_model_dir):
@@ -151,6 +154,21 @@ def test_the_compiled_lean_path_trains_as_the_eager_one_on_cuda(tiny_model_dir, 
     assert compiled["status"] == "ok", compiled.get("error")
     assert compiled["training"]["losses"] == pytest.approx(plain["training"]["losses"], abs=LOSS_TOLERANCE)
     assert compiled["compile"]["unique_graphs"] >= 1
+
+
+def test_the_compile_report_says_whether_the_code_came_from_torch_s_compile_cache(tmp_path, monkeypatch):
+    """The same step compiled in an empty cache, then again (dynamo's state reset, as a new process would start):
+    first every forward and backward graph's code is compiled, then every one is loaded from the cache, which is
+    what makes a second run's first step many times shorter."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.GELU(), torch.nn.Linear(8, 1))
+    x = torch.randn(4, 8)
+    outcomes = []
+    for _ in range(2):
+        compiled, _ = compiled_if(model, True, "default")  # resets dynamo and the counters
+        compiled(x).sum().backward()
+        outcomes.append(compile_report()["inductor_cache"])
+    assert outcomes == [{"hit": 0, "miss": 2, "bypass": 0}, {"hit": 2, "miss": 0, "bypass": 0}]
 
 
 class _BreaksTwice(torch.nn.Module):
