@@ -260,8 +260,12 @@ def _compile_note(result: CellResult) -> str:
         how += ", each decoder layer"
     return (f"{model_label(result)} {result.mode.name}: compiled ({how}): first step "
             f"{compiled.first_step_s:.1f} s with compilation{_cache_note(compiled.inductor_cache)}, "
-            f"{compiled.unique_graphs} graph{'' if compiled.unique_graphs == 1 else 's'}; graph breaks: "
-            f"{breaks}.")
+            f"{_counted(compiled.unique_graphs, 'graph')}; graph breaks: {breaks}.")
+
+
+def _counted(count: int, noun: str) -> str:
+    """'1 graph', '3 graphs'."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 def _cache_note(inductor_cache: dict[str, int] | None) -> str:
@@ -269,9 +273,8 @@ def _cache_note(inductor_cache: dict[str, int] | None) -> str:
     that do not say."""
     if inductor_cache is None:
         return ""
-    graphs = sum(inductor_cache.values())
-    return (f" (inductor's code for {graphs} forward and backward graph{'' if graphs == 1 else 's'}, "
-            f"{inductor_cache['hit']} from torch's compile cache)")
+    graphs = _counted(sum(inductor_cache.values()), "forward and backward graph")
+    return f" (inductor's code for {graphs}, {inductor_cache['hit']} from torch's compile cache)"
 
 
 def _kernels_note(result: CellResult) -> str:

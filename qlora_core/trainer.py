@@ -324,8 +324,9 @@ def compile_report() -> dict:
     break (its reason's first line) with how many times it split the step, and where: the source lines each
     reason broke at (``GraphBreakSites``). Graph breaks are where the step left the compiled graph for eager
     Python (a quantized layer, a ``requires_grad_`` call...). ``inductor_cache``: how many forward and backward
-    graphs' code came from torch's compile cache (``INDUCTOR_CACHE_OUTCOMES``): a warm cache (``TORCHINDUCTOR_
-    CACHE_DIR``, kept between runs) makes the first step many times shorter, so a compile time says which."""
+    graphs' code came from torch's compile cache (``INDUCTOR_CACHE_OUTCOMES``): from a warm cache
+    (``TORCHINDUCTOR_CACHE_DIR``, kept between runs) the first step skips inductor's compilation, so a compile time
+    says which kind it was."""
     from torch._dynamo.utils import counters
 
     breaks: dict[str, int] = {}

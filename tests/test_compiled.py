@@ -158,8 +158,8 @@ def test_the_compiled_lean_path_trains_as_the_eager_one_on_cuda(tiny_model_dir, 
 
 def test_the_compile_report_says_whether_the_code_came_from_torch_s_compile_cache(tmp_path, monkeypatch):
     """The same step compiled in an empty cache, then again (dynamo's state reset, as a new process would start):
-    first every forward and backward graph's code is compiled, then every one is loaded from the cache, which is
-    what makes a second run's first step many times shorter."""
+    first every forward and backward graph's code is compiled, then every one is loaded from the cache, so a
+    second run's first step skips inductor's compilation."""
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.GELU(), torch.nn.Linear(8, 1))
     x = torch.randn(4, 8)
