@@ -19,6 +19,7 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from qlora_core import settings
 from qlora_core.cell import CellSettings
@@ -32,6 +33,9 @@ from qlora_core.report import DEFAULT_THRESHOLD
 from qlora_core.result_model import CellResult
 from qlora_core.results import ALLOCATOR_CONF_VARIABLES
 from qlora_core.shapes import SHAPES
+
+if TYPE_CHECKING:  # imported where used, so --help answers without loading torch
+    import torch
 
 #: The CUDA allocator configuration frontier probes run under (``--allocator-conf``): segments that grow in place
 #: instead of fragmenting, so a capacity holds close to what the memory floor predicts (H200, 2026-12-03: under
