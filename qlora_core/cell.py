@@ -20,6 +20,7 @@ import torch
 
 from qlora_core import backends
 from qlora_core import data as datalib
+from qlora_core.backends.bitsandbytes import INT8_MATMULS
 from qlora_core.kernels import apply_kernels, check_kernels
 from qlora_core.levers import Levers
 from qlora_core.lora import LoraSettings, merge_into_bf16, parameter_counts
@@ -107,6 +108,9 @@ class CellSettings:
             (``qlora_core.levers``): saved activations kept in host memory between forward and backward, at most
             ``offload_host_gib`` of them (None: all); the MLP recomputed in tiles of this many tokens (None:
             untiled).
+        int8_matmul: how the int8 mode's linears compute on the lean path (``levers``, ``INT8_MATMULS``):
+            LLM.int8's kernel (the default), or their weight dequantized to the compute dtype; other modes have
+            no int8 linears and take the default only.
         kernels: fused kernels of the lean path (``qlora_core.kernels``: Liger-Kernel's RMSNorm, SwiGLU and fused
             linear cross-entropy), by name; none by default. The floor does not model them: no prediction.
         profile_steps: after the timed steps (and the peak's reading), this many more steps under
@@ -146,6 +150,7 @@ class CellSettings:
     offload_activations: bool = False
     mlp_tile_tokens: int | None = None
     offload_host_gib: float | None = None
+    int8_matmul: str = INT8_MATMULS[0]
     beyond_positions: bool = False
     trace_memory: bool = False
     kernels: tuple[str, ...] = ()
@@ -156,6 +161,9 @@ class CellSettings:
             raise ValueError("beyond_positions is for shape cells (random weights): a real model's perplexity means "
                              "nothing past the positions it was trained for")
         self.levers.check(self.path, self.gradient_checkpointing)
+        if self.levers.int8_dequantized and get_mode(self.mode).weight_format != "int8":
+            raise ValueError(f"int8_matmul {self.int8_matmul!r} is how the int8 mode's linears compute; mode "
+                             f"{self.mode!r} has none")
         check_kernels(self.kernels, self.path, self.strategy)
         if self.profile_steps < 0:
             raise ValueError(f"profile_steps must be >= 0, got {self.profile_steps}")
@@ -189,7 +197,7 @@ class CellSettings:
 
     @property
     def levers(self) -> Levers:
-        return Levers(self.offload_activations, self.mlp_tile_tokens, self.offload_host_gib)
+        return Levers(self.offload_activations, self.mlp_tile_tokens, self.offload_host_gib, self.int8_matmul)
 
     @property
     def rows_per_process(self) -> int:
@@ -530,7 +538,8 @@ class Cell:
         state = self.state
         self.report({"phase": "training done"})
         state.memory["training_peak"] = memory_snapshot(self.device)
-        state.int8_outliers = backends.outliers(state.model)
+        # the dequantized matmul finds no outliers: what the layers hold then is an evaluation's, not a step's
+        state.int8_outliers = None if self.settings.levers.int8_dequantized else backends.outliers(state.model)
         return state.memory["training_peak"]
 
     def profile(self, steps: int) -> dict:
@@ -665,9 +674,12 @@ class Cell:
         return {**compile_report(), "first_step_s": records[0].seconds if records else None}
 
     def _int8_section(self) -> dict:
-        """The dtype int8's matmul computes in and its outlier columns (None for other modes)."""
-        int8 = self.mode.weight_format == "int8"
-        return {"int8_matmul_dtype": INT8_MATMUL_DTYPE if int8 else None, "int8_outliers": self.state.int8_outliers}
+        """The dtype int8's matmul computes in (bitsandbytes' kernel casts to fp16; dequantized, the compute
+        dtype) and its outlier columns (None for other modes)."""
+        if self.mode.weight_format != "int8":
+            return {"int8_matmul_dtype": None, "int8_outliers": None}
+        dtype = self.mode.compute_dtype if self.settings.levers.int8_dequantized else INT8_MATMUL_DTYPE
+        return {"int8_matmul_dtype": dtype, "int8_outliers": self.state.int8_outliers}
 
     def run_all(self) -> dict:
         """Every phase in order; returns ``result()``. With several processes, and not already one of them, the

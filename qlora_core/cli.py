@@ -543,7 +543,10 @@ def command_frontier(args: argparse.Namespace) -> int:
     check_probes(args.probes)
     modes, paths = parse_modes(args.modes), [check_path(path) for path in args.paths]
     lora = LoraSettings(r=args.lora_r)
-    levers = Levers(args.offload_activations, args.mlp_tile_tokens, args.offload_host_gib)
+    levers = Levers(args.offload_activations, args.mlp_tile_tokens, args.offload_host_gib, args.int8_matmul)
+    if levers.int8_dequantized and (others := [mode.name for mode in modes if mode.weight_format != "int8"]):
+        raise ValueError(f"--int8-matmul dequantized is how the int8 mode's linears compute; leave out the modes "
+                         f"that have none: {', '.join(others)}")
     host_bytes = int(args.host_memory_gib * GIB) if args.host_memory_gib else None
     for path in paths:
         levers.check(path, gradient_checkpointing=True)

@@ -1,5 +1,5 @@
-"""Switches that trade step time for GPU memory on the lean path (issue 13's levers), each off by default and
-measured on and off, with its term in the memory model (``measure.floor``):
+"""Switches of the lean path, each off by default and measured on and off, with its term in the memory model
+(``measure.floor``). Two trade step time for GPU memory (issue 13's levers):
 
 - ``offload_activations``: every tensor autograd saves outside a checkpointed region (under the lean path's
   checkpointing that is each decoder layer's input, the final norm's input and the loss chunks' hidden states)
@@ -17,6 +17,15 @@ measured on and off, with its term in the memory model (``measure.floor``):
   their adapters' inputs) exist for one tile at a time while its layer is recomputed and differentiated.
 
 Neither changes the mathematics: the same loss and gradients (tests/test_levers.py).
+
+One trades LLM.int8's arithmetic for step time and memory, in the int8 mode:
+
+- ``int8_matmul``: how its linears compute (``backends.bitsandbytes.INT8_MATMULS``). ``llm-int8`` (the
+  default: what bitsandbytes runs on CUDA) quantizes every input to int8 but for its outlier columns, with fp16
+  copies of the input and a host synchronization to find the outliers; ``dequantized`` multiplies the input by
+  the int8 weight dequantized to the compute dtype, as bitsandbytes itself trains on a CPU. The same stored
+  weights and the same input gradient; the forward leaves out the input's int8 rounding, so the loss moves by
+  that rounding's error, and the floor leaves out its quantizing transient.
 """
 
 from __future__ import annotations
@@ -29,6 +38,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from qlora_core.backends.bitsandbytes import INT8_MATMULS, check_int8_matmul, keep_no_int8_inputs
 from qlora_core.measure.memory import GIB, tensor_bytes
 
 #: Saved tensors smaller than this stay where they are: copying them costs more in launches than it frees.
@@ -218,6 +228,7 @@ class Levers:
     offload_activations: bool = False
     mlp_tile_tokens: int | None = None
     offload_host_gib: float | None = None
+    int8_matmul: str = INT8_MATMULS[0]
 
     def __post_init__(self) -> None:
         if self.mlp_tile_tokens is not None and self.mlp_tile_tokens < 1:
@@ -226,6 +237,7 @@ class Levers:
             raise ValueError(f"offload_host_gib caps the offloaded activations: it needs offload_activations and "
                              f"a share > 0, got {self.offload_host_gib} GiB with offload_activations="
                              f"{self.offload_activations}")
+        check_int8_matmul(self.int8_matmul)
 
     @property
     def offload_host_bytes(self) -> int | None:
@@ -233,17 +245,27 @@ class Levers:
         return None if self.offload_host_gib is None else int(self.offload_host_gib * GIB)
 
     @property
-    def any(self) -> bool:
+    def memory_levers(self) -> bool:
+        """Whether a lever acting on what checkpointing keeps is pulled (the offload, the MLP tiles)."""
         return self.offload_activations or self.mlp_tile_tokens is not None
 
+    @property
+    def int8_dequantized(self) -> bool:
+        """Whether the int8 linears compute with their weight dequantized instead of LLM.int8's kernel."""
+        return self.int8_matmul == "dequantized"
+
     def check(self, path: str, gradient_checkpointing: bool) -> Levers:
-        """``self`` when a training set-up can pull these levers: both are the lean path's, and both act on what
-        checkpointing leaves (the layers' inputs, the MLP recomputed in tiles); a ValueError otherwise."""
-        if self.any and path != "lean":
+        """``self`` when a training set-up can pull these levers: all are the lean path's, and the memory levers
+        act on what checkpointing leaves (the layers' inputs, the MLP recomputed in tiles); a ValueError
+        otherwise."""
+        if self.memory_levers and path != "lean":
             raise ValueError(f"offloading activations and MLP tiling are levers of the lean path, not {path!r}")
-        if self.any and not gradient_checkpointing:
+        if self.memory_levers and not gradient_checkpointing:
             raise ValueError("offloading activations and MLP tiling act on what gradient checkpointing keeps: "
                              "turn checkpointing on")
+        if self.int8_dequantized and path != "lean":
+            raise ValueError(f"the dequantized int8 matmul is the lean path's (its int8 linears' own autograd "
+                             f"function), not {path!r}'s")
         return self
 
     def mlp_tokens(self, tokens: int) -> int:
@@ -252,19 +274,22 @@ class Levers:
 
     def label(self) -> str:
         """A file-name suffix naming the levers pulled ("" for none): ``-offload``, ``-offload-host100gib``,
-        ``-mlp-tile4096``."""
+        ``-mlp-tile4096``, ``-int8-dequantized``."""
         parts = ["offload"] * self.offload_activations
         parts += [f"host{self.offload_host_gib:g}gib"] if self.offload_host_gib is not None else []
         parts += [f"mlp-tile{self.mlp_tile_tokens}"] if self.mlp_tile_tokens is not None else []
+        parts += ["int8-dequantized"] * self.int8_dequantized
         return "".join(f"-{part}" for part in parts)
 
     def describe(self) -> dict:
         return dataclasses.asdict(self)
 
     def apply(self, model, loss_fn):
-        """(``model`` with its MLPs tiled where asked, ``loss_fn`` offloading where asked): the training set-up
-        with these levers pulled, after the adapters are attached."""
+        """(``model`` with its MLPs tiled and its int8 linears dequantizing where asked, ``loss_fn`` offloading
+        where asked): the training set-up with these levers pulled, after the adapters are attached."""
         if self.mlp_tile_tokens is not None:
             tile_mlps(model, self.mlp_tile_tokens)
+        if self.int8_dequantized:
+            keep_no_int8_inputs(model, self.int8_matmul)
         offload = ActivationOffload(max_bytes=self.offload_host_bytes) if self.offload_activations else None
         return model, with_offload(loss_fn, offload)

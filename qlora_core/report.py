@@ -335,9 +335,7 @@ def footnotes(results: list[CellResult | dict]) -> list[str]:
     for model, note in {model_label(r): r.note for r in ok if r.note}.items():
         notes.append(f"{model}: {note}.")
     notes += _perplexity_notes(ok)
-    for dtype in sorted({r.int8_matmul_dtype for r in ok if r.int8_matmul_dtype}):
-        notes.append(f"int8: bitsandbytes casts the int8 matmuls' inputs to {dtype} whatever the mode's compute "
-                     f"dtype.")
+    notes += _int8_matmul_notes(ok)
     notes += [_int8_outlier_note(r) for r in ok if r.int8_outliers]
     notes += [_processes_note(r) for r in ok if r.ranks]
     notes += _scaling_notes(ok)
@@ -346,6 +344,23 @@ def footnotes(results: list[CellResult | dict]) -> list[str]:
     notes.append(f"(xN): ratio to {BASELINE_MODE} of the same model and run.")
     notes.append(f"'~' marks a step time whose IQR exceeds {NOISY_RELATIVE_IQR:.0%} of its median: too noisy to "
                  f"rank.")
+    return notes
+
+
+def _int8_dequantized(result: CellResult) -> bool:
+    return result.settings.extra.get("int8_matmul") == "dequantized"
+
+
+def _int8_matmul_notes(results: list[CellResult]) -> list[str]:
+    """How the int8 cells' matmuls computed: in bitsandbytes' kernel, whose dtype is not the mode's, or with
+    the weight dequantized (``levers.Levers.int8_matmul``)."""
+    kernel_dtypes = {r.int8_matmul_dtype for r in results if r.int8_matmul_dtype and not _int8_dequantized(r)}
+    notes = [f"int8: bitsandbytes casts the int8 matmuls' inputs to {dtype} whatever the mode's compute dtype."
+             for dtype in sorted(kernel_dtypes)]
+    if any(r.int8_matmul_dtype and _int8_dequantized(r) for r in results):
+        notes.append("int8 [int8_matmul=dequantized]: each int8 weight dequantized to the compute dtype for one "
+                     "matmul (bitsandbytes' own training path on a CPU), so its inputs are not rounded to int8 "
+                     "and no outlier columns are found.")
     return notes
 
 
@@ -946,6 +961,8 @@ def lever_parts(frontier: dict) -> list[str]:
         parts[-1] += f" (at most {levers['offload_host_gib']:g} GiB)"
     if levers.get("mlp_tile_tokens") is not None:
         parts.append(f"MLP tiles of {levers['mlp_tile_tokens']:,}")
+    if levers.get("int8_matmul") == "dequantized":
+        parts.append("int8 dequantized")
     return parts
 
 

@@ -31,6 +31,7 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
+from qlora_core.backends.bitsandbytes import INT8_MATMULS
 from qlora_core.cell import CellSettings
 from qlora_core.kernels import KERNELS, unknown_kernels
 from qlora_core.lora import ALL_LINEAR, LoraSettings
@@ -387,6 +388,12 @@ SETTINGS: tuple[Setting, ...] = (
                                "under its own checkpoint, so its MLP-wide tensors exist for one tile at a time "
                                "(the MLP is computed a third time; Llama/Qwen2 families)", positive,
             ("sweep", "bench", "frontier"), cell="mlp_tile_tokens", on_surface=LEAN_ONLY),
+    Setting("int8_matmul", "lean path, int8 mode: how its linears compute; 'llm-int8' (bitsandbytes' kernel: "
+                           "each input rounded to int8 but for its outlier columns, which go in fp16, found with a "
+                           "host synchronization) or 'dequantized' (the int8 weight dequantized to the compute "
+                           "dtype for one matmul, as bitsandbytes trains on a CPU: the same weights, no input "
+                           "rounding)", str, ("sweep", "bench", "frontier"), cell="int8_matmul",
+            choices=INT8_MATMULS, on_surface=LEAN_ONLY),
     Setting("kernels", "lean path's fused kernels, comma-separated: Liger-Kernel's rms-norm (every RMSNorm in "
                        "one kernel), swiglu (silu(gate) * up in one, the silu recomputed in backward) and "
                        "fused-linear-cross-entropy (head and loss in one, no logits kept; not under FSDP); CUDA "

@@ -411,3 +411,17 @@ def test_frontier_records_random_weights_outliers_for_int8_alone(tmp_path):
     outliers = {frontier["mode"]: frontier["int8_outlier_columns"] for frontier in frontiers}
     assert outliers["bf16"] is None
     assert outliers["int8"] == {"down_proj": float(shape_config("tiny-llama").intermediate_size)}
+
+
+def test_frontier_with_the_dequantized_int8_matmul_predicts_int8_alone_and_records_it(tmp_path, capsys):
+    """The dequantized int8 matmul is the int8 mode's: asked for with other modes the frontier says which to
+    leave out, before predicting anything; with int8 alone its frontier records the lever and is no shorter."""
+    asked = ["frontier", "--shapes", "Llama-3.1-8B", "--paths", "lean", "--capacity-gib", "24"]
+    assert main([*asked, "--modes", "bf16,int8", "--int8-matmul", "dequantized"]) == 2
+    assert "leave out the modes that have none: bf16" in capsys.readouterr().err
+    assert main([*asked, "--modes", "int8", "--out", str(tmp_path / "plain")]) == 0
+    assert main([*asked, "--modes", "int8", "--int8-matmul", "dequantized", "--out", str(tmp_path / "lever")]) == 0
+    plain, lever = (json.loads((tmp_path / name / "frontier.json").read_text())["frontiers"][0]
+                    for name in ("plain", "lever"))
+    assert lever["levers"]["int8_matmul"] == "dequantized" and plain["levers"]["int8_matmul"] == "llm-int8"
+    assert lever["tokens"] >= plain["tokens"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import bitsandbytes as bnb
 import pytest
 import torch
 
@@ -138,7 +139,8 @@ def test_a_cell_with_both_levers_trains_and_records_them():
     plain = run_cell(dataclasses.replace(settings, offload_activations=False, mlp_tile_tokens=None))
     assert result["status"] == "ok"
     assert result["settings"]["offload_activations"] and result["settings"]["mlp_tile_tokens"] == 32
-    assert result["floor"]["levers"] == {"offload_activations": True, "mlp_tile_tokens": 32, "offload_host_gib": None}
+    assert result["floor"]["levers"] == {"offload_activations": True, "mlp_tile_tokens": 32, "offload_host_gib": None,
+                                         "int8_matmul": "llm-int8"}
     assert result["training"]["losses"] == pytest.approx(plain["training"]["losses"], rel=1e-2)
     assert result["training"]["hardware_flops_per_token"] > plain["training"]["hardware_flops_per_token"]
 
@@ -220,3 +222,77 @@ def test_the_true_floor_of_a_lever_cell_assumes_its_levers():
     plain = memory_floor(config, mode, lora, 65536, 1, True, path="lean")
     both = memory_floor(config, mode, lora, 65536, 1, True, path="lean", levers=Levers(True, 4096))
     assert both["true_floor_bytes"] == both["peak_bytes"] < plain["true_floor_bytes"] == plain["peak_bytes"]
+
+
+def routed_int8_matmuls(model) -> set[str]:
+    """How each LLM.int8 linear of ``model`` computes, as its ``FrozenInt8Matmul`` routing says."""
+    return {module.forward.args[1] for module in model.modules() if isinstance(module, bnb.nn.Linear8bitLt)}
+
+
+def test_the_dequantized_int8_matmul_is_bitsandbytes_own_cpu_training_path():
+    """On a CPU bitsandbytes trains int8 linears by dequantizing their weight (``MatMul8bitFp``), which the lever
+    does on any device: there the lever changes nothing, bit for bit, and every int8 linear is routed through it."""
+    batch = ids()
+    plain = adapted("tiny-llama", "int8", "lean")
+    assert routed_int8_matmuls(plain) == {"llm-int8"}
+    plain_loss, plain_gradient = loss_and_gradient(plain, chunked_causal_lm_loss, batch)
+    lever = Levers(int8_matmul="dequantized")
+    dequantized, loss_fn = lever.apply(adapted("tiny-llama", "int8", "lean"), chunked_causal_lm_loss)
+    assert routed_int8_matmuls(dequantized) == {"dequantized"} and loss_fn is chunked_causal_lm_loss
+    loss, gradient = loss_and_gradient(dequantized, loss_fn, batch)
+    assert loss == plain_loss
+    torch.testing.assert_close(gradient, plain_gradient, rtol=0, atol=0)
+
+
+def test_the_int8_matmul_is_the_int8_mode_s_on_the_lean_path():
+    with pytest.raises(ValueError, match="unknown int8 matmul 'int4'; choose from llm-int8, dequantized"):
+        Levers(int8_matmul="int4")
+    with pytest.raises(ValueError, match="lean path's"):
+        CellSettings(mode="int8", shape="tiny-llama", int8_matmul="dequantized")
+    with pytest.raises(ValueError, match="mode 'nf4-dq' has none"):
+        CellSettings(mode="nf4-dq", shape="tiny-llama", path="lean", int8_matmul="dequantized")
+    lever = CellSettings(mode="int8", shape="tiny-llama", path="lean", gradient_checkpointing=False,
+                         int8_matmul="dequantized").levers  # no memory lever: checkpointing is not needed
+    assert lever.int8_dequantized and not lever.memory_levers and lever.label() == "-int8-dequantized"
+
+
+def test_the_dequantized_int8_matmul_has_no_quantizing_transient_in_the_floor():
+    """On CUDA LLM.int8's down projections quantize an MLP-wide input in the recompute (fp16 copy, int8 values,
+    outlier mask), which the floor holds at 8B and 16,384 tokens; the dequantized matmul holds only a
+    dequantized weight, as the 4-bit modes do, so its floor is lower and the rest of its terms are the same."""
+    config, mode, lora = shape_config("Llama-3.1-8B"), get_mode("int8"), LoraSettings()
+    plain = memory_floor(config, mode, lora, 16384, 1, True, path="lean")
+    lever = memory_floor(config, mode, lora, 16384, 1, True, path="lean", levers=Levers(int8_matmul="dequantized"))
+    assert lever["peak_bytes"] < plain["peak_bytes"]
+    assert lever["levers"]["int8_matmul"] == "dequantized"
+    persistent = ("weights_bytes", "lora_param_bytes", "saved_activations_bytes")
+    assert {term: lever[term] for term in persistent} == {term: plain[term] for term in persistent}
+
+
+def test_an_int8_cell_with_the_dequantized_matmul_records_how_it_computed():
+    settings = CellSettings(mode="int8", shape="tiny-llama", path="lean", seq_len=64, batch_size=2,
+                            timing_warmup=1, device="cpu", int8_matmul="dequantized",
+                            lora=LoraSettings(r=4, alpha=8), train=TrainSettings(max_steps=2))
+    result = run_cell(settings)
+    plain = run_cell(dataclasses.replace(settings, int8_matmul="llm-int8"))
+    assert result["status"] == "ok" and result["settings"]["int8_matmul"] == "dequantized"
+    assert result["int8_matmul_dtype"] == "bfloat16" and plain["int8_matmul_dtype"] == "float16"
+    assert result["int8_outliers"] is None
+    assert result["training"]["losses"] == plain["training"]["losses"]  # a CPU: bitsandbytes' own path
+
+
+@pytest.mark.gpu
+def test_the_dequantized_int8_matmul_on_cuda_trains_like_llm_int8_in_less_memory():
+    """Llama-3.2-1B shape in int8 at 1 x 4,096 tokens on the lean path: the dequantized matmul's loss is LLM.int8's
+    but for the input's int8 rounding, its training peak no higher, and within the memory model's target of its
+    own prediction."""
+    settings = CellSettings(mode="int8", shape="Llama-3.2-1B", path="lean", seq_len=4096, batch_size=1,
+                            timing_warmup=1, device="cuda", train=TrainSettings(max_steps=2))
+    plain = run_cell(settings)
+    lever = run_cell(dataclasses.replace(settings, int8_matmul="dequantized"))
+    assert lever["int8_matmul_dtype"] == "bfloat16" and lever["int8_outliers"] is None
+    plain_peak = plain["predicted_vs_measured"]["training_peak"]
+    lever_peak = lever["predicted_vs_measured"]["training_peak"]
+    assert lever_peak["measured_bytes"] <= plain_peak["measured_bytes"]
+    assert 0.9 <= lever_peak["ratio"] <= 1.10
+    assert lever["training"]["losses"] == pytest.approx(plain["training"]["losses"], rel=1e-2)

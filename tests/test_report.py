@@ -225,6 +225,17 @@ def test_footnotes_state_the_int8_matmul_dtype_only_for_int8_results():
     assert "int8: bitsandbytes casts the int8 matmuls' inputs to float16 whatever the mode's compute dtype." in notes
 
 
+def test_footnotes_say_an_int8_cell_computed_with_its_weight_dequantized():
+    """The dequantized int8 matmul computes in the mode's dtype: no cast is claimed for it, and its note says so."""
+    kernel = finished_cell(int8_matmul_dtype="float16")
+    dequantized = finished_cell(int8_matmul_dtype="bfloat16", settings={"int8_matmul": "dequantized"})
+    notes = footnotes([dequantized])
+    assert not any("casts" in note for note in notes)
+    assert any(note.startswith("int8 [int8_matmul=dequantized]: each int8 weight dequantized") for note in notes)
+    both = footnotes([kernel, dequantized])
+    assert sum(note.startswith("int8") for note in both) == 2
+
+
 def test_footnotes_give_the_gpu_state_over_the_timed_steps(results):
     """The warm-up steps are left out; cells without readings (a CPU, no NVML) are left out."""
     read = copy.deepcopy(results[0])

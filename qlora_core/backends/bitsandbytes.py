@@ -59,6 +59,23 @@ def _layers(model: torch.nn.Module, class_name: str) -> list[tuple[str, torch.nn
     return [(name, module) for name, module in model.named_modules() if isinstance(module, layer_class)]
 
 
+#: How the lean path's LLM.int8 linears compute (``Levers.int8_matmul``). ``llm-int8``: bitsandbytes' CUDA kernel,
+#: the input quantized to int8 a row at a time but for its outlier columns (magnitude above the mode's threshold),
+#: which are multiplied in fp16 apart. ``dequantized``: the weight dequantized to the input's dtype and one matmul,
+#: what bitsandbytes itself does when training on a CPU or XPU (its ``MatMul8bitFp``): the same stored weight,
+#: without the input's int8 rounding, its fp16 copies and its host synchronizations (finding the outliers).
+INT8_MATMULS = ("llm-int8", "dequantized")
+
+
+def dequantized_int8_weight(layer: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    """An LLM.int8 linear's weight [out, in] in ``dtype``: each int8 row times its scale / 127 (bitsandbytes'
+    dequantization, ``MatMul8bitLt.backward``), a weight-sized transient."""
+    if layer.weight.CB is not None:  # bitsandbytes moves the int8 weight into its matmul state at the first call
+        layer.init_8bit_state()
+    state = layer.state
+    return state.CB.to(dtype, copy=True).mul_(state.SCB.unsqueeze(1).mul(1.0 / 127.0))
+
+
 class FrozenInt8Matmul(torch.autograd.Function):
     """An LLM.int8 linear whose weight is frozen, keeping nothing for backward but the weight itself.
 
@@ -66,35 +83,44 @@ class FrozenInt8Matmul(torch.autograd.Function):
     context, where gradient checkpointing cannot drop them: every int8 layer's inputs stay alive from its
     forward to its backward (``measure.floor.int8_held_inputs_bytes_per_token``), which put int8's lean peak at
     twice its floor on the H200. Those inputs serve only the weight's gradient, which a frozen base never needs.
-    Forward runs bitsandbytes' kernel outside autograd; backward is bitsandbytes' own input gradient, from the
-    int8 weight and its row scales (``state.CB``, ``state.SCB``).
+    Forward runs outside autograd, as ``int8_matmul`` says (``INT8_MATMULS``: bitsandbytes' kernel, or the
+    dequantized weight); backward is bitsandbytes' own input gradient, from the int8 weight and its row scales.
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, layer: torch.nn.Module) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, layer: torch.nn.Module, int8_matmul: str) -> torch.Tensor:
         ctx.layer = layer
         ctx.input_dtype = x.dtype
         with torch.no_grad():
-            return type(layer).forward(layer, x)
+            if int8_matmul != "dequantized":
+                return type(layer).forward(layer, x)
+            bias = None if layer.bias is None else layer.bias.to(x.dtype)
+            return torch.nn.functional.linear(x, dequantized_int8_weight(layer, x.dtype), bias)
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
-        state = ctx.layer.state
-        # bitsandbytes' MatMul8bitLt.backward for the input: dequantize the rows, one weight-sized transient
-        weight = state.CB.to(ctx.input_dtype, copy=True).mul_(state.SCB.unsqueeze(1).mul(1.0 / 127.0))
-        return torch.matmul(grad_output.to(ctx.input_dtype), weight), None
+        weight = dequantized_int8_weight(ctx.layer, ctx.input_dtype)
+        return torch.matmul(grad_output.to(ctx.input_dtype), weight), None, None
 
 
-def _frozen_int8_forward(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return FrozenInt8Matmul.apply(x, layer)
+def _frozen_int8_forward(layer: torch.nn.Module, int8_matmul: str, x: torch.Tensor) -> torch.Tensor:
+    return FrozenInt8Matmul.apply(x, layer, int8_matmul)
 
 
-def keep_no_int8_inputs(model: torch.nn.Module) -> int:
-    """Route every LLM.int8 linear of ``model`` through ``FrozenInt8Matmul``; returns how many. Its weight must
-    stay frozen: the weight's gradient is never computed."""
+def check_int8_matmul(int8_matmul: str) -> str:
+    """``int8_matmul`` when it is one of ``INT8_MATMULS``; a ValueError listing them otherwise."""
+    if int8_matmul not in INT8_MATMULS:
+        raise ValueError(f"unknown int8 matmul {int8_matmul!r}; choose from {', '.join(INT8_MATMULS)}")
+    return int8_matmul
+
+
+def keep_no_int8_inputs(model: torch.nn.Module, int8_matmul: str = INT8_MATMULS[0]) -> int:
+    """Route every LLM.int8 linear of ``model`` through ``FrozenInt8Matmul``, computing as ``int8_matmul`` says;
+    returns how many. Its weight must stay frozen: the weight's gradient is never computed."""
+    check_int8_matmul(int8_matmul)
     layers = _layers(model, "Linear8bitLt")
     for _, layer in layers:
-        layer.forward = functools.partial(_frozen_int8_forward, layer)
+        layer.forward = functools.partial(_frozen_int8_forward, layer, int8_matmul)
     return len(layers)
 
 

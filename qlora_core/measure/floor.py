@@ -459,11 +459,13 @@ def int8_quantize_transient(config, tokens: int, p: Precision, layer_targets: li
     return locals_so_far + mlp_tokens * f * INT8_QUANTIZE_BYTES_PER_VALUE[threshold > 0] - not_yet_saved
 
 
-def quantizes_int8_down_projections(config, quantized: list[Linear], device_type: str) -> bool:
+def quantizes_int8_down_projections(config, quantized: list[Linear], device_type: str,
+                                    levers: Levers = Levers()) -> bool:
     """Whether the layers' down projections, among the ``quantized`` linears, are LLM.int8 linears that quantize
     their input on each call (CUDA: ``int8_quantize_transient``), in a family whose recompute the floor follows
-    (Llama/Qwen2)."""
-    return (device_type == "cuda" and config.model_type in GATED_MLP_FAMILIES
+    (Llama/Qwen2). The dequantized int8 matmul (``levers``) quantizes nothing: it holds a dequantized weight, as
+    the 4-bit modes do."""
+    return (device_type == "cuda" and config.model_type in GATED_MLP_FAMILIES and not levers.int8_dequantized
             and any(layer.storage == "int8" and layer.name.endswith(".down_proj") for layer in quantized))
 
 
@@ -910,7 +912,7 @@ def _path_terms(config, model, mode: Mode, lora, seq_len: int, batch_size: int, 
     largest = max(quantized, key=lambda layer: layer.in_features * layer.out_features, default=None)
     targets = first_layer_targets(lora_targets(model, lora))
     int8_quantizing = 0
-    if quantizes_int8_down_projections(config, quantized, device_type):
+    if quantizes_int8_down_projections(config, quantized, device_type, levers):
         int8_quantizing = int8_quantize_transient(config, tokens, p, targets, lora, mode.int8_threshold, levers)
     transient = layer_backward_transient(config, tokens, p, largest, levers, gradient_checkpointing,
                                          terms["brought_back_bytes"], int8_quantizing)
