@@ -20,7 +20,7 @@ import torch
 
 from qlora_core import backends
 from qlora_core import data as datalib
-from qlora_core.backends.bitsandbytes import INT8_MATMULS
+from qlora_core.backends.bitsandbytes import INT8_MATMULS, check_int8_matmul
 from qlora_core.kernels import apply_kernels, check_kernels
 from qlora_core.levers import Levers
 from qlora_core.lora import LoraSettings, merge_into_bf16, parameter_counts
@@ -161,9 +161,7 @@ class CellSettings:
             raise ValueError("beyond_positions is for shape cells (random weights): a real model's perplexity means "
                              "nothing past the positions it was trained for")
         self.levers.check(self.path, self.gradient_checkpointing)
-        if self.levers.int8_dequantized and get_mode(self.mode).weight_format != "int8":
-            raise ValueError(f"int8_matmul {self.int8_matmul!r} is how the int8 mode's linears compute; mode "
-                             f"{self.mode!r} has none")
+        check_int8_matmul(self.int8_matmul, get_mode(self.mode))
         check_kernels(self.kernels, self.path, self.strategy)
         if self.profile_steps < 0:
             raise ValueError(f"profile_steps must be >= 0, got {self.profile_steps}")

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from qlora_core import settings
+from qlora_core.backends.bitsandbytes import check_int8_matmul
 from qlora_core.cell import CellSettings
 from qlora_core.levers import Levers
 from qlora_core.lora import LoraSettings
@@ -34,7 +35,7 @@ from qlora_core.result_model import CellResult
 from qlora_core.results import ALLOCATOR_CONF_VARIABLES
 from qlora_core.shapes import SHAPES
 
-if TYPE_CHECKING:  # imported where used, so --help answers without loading torch
+if TYPE_CHECKING:  # for the annotations that name it; the functions import torch where they use it
     import torch
 
 #: The CUDA allocator configuration frontier probes run under (``--allocator-conf``): segments that grow in place
@@ -544,9 +545,8 @@ def command_frontier(args: argparse.Namespace) -> int:
     modes, paths = parse_modes(args.modes), [check_path(path) for path in args.paths]
     lora = LoraSettings(r=args.lora_r)
     levers = Levers(args.offload_activations, args.mlp_tile_tokens, args.offload_host_gib, args.int8_matmul)
-    if levers.int8_dequantized and (others := [mode.name for mode in modes if mode.weight_format != "int8"]):
-        raise ValueError(f"--int8-matmul dequantized is how the int8 mode's linears compute; leave out the modes "
-                         f"that have none: {', '.join(others)}")
+    for mode in modes:
+        check_int8_matmul(levers.int8_matmul, mode)
     host_bytes = int(args.host_memory_gib * GIB) if args.host_memory_gib else None
     for path in paths:
         levers.check(path, gradient_checkpointing=True)

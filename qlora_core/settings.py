@@ -392,8 +392,8 @@ SETTINGS: tuple[Setting, ...] = (
                            "each input rounded to int8 but for its outlier columns, which go in fp16, found with a "
                            "host synchronization) or 'dequantized' (the int8 weight dequantized to the compute "
                            "dtype for one matmul, as bitsandbytes trains on a CPU: the same weights, no input "
-                           "rounding)", str, ("sweep", "bench", "frontier"), cell="int8_matmul",
-            choices=INT8_MATMULS, on_surface=LEAN_ONLY),
+                           "rounding)", str, ("sweep", "bench", "finetune", "frontier"), cell="int8_matmul",
+            finetune="settings.int8_matmul", choices=INT8_MATMULS, on_surface=LEAN_ONLY),
     Setting("kernels", "lean path's fused kernels, comma-separated: Liger-Kernel's rms-norm (every RMSNorm in "
                        "one kernel), swiglu (silu(gate) * up in one, the silu recomputed in backward) and "
                        "fused-linear-cross-entropy (head and loss in one, no logits kept; not under FSDP); CUDA "

@@ -24,7 +24,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from qlora_core.backends.bitsandbytes import INT8_MATMULS
 from qlora_core.data import rank_rows
+from qlora_core.levers import Levers
 from qlora_core.distributed import make_accelerator
 from qlora_core.measure.timing import timed
 from qlora_core.optimizers import OPTIMIZERS, check_optimizer
@@ -141,6 +143,8 @@ class FinetuneSettings:
             only.
         compile_scope: what is compiled (``COMPILE_SCOPES``: the step, or each decoder layer), with ``compile``
             only.
+        int8_matmul: on the lean path, how the int8 mode's linears compute (``levers``: LLM.int8's kernel, or their
+            weight dequantized). Not in the tutorial.
     """
 
     batch_size: int = 2
@@ -159,10 +163,12 @@ class FinetuneSettings:
     compile: bool = False
     compile_mode: str = "default"
     compile_scope: str = "step"
+    int8_matmul: str = INT8_MATMULS[0]
 
     def __post_init__(self) -> None:
         check_path(self.path)
         check_compile(self.compile, self.compile_mode, self.compile_scope)
+        self.levers.check(self.path, self.gradient_checkpointing)
         for name in ("batch_size", "grad_accum", "max_steps", "logging_steps", "save_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -177,6 +183,11 @@ class FinetuneSettings:
             raise ValueError(f"profile_steps must be >= 0 and leave a step unprofiled (max_steps {self.max_steps}), "
                              f"got {self.profile_steps}")
         check_optimizer(self.optim)
+
+    @property
+    def levers(self) -> Levers:
+        """The lean path's levers the workflow takes: the int8 matmul."""
+        return Levers(int8_matmul=self.int8_matmul)
 
     def describe(self) -> dict:
         return asdict(self)

@@ -35,6 +35,7 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from qlora_core import data as datalib
+from qlora_core.backends.bitsandbytes import check_int8_matmul
 from qlora_core.lora import LoraSettings, merge_into_bf16, parameter_counts
 from qlora_core.measure.memory import memory_snapshot, reset_peak
 from qlora_core.measure.perplexity import perplexity
@@ -438,6 +439,7 @@ def finetune(
     """
     from transformers import set_seed
 
+    check_int8_matmul(settings.int8_matmul, mode)  # before anything is loaded or written
     output_dir = Path(output_dir)
     start_from = _start_checkpoint(output_dir, resume, settings.max_steps)
     set_seed(settings.seed)
@@ -450,6 +452,7 @@ def finetune(
     model = prepare_for_training(model, mode, gradient_checkpointing=settings.gradient_checkpointing,
                                  path=settings.path)
     model = attach_adapters(model, lora, settings.path)
+    model, _ = settings.levers.apply(model, loss_fn=None)  # the workflow's trainer computes its own loss
     counts = parameter_counts(model)
 
     checkpointing, step_timer = AdapterOnlyCheckpointCallback(), StepTimer(device)

@@ -418,7 +418,7 @@ def test_frontier_with_the_dequantized_int8_matmul_predicts_int8_alone_and_recor
     leave out, before predicting anything; with int8 alone its frontier records the lever and is no shorter."""
     asked = ["frontier", "--shapes", "Llama-3.1-8B", "--paths", "lean", "--capacity-gib", "24"]
     assert main([*asked, "--modes", "bf16,int8", "--int8-matmul", "dequantized"]) == 2
-    assert "leave out the modes that have none: bf16" in capsys.readouterr().err
+    assert "how the int8 mode's linears compute; mode 'bf16' has none" in capsys.readouterr().err
     assert main([*asked, "--modes", "int8", "--out", str(tmp_path / "plain")]) == 0
     assert main([*asked, "--modes", "int8", "--int8-matmul", "dequantized", "--out", str(tmp_path / "lever")]) == 0
     plain, lever = (json.loads((tmp_path / name / "frontier.json").read_text())["frontiers"][0]

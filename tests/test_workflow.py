@@ -417,6 +417,28 @@ def test_lean_path_trains_the_same_loss_and_divides_by_the_steps_tokens(tiny_sou
     assert first[0]["loss"] == pytest.approx(first[2]["loss"], rel=2e-2)
 
 
+def test_the_workflow_s_int8_linears_can_compute_dequantized_on_the_lean_path(tiny_source, tmp_path):
+    """``--int8-matmul dequantized``: on a CPU bitsandbytes trains int8 linears with the weight dequantized
+    already, so the workflow's losses are the lean path's own, bit for bit, and the summary records the choice."""
+    lean = replace(TINY_SETTINGS, path="lean", max_steps=2, save_steps=1)
+    int8 = get_mode("int8")
+    plain = tiny_finetune(tiny_source, int8, tmp_path / "plain", settings=lean).summary
+    dequantized = tiny_finetune(tiny_source, int8, tmp_path / "dequantized",
+                                settings=replace(lean, int8_matmul="dequantized")).summary
+    assert dequantized["settings"]["int8_matmul"] == "dequantized" and plain["settings"]["int8_matmul"] == "llm-int8"
+    assert [step["loss"] for step in dequantized["training"]["steps"]] == [
+        step["loss"] for step in plain["training"]["steps"]]
+
+
+def test_the_dequantized_int8_matmul_is_refused_off_the_lean_path_or_the_int8_mode(tiny_source, tmp_path):
+    with pytest.raises(ValueError, match="lean path's"):
+        workflow.FinetuneSettings(int8_matmul="dequantized")
+    lean = workflow.FinetuneSettings(path="lean", int8_matmul="dequantized")
+    with pytest.raises(ValueError, match="mode 'nf4-dq' has none"):
+        tiny_finetune(tiny_source, get_mode("nf4-dq"), tmp_path / "nf4-dq", settings=lean)
+    assert not (tmp_path / "nf4-dq").exists()
+
+
 # ---- command line ----
 
 

@@ -107,10 +107,14 @@ def _frozen_int8_forward(layer: torch.nn.Module, int8_matmul: str, x: torch.Tens
     return FrozenInt8Matmul.apply(x, layer, int8_matmul)
 
 
-def check_int8_matmul(int8_matmul: str) -> str:
-    """``int8_matmul`` when it is one of ``INT8_MATMULS``; a ValueError listing them otherwise."""
+def check_int8_matmul(int8_matmul: str, mode=None) -> str:
+    """``int8_matmul`` when it is one of ``INT8_MATMULS`` and, given a ``mode`` (``modes.Mode``), one it can
+    compute in: any but the default needs the int8 mode's linears. A ValueError saying which otherwise."""
     if int8_matmul not in INT8_MATMULS:
         raise ValueError(f"unknown int8 matmul {int8_matmul!r}; choose from {', '.join(INT8_MATMULS)}")
+    if mode is not None and int8_matmul != INT8_MATMULS[0] and mode.weight_format != "int8":
+        raise ValueError(f"int8_matmul {int8_matmul!r} is how the int8 mode's linears compute; mode {mode.name!r} "
+                         f"has none")
     return int8_matmul
 
 
