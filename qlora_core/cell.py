@@ -20,7 +20,7 @@ import torch
 
 from qlora_core import backends
 from qlora_core import data as datalib
-from qlora_core.backends.bitsandbytes import INT8_MATMULS, check_int8_matmul
+from qlora_core.backends.bitsandbytes import LLM_INT8, check_int8_matmul
 from qlora_core.kernels import apply_kernels, check_kernels
 from qlora_core.levers import Levers
 from qlora_core.lora import LoraSettings, merge_into_bf16, parameter_counts
@@ -150,7 +150,7 @@ class CellSettings:
     offload_activations: bool = False
     mlp_tile_tokens: int | None = None
     offload_host_gib: float | None = None
-    int8_matmul: str = INT8_MATMULS[0]
+    int8_matmul: str = LLM_INT8
     beyond_positions: bool = False
     trace_memory: bool = False
     kernels: tuple[str, ...] = ()

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from qlora_core.backends.bitsandbytes import INT8_MATMULS, check_int8_matmul, keep_no_int8_inputs
+from qlora_core.backends.bitsandbytes import DEQUANTIZED, LLM_INT8, check_int8_matmul, keep_no_int8_inputs
 from qlora_core.measure.memory import GIB, tensor_bytes
 
 #: Saved tensors smaller than this stay where they are: copying them costs more in launches than it frees.
@@ -228,7 +228,7 @@ class Levers:
     offload_activations: bool = False
     mlp_tile_tokens: int | None = None
     offload_host_gib: float | None = None
-    int8_matmul: str = INT8_MATMULS[0]
+    int8_matmul: str = LLM_INT8
 
     def __post_init__(self) -> None:
         if self.mlp_tile_tokens is not None and self.mlp_tile_tokens < 1:
@@ -252,7 +252,7 @@ class Levers:
     @property
     def int8_dequantized(self) -> bool:
         """Whether the int8 linears compute with their weight dequantized instead of LLM.int8's kernel."""
-        return self.int8_matmul == "dequantized"
+        return self.int8_matmul == DEQUANTIZED
 
     def check(self, path: str, gradient_checkpointing: bool) -> Levers:
         """``self`` when a training set-up can pull these levers: all are the lean path's, and the memory levers

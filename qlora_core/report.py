@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from qlora_core.backends.bitsandbytes import DEQUANTIZED
 from qlora_core.measure.floor import MEASURED_BY_ALLOCATOR, PHASE_COMPONENTS, phase_components
 from qlora_core.measure.memory import GIB
 from qlora_core.measure.timing import NOISY_RELATIVE_IQR
@@ -348,7 +349,7 @@ def footnotes(results: list[CellResult | dict]) -> list[str]:
 
 
 def _int8_dequantized(result: CellResult) -> bool:
-    return result.settings.extra.get("int8_matmul") == "dequantized"
+    return result.settings.extra.get("int8_matmul") == DEQUANTIZED
 
 
 def _int8_matmul_notes(results: list[CellResult]) -> list[str]:
@@ -961,7 +962,7 @@ def lever_parts(frontier: dict) -> list[str]:
         parts[-1] += f" (at most {levers['offload_host_gib']:g} GiB)"
     if levers.get("mlp_tile_tokens") is not None:
         parts.append(f"MLP tiles of {levers['mlp_tile_tokens']:,}")
-    if levers.get("int8_matmul") == "dequantized":
+    if levers.get("int8_matmul") == DEQUANTIZED:
         parts.append("int8 dequantized")
     return parts
 

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from qlora_core.backends.bitsandbytes import INT8_MATMULS
+from qlora_core.backends.bitsandbytes import LLM_INT8
 from qlora_core.data import rank_rows
 from qlora_core.levers import Levers
 from qlora_core.distributed import make_accelerator
@@ -163,7 +163,7 @@ class FinetuneSettings:
     compile: bool = False
     compile_mode: str = "default"
     compile_scope: str = "step"
-    int8_matmul: str = INT8_MATMULS[0]
+    int8_matmul: str = LLM_INT8
 
     def __post_init__(self) -> None:
         check_path(self.path)

@@ -64,7 +64,8 @@ def _layers(model: torch.nn.Module, class_name: str) -> list[tuple[str, torch.nn
 #: which are multiplied in fp16 apart. ``dequantized``: the weight dequantized to the input's dtype and one matmul,
 #: what bitsandbytes itself does when training on a CPU or XPU (its ``MatMul8bitFp``): the same stored weight,
 #: without the input's int8 rounding, its fp16 copies and its host synchronizations (finding the outliers).
-INT8_MATMULS = ("llm-int8", "dequantized")
+LLM_INT8, DEQUANTIZED = "llm-int8", "dequantized"
+INT8_MATMULS = (LLM_INT8, DEQUANTIZED)
 
 
 def dequantized_int8_weight(layer: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
@@ -92,7 +93,7 @@ class FrozenInt8Matmul(torch.autograd.Function):
         ctx.layer = layer
         ctx.input_dtype = x.dtype
         with torch.no_grad():
-            if int8_matmul != "dequantized":
+            if int8_matmul != DEQUANTIZED:
                 return type(layer).forward(layer, x)
             bias = None if layer.bias is None else layer.bias.to(x.dtype)
             return torch.nn.functional.linear(x, dequantized_int8_weight(layer, x.dtype), bias)
@@ -112,13 +113,13 @@ def check_int8_matmul(int8_matmul: str, mode=None) -> str:
     compute in: any but the default needs the int8 mode's linears. A ValueError saying which otherwise."""
     if int8_matmul not in INT8_MATMULS:
         raise ValueError(f"unknown int8 matmul {int8_matmul!r}; choose from {', '.join(INT8_MATMULS)}")
-    if mode is not None and int8_matmul != INT8_MATMULS[0] and mode.weight_format != "int8":
+    if mode is not None and int8_matmul != LLM_INT8 and mode.weight_format != "int8":
         raise ValueError(f"int8_matmul {int8_matmul!r} is how the int8 mode's linears compute; mode {mode.name!r} "
                          f"has none")
     return int8_matmul
 
 
-def keep_no_int8_inputs(model: torch.nn.Module, int8_matmul: str = INT8_MATMULS[0]) -> int:
+def keep_no_int8_inputs(model: torch.nn.Module, int8_matmul: str = LLM_INT8) -> int:
     """Route every LLM.int8 linear of ``model`` through ``FrozenInt8Matmul``, computing as ``int8_matmul`` says;
     returns how many. Its weight must stay frozen: the weight's gradient is never computed."""
     check_int8_matmul(int8_matmul)
