@@ -28,12 +28,12 @@ from qlora_core import settings as declared
 from qlora_core.cell import CellSettings, does_not_fit_result, failure_result, prepare_inputs
 from qlora_core.levers import Levers
 from qlora_core.manifest import MANIFEST_NAME, RunManifest, process_start
-from qlora_core.measure.memory import GIB
 from qlora_core.modes import BASELINE_MODE, parse_modes
 from qlora_core.paths import PATHS, check_path
 from qlora_core.shapes import check_shape
 from qlora_core.results import environment, write_cell_result
 from qlora_core.sweep import reusable
+from qlora_core.units import GIB
 from qlora_core.worker import CellError, WorkerPool, serialize_inputs
 
 #: Every cell the options ask for (parsed once, at configure time), the selected ones in run order, and the

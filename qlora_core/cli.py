@@ -531,11 +531,11 @@ def command_frontier(args: argparse.Namespace) -> int:
 
     from qlora_core.frontier_probes import check_probes
     from qlora_core.measure.frontier import predicted_frontier
-    from qlora_core.measure.memory import GIB
     from qlora_core.paths import check_path
-    from qlora_core.report import MIB, frontier_plot
+    from qlora_core.report import frontier_plot
     from qlora_core.results import FRONTIER_SCHEMA, check_writable, environment, write_json_atomic
     from qlora_core.shapes import check_shape, random_weights_int8_outliers, shape_config
+    from qlora_core.units import GIB, MIB
 
     if args.measure and not args.out:
         raise ValueError("--measure needs --out: its probe cells and frontier.json go there")
@@ -590,9 +590,8 @@ def _measure_frontiers(frontiers: list[dict], lora: LoraSettings, args: argparse
     return the frontiers with what they measured, printed one line each."""
     from qlora_core.frontier_probes import (PROBE_OUTCOMES, finished_probes, measured_over_predicted, probe_cells,
                                             with_probes)
-    from qlora_core.measure.memory import GIB
-    from qlora_core.report import MIB
     from qlora_core.sweep import run_cells
+    from qlora_core.units import GIB, MIB
 
     cells = {name: cell for found in frontiers
              for name, cell in probe_cells(found, lora, args.device, args.probes, args.trace_memory).items()}

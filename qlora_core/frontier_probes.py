@@ -18,9 +18,9 @@ from pathlib import Path
 from qlora_core.cell import CellSettings
 from qlora_core.levers import Levers
 from qlora_core.measure.frontier import TOKEN_GRANULARITY
-from qlora_core.measure.memory import GIB
 from qlora_core.sweep import ResumeMismatchError, cell_path, reusable
 from qlora_core.trainer import TrainSettings
+from qlora_core.units import GIB
 
 #: How far above the predicted frontier the ``above`` probe runs: issue 13's target for the prediction (within
 #: 5 %). Frontiers measured before 2026-12-03's second run probed one ``TOKEN_GRANULARITY`` step above, which

@@ -11,10 +11,10 @@ import pandas as pd
 from qlora_core.frontier_probes import (ABOVE_MARGIN, PROBE_OUTCOMES, PROBES, measured_over_predicted, probe_name,
                                         probe_peak_bytes, probe_predicted_bytes, summarized)
 from qlora_core.measure.frontier import ALLOCATOR_HEADROOM, TOKEN_GRANULARITY
-from qlora_core.measure.memory import GIB
 from qlora_core.modes import MODES
+from qlora_core.report import is_missing, lever_parts, markdown_rows
 from qlora_core.result_model import CellResult
-from qlora_core.report import MIB, is_missing, lever_parts, markdown_rows
+from qlora_core.units import GIB, MIB
 
 #: Columns shown: (frame column, header, format); each probe's column shows its tokens, then its status. The
 #: first ``NAMING`` name the frontier (they head its column in the terminal).

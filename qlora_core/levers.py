@@ -39,7 +39,8 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from qlora_core.backends.bitsandbytes import DEQUANTIZED, LLM_INT8, check_int8_matmul, keep_no_int8_inputs
-from qlora_core.measure.memory import GIB, tensor_bytes
+from qlora_core.measure.memory import tensor_bytes
+from qlora_core.units import GIB
 
 #: Saved tensors smaller than this stay where they are: copying them costs more in launches than it frees.
 OFFLOAD_MIN_BYTES = 1 << 20

@@ -13,13 +13,14 @@ from dataclasses import dataclass, field
 
 import torch
 
+from qlora_core.units import FLOAT32
+
 #: Bytes of AdamW's state a trainable value: two float32 moments.
 FP32_MOMENTS = 8
 #: bitsandbytes' 8-bit states apply to tensors of at least this many elements; smaller ones keep 32-bit states.
 BNB_8BIT_MIN_SIZE = 4096
 #: One float32 absmax per this many values of each 8-bit state.
 BNB_8BIT_BLOCKSIZE = 256
-FLOAT32 = 4
 
 
 @dataclass(frozen=True)

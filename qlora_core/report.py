@@ -20,12 +20,12 @@ import pandas as pd
 
 from qlora_core.backends.bitsandbytes import DEQUANTIZED
 from qlora_core.measure.floor import MEASURED_BY_ALLOCATOR, PHASE_COMPONENTS, phase_components
-from qlora_core.measure.memory import GIB
 from qlora_core.measure.timing import NOISY_RELATIVE_IQR
 from qlora_core.modes import BASELINE_MODE, MODES
-from qlora_core.result_model import (MIB, TEXTS, CellResult, Environment, Floor, MemorySnapshot, Settings, as_cells,
+from qlora_core.result_model import (TEXTS, CellResult, Environment, Floor, MemorySnapshot, Settings, as_cells,
                                      table_columns, training_peak)
 from qlora_core.results import flatten_settings, model_label
+from qlora_core.units import GIB, MIB
 
 #: The frame's measurement columns, each with its reader, as the result model declares them on their fields
 #: (``result_model.Column``): a new measurement's columns are declared there, and the tables, CSV, ratios and

@@ -31,13 +31,13 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from qlora_core.units import GIB, MIB
+
 VERSION = 1
 SCHEMA_PREFIX = "qlora-bench/cell/"
 SCHEMA = f"{SCHEMA_PREFIX}{VERSION}"
 #: Older schema versions' JSON -> the next version's (``version: migrate``); none yet: every published result is 1.
 MIGRATIONS: dict[int, Callable[[dict], dict]] = {}
-
-MIB, GIB = 2**20, 2**30
 
 
 class ResultError(ValueError):

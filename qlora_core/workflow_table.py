@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pandas as pd
 
-from qlora_core.measure.memory import GIB
 from qlora_core.report import is_missing, markdown_rows, sort_by_model_and_mode
 from qlora_core.result_model import MemorySnapshot
+from qlora_core.units import GIB
 
 #: Columns shown: (frame column, header, format).
 COLUMNS = [

@@ -11,8 +11,8 @@ import pytest
 from qlora_core import frontier_table
 from qlora_core.cli import main
 from qlora_core.results import read_paths, write_json_atomic
+from qlora_core.units import GIB, MIB
 
-MIB, GIB = 2**20, 2**30
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 #: Three frontiers without levers (above probe one 256-token step over the prediction) and one with activations
 #: offloaded and MLPs tiled (5 % over), their probes under expandable segments.

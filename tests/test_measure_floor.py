@@ -12,13 +12,14 @@ from qlora_core.backends.bitsandbytes import four_bit_bytes
 from qlora_core.lora import LoraSettings, parameter_counts
 from qlora_core.measure.floor import (PHASE_COMPONENTS, memory_floor, phase_components,
                                       predicted_vs_measured)
-from qlora_core.measure.memory import GIB, weight_footprint
+from qlora_core.measure.memory import weight_footprint
 from qlora_core.models import load_config, load_model, prepare_for_training
 from qlora_core.modes import MODES, get_mode
 from qlora_core.optimizers import OPTIMIZERS
 from qlora_core.paths import PATHS, attach_adapters, loss_function
 from qlora_core.shapes import build_shape_model, shape_config
 from qlora_core.trainer import LoraTrainer, TrainSettings
+from qlora_core.units import GIB
 
 CPU = torch.device("cpu")
 LORA = LoraSettings(r=4, alpha=8, dropout=0.0)

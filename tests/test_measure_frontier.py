@@ -13,9 +13,9 @@ from qlora_core.lora import LoraSettings
 from qlora_core.levers import Levers
 from qlora_core.measure.frontier import (ALLOCATOR_HEADROOM, TOKEN_GRANULARITY, offloaded_bytes_per_step,
                                          predicted_frontier, predicted_peak_bytes)
-from qlora_core.measure.memory import GIB
 from qlora_core.modes import get_mode
 from qlora_core.shapes import random_weights_int8_outliers, shape_config
+from qlora_core.units import GIB
 
 LORA = LoraSettings(r=16, alpha=32)
 

@@ -18,8 +18,8 @@ from qlora_core.modes import BASELINE_MODE, MODES
 from qlora_core.report import (RATIO_COLUMNS, compare_frames, comparison_markdown, footnotes, has_regression,
                                markdown_report, markdown_table, plot, results_frame, rich_table)
 from qlora_core.results import read_results
+from qlora_core.units import GIB, MIB
 
-MIB, GIB = 2**20, 2**30
 #: The published H200 run: cells/ holds all seven modes; the pytest-benchmark JSON, of the resumed invocation,
 #: holds fp4-dq, nf4 and nf4-dq with their memory pass (results/README.md tells how it ran).
 STORED = Path(__file__).resolve().parents[1] / "results" / "h200-smollm2-2026-11-28"

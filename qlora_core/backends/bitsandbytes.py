@@ -14,12 +14,12 @@ import math
 import torch
 
 from qlora_core.backends.base import Backend
+from qlora_core.units import FLOAT32
 
 #: bitsandbytes' fixed block sizes (elements per absmax constant) for 4-bit weights and for the second-level
 #: quantization of those constants under double quantization. Recorded, not configurable: bnb hard-codes them.
 BNB_4BIT_BLOCKSIZE = 64
 BNB_DOUBLE_QUANT_BLOCKSIZE = 256
-FLOAT32 = 4
 CODE_4BIT_ENTRIES = 2**4
 CODE_8BIT_ENTRIES = 2**8
 

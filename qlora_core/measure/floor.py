@@ -36,9 +36,8 @@ from qlora_core.modes import Mode
 from qlora_core.optimizers import OPTIMIZERS
 from qlora_core.paths import LOSS_CHUNK_TOKENS, check_path
 from qlora_core.strategies import check_strategy, fsdp_units, mode_for
+from qlora_core.units import FLOAT32, INT64
 
-FLOAT32 = 4
-INT64 = 8
 GATED_MLP_FAMILIES = ("llama", "qwen2", "mistral")
 #: A decoder layer's module path in a linear's name: Llama/Qwen2 ``model.layers.N.``, BLOOM ``transformer.h.N.``.
 DECODER_LAYER = re.compile(r"(.*\.(?:layers|h)\.\d+)\.")

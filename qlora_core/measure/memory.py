@@ -14,8 +14,6 @@ import torch
 
 from qlora_core.backends import logical_numel, quant_constants
 
-GIB = 2**30
-
 
 def tensor_bytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
