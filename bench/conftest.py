@@ -179,9 +179,9 @@ class BenchRun:
         self.manifest = RunManifest(Path(config.option.bench_out), command, start=process_start())
 
     def inputs_for(self, settings: CellSettings) -> bytes:
-        """The cell's serialized inputs; mode, path and the path's levers and kernels do not change them, so cells
-        that differ only there share one tokenization."""
-        how_it_runs = dict(mode=BASELINE_MODE, path=PATHS[0], kernels=(), **Levers().describe())
+        """The cell's serialized inputs; mode, path, the path's levers and kernels and the attention do not change
+        them, so cells that differ only there share one tokenization."""
+        how_it_runs = dict(mode=BASELINE_MODE, path=PATHS[0], kernels=(), attention=None, **Levers().describe())
         key = json.dumps(dataclasses.replace(settings, **how_it_runs).describe(), sort_keys=True)
         if key not in self._inputs:
             self._inputs[key] = serialize_inputs(prepare_inputs(settings))

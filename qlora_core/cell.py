@@ -34,11 +34,13 @@ from qlora_core.measure.profile import profile_calls
 from qlora_core.measure.quant_error import weight_quant_error
 from qlora_core.measure.timing import cuda_mallocs, device_state, synchronize, timing_stats
 from qlora_core.models import (
+    check_attention,
     check_sequence_length,
     load_config,
     load_model,
     prepare_for_training,
     resolve_model,
+    set_attention,
 )
 from qlora_core.modes import get_mode
 from qlora_core.noise import warning_counts
@@ -111,6 +113,9 @@ class CellSettings:
         int8_matmul: how the int8 mode's linears compute on the lean path (``levers``, ``INT8_MATMULS``):
             LLM.int8's kernel (the default), or their weight dequantized to the compute dtype; other modes have
             no int8 linears and take the default only.
+        attention: the attention implementation to train and evaluate with (``models.ATTENTIONS``: ``sdpa``,
+            fused kernels, or ``eager``, the whole attention matrix); None: as the model loads. The floor assumes
+            fused attention: an ``eager`` cell records no prediction.
         kernels: fused kernels of the lean path (``qlora_core.kernels``: Liger-Kernel's RMSNorm, SwiGLU and fused
             linear cross-entropy), by name; none by default. The floor does not model them: no prediction.
         profile_steps: after the timed steps (and the peak's reading), this many more steps under
@@ -154,6 +159,7 @@ class CellSettings:
     beyond_positions: bool = False
     trace_memory: bool = False
     kernels: tuple[str, ...] = ()
+    attention: str | None = None
 
     def __post_init__(self) -> None:
         check_path(self.path)
@@ -163,6 +169,7 @@ class CellSettings:
         self.levers.check(self.path, self.gradient_checkpointing)
         check_int8_matmul(self.int8_matmul, get_mode(self.mode))
         check_kernels(self.kernels, self.path, self.strategy)
+        check_attention(self.attention)
         if self.profile_steps < 0:
             raise ValueError(f"profile_steps must be >= 0, got {self.profile_steps}")
         self._check_processes()
@@ -311,8 +318,8 @@ def predicted_floor(settings: CellSettings, config, device_type: str,
     process's, on its rows (under DDP each holds the whole model; under FSDP its shards, beside the units it
     gathers); None for an architecture the floor has no activation accounting for (NotImplementedError)
     or that transformers cannot build from its config alone (ValueError: e.g. remote code), and for a set-up with
-    fused kernels, whose saved tensors and transients it does not model."""
-    if settings.kernels:
+    fused kernels or eager attention, whose saved tensors and transients it does not model."""
+    if settings.kernels or settings.attention == "eager":
         return None
     try:
         return memory_floor(
@@ -363,6 +370,7 @@ class CellState:
     weights: dict | None = None  #: ``weight_footprint`` as loaded (bytes as stored)
     quant_error: dict | None = None  #: ``weight_quant_error``; None for a shape and on a rank but the first
     matmul_weights: int | None = None  #: ``matmul_params`` of the base: weights taking part in a matmul
+    attention: str | None = None  #: the attention implementation the model runs (``models.set_attention``)
     # setup_training
     trainer: LoraTrainer | None = None
     tensors_after_setup_bytes: int | None = None  #: the model's tensors and the optimizer's state after set-up
@@ -431,6 +439,7 @@ class Cell:
             # shared process): the floor is compared with the growth from here
             state.memory["before_load"] = memory_snapshot(self.device)
             state.model = self._build_model()
+            state.attention = set_attention(state.model, self.settings.attention)
             state.memory["after_load"] = memory_snapshot(self.device)
         state.weights = weight_footprint(state.model)
         if self.evaluates:
@@ -610,7 +619,7 @@ class Cell:
         and device."""
         config = self.inputs.config
         model = {**self.inputs.source.describe(), "model_type": config.model_type,
-                 "matmul_params": self.state.matmul_weights}
+                 "matmul_params": self.state.matmul_weights, "attn_implementation": self.state.attention}
         return {"schema": SCHEMA, "status": "ok", "mode": self.mode.describe(), "model": model,
                 "settings": self.settings.describe(), "device": self.device.type}
 

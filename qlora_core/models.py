@@ -116,6 +116,29 @@ def load_model(source: ModelSource, mode: Mode, device: torch.device):
     return model
 
 
+#: Attention implementations a cell can ask for (transformers' ``attn_implementation``; issue 14 measures fused
+#: attention on and off): ``sdpa``, PyTorch's scaled_dot_product_attention, which picks a fused flash,
+#: memory-efficient or cuDNN kernel where one applies (no attention matrix kept), and ``eager``, transformers' own
+#: matmul, softmax and matmul, which makes the whole [heads, tokens, tokens] matrix. None: as the model loads
+#: (transformers' choice: sdpa where the family has it).
+ATTENTIONS = ("sdpa", "eager")
+
+
+def check_attention(attention: str | None) -> str | None:
+    """``attention`` when it is None or one of ``ATTENTIONS``; a ValueError listing them otherwise."""
+    if attention is not None and attention not in ATTENTIONS:
+        raise ValueError(f"unknown attention {attention!r}; choose from {', '.join(ATTENTIONS)}")
+    return attention
+
+
+def set_attention(model, attention: str | None) -> str:
+    """Switch ``model`` to the ``attention`` implementation (None: leave it as loaded); returns the one it runs
+    (``config._attn_implementation``, what transformers dispatches on)."""
+    if check_attention(attention) is not None:
+        model.set_attn_implementation(attention)
+    return model.config._attn_implementation
+
+
 def dequantize_linears(model, dtype: torch.dtype):
     """``model`` with every linear a backend stores replaced by a ``torch.nn.Linear`` of its dequantized weight
     (``backends.dequantized_weight``) in ``dtype``. transformers undoes its own quantization (``dequantize``, which

@@ -285,6 +285,12 @@ def _kernels_note(result: CellResult) -> str:
             f"does not model them (no prediction).")
 
 
+def _eager_attention_note(result: CellResult) -> str:
+    """That a cell ran transformers' eager attention (``models.ATTENTIONS``) and why it has no predicted peak."""
+    return (f"{model_label(result)} {result.mode.name}: eager attention (transformers' matmul, softmax and matmul: "
+            f"the attention matrix is made); the memory floor assumes fused attention (no prediction).")
+
+
 def _text_name(result: CellResult, name: str) -> str:
     """'held-out quotes', or 'evaluation text (wiki.test.raw)' with the file the cell read."""
     eval_text = result.settings.eval_text
@@ -342,6 +348,7 @@ def footnotes(results: list[CellResult | dict]) -> list[str]:
     notes += _scaling_notes(ok)
     notes += [_compile_note(r) for r in ok if r.compile]
     notes += [_kernels_note(r) for r in ok if r.settings.extra.get("kernels")]
+    notes += [_eager_attention_note(r) for r in ok if r.settings.extra.get("attention") == "eager"]
     notes.append(f"(xN): ratio to {BASELINE_MODE} of the same model and run.")
     notes.append(f"'~' marks a step time whose IQR exceeds {NOISY_RELATIVE_IQR:.0%} of its median: too noisy to "
                  f"rank.")

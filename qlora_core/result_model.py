@@ -329,6 +329,7 @@ class Model(Section):
     provenance: dict | None = None
     model_type: str | None = None
     matmul_params: int | None = None
+    attn_implementation: str | None = None  #: transformers' attention the cell ran (None: recorded before it was)
 
 
 @dataclass(kw_only=True)

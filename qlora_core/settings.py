@@ -35,6 +35,7 @@ from qlora_core.backends.bitsandbytes import INT8_MATMULS
 from qlora_core.cell import CellSettings
 from qlora_core.kernels import KERNELS, unknown_kernels
 from qlora_core.lora import ALL_LINEAR, LoraSettings
+from qlora_core.models import ATTENTIONS
 from qlora_core.optimizers import OPTIMIZERS
 from qlora_core.paths import PATHS
 from qlora_core.profiles import PROFILES
@@ -394,6 +395,11 @@ SETTINGS: tuple[Setting, ...] = (
                            "dtype for one matmul, as bitsandbytes trains on a CPU: the same weights, no input "
                            "rounding)", str, ("sweep", "bench", "finetune", "frontier"), cell="int8_matmul",
             finetune="settings.int8_matmul", choices=INT8_MATMULS, on_surface=LEAN_ONLY),
+    Setting("attention", "attention implementation: 'sdpa' (PyTorch's scaled_dot_product_attention, a fused "
+                         "flash, memory-efficient or cuDNN kernel where one applies) or 'eager' (transformers' own "
+                         "matmul-softmax-matmul, keeping the [heads, tokens, tokens] matrix; the memory floor "
+                         "assumes fused attention, so an eager cell has no prediction)", str, ("sweep", "bench"),
+            cell="attention", choices=ATTENTIONS, shown_default="as the model loads (sdpa where it has it)"),
     Setting("kernels", "lean path's fused kernels, comma-separated: Liger-Kernel's rms-norm (every RMSNorm in "
                        "one kernel), swiglu (silu(gate) * up in one, the silu recomputed in backward) and "
                        "fused-linear-cross-entropy (head and loss in one, no logits kept; not under FSDP); CUDA "

@@ -19,6 +19,8 @@ from qlora_core.measure.perplexity import windows
 from qlora_core.backends import ModeUnavailableError
 from qlora_core.modes import get_mode, parse_modes
 from qlora_core.results import SCHEMA
+from qlora_core.shapes import shape_config
+from qlora_core.trainer import TrainSettings
 
 EVALUATIONS = ("before", "after")
 
@@ -342,3 +344,37 @@ def test_a_compiled_cell_of_zero_steps_compiled_nothing(tiny_model_dir):
     result = run_cell(settings)
     assert result["status"] == "ok"
     assert result["compile"]["first_step_s"] is None and result["compile"]["unique_graphs"] == 0
+
+
+def shape_cell(**overrides) -> CellSettings:
+    return CellSettings(**{"mode": "bf16", "shape": "tiny-llama", "path": "lean", "seq_len": 64, "batch_size": 2,
+                           "timing_warmup": 1, "device": "cpu", "train": TrainSettings(max_steps=2), **overrides})
+
+
+def test_eager_attention_trains_the_sdpa_loss_and_says_it_has_no_floor():
+    """``attention``: the model switched to transformers' eager attention trains the same losses as its fused
+    attention (the same arithmetic, another order), records what it ran, and records no floor, which assumes
+    fused attention; unknown names are refused before anything loads."""
+    eager = run_cell(shape_cell(attention="eager"))
+    as_loaded = run_cell(shape_cell())
+    assert (eager["model"]["attn_implementation"], as_loaded["model"]["attn_implementation"]) == ("eager", "sdpa")
+    assert eager["settings"]["attention"] == "eager" and as_loaded["settings"]["attention"] is None
+    assert eager["floor"] is None and eager["predicted_vs_measured"] is None and as_loaded["floor"] is not None
+    assert eager["training"]["losses"] == pytest.approx(as_loaded["training"]["losses"], rel=1e-4)
+    with pytest.raises(ValueError, match="unknown attention 'flash'; choose from sdpa, eager"):
+        shape_cell(attention="flash")
+
+
+@pytest.mark.gpu
+def test_eager_attention_makes_the_attention_matrix_that_sdpa_does_not():
+    """Llama-3.2-1B shape at 1 x 4,096 tokens: eager attention keeps each recomputed layer's softmax output,
+    [heads, tokens, tokens] in bf16, which the fused kernels never make, so its training peak exceeds SDPA's by
+    at least that matrix; the losses are SDPA's."""
+    settings = shape_cell(shape="Llama-3.2-1B", seq_len=4096, batch_size=1, device="cuda")
+    sdpa, eager = run_cell(settings), run_cell(dataclasses.replace(settings, attention="eager"))
+    assert (sdpa["model"]["attn_implementation"], eager["model"]["attn_implementation"]) == ("sdpa", "eager")
+    heads = shape_config("Llama-3.2-1B").num_attention_heads
+    peak = {name: result["memory"]["training_peak"]["peak_allocated_bytes"] for name, result in
+            (("sdpa", sdpa), ("eager", eager))}
+    assert peak["eager"] - peak["sdpa"] >= heads * 4096 * 4096 * 2
+    assert eager["training"]["losses"] == pytest.approx(sdpa["training"]["losses"], rel=1e-2)

@@ -225,6 +225,14 @@ def test_footnotes_state_the_int8_matmul_dtype_only_for_int8_results():
     assert "int8: bitsandbytes casts the int8 matmuls' inputs to float16 whatever the mode's compute dtype." in notes
 
 
+def test_footnotes_say_an_eager_attention_cell_has_no_prediction():
+    eager = finished_cell(settings={"attention": "eager"}, model={"provenance": {}, "attn_implementation": "eager"})
+    assert any(note.endswith("eager attention (transformers' matmul, softmax and matmul: the attention matrix is "
+                             "made); the memory floor assumes fused attention (no prediction).")
+               for note in footnotes([eager]))
+    assert not any("eager attention" in note for note in footnotes([finished_cell()]))
+
+
 def test_footnotes_say_an_int8_cell_computed_with_its_weight_dequantized():
     """The dequantized int8 matmul computes in the mode's dtype: no cast is claimed for it, and its note says so."""
     kernel = finished_cell(int8_matmul_dtype="float16")
