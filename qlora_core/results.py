@@ -571,9 +571,23 @@ def _cell_from_benchmarks(benches: list[dict], environment_: dict | None) -> dic
     return cell
 
 
+def settings_as_today(described: dict) -> dict:
+    """Cell settings as a result file holds them, with the defaults of settings added since it was written
+    filled in (a setting is added with what ran before it as its default: the int8 matmul, the attention as
+    loaded), as JSON holds them (tuples as lists); as written when they no longer read as today's settings (one
+    since removed or renamed). Resuming, telling cells apart and labelling set-ups all compare these."""
+    from qlora_core.cell import CellSettings  # the cell imports this module
+
+    try:
+        described = CellSettings.from_dict(described).describe()
+    except (TypeError, ValueError):
+        pass
+    return json.loads(json.dumps(described))
+
+
 def _cell_key(result: CellResult) -> tuple:
-    """What identifies a cell across files."""
-    return model_label(result), result.mode.name, json.dumps(result.settings.to_json(), sort_keys=True)
+    """What identifies a cell across files: its model, mode and settings (``settings_as_today``)."""
+    return model_label(result), result.mode.name, json.dumps(_setup(result), sort_keys=True)
 
 
 def _information(value) -> int:
@@ -601,8 +615,10 @@ def flatten_settings(settings: dict, prefix: str = "") -> dict:
 
 
 def _setup(result: CellResult) -> dict:
-    """A result's settings but its mode, flattened: what makes two cells of one model comparable."""
-    return {key: value for key, value in flatten_settings(result.settings.to_json()).items() if key != "mode"}
+    """A result's settings (``settings_as_today``) but its mode, flattened: what makes two cells of one model
+    comparable."""
+    settings = flatten_settings(settings_as_today(result.settings.to_json()))
+    return {key: value for key, value in settings.items() if key != "mode"}
 
 
 def _setup_suffixes(setups: dict[str, dict]) -> dict[str, str]:

@@ -18,7 +18,7 @@ from pathlib import Path
 from qlora_core.cell import CellInputs, CellSettings, failure_result
 from qlora_core.manifest import RunManifest
 from qlora_core.modes import Mode
-from qlora_core.results import flatten_settings, write_cell_result
+from qlora_core.results import flatten_settings, settings_as_today, write_cell_result
 from qlora_core.worker import CellError, WorkerPool, serialize_inputs
 
 
@@ -54,17 +54,6 @@ def _differences(old: dict, new: dict) -> list[str]:
             if old.get(key) != new.get(key)]
 
 
-def _as_saved(described: dict) -> dict:
-    """Settings as a result file holds them, with the defaults of settings added since it was written filled in
-    (a default reproduces what came before it); as they are when they no longer read as settings. The JSON round
-    trip makes tuples lists, as they are in the file."""
-    try:
-        described = CellSettings.from_dict(described).describe()
-    except (TypeError, ValueError):  # a setting since removed or renamed: compared as written
-        pass
-    return json.loads(json.dumps(described))
-
-
 def reusable(path: Path, settings: CellSettings, kept: tuple[str, ...] = KEPT_STATUSES) -> bool:
     """True when ``path`` holds a finished cell (``finished``, with the ``kept`` statuses) measured with
     ``settings``: a resumed run keeps it. False when there is no finished cell (it runs again).
@@ -74,7 +63,7 @@ def reusable(path: Path, settings: CellSettings, kept: tuple[str, ...] = KEPT_ST
     """
     if not finished(path, kept):
         return False
-    old, new = _as_saved(json.loads(path.read_text())["settings"]), _as_saved(settings.describe())
+    old, new = settings_as_today(json.loads(path.read_text())["settings"]), settings_as_today(settings.describe())
     if differences := _differences(old, new):
         raise ResumeMismatchError(f"{path} was measured with other settings ({'; '.join(differences)}); "
                                   f"resume with the same options or choose another --out")

@@ -144,6 +144,25 @@ def test_a_list_setting_reads_as_its_items_in_a_label(results, tmp_path):
     assert labels == ["tiny-llama [kernels=none]", "tiny-llama [kernels=rms-norm,swiglu]"]
 
 
+def test_a_setting_a_result_predates_reads_as_its_default(results, tmp_path):
+    """A cell recorded before ``attention`` existed ran as the model loaded, which is that setting's default:
+    beside the same cell recorded since, it is the same cell, read once, and beside an
+    eager one the label names the default, not ``unset``."""
+    from qlora_core.results import read_paths, write_json_atomic
+
+    for run, attention in enumerate(("predates", None, "eager")):
+        for result in copy.deepcopy(results):
+            if attention == "predates":
+                result["settings"].pop("attention", None)
+            else:
+                result["settings"]["attention"] = attention
+            write_json_atomic(result, tmp_path / f"run-{run}" / f"{result['mode']['name']}.json")
+    again = read_paths([tmp_path / "run-0", tmp_path / "run-1"])
+    assert set(results_frame(again.results)["model"]) == {"tiny-llama"} and len(again.results) == len(results)
+    assert sorted(set(results_frame(read_results([tmp_path / "run-0", tmp_path / "run-2"]))["model"])) == [
+        "tiny-llama [attention=None]", "tiny-llama [attention=eager]"]
+
+
 def test_set_ups_alike_in_their_first_settings_still_get_labels_of_their_own(results, tmp_path):
     """Three set-ups whose first differing settings (tokens, steps, LoRA rank) leave two alike: their labels
     name settings until each is its own, so no two cells become one row (``report results/`` crashed on it)."""
