@@ -26,8 +26,8 @@ import torch
 
 from qlora_core.backends.bitsandbytes import LLM_INT8
 from qlora_core.data import rank_rows
-from qlora_core.levers import Levers
 from qlora_core.distributed import make_accelerator
+from qlora_core.levers import Levers
 from qlora_core.measure.timing import timed
 from qlora_core.optimizers import OPTIMIZERS, check_optimizer
 from qlora_core.paths import check_path
