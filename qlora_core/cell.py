@@ -34,6 +34,7 @@ from qlora_core.measure.profile import profile_calls
 from qlora_core.measure.quant_error import weight_quant_error
 from qlora_core.measure.timing import cuda_mallocs, device_state, synchronize, timing_stats
 from qlora_core.models import (
+    EAGER,
     check_attention,
     check_sequence_length,
     load_config,
@@ -319,7 +320,7 @@ def predicted_floor(settings: CellSettings, config, device_type: str,
     gathers); None for an architecture the floor has no activation accounting for (NotImplementedError)
     or that transformers cannot build from its config alone (ValueError: e.g. remote code), and for a set-up with
     fused kernels or eager attention, whose saved tensors and transients it does not model."""
-    if settings.kernels or settings.attention == "eager":
+    if settings.kernels or settings.attention == EAGER:
         return None
     try:
         return memory_floor(

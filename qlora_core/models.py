@@ -121,7 +121,8 @@ def load_model(source: ModelSource, mode: Mode, device: torch.device):
 #: memory-efficient or cuDNN kernel where one applies (no attention matrix kept), and ``eager``, transformers' own
 #: matmul, softmax and matmul, which makes the whole [heads, tokens, tokens] matrix. None: as the model loads
 #: (transformers' choice: sdpa where the family has it).
-ATTENTIONS = ("sdpa", "eager")
+SDPA, EAGER = "sdpa", "eager"
+ATTENTIONS = (SDPA, EAGER)
 
 
 def check_attention(attention: str | None) -> str | None:

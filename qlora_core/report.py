@@ -21,6 +21,7 @@ import pandas as pd
 from qlora_core.backends.bitsandbytes import DEQUANTIZED
 from qlora_core.measure.floor import MEASURED_BY_ALLOCATOR, PHASE_COMPONENTS, phase_components
 from qlora_core.measure.timing import NOISY_RELATIVE_IQR
+from qlora_core.models import EAGER
 from qlora_core.modes import BASELINE_MODE, MODES
 from qlora_core.result_model import (TEXTS, CellResult, Environment, Floor, MemorySnapshot, Settings, as_cells,
                                      table_columns, training_peak)
@@ -348,7 +349,7 @@ def footnotes(results: list[CellResult | dict]) -> list[str]:
     notes += _scaling_notes(ok)
     notes += [_compile_note(r) for r in ok if r.compile]
     notes += [_kernels_note(r) for r in ok if r.settings.extra.get("kernels")]
-    notes += [_eager_attention_note(r) for r in ok if r.settings.extra.get("attention") == "eager"]
+    notes += [_eager_attention_note(r) for r in ok if r.settings.extra.get("attention") == EAGER]
     notes.append(f"(xN): ratio to {BASELINE_MODE} of the same model and run.")
     notes.append(f"'~' marks a step time whose IQR exceeds {NOISY_RELATIVE_IQR:.0%} of its median: too noisy to "
                  f"rank.")
